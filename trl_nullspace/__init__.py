@@ -1,0 +1,23 @@
+"""trl-nullspace: safety alignment with TRL trainers whose updates avoid a capability subspace."""
+
+__version__ = "0.1.0"
+
+from trl_nullspace.cache import CacheMismatchError, load_subspace, save_subspace  # noqa: E402
+from trl_nullspace.config import NullSpaceArguments, NullSpaceSFTConfig  # noqa: E402
+from trl_nullspace.projector import SubspaceProjector  # noqa: E402
+from trl_nullspace.rank import RankSelection  # noqa: E402
+from trl_nullspace.subspace import CapabilitySubspace  # noqa: E402
+from trl_nullspace.trainers import NullSpaceSFTTrainer  # noqa: E402
+
+__all__ = [
+    "CacheMismatchError",
+    "CapabilitySubspace",
+    "NullSpaceArguments",
+    "NullSpaceSFTConfig",
+    "NullSpaceSFTTrainer",
+    "RankSelection",
+    "SubspaceProjector",
+    "__version__",
+    "load_subspace",
+    "save_subspace",
+]

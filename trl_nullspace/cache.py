@@ -1,0 +1,102 @@
+"""Saving a capability subspace as safetensors with JSON metadata, and refusing mismatched caches.
+
+The file holds `basis/<key>` (n×k, fp32) and `eigenvalues/<key>` tensors; the header's
+`trl_nullspace` entry is a JSON document with the method, rank settings, target map, the model's
+name and fingerprints, the reference data's fingerprint and the library version. Writes go to a
+temporary file renamed into place, so an interrupted run never leaves a truncated cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from trl_nullspace import __version__
+from trl_nullspace.subspace import CapabilitySubspace
+
+FORMAT_VERSION = 1
+_HEADER_KEY = "trl_nullspace"
+
+
+class CacheMismatchError(ValueError):
+    """A cached subspace does not belong to this model, data or configuration."""
+
+
+def save_subspace(path: str, subspace: CapabilitySubspace, provenance: dict[str, Any]) -> None:
+    """Write `subspace` and its provenance (model/reference fingerprints, settings) atomically."""
+    tensors = {f"basis/{key}": basis.detach().cpu().contiguous() for key, basis in subspace.bases.items()}
+    tensors.update(
+        {f"eigenvalues/{key}": values.detach().cpu().contiguous() for key, values in subspace.eigenvalues.items()}
+    )
+    header = {
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "method": subspace.method,
+        "targets": subspace.targets,
+        "settings": subspace.settings,
+        **provenance,
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata={_HEADER_KEY: json.dumps(header)})
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def load_subspace(path: str) -> tuple[CapabilitySubspace, dict[str, Any]]:
+    """Read a cache written by `save_subspace`; returns the subspace and its header."""
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if _HEADER_KEY not in metadata:
+            raise CacheMismatchError(f"{path} is a safetensors file but not a trl-nullspace subspace cache.")
+        header = json.loads(metadata[_HEADER_KEY])
+        if header.get("format_version") != FORMAT_VERSION:
+            raise CacheMismatchError(
+                f"{path} has cache format {header.get('format_version')}; this library reads {FORMAT_VERSION}. "
+                "Re-estimate the subspace."
+            )
+        bases, eigenvalues = {}, {}
+        for name in handle.keys():
+            kind, key = name.split("/", 1)
+            (bases if kind == "basis" else eigenvalues)[key] = handle.get_tensor(name)
+    subspace = CapabilitySubspace(
+        method=header["method"],
+        bases=bases,
+        targets=header["targets"],
+        eigenvalues=eigenvalues,
+        settings=header["settings"],
+    )
+    return subspace, header
+
+
+def check_cache_matches(path: str, header: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Raise `CacheMismatchError` naming every field of `expected` the cache disagrees with."""
+    explanations = {
+        "architecture_fingerprint": "the cache was estimated for a different architecture",
+        "weights_fingerprint": "the cache was estimated from different weights",
+        "reference_fingerprint": "the cache was estimated from different reference data",
+        "method": "the cache holds another subspace method",
+        "rank_selection": "the cache used other rank-selection settings",
+        "target_modules": "the cache constrains other target modules",
+    }
+    problems = [
+        f"  - {key}: cache has {header.get(key)!r}, expected {value!r} ({explanations.get(key, 'differs')})"
+        for key, value in expected.items()
+        if header.get(key) != value
+    ]
+    if problems:
+        raise CacheMismatchError(
+            f"Subspace cache {path} (built for model {header.get('model_name')!r}) does not match this run:\n"
+            + "\n".join(problems)
+            + "\nDelete the file or point nullspace_cache_path elsewhere to re-estimate."
+        )

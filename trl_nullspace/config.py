@@ -1,0 +1,140 @@
+"""Configuration of the capability-subspace constraint, shared by every null-space trainer.
+
+`NullSpaceArguments` holds only the null-space fields; each trainer's config combines it with the
+matching TRL config (`NullSpaceSFTConfig(NullSpaceArguments, SFTConfig)`), so a YAML recipe is a
+TRL recipe plus `nullspace_*` keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import SFTConfig
+
+from trl_nullspace.rank import RankSelection
+
+METHODS = ("activation", "gradient")
+PROJECTION_TARGETS = ("update", "gradient")
+DEFAULT_ENERGY = 0.99
+
+
+@dataclass
+class NullSpaceArguments:
+    """Fields that say which capability subspace to protect and how.
+
+    Rank selection: set `nullspace_energy` (keep the top directions holding this fraction of the
+    reference statistics' energy) or `nullspace_eigenvalue_threshold` (keep directions whose
+    eigenvalue exceeds this fraction of the largest), not both. With neither set, an energy of
+    0.99 is used. `nullspace_max_rank` caps either.
+    """
+
+    nullspace_method: str = field(
+        default="activation",
+        metadata={
+            "help": "'activation': null space of each Linear's reference input covariance (NSPO). "
+            "'gradient': span of reference-batch gradients per parameter (OGPSA).",
+            "choices": list(METHODS),
+        },
+    )
+    nullspace_projection_target: str = field(
+        default="update",
+        metadata={
+            "help": "'update': after each optimizer step, remove the parameter change's component in the "
+            "subspace (exact under AdamW and weight decay). 'gradient': project the synchronised gradient "
+            "before the optimizer step, as the papers do (Adam's per-coordinate scaling leaks).",
+            "choices": list(PROJECTION_TARGETS),
+        },
+    )
+    nullspace_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Linear modules to constrain, by name suffix (e.g. q_proj down_proj). Default: every "
+            "Linear except the output embedding (lm_head)."
+        },
+    )
+    nullspace_energy: float | None = field(
+        default=None, metadata={"help": "Energy fraction of the kept subspace, in (0, 1]."}
+    )
+    nullspace_eigenvalue_threshold: float | None = field(
+        default=None,
+        metadata={"help": "Keep directions whose eigenvalue exceeds this fraction of the largest one."},
+    )
+    nullspace_max_rank: int | None = field(default=None, metadata={"help": "Upper bound on each basis' rank."})
+    nullspace_gradient_batches: int = field(
+        default=8, metadata={"help": "Gradient method: reference batches whose gradients span the basis."}
+    )
+    nullspace_cache_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A .safetensors file: loaded (and checked against the model) if it exists, written after "
+            "estimation otherwise."
+        },
+    )
+    nullspace_reference_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reference (general-capability) dataset: a Hub name, a local data file (json/jsonl/csv/"
+            "parquet) or a directory saved with `save_to_disk`. Not DPO's reference model."
+        },
+    )
+    nullspace_reference_split: str = field(default="train", metadata={"help": "Split of the reference dataset."})
+    nullspace_reference_num_samples: int | None = field(
+        default=512, metadata={"help": "Use at most this many reference examples (None: all)."}
+    )
+    nullspace_reference_max_length: int = field(
+        default=512, metadata={"help": "Truncate reference examples to this many tokens."}
+    )
+    nullspace_reference_batch_size: int = field(default=8, metadata={"help": "Batch size of the reference pass."})
+    nullspace_refresh_steps: int | None = field(
+        default=None,
+        metadata={"help": "Re-estimate the subspace from the current model every N optimizer steps (None: never)."},
+    )
+    nullspace_freeze_untargeted: bool = field(
+        default=True,
+        metadata={
+            "help": "Freeze trainable parameters outside the constraint (embeddings, norms, lm_head, biases of "
+            "target Linears under the activation method). False trains them unconstrained, with a warning."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.nullspace_method not in METHODS:
+            raise ValueError(f"nullspace_method must be one of {METHODS}, got {self.nullspace_method!r}.")
+        if self.nullspace_projection_target not in PROJECTION_TARGETS:
+            raise ValueError(
+                f"nullspace_projection_target must be one of {PROJECTION_TARGETS}, "
+                f"got {self.nullspace_projection_target!r}."
+            )
+        if self.nullspace_energy is not None and self.nullspace_eigenvalue_threshold is not None:
+            raise ValueError(
+                "Set either nullspace_energy or nullspace_eigenvalue_threshold, not both: they are two ways "
+                "of choosing the same rank."
+            )
+        if self.nullspace_energy is not None and not 0.0 < self.nullspace_energy <= 1.0:
+            raise ValueError(f"nullspace_energy must be in (0, 1], got {self.nullspace_energy}.")
+        if self.nullspace_eigenvalue_threshold is not None and not 0.0 <= self.nullspace_eigenvalue_threshold < 1.0:
+            raise ValueError(
+                f"nullspace_eigenvalue_threshold must be in [0, 1), got {self.nullspace_eigenvalue_threshold}."
+            )
+        for name in ("nullspace_max_rank", "nullspace_gradient_batches", "nullspace_refresh_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}.")
+        parent_post_init = getattr(super(), "__post_init__", None)
+        if parent_post_init is not None:
+            parent_post_init()
+
+    @property
+    def nullspace_rank_selection(self) -> RankSelection:
+        """The rank rule these fields describe, with the default energy filled in."""
+        energy = self.nullspace_energy
+        if energy is None and self.nullspace_eigenvalue_threshold is None:
+            energy = DEFAULT_ENERGY
+        return RankSelection(
+            energy=energy, eigenvalue_threshold=self.nullspace_eigenvalue_threshold, max_rank=self.nullspace_max_rank
+        )
+
+
+@dataclass
+class NullSpaceSFTConfig(NullSpaceArguments, SFTConfig):
+    """`trl.SFTConfig` plus the `nullspace_*` fields of `NullSpaceArguments`."""

@@ -1,0 +1,47 @@
+"""Fingerprints that tie a cached subspace to the model and data it was estimated from."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from trl_nullspace.targets import canonical_name
+
+_SAMPLES_PER_PARAMETER = 1024
+
+
+def _base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Base-model parameters by canonical name (adapter weights excluded), sorted."""
+    named = {canonical_name(name): parameter for name, parameter in model.named_parameters() if ".lora_" not in name}
+    return sorted(named.items())
+
+
+def architecture_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model type and every base parameter's name and shape."""
+    digest = hashlib.sha256(str(getattr(getattr(model, "config", None), "model_type", "")).encode())
+    for name, parameter in _base_parameters(model):
+        digest.update(f"{name}:{tuple(parameter.shape)};".encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of up to 1024 evenly spaced values of every base parameter (exact fp32 bits).
+
+    Sampling keeps this fast for billion-parameter models; any training step changes sampled
+    values, so a cache estimated from other weights (another checkpoint, a fine-tuned model) is
+    recognised.
+    """
+    digest = hashlib.sha256()
+    for name, parameter in _base_parameters(model):
+        flat = parameter.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLES_PER_PARAMETER)
+        digest.update(name.encode())
+        digest.update(flat[::step].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_name(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)

@@ -1,0 +1,221 @@
+"""`NullSpaceTrainerMixin`: the one place where trainers gain the capability-subspace constraint.
+
+A null-space trainer is `class NullSpaceXTrainer(NullSpaceTrainerMixin, XTrainer)`; the mixin
+ 1. after the TRL trainer's own `__init__` (model loaded, PEFT applied), loads the cached subspace
+    or estimates it from the reference data, binds it to the trainable parameters and freezes
+    what it cannot constrain;
+ 2. overrides `training_step`: after `super()` has run backward, and only when gradients are
+    synchronised (the last micro-batch of an optimizer step), it measures the gradient's share in
+    the subspace and, with `projection_target="gradient"`, removes it;
+ 3. with `projection_target="update"`, projects the parameters right after `optimizer.step()`
+    (a `TrainerCallback.on_optimizer_step`), so what AdamW and weight decay did is projected too;
+ 4. adds `nullspace/*` metrics to the trainer's normal logs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from typing import Any
+
+import datasets
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase, TrainerCallback
+from transformers.utils import logging
+
+from trl_nullspace.cache import check_cache_matches, load_subspace, save_subspace
+from trl_nullspace.config import NullSpaceArguments
+from trl_nullspace.estimators import estimate_activation_subspace, estimate_gradient_subspace
+from trl_nullspace.fingerprint import architecture_fingerprint, model_name, weights_fingerprint
+from trl_nullspace.projector import SubspaceProjector
+from trl_nullspace.reference import (
+    ReferenceBatch,
+    load_reference_dataset,
+    reference_fingerprint,
+    tokenize_reference,
+)
+from trl_nullspace.subspace import CapabilitySubspace
+from trl_nullspace.targets import find_target_linears
+
+logger = logging.get_logger(__name__)
+
+
+class _ProjectUpdateCallback(TrainerCallback):
+    """Runs the trainer's post-step work: `update` projection and periodic re-estimation."""
+
+    def __init__(self, trainer: NullSpaceTrainerMixin):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._nullspace_after_optimizer_step()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        refresh = self.trainer.args.nullspace_refresh_steps
+        if refresh is not None and state.global_step % refresh == 0:
+            self.trainer.refresh_subspace()
+
+
+class NullSpaceTrainerMixin:
+    """Keeps every update of a TRL trainer out of a cached capability subspace.
+
+    Extra constructor argument: `reference_dataset` (a `datasets.Dataset` of general-capability
+    data), which takes precedence over `args.nullspace_reference_dataset`. It is the data whose
+    behaviour is preserved, not the reference *model* some trainers (DPO) also take.
+    """
+
+    config_class: type[NullSpaceArguments]
+    args: NullSpaceArguments
+
+    def __init__(self, *args: Any, reference_dataset: datasets.Dataset | None = None, **kwargs: Any):
+        if len(args) < 2 and kwargs.get("args") is None:
+            model = args[0] if args else kwargs["model"]
+            name = model if isinstance(model, str) else model_name(model)
+            kwargs["args"] = self.config_class(output_dir=f"{name.rstrip('/').split('/')[-1]}-NullSpace")
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, NullSpaceArguments):
+            raise TypeError(
+                f"{type(self).__name__} needs a config with the nullspace_* fields, e.g. "
+                f"{self.config_class.__name__}; got {type(self.args).__name__}."
+            )
+        self._nullspace_metrics: dict[str, list[float]] = defaultdict(list)
+        self._reference_batches = self._load_reference_batches(reference_dataset)
+        self.nullspace_subspace = self._load_or_estimate_subspace()
+        self.nullspace_projector = self._bind(self.nullspace_subspace)
+        self._freeze_or_report(self.nullspace_projector.unconstrained)
+        self.add_callback(_ProjectUpdateCallback(self))
+        logger.info("trl-nullspace: %s", self.nullspace_subspace.summary())
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def _reference_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The text tokenizer, also when the processing class is a multimodal processor."""
+        if isinstance(self.processing_class, PreTrainedTokenizerBase):
+            return self.processing_class
+        return self.processing_class.tokenizer
+
+    def _load_reference_batches(self, reference_dataset: datasets.Dataset | None) -> list[ReferenceBatch] | None:
+        if reference_dataset is None and self.args.nullspace_reference_dataset is not None:
+            reference_dataset = load_reference_dataset(
+                self.args.nullspace_reference_dataset, self.args.nullspace_reference_split
+            )
+        if reference_dataset is None:
+            return None
+        return tokenize_reference(
+            reference_dataset,
+            self._reference_tokenizer(),
+            batch_size=self.args.nullspace_reference_batch_size,
+            max_length=self.args.nullspace_reference_max_length,
+            num_samples=self.args.nullspace_reference_num_samples,
+        )
+
+    def _expected_provenance(self) -> dict[str, Any]:
+        expected = {
+            "method": self.args.nullspace_method,
+            "rank_selection": self.args.nullspace_rank_selection.to_dict(),
+            "target_modules": self.args.nullspace_target_modules,
+            "architecture_fingerprint": architecture_fingerprint(self.model),
+            "weights_fingerprint": weights_fingerprint(self.model),
+        }
+        if self._reference_batches is not None:
+            expected["reference_fingerprint"] = reference_fingerprint(self._reference_batches)
+        return expected
+
+    def _load_or_estimate_subspace(self) -> CapabilitySubspace:
+        if self.args.nullspace_refresh_steps is not None and self._reference_batches is None:
+            raise ValueError("nullspace_refresh_steps needs reference data to re-estimate the subspace from.")
+        path = self.args.nullspace_cache_path
+        expected = self._expected_provenance()
+        if path is not None and os.path.exists(path):
+            subspace, header = load_subspace(path)
+            check_cache_matches(path, header, expected)
+            logger.info("trl-nullspace: loaded the capability subspace from %s", path)
+            return subspace
+        if self._reference_batches is None:
+            raise ValueError(
+                "No reference data for the capability subspace: pass reference_dataset=..., set "
+                "nullspace_reference_dataset, or point nullspace_cache_path at an existing cache."
+            )
+        subspace = self.estimate_subspace()
+        if path is not None:
+            save_subspace(path, subspace, {"model_name": model_name(self.model), **expected})
+            logger.info("trl-nullspace: saved the capability subspace to %s", path)
+        return subspace
+
+    def estimate_subspace(self) -> CapabilitySubspace:
+        """Estimate the subspace from the reference batches with the current weights."""
+        linears = find_target_linears(self.model, self.args.nullspace_target_modules)
+        selection = self.args.nullspace_rank_selection
+        show_progress = not self.args.disable_tqdm
+        if self.args.nullspace_method == "activation":
+            return estimate_activation_subspace(self.model, self._reference_batches, linears, selection, show_progress)
+        return estimate_gradient_subspace(
+            self.model,
+            self._reference_batches,
+            linears,
+            selection,
+            self.args.nullspace_gradient_batches,
+            show_progress,
+        )
+
+    def _bind(self, subspace: CapabilitySubspace) -> SubspaceProjector:
+        projector = SubspaceProjector.bind(self.model, subspace)
+        projector.check_trainable_directions()
+        projector.initialise_anchors(track_updates=self.args.nullspace_projection_target == "update")
+        return projector
+
+    def _freeze_or_report(self, unconstrained: list[str]) -> None:
+        if not unconstrained:
+            return
+        if self.args.nullspace_freeze_untargeted:
+            parameters = dict(self.model.named_parameters())
+            for name in unconstrained:
+                parameters[name].requires_grad_(False)
+            logger.info("trl-nullspace: froze %d parameters outside the constraint", len(unconstrained))
+        else:
+            logger.warning(
+                "trl-nullspace: %d trainable parameters are NOT constrained (nullspace_freeze_untargeted=False) "
+                "and may change reference outputs: %s",
+                len(unconstrained),
+                unconstrained[:8],
+            )
+
+    def refresh_subspace(self) -> None:
+        """Re-estimate from the current weights and re-anchor (`nullspace_refresh_steps`)."""
+        self.nullspace_subspace = self.estimate_subspace()
+        self.nullspace_projector = self._bind(self.nullspace_subspace)
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            self._constrain_gradients()
+        return loss
+
+    def _constrain_gradients(self) -> None:
+        projector = self.nullspace_projector
+        nonfinite = projector.nonfinite_gradients()
+        if nonfinite and getattr(self.accelerator, "scaler", None) is None:
+            raise FloatingPointError(
+                f"NaN or inf gradients at optimizer step {self.state.global_step} in {nonfinite[:3]}: projecting "
+                "them would spread the NaN. Lower the learning rate or check the batch; saved checkpoints are intact."
+            )
+        stats = projector.gradient_stats(apply=self.args.nullspace_projection_target == "gradient")
+        self._nullspace_metrics["removed_frac"].append(stats.removed_fraction)
+
+    def _nullspace_after_optimizer_step(self) -> None:
+        if self.args.nullspace_projection_target == "update":
+            self._nullspace_metrics["update_removed_norm"].append(self.nullspace_projector.enforce_anchors())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._nullspace_metrics:
+            for key, values in self._nullspace_metrics.items():
+                logs[f"nullspace/{key}"] = sum(values) / len(values)
+            self._nullspace_metrics.clear()
+        super().log(logs, start_time)

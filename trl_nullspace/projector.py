@@ -1,0 +1,205 @@
+"""Keeping trainable weights out of the capability subspace.
+
+Every constrained parameter is seen as a matrix `M` whose *rows* must stay orthogonal to an
+orthonormal basis `U` (n×k):
+  - activation method: `M` is a Linear weight (or a LoRA `A`), d_out×d_in, and `U` spans the
+    layer's reference inputs, so `ΔM U = 0` means unchanged outputs on the reference data;
+  - gradient method: `M` is the flattened parameter, 1×numel, and `U` spans reference gradients.
+
+Two ways to apply it (`nullspace_projection_target`):
+  - `"gradient"`: `G ← G − (G U) Uᵀ` before the optimizer step. Adam's per-coordinate scaling and
+    weight decay then put components back into span(U): the guarantee does not survive AdamW.
+  - `"update"`: after the optimizer step, `M ← M − (M U − A) Uᵀ` with the anchor `A = M₀ U` taken
+    when training starts. This is the projection of the cumulative update `M − M₀` onto the null
+    space, whatever the optimizer did, and needs only `A` (d_out×k), not a copy of `M₀`. For a
+    LoRA `A` matrix the anchor is zero, so `B A U = 0` holds for any `B`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trl_nullspace.subspace import CapabilitySubspace
+from trl_nullspace.targets import canonical_name, is_lora_layer
+
+
+@dataclass
+class ProjectionStats:
+    """Squared Frobenius norms summed over constrained parameters."""
+
+    removed_sq: float = 0.0
+    total_sq: float = 0.0
+
+    def add(self, removed_sq: torch.Tensor, total_sq: torch.Tensor) -> None:
+        self.removed_sq += float(removed_sq)
+        self.total_sq += float(total_sq)
+
+    @property
+    def removed_fraction(self) -> float:
+        """Fraction of the norm removed: ‖(G U) Uᵀ‖ / ‖G‖."""
+        return (self.removed_sq / self.total_sq) ** 0.5 if self.total_sq > 0 else 0.0
+
+
+class ConstrainedParameter:
+    """One trainable parameter, its matrix view, basis and (for `update` projection) anchor."""
+
+    def __init__(self, name: str, parameter: nn.Parameter, basis: torch.Tensor, flat: bool, zero_anchor: bool):
+        rows_dim = parameter.numel() if flat else parameter.shape[-1]
+        if parameter.dim() != 2 and not flat:
+            raise ValueError(f"{name} is not a matrix (shape {tuple(parameter.shape)}).")
+        if basis.shape[0] != rows_dim:
+            raise ValueError(
+                f"Subspace basis for {name} has dimension {basis.shape[0]} but the parameter needs {rows_dim}: "
+                "the subspace was estimated for a different model."
+            )
+        self.name = name
+        self.parameter = parameter
+        self.basis = basis.to(device=parameter.device, dtype=torch.float32)
+        self.flat = flat
+        self.zero_anchor = zero_anchor
+        self.anchor: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    @property
+    def dimension(self) -> int:
+        return self.basis.shape[0]
+
+    def _matrix(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view(1, -1) if self.flat else tensor
+
+    @torch.no_grad()
+    def remove_from_gradient(self, apply: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared norms of `G U` and `G`; with `apply`, also `G ← G − (G U) Uᵀ` in place."""
+        gradient = self._matrix(self.parameter.grad)
+        coefficients = gradient.float() @ self.basis
+        total_sq = gradient.float().square().sum()
+        if apply:
+            gradient.sub_((coefficients @ self.basis.T).to(gradient.dtype))
+        return coefficients.square().sum(), total_sq
+
+    @torch.no_grad()
+    def reset_anchor(self) -> None:
+        """Record `A = M U` now (zero for LoRA `A`, which is first moved into the null space)."""
+        if self.zero_anchor:
+            self.anchor = None
+            self.enforce_anchor()
+        else:
+            self.anchor = self._matrix(self.parameter.data).float() @ self.basis
+
+    @torch.no_grad()
+    def enforce_anchor(self) -> torch.Tensor:
+        """`M ← M − (M U − A) Uᵀ`; returns ‖M U − A‖², the squared norm of what was removed."""
+        matrix = self._matrix(self.parameter.data)
+        residual = matrix.float() @ self.basis
+        if self.anchor is not None:
+            residual -= self.anchor
+        matrix.sub_((residual @ self.basis.T).to(matrix.dtype))
+        return residual.square().sum()
+
+
+class SubspaceProjector:
+    """All constrained parameters of a model, bound to one `CapabilitySubspace`.
+
+    `free` are trainable parameters that cannot move the reference outputs once the others are
+    constrained (LoRA `B` next to a constrained `A`); `unconstrained` are all other trainable
+    parameters, which the trainer freezes or reports.
+    """
+
+    def __init__(self, constrained: list[ConstrainedParameter], free: list[str], unconstrained: list[str]):
+        self.constrained = constrained
+        self.free = free
+        self.unconstrained = unconstrained
+
+    @classmethod
+    def bind(cls, model: nn.Module, subspace: CapabilitySubspace) -> SubspaceProjector:
+        """Match the subspace's targets to the model's trainable parameters (PEFT-aware)."""
+        constrained: list[ConstrainedParameter] = []
+        free: set[str] = set()
+        found: set[str] = set()
+        if subspace.method == "activation":
+            for name, module in model.named_modules():
+                target = canonical_name(name)
+                if target not in subspace.targets or ".lora_" in name:
+                    continue
+                basis = subspace.basis_for(target)
+                if is_lora_layer(module):
+                    found.add(target)
+                    for adapter, lora_a in module.lora_A.items():
+                        if lora_a.weight.requires_grad:
+                            constrained.append(
+                                ConstrainedParameter(
+                                    f"{name}.lora_A.{adapter}.weight", lora_a.weight, basis, False, True
+                                )
+                            )
+                            free.add(f"{name}.lora_B.{adapter}.weight")
+                elif isinstance(module, nn.Linear):
+                    found.add(target)
+                    if module.weight.requires_grad:
+                        constrained.append(ConstrainedParameter(f"{name}.weight", module.weight, basis, False, False))
+        else:
+            for name, parameter in model.named_parameters():
+                target = canonical_name(name)
+                if target in subspace.targets:
+                    found.add(target)
+                    if parameter.requires_grad:
+                        constrained.append(
+                            ConstrainedParameter(name, parameter, subspace.basis_for(target), True, False)
+                        )
+        missing = sorted(set(subspace.targets) - found)
+        if missing:
+            raise ValueError(
+                f"The capability subspace names {len(missing)} layer(s) this model does not have, e.g. {missing[:3]}: "
+                "it was estimated for another model."
+            )
+        if not constrained:
+            raise ValueError(
+                "The capability subspace constrains none of this model's trainable parameters "
+                f"({subspace.method} method); check nullspace_target_modules and which parameters are trainable."
+            )
+        constrained_names = {item.name for item in constrained}
+        unconstrained = [
+            name
+            for name, parameter in model.named_parameters()
+            if parameter.requires_grad and name not in constrained_names and name not in free
+        ]
+        return cls(constrained, sorted(free), unconstrained)
+
+    def check_trainable_directions(self) -> None:
+        """Fail before training if the subspace leaves no direction for any constrained parameter."""
+        if all(item.rank >= item.dimension for item in self.constrained):
+            raise ValueError(
+                "The capability subspace is full rank for every constrained parameter, so no update is allowed. "
+                "Lower nullspace_energy, raise nullspace_eigenvalue_threshold or set nullspace_max_rank."
+            )
+
+    def gradient_stats(self, apply: bool) -> ProjectionStats:
+        """Measure (and with `apply`, remove) the gradients' components in the subspace."""
+        stats = ProjectionStats()
+        for item in self.constrained:
+            if item.parameter.grad is None:
+                continue
+            stats.add(*item.remove_from_gradient(apply))
+        return stats
+
+    def nonfinite_gradients(self) -> list[str]:
+        return [
+            item.name
+            for item in self.constrained
+            if item.parameter.grad is not None and not torch.isfinite(item.parameter.grad).all()
+        ]
+
+    def initialise_anchors(self, track_updates: bool) -> None:
+        """Move LoRA `A` matrices into the null space; with `track_updates`, anchor every parameter."""
+        for item in self.constrained:
+            if item.zero_anchor or track_updates:
+                item.reset_anchor()
+
+    def enforce_anchors(self) -> float:
+        """Project every constrained parameter back onto its anchor; returns the removed norm."""
+        return float(sum(item.enforce_anchor() for item in self.constrained)) ** 0.5

@@ -1,0 +1,53 @@
+"""The capability subspace: orthonormal bases and which weights each one constrains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class CapabilitySubspace:
+    """Orthonormal bases `U` (n×k) of the directions that general capabilities depend on.
+
+    `method == "activation"`: one basis per *distinct* Linear input (q/k/v share one, gate/up share
+    one); `U` spans the reference inputs, so an update `ΔW` with `ΔW U = 0` leaves the Linear's
+    outputs on those inputs unchanged. `targets` maps each Linear's name to its basis key.
+
+    `method == "gradient"`: one basis per parameter, spanning its reference-batch gradients in the
+    flattened parameter space (numel×k). `targets` maps each parameter's name to its basis key.
+
+    Names are those of the base model (PEFT's `base_model.model.` and `.base_layer` removed), so a
+    subspace estimated on a base model serves a LoRA model built from it.
+    """
+
+    method: str
+    bases: dict[str, torch.Tensor]
+    targets: dict[str, str]
+    eigenvalues: dict[str, torch.Tensor] = field(default_factory=dict)
+    settings: dict[str, object] = field(default_factory=dict)
+
+    def basis_for(self, target: str) -> torch.Tensor:
+        return self.bases[self.targets[target]]
+
+    def ranks(self) -> dict[str, int]:
+        """Kept rank per basis key."""
+        return {key: basis.shape[1] for key, basis in self.bases.items()}
+
+    def dimensions(self) -> dict[str, int]:
+        """Ambient dimension per basis key."""
+        return {key: basis.shape[0] for key, basis in self.bases.items()}
+
+    def num_bytes(self) -> int:
+        return sum(basis.numel() * basis.element_size() for basis in self.bases.values())
+
+    def summary(self) -> str:
+        """One line per basis: `key  rank/dimension  (targets)`; for logs and the CLI."""
+        users: dict[str, list[str]] = {}
+        for target, key in self.targets.items():
+            users.setdefault(key, []).append(target.rsplit(".", 1)[-1])
+        lines = [f"{self.method} subspace, {len(self.bases)} bases, {self.num_bytes() / 2**20:.2f} MiB"]
+        for key, basis in self.bases.items():
+            lines.append(f"  {key}: rank {basis.shape[1]}/{basis.shape[0]} ({', '.join(sorted(set(users[key])))})")
+        return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Which modules of a (possibly PEFT-wrapped) model the capability subspace constrains."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def canonical_name(name: str) -> str:
+    """The module or parameter name in the base model: PEFT's wrapper prefix and `.base_layer` removed."""
+    if name.startswith(_PEFT_PREFIX):
+        name = name[len(_PEFT_PREFIX) :]
+    return re.sub(r"\.base_layer(?=\.|$)", "", name)
+
+
+def is_lora_layer(module: nn.Module) -> bool:
+    """A PEFT LoRA layer: a wrapper holding `base_layer` and per-adapter `lora_A`/`lora_B`."""
+    return hasattr(module, "base_layer") and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)
+
+
+def _output_embedding_names(model: nn.Module) -> set[str]:
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if get_output is not None else None
+    return {canonical_name(name) for name, module in model.named_modules() if output is not None and module is output}
+
+
+def find_target_linears(model: nn.Module, target_modules: list[str] | None = None) -> dict[str, nn.Linear]:
+    """Target `nn.Linear` modules by canonical name; for LoRA layers, their frozen `base_layer`.
+
+    `target_modules` are name suffixes (`q_proj` matches `model.layers.0.self_attn.q_proj`); each must
+    match at least one Linear. With None, every Linear except the output embedding is a target:
+    `lm_head` maps hidden states to logits directly, so constraining it protects nothing further
+    upstream, and it is frozen with the other untargeted parameters by default.
+    """
+    excluded = _output_embedding_names(model)
+    linears: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if is_lora_layer(module) or not isinstance(module, nn.Linear):
+            continue
+        if ".lora_" in name:
+            continue
+        canonical = canonical_name(name)
+        if canonical in excluded:
+            continue
+        linears[canonical] = module
+    if target_modules is None:
+        if not linears:
+            raise ValueError("The model has no nn.Linear layers to constrain.")
+        return linears
+    selected = {name: module for name, module in linears.items() if _matches(name, target_modules)}
+    unmatched = [target for target in target_modules if not any(_matches(name, [target]) for name in linears)]
+    if unmatched:
+        raise ValueError(
+            f"nullspace_target_modules {unmatched} match no Linear layer of this model. "
+            f"Linear layers look like: {sorted(linears)[:6]}"
+        )
+    return selected
+
+
+def _matches(name: str, suffixes: list[str]) -> bool:
+    return any(name == suffix or name.endswith("." + suffix) for suffix in suffixes)

@@ -1,0 +1,3 @@
+from trl_nullspace.trainers.sft import NullSpaceSFTTrainer
+
+__all__ = ["NullSpaceSFTTrainer"]
