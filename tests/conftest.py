@@ -1,0 +1,73 @@
+"""Tiny offline fixtures: a character tokenizer, a random Qwen2, generated safety/reference data."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+
+from trl_nullspace import toy
+from trl_nullspace.reference import ReferenceBatch, tokenize_reference
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return toy.build_char_tokenizer()
+
+
+@pytest.fixture
+def model(tokenizer):
+    return toy.build_tiny_qwen2(tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def safety_dataset():
+    return datasets.Dataset.from_dict(toy.as_prompt_completion(toy.safety_split(seed=0)["train"][:16]))
+
+
+@pytest.fixture(scope="session")
+def reference_dataset():
+    """Few enough tokens (24) that every layer input spans less than the hidden size (64)."""
+    return datasets.Dataset.from_dict(toy.as_text(toy.general_examples(3, seed=1)))
+
+
+@pytest.fixture(scope="session")
+def safety_prompts(tokenizer) -> list[ReferenceBatch]:
+    prompts = datasets.Dataset.from_dict({"text": [e.prompt for e in toy.safety_split(seed=0)["harmful_test"]]})
+    return tokenize_reference(prompts, tokenizer, batch_size=8, max_length=64)
+
+
+def training_kwargs(tmp_path, **overrides) -> dict:
+    """Shared TrainingArguments for the tests: fp32 on CPU (bf16 autocast would blur exactness)."""
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=12,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        optim="adamw_torch",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+@torch.no_grad()
+def logits_on(model, batches: list[ReferenceBatch]) -> torch.Tensor:
+    """Logits at every real (non-padding) position of `batches`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat(
+        [
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[b.attention_mask.bool()]
+            for b in batches
+        ]
+    )
+    model.train(was_training)
+    return out

@@ -1,0 +1,76 @@
+"""Subspace cache: round trip without re-estimation, and clear errors for the wrong model or data."""
+
+import datasets
+import pytest
+
+from tests.conftest import training_kwargs
+from trl_nullspace import CacheMismatchError, NullSpaceSFTConfig, NullSpaceSFTTrainer, load_subspace, toy
+from trl_nullspace.mixin import NullSpaceTrainerMixin
+
+
+def _trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset=None, **nullspace):
+    nullspace.setdefault("nullspace_cache_path", str(tmp_path / "subspace.safetensors"))
+    return NullSpaceSFTTrainer(
+        model=model,
+        args=NullSpaceSFTConfig(**training_kwargs(tmp_path), **nullspace),
+        train_dataset=safety_dataset,
+        processing_class=tokenizer,
+        reference_dataset=reference_dataset,
+    )
+
+
+def test_cache_round_trip_reuses_the_subspace_without_estimating(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, monkeypatch
+):
+    first = _trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset)
+    cache = tmp_path / "subspace.safetensors"
+    assert cache.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []  # atomic write left nothing behind
+    loaded, header = load_subspace(str(cache))
+    assert header["model_name"] == model.config._name_or_path
+    assert header["method"] == "activation" and "weights_fingerprint" in header
+
+    def fail(self):
+        raise AssertionError("estimated again although a matching cache exists")
+
+    monkeypatch.setattr(NullSpaceTrainerMixin, "estimate_subspace", fail)
+    fresh_model = toy.build_tiny_qwen2(tokenizer, seed=0)  # same weights as `model`
+    second = _trainer(fresh_model, tokenizer, safety_dataset, tmp_path)  # no reference data needed
+    assert second.nullspace_subspace.targets == first.nullspace_subspace.targets
+    for key, basis in first.nullspace_subspace.bases.items():
+        assert (second.nullspace_subspace.bases[key] == basis.cpu()).all()
+        assert (loaded.bases[key] == basis.cpu()).all()
+
+
+def test_cache_from_other_weights_is_refused(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    _trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset)
+    other_weights = toy.build_tiny_qwen2(tokenizer, seed=1)
+    with pytest.raises(CacheMismatchError, match="weights_fingerprint.*different weights"):
+        _trainer(other_weights, tokenizer, safety_dataset, tmp_path)
+
+
+def test_cache_from_other_architecture_is_refused(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    _trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset)
+    wider = toy.build_tiny_qwen2(tokenizer, hidden_size=32, seed=0)
+    with pytest.raises(CacheMismatchError, match="architecture_fingerprint.*different architecture"):
+        _trainer(wider, tokenizer, safety_dataset, tmp_path)
+
+
+def test_cache_with_other_settings_or_data_is_refused(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    _trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset)
+    with pytest.raises(CacheMismatchError, match="method: cache has 'activation'"):
+        _trainer(model, tokenizer, safety_dataset, tmp_path, nullspace_method="gradient")
+    with pytest.raises(CacheMismatchError, match="rank_selection"):
+        _trainer(model, tokenizer, safety_dataset, tmp_path, nullspace_energy=0.5)
+    other_data = datasets.Dataset.from_dict(toy.as_text(toy.general_examples(3, seed=7)))
+    with pytest.raises(CacheMismatchError, match="different reference data"):
+        _trainer(model, tokenizer, safety_dataset, tmp_path, other_data)
+
+
+def test_non_cache_safetensors_file_is_refused(model, tokenizer, safety_dataset, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "subspace.safetensors"))
+    with pytest.raises(CacheMismatchError, match="not a trl-nullspace subspace cache"):
+        _trainer(model, tokenizer, safety_dataset, tmp_path)

@@ -1,0 +1,138 @@
+"""Bad input fails early with an error that names the problem."""
+
+import random
+
+import datasets
+import pytest
+import torch
+from trl import SFTConfig
+
+from tests.conftest import logits_on, training_kwargs
+from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+
+
+def _make(model, tokenizer, safety_dataset, tmp_path, reference_dataset=None, **nullspace):
+    return NullSpaceSFTTrainer(
+        model=model,
+        args=NullSpaceSFTConfig(**training_kwargs(tmp_path), **nullspace),
+        train_dataset=safety_dataset,
+        processing_class=tokenizer,
+        reference_dataset=reference_dataset,
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"nullspace_method": "svd"}, "nullspace_method must be one of"),
+        ({"nullspace_projection_target": "weights"}, "nullspace_projection_target must be one of"),
+        ({"nullspace_energy": 0.9, "nullspace_eigenvalue_threshold": 1e-3}, "not both"),
+        ({"nullspace_energy": 1.5}, r"nullspace_energy must be in \(0, 1\]"),
+        ({"nullspace_max_rank": 0}, "nullspace_max_rank must be a positive integer"),
+    ],
+)
+def test_invalid_config_fields(tmp_path, fields, message):
+    with pytest.raises(ValueError, match=message):
+        NullSpaceSFTConfig(output_dir=str(tmp_path), **fields)
+
+
+def test_missing_reference_data(model, tokenizer, safety_dataset, tmp_path):
+    with pytest.raises(ValueError, match="No reference data for the capability subspace"):
+        _make(model, tokenizer, safety_dataset, tmp_path)
+
+
+def test_empty_reference_dataset(model, tokenizer, safety_dataset, tmp_path):
+    empty = datasets.Dataset.from_dict({"text": []})
+    with pytest.raises(ValueError, match="reference dataset is empty"):
+        _make(model, tokenizer, safety_dataset, tmp_path, empty)
+
+
+def test_reference_dataset_without_known_columns(model, tokenizer, safety_dataset, tmp_path):
+    odd = datasets.Dataset.from_dict({"question": ["1+1="]})
+    with pytest.raises(ValueError, match="needs 'text', 'messages', or 'prompt' and 'completion'"):
+        _make(model, tokenizer, safety_dataset, tmp_path, odd)
+
+
+def test_missing_target_module(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"\['c_attn'\] match no Linear layer"):
+        _make(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_target_modules=["c_attn"])
+
+
+def test_subspace_that_leaves_no_trainable_direction(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    generator = random.Random(0)
+    texts = ["".join(generator.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(100)) for _ in range(8)]
+    many = datasets.Dataset.from_dict({"text": texts})  # 800 tokens: every o_proj/down_proj input is full rank
+    with pytest.raises(ValueError, match="full rank for every constrained parameter"):
+        _make(
+            model,
+            tokenizer,
+            safety_dataset,
+            tmp_path,
+            many,
+            nullspace_eigenvalue_threshold=0.0,
+            nullspace_target_modules=["o_proj", "down_proj"],
+        )
+
+
+def test_plain_trl_config_is_refused(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    with pytest.raises(TypeError, match="needs a config with the nullspace_\\* fields"):
+        NullSpaceSFTTrainer(
+            model=model,
+            args=SFTConfig(**training_kwargs(tmp_path)),
+            train_dataset=safety_dataset,
+            processing_class=tokenizer,
+            reference_dataset=reference_dataset,
+        )
+
+
+def test_nan_gradients_stop_training_with_a_clear_error(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    trainer = _make(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+    with torch.no_grad():
+        trainer.model.lm_head.weight[0, 0] = float("nan")  # frozen, but poisons the loss and every gradient
+    with pytest.raises(FloatingPointError, match="NaN or inf gradients at optimizer step 0"):
+        trainer.train()
+
+
+def test_untargeted_parameters_are_frozen_by_default(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    trainer = _make(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+    trainable = {name for name, parameter in trainer.model.named_parameters() if parameter.requires_grad}
+    constrained = {item.name for item in trainer.nullspace_projector.constrained}
+    assert trainable == constrained
+    assert "model.embed_tokens.weight" not in trainable and "lm_head.weight" not in trainable
+    assert not any(name.endswith("bias") or "norm" in name for name in trainable)
+
+
+def test_untargeted_parameters_can_train_with_a_warning(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, caplog
+):
+    from transformers.utils import logging
+
+    logging.enable_propagation()
+    trainer = _make(
+        model,
+        tokenizer,
+        safety_dataset,
+        tmp_path,
+        reference_dataset,
+        nullspace_energy=0.9,
+        nullspace_freeze_untargeted=False,
+    )
+    assert trainer.model.model.embed_tokens.weight.requires_grad
+    assert "are NOT constrained" in caplog.text and "embed_tokens" in caplog.text
+
+
+def test_refresh_re_estimates_and_stays_exact(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    trainer = _make(
+        model,
+        tokenizer,
+        safety_dataset,
+        tmp_path,
+        reference_dataset,
+        nullspace_eigenvalue_threshold=1e-10,
+        nullspace_refresh_steps=4,
+    )
+    first = trainer.nullspace_subspace
+    before = logits_on(trainer.model, trainer._reference_batches)
+    trainer.train()
+    assert trainer.nullspace_subspace is not first
+    assert (logits_on(trainer.model, trainer._reference_batches) - before).abs().max().item() < 1e-4

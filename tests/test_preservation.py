@@ -1,0 +1,146 @@
+"""The product's promise: reference outputs unchanged, safety outputs changed.
+
+Strict setting: activation subspace with an eigenvalue threshold of 1e-10 (every direction the
+24 reference tokens use), AdamW with weight decay, a learning rate large enough to move the model.
+"""
+
+import pytest
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from tests.conftest import logits_on, training_kwargs
+from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+
+EXACT_TOLERANCE = 1e-4
+CLEARLY_MOVED = 1e-2
+
+
+def _train_null_space(model, tokenizer, safety_dataset, reference_dataset, tmp_path, **overrides):
+    config_kwargs = dict(nullspace_eigenvalue_threshold=1e-10)
+    config_kwargs.update(overrides)
+    trainer_kwargs = training_kwargs(tmp_path, **{k: v for k, v in config_kwargs.items() if not k.startswith("null")})
+    nullspace_kwargs = {k: v for k, v in config_kwargs.items() if k.startswith("null")}
+    trainer = NullSpaceSFTTrainer(
+        model=model,
+        args=NullSpaceSFTConfig(**trainer_kwargs, **nullspace_kwargs),
+        train_dataset=safety_dataset,
+        processing_class=tokenizer,
+        reference_dataset=reference_dataset,
+    )
+    reference = trainer._reference_batches
+    before = logits_on(trainer.model, reference)
+    trainer.train()
+    return trainer, reference, before
+
+
+def test_update_projection_preserves_reference_logits_exactly(
+    model, tokenizer, safety_dataset, reference_dataset, safety_prompts, tmp_path
+):
+    safety_before = logits_on(model, safety_prompts)
+    trainer, reference, before = _train_null_space(model, tokenizer, safety_dataset, reference_dataset, tmp_path)
+    reference_drift = (logits_on(trainer.model, reference) - before).abs().max().item()
+    safety_change = (logits_on(trainer.model, safety_prompts) - safety_before).abs().max().item()
+    print(f"update target: reference drift {reference_drift:.2e}, safety change {safety_change:.2e}")
+    assert reference_drift < EXACT_TOLERANCE
+    assert safety_change > 0.1
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < losses[0]  # it did learn the safety data
+
+
+def test_plain_sft_moves_reference_logits(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    """The same run with TRL's SFTTrainer: proves the preservation test above can fail."""
+    from trl_nullspace.reference import tokenize_reference
+
+    reference = tokenize_reference(reference_dataset, tokenizer, batch_size=8, max_length=512)
+    before = logits_on(model, reference)
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(**training_kwargs(tmp_path)),
+        train_dataset=safety_dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert (logits_on(trainer.model, reference) - before).abs().max().item() > CLEARLY_MOVED
+
+
+def test_gradient_target_with_adamw_leaks_into_the_subspace(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    """What the papers do (project G, then AdamW): Adam's per-coordinate scaling and weight decay put
+    components back into span(U), so reference logits move. Reported, and asserted to stay true."""
+    trainer, reference, before = _train_null_space(
+        model, tokenizer, safety_dataset, reference_dataset, tmp_path, nullspace_projection_target="gradient"
+    )
+    drift = (logits_on(trainer.model, reference) - before).abs().max().item()
+    print(f"gradient target + AdamW(weight_decay=0.1): reference drift {drift:.2e}")
+    assert drift > 100 * EXACT_TOLERANCE
+
+
+def test_gradient_target_with_plain_sgd_is_exact(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    """With SGD and no weight decay the update is the projected gradient, so projecting G suffices."""
+    trainer, reference, before = _train_null_space(
+        model,
+        tokenizer,
+        safety_dataset,
+        reference_dataset,
+        tmp_path,
+        nullspace_projection_target="gradient",
+        optim="sgd",
+        weight_decay=0.0,
+        learning_rate=0.5,
+    )
+    drift = (logits_on(trainer.model, reference) - before).abs().max().item()
+    assert drift < EXACT_TOLERANCE
+
+
+def test_gradient_method_keeps_updates_orthogonal_to_reference_gradients(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    """OGPSA-style subspace: the total parameter change has no component along any basis vector."""
+    initial = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    trainer, _, _ = _train_null_space(
+        model,
+        tokenizer,
+        safety_dataset,
+        reference_dataset,
+        tmp_path,
+        nullspace_method="gradient",
+        nullspace_eigenvalue_threshold=None,
+        nullspace_energy=0.999,
+    )
+    projector = trainer.nullspace_projector
+    moved = 0.0
+    for item in projector.constrained:
+        delta = (item.parameter.detach() - initial[item.name]).reshape(1, -1)
+        assert item.rank >= 1
+        assert (delta @ item.basis).abs().max().item() < 1e-5 * max(1.0, delta.norm().item())
+        moved += delta.norm().item()
+    assert moved > 0.1
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_projection_runs_once_per_optimizer_step(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, monkeypatch, accumulation
+):
+    from trl_nullspace.projector import SubspaceProjector
+
+    calls = []
+    original = SubspaceProjector.gradient_stats
+    monkeypatch.setattr(
+        SubspaceProjector, "gradient_stats", lambda self, apply: calls.append(apply) or original(self, apply)
+    )
+    trainer, _, _ = _train_null_space(
+        model,
+        tokenizer,
+        safety_dataset,
+        reference_dataset,
+        tmp_path,
+        max_steps=4,
+        gradient_accumulation_steps=accumulation,
+    )
+    assert len(calls) == trainer.state.global_step == 4
+    logged = [
+        entry["nullspace/removed_frac"] for entry in trainer.state.log_history if "nullspace/removed_frac" in entry
+    ]
+    assert len(logged) == 4 and all(0.0 < value < 1.0 for value in logged)
+    assert all(torch.isfinite(torch.tensor(logged)))
