@@ -1,0 +1,36 @@
+# `make demo` and `make test` work on a fresh machine: both create .venv and install on first use.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+# The CPU build of torch on these machines; a GPU user can pass e.g. TORCH_SPEC="torch>=2.6".
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test lint format clean
+
+$(INSTALLED): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q -e ".[test]"
+	touch $(INSTALLED)
+
+install: $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(PYTHON) -m trl_nullspace.demo --output-dir outputs/demo
+
+test: $(INSTALLED)
+	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+lint: $(INSTALLED)
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format: $(INSTALLED)
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -1,0 +1,44 @@
+"""Rendering the demo's measured rows as a Markdown table and a PNG plot."""
+
+from __future__ import annotations
+
+COLUMNS = [
+    ("refusal_harmful", "refusal on held-out harmful ↑"),
+    ("over_refusal_benign", "over-refusal on benign look-alikes ↓"),
+    ("general_accuracy", "general accuracy after ↑"),
+]
+
+
+def format_table(rows: list[dict]) -> str:
+    header = "| model | " + " | ".join(title for _, title in COLUMNS) + " | general accuracy before | wall time (s) |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 3)]
+    for row in rows:
+        before = row.get("general_accuracy_before", row["general_accuracy"])
+        cells = [f"{row[key]:.1%}" for key, _ in COLUMNS] + [f"{before:.1%}", f"{row['seconds']:.1f}"]
+        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save_plot(rows: list[dict], path: str) -> str:
+    """Grouped bars, one group per metric, one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(rows)
+    for index, row in enumerate(rows):
+        positions = [group + index * width for group in range(len(COLUMNS))]
+        bars = axis.bar(positions, [row[key] for key, _ in COLUMNS], width, label=row["model"])
+        axis.bar_label(bars, labels=[f"{row[key]:.0%}" for key, _ in COLUMNS], fontsize=8)
+    axis.set_xticks([group + width * (len(rows) - 1) / 2 for group in range(len(COLUMNS))])
+    axis.set_xticklabels([title for _, title in COLUMNS], fontsize=9)
+    axis.set_ylim(0, 1.3)
+    axis.set_ylabel("rate")
+    axis.set_title("Safety SFT: plain TRL vs null-space (measured in one run)")
+    axis.legend(fontsize=8, loc="upper center", ncol=len(rows))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
