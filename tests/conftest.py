@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import datasets
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may download; fail at once if something tries
+
+import datasets  # noqa: E402
 import pytest
 import torch
 

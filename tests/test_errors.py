@@ -49,7 +49,9 @@ def test_empty_reference_dataset(model, tokenizer, safety_dataset, tmp_path):
 
 def test_reference_dataset_without_known_columns(model, tokenizer, safety_dataset, tmp_path):
     odd = datasets.Dataset.from_dict({"question": ["1+1="]})
-    with pytest.raises(ValueError, match="needs 'text', 'messages', or 'prompt' and 'completion'"):
+    with pytest.raises(
+        ValueError, match="needs 'text', 'messages', 'prompt' and 'completion', or 'chosen' and 'rejected'"
+    ):
         _make(model, tokenizer, safety_dataset, tmp_path, odd)
 
 

@@ -3,16 +3,33 @@
 __version__ = "0.1.0"
 
 from trl_nullspace.cache import CacheMismatchError, load_subspace, save_subspace  # noqa: E402
-from trl_nullspace.config import NullSpaceArguments, NullSpaceSFTConfig  # noqa: E402
+from trl_nullspace.config import (  # noqa: E402
+    NullSpaceArguments,
+    NullSpaceDPOConfig,
+    NullSpaceGRPOConfig,
+    NullSpaceRLOOConfig,
+    NullSpaceSFTConfig,
+)
 from trl_nullspace.projector import SubspaceProjector  # noqa: E402
 from trl_nullspace.rank import RankSelection  # noqa: E402
 from trl_nullspace.subspace import CapabilitySubspace  # noqa: E402
-from trl_nullspace.trainers import NullSpaceSFTTrainer  # noqa: E402
+from trl_nullspace.trainers import (  # noqa: E402
+    NullSpaceDPOTrainer,
+    NullSpaceGRPOTrainer,
+    NullSpaceRLOOTrainer,
+    NullSpaceSFTTrainer,
+)
 
 __all__ = [
     "CacheMismatchError",
     "CapabilitySubspace",
     "NullSpaceArguments",
+    "NullSpaceDPOConfig",
+    "NullSpaceDPOTrainer",
+    "NullSpaceGRPOConfig",
+    "NullSpaceGRPOTrainer",
+    "NullSpaceRLOOConfig",
+    "NullSpaceRLOOTrainer",
     "NullSpaceSFTConfig",
     "NullSpaceSFTTrainer",
     "RankSelection",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import SFTConfig
+from trl import DPOConfig, GRPOConfig, RLOOConfig, SFTConfig
 
 from trl_nullspace.rank import RankSelection
 
@@ -68,6 +68,13 @@ class NullSpaceArguments:
         metadata={
             "help": "A .safetensors file: loaded (and checked against the model) if it exists, written after "
             "estimation otherwise."
+        },
+    )
+    nullspace_cache_match_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "Refuse a cache estimated from other weights. Set False to reuse a cache on a model trained "
+            "from the cached one under the same constraint, e.g. the DPO stage after null-space SFT."
         },
     )
     nullspace_reference_dataset: str | None = field(
@@ -138,3 +145,21 @@ class NullSpaceArguments:
 @dataclass
 class NullSpaceSFTConfig(NullSpaceArguments, SFTConfig):
     """`trl.SFTConfig` plus the `nullspace_*` fields of `NullSpaceArguments`."""
+
+
+@dataclass
+class NullSpaceDPOConfig(NullSpaceArguments, DPOConfig):
+    """`trl.DPOConfig` plus the `nullspace_*` fields. DPO's `ref_model` and the null-space reference
+    *dataset* (`nullspace_reference_dataset`) are unrelated: one anchors the DPO loss, the other
+    defines the capabilities to preserve."""
+
+
+@dataclass
+class NullSpaceGRPOConfig(NullSpaceArguments, GRPOConfig):
+    """`trl.GRPOConfig` plus the `nullspace_*` fields; projection runs once per optimizer step, also
+    when one generation batch feeds several (`steps_per_generation`, `num_iterations`)."""
+
+
+@dataclass
+class NullSpaceRLOOConfig(NullSpaceArguments, RLOOConfig):
+    """`trl.RLOOConfig` plus the `nullspace_*` fields."""

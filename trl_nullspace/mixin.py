@@ -14,6 +14,7 @@ A null-space trainer is `class NullSpaceXTrainer(NullSpaceTrainerMixin, XTrainer
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections import defaultdict
 from typing import Any
@@ -68,11 +69,12 @@ class NullSpaceTrainerMixin:
     args: NullSpaceArguments
 
     def __init__(self, *args: Any, reference_dataset: datasets.Dataset | None = None, **kwargs: Any):
-        if len(args) < 2 and kwargs.get("args") is None:
-            model = args[0] if args else kwargs["model"]
+        bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs)
+        if bound.arguments.get("args") is None:
+            model = bound.arguments["model"]
             name = model if isinstance(model, str) else model_name(model)
-            kwargs["args"] = self.config_class(output_dir=f"{name.rstrip('/').split('/')[-1]}-NullSpace")
-        super().__init__(*args, **kwargs)
+            bound.arguments["args"] = self.config_class(output_dir=f"{name.rstrip('/').split('/')[-1]}-NullSpace")
+        super().__init__(*bound.args, **bound.kwargs)
         if not isinstance(self.args, NullSpaceArguments):
             raise TypeError(
                 f"{type(self).__name__} needs a config with the nullspace_* fields, e.g. "
@@ -115,8 +117,9 @@ class NullSpaceTrainerMixin:
             "rank_selection": self.args.nullspace_rank_selection.to_dict(),
             "target_modules": self.args.nullspace_target_modules,
             "architecture_fingerprint": architecture_fingerprint(self.model),
-            "weights_fingerprint": weights_fingerprint(self.model),
         }
+        if self.args.nullspace_cache_match_weights:
+            expected["weights_fingerprint"] = weights_fingerprint(self.model)
         if self._reference_batches is not None:
             expected["reference_fingerprint"] = reference_fingerprint(self._reference_batches)
         return expected
@@ -138,7 +141,8 @@ class NullSpaceTrainerMixin:
             )
         subspace = self.estimate_subspace()
         if path is not None:
-            save_subspace(path, subspace, {"model_name": model_name(self.model), **expected})
+            provenance = {"model_name": model_name(self.model), "weights_fingerprint": weights_fingerprint(self.model)}
+            save_subspace(path, subspace, {**provenance, **expected})
             logger.info("trl-nullspace: saved the capability subspace to %s", path)
         return subspace
 

@@ -44,24 +44,35 @@ def load_reference_dataset(name_or_path: str, split: str = "train") -> datasets.
 
 
 def reference_texts(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """One string per example, from a `text`, `messages` or `prompt`/`completion` column."""
+    """One string per example (two for preference pairs), from the columns TRL's trainers accept."""
     columns = set(dataset.column_names)
     if "text" in columns:
         return list(dataset["text"])
     if "messages" in columns:
         return [tokenizer.apply_chat_template(messages, tokenize=False) for messages in dataset["messages"]]
     if {"prompt", "completion"} <= columns:
-        texts = []
-        for prompt, completion in zip(dataset["prompt"], dataset["completion"], strict=True):
-            if isinstance(prompt, str):
-                texts.append(prompt + completion)
-            else:
-                texts.append(tokenizer.apply_chat_template(prompt + completion, tokenize=False))
-        return texts
+        return [
+            _join(prompt, completion, tokenizer)
+            for prompt, completion in zip(dataset["prompt"], dataset["completion"], strict=True)
+        ]
+    if {"chosen", "rejected"} <= columns:
+        prompts = dataset["prompt"] if "prompt" in columns else [""] * len(dataset)
+        return [
+            _join(prompt, response, tokenizer)
+            for prompt, chosen, rejected in zip(prompts, dataset["chosen"], dataset["rejected"], strict=True)
+            for response in (chosen, rejected)
+        ]
     raise ValueError(
-        f"Reference dataset has columns {sorted(columns)}; it needs 'text', 'messages', or 'prompt' and "
-        "'completion' (the formats TRL's SFTTrainer accepts)."
+        f"Reference dataset has columns {sorted(columns)}; it needs 'text', 'messages', 'prompt' and "
+        "'completion', or 'chosen' and 'rejected' (the formats TRL's SFT and DPO trainers accept)."
     )
+
+
+def _join(prompt: str | list[dict], response: str | list[dict], tokenizer: PreTrainedTokenizerBase) -> str:
+    """A prompt and its response as one string; conversational ones through the chat template."""
+    if isinstance(response, str):
+        return prompt + response
+    return tokenizer.apply_chat_template((prompt or []) + response, tokenize=False)
 
 
 def tokenize_reference(

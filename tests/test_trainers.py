@@ -1,0 +1,214 @@
+"""DPO, GRPO and RLOO with the null-space constraint: reference logits exact, plain trainers move them."""
+
+import copy
+
+import datasets
+import pytest
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
+
+from tests.conftest import logits_on, training_kwargs
+from trl_nullspace import (
+    CacheMismatchError,
+    NullSpaceDPOConfig,
+    NullSpaceDPOTrainer,
+    NullSpaceGRPOConfig,
+    NullSpaceGRPOTrainer,
+    NullSpaceRLOOConfig,
+    NullSpaceRLOOTrainer,
+    NullSpaceSFTConfig,
+    NullSpaceSFTTrainer,
+    toy,
+)
+from trl_nullspace.reference import tokenize_reference
+from trl_nullspace.rewards import ClassifierSafetyReward, refusal_reward
+
+STRICT = dict(nullspace_eigenvalue_threshold=1e-10)
+
+
+@pytest.fixture(scope="module")
+def preference_dataset():
+    split = toy.safety_split(seed=0)
+    harmful = [example for example in split["train"] if example.completion == toy.REFUSAL][:12]
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": [example.prompt for example in harmful],
+            "chosen": [toy.REFUSAL] * len(harmful),
+            "rejected": [toy.COMPLIANCE] * len(harmful),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def prompt_dataset():
+    split = toy.safety_split(seed=0)
+    examples = split["train"][:8]
+    return datasets.Dataset.from_dict(
+        {"prompt": [e.prompt for e in examples], "harmful": [e.completion == toy.REFUSAL for e in examples]}
+    )
+
+
+def _resembles_refusal(texts: list[str]) -> list[float]:
+    """Offline stand-in for a safety classifier: share of characters matching the refusal sentence."""
+    return [sum(a == b for a, b in zip(text, toy.REFUSAL, strict=False)) / len(toy.REFUSAL) for text in texts]
+
+
+SAFETY_REWARDS = [refusal_reward, ClassifierSafetyReward(scorer=_resembles_refusal, include_prompt=False)]
+
+
+def _online_kwargs(tmp_path, **overrides):
+    kwargs = training_kwargs(
+        tmp_path,
+        max_steps=4,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        learning_rate=2e-2,
+        beta=0.0,
+    )
+    kwargs.pop("weight_decay")
+    kwargs.update(overrides)
+    return kwargs
+
+
+def test_dpo_preserves_reference_logits(model, tokenizer, preference_dataset, reference_dataset, tmp_path):
+    trainer = NullSpaceDPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(model),  # else TRL reloads it by name, from the Hub
+        args=NullSpaceDPOConfig(**training_kwargs(tmp_path, max_steps=8), **STRICT),
+        train_dataset=preference_dataset,
+        processing_class=tokenizer,
+        reference_dataset=reference_dataset,
+    )
+    before = logits_on(trainer.model, trainer._reference_batches)
+    trainer.train()
+    assert (logits_on(trainer.model, trainer._reference_batches) - before).abs().max().item() < 1e-4
+    rewards = [entry["rewards/margins"] for entry in trainer.state.log_history if "rewards/margins" in entry]
+    assert rewards[-1] > 0  # it learned to prefer the refusal
+
+
+def test_plain_dpo_moves_reference_logits(tokenizer, preference_dataset, reference_dataset, tmp_path):
+    model = toy.build_tiny_qwen2(tokenizer, seed=0)
+    reference = tokenize_reference(reference_dataset, tokenizer, batch_size=8, max_length=512)
+    before = logits_on(model, reference)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=copy.deepcopy(model),
+        args=DPOConfig(**training_kwargs(tmp_path, max_steps=8)),
+        train_dataset=preference_dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert (logits_on(trainer.model, reference) - before).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize(("steps_per_generation", "num_iterations"), [(None, 1), (2, 2)])
+def test_grpo_preserves_reference_logits_and_projects_per_optimizer_step(
+    model, tokenizer, prompt_dataset, reference_dataset, tmp_path, monkeypatch, steps_per_generation, num_iterations
+):
+    from trl_nullspace.projector import SubspaceProjector
+
+    calls = []
+    original = SubspaceProjector.gradient_stats
+    monkeypatch.setattr(
+        SubspaceProjector, "gradient_stats", lambda self, apply: calls.append(apply) or original(self, apply)
+    )
+    trainer = NullSpaceGRPOTrainer(
+        model=model,
+        reward_funcs=SAFETY_REWARDS,
+        args=NullSpaceGRPOConfig(
+            **_online_kwargs(tmp_path, steps_per_generation=steps_per_generation, num_iterations=num_iterations),
+            **STRICT,
+        ),
+        train_dataset=prompt_dataset,
+        processing_class=tokenizer,
+        reference_dataset=reference_dataset,
+    )
+    reference = trainer._reference_batches
+    before = logits_on(trainer.model, reference)
+    weights = {item.name: item.parameter.detach().clone() for item in trainer.nullspace_projector.constrained}
+    trainer.train()
+    assert len(calls) == trainer.state.global_step == 4
+    assert (logits_on(trainer.model, reference) - before).abs().max().item() < 1e-4
+    moved = sum(
+        (item.parameter.detach() - weights[item.name]).norm().item()
+        for item in trainer.nullspace_projector.constrained
+    )
+    assert moved > 1e-2
+
+
+def test_plain_grpo_moves_reference_logits(tokenizer, prompt_dataset, reference_dataset, tmp_path):
+    model = toy.build_tiny_qwen2(tokenizer, seed=0)
+    reference = tokenize_reference(reference_dataset, tokenizer, batch_size=8, max_length=512)
+    before = logits_on(model, reference)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=SAFETY_REWARDS,
+        args=GRPOConfig(**_online_kwargs(tmp_path)),
+        train_dataset=prompt_dataset,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert (logits_on(trainer.model, reference) - before).abs().max().item() > 1e-2
+
+
+def test_rloo_runs_with_projection(model, tokenizer, prompt_dataset, reference_dataset, tmp_path):
+    kwargs = _online_kwargs(tmp_path)
+    kwargs.pop("beta")
+    trainer = NullSpaceRLOOTrainer(
+        model=model,
+        reward_funcs=SAFETY_REWARDS,
+        args=NullSpaceRLOOConfig(**kwargs, beta=0.0, **STRICT),
+        train_dataset=prompt_dataset,
+        processing_class=tokenizer,
+        reference_dataset=reference_dataset,
+    )
+    reference = trainer._reference_batches
+    before = logits_on(trainer.model, reference)
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert (logits_on(trainer.model, reference) - before).abs().max().item() < 1e-4
+    assert any("nullspace/removed_frac" in entry for entry in trainer.state.log_history)
+
+
+def test_sft_then_dpo_reuses_one_cached_subspace(
+    model, tokenizer, safety_dataset, preference_dataset, reference_dataset, tmp_path, monkeypatch
+):
+    cache = str(tmp_path / "subspace.safetensors")
+    sft = NullSpaceSFTTrainer(
+        model=model,
+        args=NullSpaceSFTConfig(**training_kwargs(tmp_path), nullspace_cache_path=cache, **STRICT),
+        train_dataset=safety_dataset,
+        processing_class=tokenizer,
+        reference_dataset=reference_dataset,
+    )
+    reference = sft._reference_batches
+    base_logits = logits_on(sft.model, reference)
+    sft.train()
+
+    dpo_kwargs = dict(
+        train_dataset=preference_dataset, processing_class=tokenizer, reference_dataset=reference_dataset
+    )
+    with pytest.raises(CacheMismatchError, match="different weights"):
+        NullSpaceDPOTrainer(
+            model=sft.model,
+            ref_model=copy.deepcopy(sft.model),
+            args=NullSpaceDPOConfig(**training_kwargs(tmp_path), nullspace_cache_path=cache, **STRICT),
+            **dpo_kwargs,
+        )
+
+    from trl_nullspace.mixin import NullSpaceTrainerMixin
+
+    monkeypatch.setattr(NullSpaceTrainerMixin, "estimate_subspace", lambda self: pytest.fail("re-estimated"))
+    dpo = NullSpaceDPOTrainer(
+        model=sft.model,
+        ref_model=copy.deepcopy(sft.model),
+        args=NullSpaceDPOConfig(
+            **training_kwargs(tmp_path, max_steps=8),
+            nullspace_cache_path=cache,
+            nullspace_cache_match_weights=False,
+            **STRICT,
+        ),
+        **dpo_kwargs,
+    )
+    dpo.train()
+    assert (logits_on(dpo.model, reference) - base_logits).abs().max().item() < 1e-4
