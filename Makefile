@@ -4,6 +4,8 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 # The CPU build of torch on these machines; a GPU user can pass e.g. TORCH_SPEC="torch>=2.6".
 TORCH_SPEC ?= torch==2.13.0
+# Demo pipeline: sft, dpo (SFT→DPO) or grpo (SFT→GRPO).
+TRAINER ?= sft
 
 .PHONY: install demo test lint format clean
 
@@ -17,7 +19,7 @@ $(INSTALLED): pyproject.toml
 install: $(INSTALLED)
 
 demo: $(INSTALLED)
-	$(PYTHON) -m trl_nullspace.demo --output-dir outputs/demo
+	$(PYTHON) -m trl_nullspace.demo --trainer $(TRAINER)
 
 test: $(INSTALLED)
 	$(PYTHON) -m pytest -q tests

@@ -1,17 +1,40 @@
-"""The embedded demo, small: plain SFT loses the general skill, null-space SFT keeps it and refuses."""
+"""The embedded demo, small: plain trainers lose the general skill, null-space trainers keep it."""
 
 import json
+
+import pytest
 
 from trl_nullspace.demo.__main__ import main
 
 
-def test_quick_demo_shows_the_alignment_tax_and_its_removal(tmp_path, monkeypatch):
-    monkeypatch.setattr("sys.argv", ["demo", "--quick", "--output-dir", str(tmp_path)])
+def _run(tmp_path, monkeypatch, trainer: str) -> list[dict]:
+    monkeypatch.setattr("sys.argv", ["demo", "--quick", "--trainer", trainer, "--output-dir", str(tmp_path)])
     main()
-    base, plain, null_space = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "demo.png").stat().st_size > 10_000
-    assert "| plain TRL SFTTrainer |" in (tmp_path / "results.md").read_text()
+    return json.loads((tmp_path / "results.json").read_text())
+
+
+def test_quick_sft_demo_shows_the_alignment_tax_and_its_removal(tmp_path, monkeypatch):
+    base, plain, null_space = _run(tmp_path, monkeypatch, "sft")
+    assert "| plain TRL SFT |" in (tmp_path / "results.md").read_text()
     assert base["general_accuracy"] > 0.5  # the pretraining gave a real skill
     assert plain["general_accuracy"] < base["general_accuracy"] - 0.3  # the alignment tax
     assert null_space["general_accuracy"] >= base["general_accuracy"] - 0.1  # kept
     assert null_space["refusal_harmful"] > 0.25  # while learning to refuse
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "grpo"])
+def test_quick_two_stage_demos_keep_the_general_skill_in_every_stage(tmp_path, monkeypatch, trainer):
+    base, *rows = _run(tmp_path, monkeypatch, trainer)
+    stage_two = trainer.upper()
+    assert [row["model"] for row in rows] == [
+        "plain TRL SFT",
+        f"plain TRL SFT→{stage_two}",
+        "null-space SFT",
+        f"null-space SFT→{stage_two}",
+    ]
+    for row in rows:
+        if row["model"].startswith("null-space"):
+            assert row["general_accuracy"] >= base["general_accuracy"] - 0.1
+        else:
+            assert row["general_accuracy"] < base["general_accuracy"] - 0.3

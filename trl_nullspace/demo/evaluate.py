@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trl_nullspace import toy
+from trl_nullspace.rewards import is_refusal
 
 
 @torch.no_grad()
@@ -46,8 +47,8 @@ def general_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 
 
 def refusal_rate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[toy.Example]) -> float:
-    """Fraction of prompts answered with the refusal sentence."""
+    """Fraction of prompts whose greedy answer opens with a refusal (`rewards.is_refusal`)."""
     outputs = greedy_completions(
         model, tokenizer, [example.prompt for example in examples], max_new_tokens=len(toy.REFUSAL) + 1
     )
-    return sum(output.strip() == toy.REFUSAL for output in outputs) / len(examples)
+    return sum(is_refusal(output) for output in outputs) / len(examples)
