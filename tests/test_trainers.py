@@ -164,9 +164,12 @@ def test_rloo_runs_with_projection(model, tokenizer, prompt_dataset, reference_d
     )
     reference = trainer._reference_batches
     before = logits_on(trainer.model, reference)
+    weights = {item.name: item.parameter.detach().clone() for item in trainer.nullspace_projector.constrained}
     trainer.train()
     assert trainer.state.global_step == 4
     assert (logits_on(trainer.model, reference) - before).abs().max().item() < 1e-4
+    constrained = trainer.nullspace_projector.constrained
+    assert sum((item.parameter.detach() - weights[item.name]).norm().item() for item in constrained) > 1e-2
     assert any("nullspace/removed_frac" in entry for entry in trainer.state.log_history)
 
 
