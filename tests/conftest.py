@@ -75,3 +75,41 @@ def logits_on(model, batches: list[ReferenceBatch]) -> torch.Tensor:
     )
     model.train(was_training)
     return out
+
+
+def make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset=None, **nullspace):
+    """A `NullSpaceSFTTrainer` with the shared test arguments and the given `nullspace_*` fields."""
+    from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+
+    return NullSpaceSFTTrainer(
+        model=model,
+        args=NullSpaceSFTConfig(**training_kwargs(tmp_path), **nullspace),
+        train_dataset=safety_dataset,
+        processing_class=tokenizer,
+        reference_dataset=reference_dataset,
+    )
+
+
+def snapshot_constrained(trainer) -> dict[str, torch.Tensor]:
+    return {item.name: item.parameter.detach().clone() for item in trainer.nullspace_projector.constrained}
+
+
+def constrained_change(trainer, snapshot: dict[str, torch.Tensor]) -> float:
+    """Summed norm of how far the constrained parameters moved since `snapshot`."""
+    return sum(
+        (item.parameter.detach() - snapshot[item.name]).norm().item()
+        for item in trainer.nullspace_projector.constrained
+    )
+
+
+@pytest.fixture
+def projection_calls(monkeypatch) -> list[bool]:
+    """Records every `SubspaceProjector.gradient_stats` call (its `apply` flag) during a test."""
+    from trl_nullspace.projector import SubspaceProjector
+
+    calls: list[bool] = []
+    original = SubspaceProjector.gradient_stats
+    monkeypatch.setattr(
+        SubspaceProjector, "gradient_stats", lambda self, apply: calls.append(apply) or original(self, apply)
+    )
+    return calls

@@ -3,20 +3,14 @@
 import datasets
 import pytest
 
-from tests.conftest import training_kwargs
-from trl_nullspace import CacheMismatchError, NullSpaceSFTConfig, NullSpaceSFTTrainer, load_subspace, toy
+from tests.conftest import make_sft_trainer
+from trl_nullspace import CacheMismatchError, load_subspace, toy
 from trl_nullspace.mixin import NullSpaceTrainerMixin
 
 
 def _trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset=None, **nullspace):
     nullspace.setdefault("nullspace_cache_path", str(tmp_path / "subspace.safetensors"))
-    return NullSpaceSFTTrainer(
-        model=model,
-        args=NullSpaceSFTConfig(**training_kwargs(tmp_path), **nullspace),
-        train_dataset=safety_dataset,
-        processing_class=tokenizer,
-        reference_dataset=reference_dataset,
-    )
+    return make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, **nullspace)
 
 
 def test_cache_round_trip_reuses_the_subspace_without_estimating(

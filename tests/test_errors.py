@@ -7,18 +7,8 @@ import pytest
 import torch
 from trl import SFTConfig
 
-from tests.conftest import logits_on, training_kwargs
+from tests.conftest import logits_on, make_sft_trainer, training_kwargs
 from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
-
-
-def _make(model, tokenizer, safety_dataset, tmp_path, reference_dataset=None, **nullspace):
-    return NullSpaceSFTTrainer(
-        model=model,
-        args=NullSpaceSFTConfig(**training_kwargs(tmp_path), **nullspace),
-        train_dataset=safety_dataset,
-        processing_class=tokenizer,
-        reference_dataset=reference_dataset,
-    )
 
 
 @pytest.mark.parametrize(
@@ -38,13 +28,13 @@ def test_invalid_config_fields(tmp_path, fields, message):
 
 def test_missing_reference_data(model, tokenizer, safety_dataset, tmp_path):
     with pytest.raises(ValueError, match="No reference data for the capability subspace"):
-        _make(model, tokenizer, safety_dataset, tmp_path)
+        make_sft_trainer(model, tokenizer, safety_dataset, tmp_path)
 
 
 def test_empty_reference_dataset(model, tokenizer, safety_dataset, tmp_path):
     empty = datasets.Dataset.from_dict({"text": []})
     with pytest.raises(ValueError, match="reference dataset is empty"):
-        _make(model, tokenizer, safety_dataset, tmp_path, empty)
+        make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, empty)
 
 
 def test_reference_dataset_without_known_columns(model, tokenizer, safety_dataset, tmp_path):
@@ -52,12 +42,14 @@ def test_reference_dataset_without_known_columns(model, tokenizer, safety_datase
     with pytest.raises(
         ValueError, match="needs 'text', 'messages', 'prompt' and 'completion', or 'chosen' and 'rejected'"
     ):
-        _make(model, tokenizer, safety_dataset, tmp_path, odd)
+        make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, odd)
 
 
 def test_missing_target_module(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
     with pytest.raises(ValueError, match=r"\['c_attn'\] match no Linear layer"):
-        _make(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_target_modules=["c_attn"])
+        make_sft_trainer(
+            model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_target_modules=["c_attn"]
+        )
 
 
 def test_subspace_that_leaves_no_trainable_direction(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
@@ -65,7 +57,7 @@ def test_subspace_that_leaves_no_trainable_direction(model, tokenizer, safety_da
     texts = ["".join(generator.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(100)) for _ in range(8)]
     many = datasets.Dataset.from_dict({"text": texts})  # 800 tokens: every o_proj/down_proj input is full rank
     with pytest.raises(ValueError, match="full rank for every constrained parameter"):
-        _make(
+        make_sft_trainer(
             model,
             tokenizer,
             safety_dataset,
@@ -88,7 +80,7 @@ def test_plain_trl_config_is_refused(model, tokenizer, safety_dataset, reference
 
 
 def test_nan_gradients_stop_training_with_a_clear_error(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
-    trainer = _make(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+    trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
     with torch.no_grad():
         trainer.model.lm_head.weight[0, 0] = float("nan")  # frozen, but poisons the loss and every gradient
     with pytest.raises(FloatingPointError, match="NaN or inf gradients at optimizer step 0"):
@@ -96,7 +88,7 @@ def test_nan_gradients_stop_training_with_a_clear_error(model, tokenizer, safety
 
 
 def test_untargeted_parameters_are_frozen_by_default(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
-    trainer = _make(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+    trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
     trainable = {name for name, parameter in trainer.model.named_parameters() if parameter.requires_grad}
     constrained = {item.name for item in trainer.nullspace_projector.constrained}
     assert trainable == constrained
@@ -110,7 +102,7 @@ def test_untargeted_parameters_can_train_with_a_warning(
     from transformers.utils import logging
 
     logging.enable_propagation()
-    trainer = _make(
+    trainer = make_sft_trainer(
         model,
         tokenizer,
         safety_dataset,
@@ -124,7 +116,7 @@ def test_untargeted_parameters_can_train_with_a_warning(
 
 
 def test_refresh_re_estimates_and_stays_exact(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
-    trainer = _make(
+    trainer = make_sft_trainer(
         model,
         tokenizer,
         safety_dataset,

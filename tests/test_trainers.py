@@ -6,7 +6,7 @@ import datasets
 import pytest
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
 
-from tests.conftest import logits_on, training_kwargs
+from tests.conftest import constrained_change, logits_on, snapshot_constrained, training_kwargs
 from trl_nullspace import (
     CacheMismatchError,
     NullSpaceDPOConfig,
@@ -103,15 +103,15 @@ def test_plain_dpo_moves_reference_logits(tokenizer, preference_dataset, referen
 
 @pytest.mark.parametrize(("steps_per_generation", "num_iterations"), [(None, 1), (2, 2)])
 def test_grpo_preserves_reference_logits_and_projects_per_optimizer_step(
-    model, tokenizer, prompt_dataset, reference_dataset, tmp_path, monkeypatch, steps_per_generation, num_iterations
+    model,
+    tokenizer,
+    prompt_dataset,
+    reference_dataset,
+    tmp_path,
+    projection_calls,
+    steps_per_generation,
+    num_iterations,
 ):
-    from trl_nullspace.projector import SubspaceProjector
-
-    calls = []
-    original = SubspaceProjector.gradient_stats
-    monkeypatch.setattr(
-        SubspaceProjector, "gradient_stats", lambda self, apply: calls.append(apply) or original(self, apply)
-    )
     trainer = NullSpaceGRPOTrainer(
         model=model,
         reward_funcs=SAFETY_REWARDS,
@@ -125,15 +125,11 @@ def test_grpo_preserves_reference_logits_and_projects_per_optimizer_step(
     )
     reference = trainer._reference_batches
     before = logits_on(trainer.model, reference)
-    weights = {item.name: item.parameter.detach().clone() for item in trainer.nullspace_projector.constrained}
+    weights = snapshot_constrained(trainer)
     trainer.train()
-    assert len(calls) == trainer.state.global_step == 4
+    assert len(projection_calls) == trainer.state.global_step == 4
     assert (logits_on(trainer.model, reference) - before).abs().max().item() < 1e-4
-    moved = sum(
-        (item.parameter.detach() - weights[item.name]).norm().item()
-        for item in trainer.nullspace_projector.constrained
-    )
-    assert moved > 1e-2
+    assert constrained_change(trainer, weights) > 1e-2
 
 
 def test_plain_grpo_moves_reference_logits(tokenizer, prompt_dataset, reference_dataset, tmp_path):
@@ -164,12 +160,11 @@ def test_rloo_runs_with_projection(model, tokenizer, prompt_dataset, reference_d
     )
     reference = trainer._reference_batches
     before = logits_on(trainer.model, reference)
-    weights = {item.name: item.parameter.detach().clone() for item in trainer.nullspace_projector.constrained}
+    weights = snapshot_constrained(trainer)
     trainer.train()
     assert trainer.state.global_step == 4
     assert (logits_on(trainer.model, reference) - before).abs().max().item() < 1e-4
-    constrained = trainer.nullspace_projector.constrained
-    assert sum((item.parameter.detach() - weights[item.name]).norm().item() for item in constrained) > 1e-2
+    assert constrained_change(trainer, weights) > 1e-2
     assert any("nullspace/removed_frac" in entry for entry in trainer.state.log_history)
 
 
