@@ -111,7 +111,8 @@ class NullSpaceTrainerMixin:
             num_samples=self.args.nullspace_reference_num_samples,
         )
 
-    def _expected_provenance(self) -> dict[str, Any]:
+    def _expected_provenance(self, weights: str) -> dict[str, Any]:
+        """What a cache must record to be used for this run (the weights only if they must match)."""
         expected = {
             "method": self.args.nullspace_method,
             "rank_selection": self.args.nullspace_rank_selection.to_dict(),
@@ -119,7 +120,7 @@ class NullSpaceTrainerMixin:
             "architecture_fingerprint": architecture_fingerprint(self.model),
         }
         if self.args.nullspace_cache_match_weights:
-            expected["weights_fingerprint"] = weights_fingerprint(self.model)
+            expected["weights_fingerprint"] = weights
         if self._reference_batches is not None:
             expected["reference_fingerprint"] = reference_fingerprint(self._reference_batches)
         return expected
@@ -128,7 +129,8 @@ class NullSpaceTrainerMixin:
         if self.args.nullspace_refresh_steps is not None and self._reference_batches is None:
             raise ValueError("nullspace_refresh_steps needs reference data to re-estimate the subspace from.")
         path = self.args.nullspace_cache_path
-        expected = self._expected_provenance()
+        weights = weights_fingerprint(self.model)
+        expected = self._expected_provenance(weights)
         if path is not None and os.path.exists(path):
             subspace, header = load_subspace(path)
             check_cache_matches(path, header, expected)
@@ -141,7 +143,7 @@ class NullSpaceTrainerMixin:
             )
         subspace = self.estimate_subspace()
         if path is not None:
-            provenance = {"model_name": model_name(self.model), "weights_fingerprint": weights_fingerprint(self.model)}
+            provenance = {"model_name": model_name(self.model), "weights_fingerprint": weights}
             save_subspace(path, subspace, {**provenance, **expected})
             logger.info("trl-nullspace: saved the capability subspace to %s", path)
         return subspace
