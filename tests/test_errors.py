@@ -130,3 +130,13 @@ def test_refresh_re_estimates_and_stays_exact(model, tokenizer, safety_dataset, 
     trainer.train()
     assert trainer.nullspace_subspace is not first
     assert (logits_on(trainer.model, trainer._reference_batches) - before).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["is_deepspeed_enabled", "is_fsdp_enabled"])
+def test_sharded_backends_are_refused_not_silently_ignored(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, backend
+):
+    trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+    setattr(trainer, backend, True)
+    with pytest.raises(NotImplementedError, match="would silently not apply"):
+        trainer._check_backend_supported()

@@ -80,6 +80,7 @@ class NullSpaceTrainerMixin:
                 f"{type(self).__name__} needs a config with the nullspace_* fields, e.g. "
                 f"{self.config_class.__name__}; got {type(self.args).__name__}."
             )
+        self._check_backend_supported()
         self._nullspace_metrics: dict[str, list[float]] = defaultdict(list)
         self._reference_batches = self._load_reference_batches(reference_dataset)
         self.nullspace_subspace = self._load_or_estimate_subspace()
@@ -89,6 +90,22 @@ class NullSpaceTrainerMixin:
         logger.info("trl-nullspace: %s", self.nullspace_subspace.summary())
 
     # -- set-up ---------------------------------------------------------------------------------
+
+    def _check_backend_supported(self) -> None:
+        """Refuse DeepSpeed and FSDP until their sharded paths exist, rather than fail silently.
+
+        Under both, `param.grad` of the local module is not the synchronised gradient (DeepSpeed
+        keeps it in partitioned buffers, FSDP in sharded flat parameters) and the optimizer updates
+        its own fp32 master copies, so projecting the module's tensors would be a no-op or be
+        overwritten at the next step.
+        """
+        for backend, enabled in (("DeepSpeed", self.is_deepspeed_enabled), ("FSDP", self.is_fsdp_enabled)):
+            if enabled:
+                raise NotImplementedError(
+                    f"{type(self).__name__} does not support {backend} yet: its gradients and master weights are "
+                    "sharded outside the module, so the projection would silently not apply. Use a single process "
+                    "or DDP (multi_gpu) for now."
+                )
 
     def _reference_tokenizer(self) -> PreTrainedTokenizerBase:
         """The text tokenizer, also when the processing class is a multimodal processor."""
