@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Demo pipeline: sft, dpo (SFT→DPO) or grpo (SFT→GRPO).
 TRAINER ?= sft
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo toy-assets test lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(INSTALLED)
 
 demo: $(INSTALLED)
 	$(PYTHON) -m trl_nullspace.demo --trainer $(TRAINER)
+
+# Writes outputs/toy (tiny model + datasets) for the offline recipes in recipes/configs/toy_*.yaml.
+toy-assets: $(INSTALLED)
+	$(PYTHON) -m trl_nullspace.toy_assets outputs/toy
 
 test: $(INSTALLED)
 	$(PYTHON) -m pytest -q tests

@@ -84,6 +84,7 @@ class NullSpaceTrainerMixin:
         self._nullspace_metrics: dict[str, list[float]] = defaultdict(list)
         self._reference_batches = self._load_reference_batches(reference_dataset)
         self.nullspace_subspace = self._load_or_estimate_subspace()
+        self._check_same_subspace_on_every_process()
         self.nullspace_projector = self._bind(self.nullspace_subspace)
         self._freeze_or_report(self.nullspace_projector.unconstrained)
         self.add_callback(_ProjectUpdateCallback(self))
@@ -158,12 +159,30 @@ class NullSpaceTrainerMixin:
                 "No reference data for the capability subspace: pass reference_dataset=..., set "
                 "nullspace_reference_dataset, or point nullspace_cache_path at an existing cache."
             )
+        # Every process estimates from the same full reference set and weights, so all hold the same
+        # subspace without communication; only the main process writes the cache.
         subspace = self.estimate_subspace()
-        if path is not None:
+        if path is not None and self.is_world_process_zero():
             provenance = {"model_name": model_name(self.model), "weights_fingerprint": weights}
             save_subspace(path, subspace, {**provenance, **expected})
             logger.info("trl-nullspace: saved the capability subspace to %s", path)
         return subspace
+
+    def _check_same_subspace_on_every_process(self) -> None:
+        """Every process projects its own replica, so all must hold the same bases, bit for bit."""
+        if self.accelerator.num_processes == 1:
+            return
+        checksum = torch.tensor(
+            [sum(basis.double().sum().item() for basis in self.nullspace_subspace.bases.values())],
+            dtype=torch.float64,
+            device=self.accelerator.device,
+        )
+        gathered = self.accelerator.gather(checksum)
+        if not torch.all(gathered == gathered[0]):
+            raise RuntimeError(
+                f"Processes hold different capability subspaces (checksums {gathered.tolist()}); their replicas "
+                "would drift apart. Use one cache file for all processes (nullspace_cache_path)."
+            )
 
     def estimate_subspace(self) -> CapabilitySubspace:
         """Estimate the subspace from the reference batches with the current weights."""

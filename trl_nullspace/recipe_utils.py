@@ -1,0 +1,29 @@
+"""What the `recipes/` scripts share: parsing `--config file.yaml`, loading the model and data."""
+
+from __future__ import annotations
+
+import datasets
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+
+def parse_recipe_arguments(config_class: type) -> tuple[ScriptArguments, object, ModelConfig]:
+    """TRL-style parsing: `--config file.yaml` plus command-line flags that override it."""
+    return TrlParser((ScriptArguments, config_class, ModelConfig)).parse_args_and_config()
+
+
+def load_model_and_tokenizer(model_args: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+    return model, tokenizer
+
+
+def load_train_dataset(script_args: ScriptArguments) -> datasets.Dataset:
+    """`dataset_name` is a Hub name or a local folder of data files."""
+    loaded = datasets.load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+    return loaded[script_args.dataset_train_split]

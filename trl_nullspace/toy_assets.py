@@ -1,0 +1,55 @@
+"""Write the embedded default to disk so the YAML recipes can run offline.
+
+    python -m trl_nullspace.toy_assets outputs/toy
+
+writes `model/` (tiny Qwen2 + character tokenizer, random init) and JSON-lines datasets:
+`safety_sft/` (prompt/completion), `safety_dpo/` (prompt/chosen/rejected), `safety_prompts/`
+(prompt/harmful, for GRPO/RLOO) and `reference/` (text: general digit tasks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import datasets
+
+from trl_nullspace import toy
+
+
+def _preference_rows(examples: list[toy.Example]) -> dict[str, list[str]]:
+    rows: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
+    for example in examples:
+        rows["prompt"].append(example.prompt)
+        rows["chosen"].append(example.completion)
+        rows["rejected"].append(toy.COMPLIANCE if example.completion == toy.REFUSAL else toy.REFUSAL)
+    return rows
+
+
+def write_toy_assets(directory: str, seed: int = 0) -> None:
+    tokenizer = toy.build_char_tokenizer()
+    toy.build_tiny_qwen2(tokenizer, seed=seed).save_pretrained(os.path.join(directory, "model"))
+    tokenizer.save_pretrained(os.path.join(directory, "model"))
+    train = toy.safety_split(seed=seed)["train"]
+    tables = {
+        "safety_sft": toy.as_prompt_completion(train),
+        "safety_dpo": _preference_rows(train),
+        "safety_prompts": {
+            "prompt": [e.prompt for e in train],
+            "harmful": [e.completion == toy.REFUSAL for e in train],
+        },
+        "reference": toy.as_text(toy.general_examples(64, seed=seed + 555)),
+    }
+    for name, columns in tables.items():
+        os.makedirs(os.path.join(directory, name), exist_ok=True)
+        datasets.Dataset.from_dict(columns).to_json(os.path.join(directory, name, "train.jsonl"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("directory", nargs="?", default="outputs/toy")
+    write_toy_assets(parser.parse_args().directory)
+
+
+if __name__ == "__main__":
+    main()
