@@ -13,6 +13,7 @@ import os
 import tempfile
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -27,12 +28,22 @@ class CacheMismatchError(ValueError):
     """A cached subspace does not belong to this model, data or configuration."""
 
 
-def save_subspace(path: str, subspace: CapabilitySubspace, provenance: dict[str, Any]) -> None:
-    """Write `subspace` and its provenance (model/reference fingerprints, settings) atomically."""
+def save_subspace(
+    path: str,
+    subspace: CapabilitySubspace,
+    provenance: dict[str, Any],
+    anchors: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write `subspace` and its provenance (model/reference fingerprints, settings) atomically.
+
+    `anchors` (the `update` projection's `M₀ U` per constrained parameter) are written by trainer
+    checkpoints, so a resumed run keeps projecting onto the same affine set.
+    """
     tensors = {f"basis/{key}": basis.detach().cpu().contiguous() for key, basis in subspace.bases.items()}
     tensors.update(
         {f"eigenvalues/{key}": values.detach().cpu().contiguous() for key, values in subspace.eigenvalues.items()}
     )
+    tensors.update({f"anchor/{name}": anchor.detach().cpu().contiguous() for name, anchor in (anchors or {}).items()})
     header = {
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
@@ -54,7 +65,10 @@ def save_subspace(path: str, subspace: CapabilitySubspace, provenance: dict[str,
 
 
 def load_subspace(path: str) -> tuple[CapabilitySubspace, dict[str, Any]]:
-    """Read a cache written by `save_subspace`; returns the subspace and its header."""
+    """Read a cache written by `save_subspace`; returns the subspace and its header.
+
+    The header's `anchors` entry holds the saved anchors by parameter name (empty for a plain cache).
+    """
     with safe_open(path, framework="pt") as handle:
         metadata = handle.metadata() or {}
         if _HEADER_KEY not in metadata:
@@ -65,17 +79,18 @@ def load_subspace(path: str) -> tuple[CapabilitySubspace, dict[str, Any]]:
                 f"{path} has cache format {header.get('format_version')}; this library reads {FORMAT_VERSION}. "
                 "Re-estimate the subspace."
             )
-        bases, eigenvalues = {}, {}
+        tables: dict[str, dict[str, torch.Tensor]] = {"basis": {}, "eigenvalues": {}, "anchor": {}}
         for name in handle.keys():
             kind, key = name.split("/", 1)
-            (bases if kind == "basis" else eigenvalues)[key] = handle.get_tensor(name)
+            tables[kind][key] = handle.get_tensor(name)
     subspace = CapabilitySubspace(
         method=header["method"],
-        bases=bases,
+        bases=tables["basis"],
         targets=header["targets"],
-        eigenvalues=eigenvalues,
+        eigenvalues=tables["eigenvalues"],
         settings=header["settings"],
     )
+    header["anchors"] = tables["anchor"]
     return subspace, header
 
 

@@ -23,6 +23,7 @@ import datasets
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from trl_nullspace.cache import check_cache_matches, load_subspace, save_subspace
@@ -40,6 +41,8 @@ from trl_nullspace.subspace import CapabilitySubspace
 from trl_nullspace.targets import find_target_linears
 
 logger = logging.get_logger(__name__)
+
+CHECKPOINT_FILE = "nullspace_subspace.safetensors"
 
 
 class _ProjectUpdateCallback(TrainerCallback):
@@ -226,6 +229,41 @@ class NullSpaceTrainerMixin:
         """Re-estimate from the current weights and re-anchor (`nullspace_refresh_steps`)."""
         self.nullspace_subspace = self.estimate_subspace()
         self.nullspace_projector = self._bind(self.nullspace_subspace)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Save the subspace in use and its anchors next to the weights, so resuming is exact."""
+        super()._save_checkpoint(model, trial)
+        if not self.is_world_process_zero():
+            return
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        provenance = {
+            "model_name": model_name(self.model),
+            **self._expected_provenance(weights_fingerprint(self.model)),
+        }
+        save_subspace(
+            os.path.join(folder, CHECKPOINT_FILE),
+            self.nullspace_subspace,
+            provenance,
+            anchors=self.nullspace_projector.anchors(),
+        )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """After TRL has loaded the weights, restore the checkpoint's subspace and anchors."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, CHECKPOINT_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} has no {CHECKPOINT_FILE}: it was not written by a null-space trainer, so "
+                "the subspace and anchors it trained under are unknown. Resume from a null-space checkpoint."
+            )
+        subspace, header = load_subspace(path)
+        if header["architecture_fingerprint"] != architecture_fingerprint(self.model):
+            raise ValueError(f"The subspace in {path} was saved for a different architecture than this model.")
+        self.nullspace_subspace = subspace
+        self.nullspace_projector = self._bind(subspace)
+        self.nullspace_projector.restore_anchors(header["anchors"])
 
     # -- training ---------------------------------------------------------------------------------
 

@@ -200,6 +200,20 @@ class SubspaceProjector:
             if item.zero_anchor or track_updates:
                 item.reset_anchor()
 
+    def anchors(self) -> dict[str, torch.Tensor]:
+        """The recorded anchors by parameter name (empty where none is recorded)."""
+        return {item.name: item.anchor for item in self.constrained if item.anchor is not None}
+
+    def restore_anchors(self, anchors: dict[str, torch.Tensor]) -> None:
+        """Put back anchors saved by `anchors()`, e.g. from a checkpoint; names must match exactly."""
+        recorded = {item.name for item in self.constrained if item.anchor is not None}
+        if set(anchors) != recorded:
+            missing, unknown = sorted(recorded - set(anchors)), sorted(set(anchors) - recorded)
+            raise ValueError(f"Saved anchors do not match this model: missing {missing[:3]}, unknown {unknown[:3]}.")
+        for item in self.constrained:
+            if item.name in anchors:
+                item.anchor = anchors[item.name].to(device=item.basis.device, dtype=torch.float32)
+
     def enforce_anchors(self) -> float:
         """Project every constrained parameter back onto its anchor; returns the removed norm."""
         return float(sum(item.enforce_anchor() for item in self.constrained)) ** 0.5

@@ -1,0 +1,58 @@
+"""Checkpoints carry the subspace and anchors; resuming continues exactly where the run stopped.
+
+With `nullspace_refresh_steps`, the subspace in use at a checkpoint is not the one a fresh trainer
+would estimate from the base model, so a resume that re-derived it would project differently.
+"""
+
+import os
+
+import pytest
+import torch
+
+from tests.conftest import make_sft_trainer, training_kwargs
+from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, load_subspace, toy
+from trl_nullspace.mixin import CHECKPOINT_FILE
+
+SETTINGS = dict(nullspace_energy=0.9, nullspace_refresh_steps=2)
+
+
+def _trainer(tokenizer, safety_dataset, reference_dataset, tmp_path, **overrides):
+    return NullSpaceSFTTrainer(
+        model=toy.build_tiny_qwen2(tokenizer, seed=0),
+        args=NullSpaceSFTConfig(
+            **training_kwargs(tmp_path, max_steps=6, save_strategy="steps", save_steps=3, **overrides), **SETTINGS
+        ),
+        train_dataset=safety_dataset,
+        processing_class=tokenizer,
+        reference_dataset=reference_dataset,
+    )
+
+
+def test_resume_reproduces_the_uninterrupted_run(tokenizer, safety_dataset, reference_dataset, tmp_path):
+    full = _trainer(tokenizer, safety_dataset, reference_dataset, tmp_path)
+    full.train()
+    checkpoint = os.path.join(str(tmp_path / "out"), "checkpoint-3")
+    saved, header = load_subspace(os.path.join(checkpoint, CHECKPOINT_FILE))
+    assert header["anchors"]  # update target: anchors travel with the checkpoint
+
+    resumed = _trainer(tokenizer, safety_dataset, reference_dataset, tmp_path / "resumed")
+    fresh_bases = {key: basis.clone() for key, basis in resumed.nullspace_subspace.bases.items()}
+    assert any(  # the checkpoint's (refreshed) subspace differs from a fresh estimate: the test can fail
+        fresh_bases[key].shape != basis.shape or not torch.allclose(fresh_bases[key], basis, atol=1e-4)
+        for key, basis in saved.bases.items()
+    )
+    resumed.train(resume_from_checkpoint=checkpoint)
+    final = dict(full.model.named_parameters())
+    for name, parameter in resumed.model.named_parameters():
+        assert torch.allclose(parameter, final[name], atol=1e-5), name
+
+
+def test_resume_from_a_checkpoint_without_subspace_is_refused(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+    checkpoint = tmp_path / "plain-checkpoint"
+    checkpoint.mkdir()
+    model.save_pretrained(str(checkpoint))
+    with pytest.raises(FileNotFoundError, match="not written by a null-space trainer"):
+        trainer._load_from_checkpoint(str(checkpoint))
