@@ -23,14 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCELERATE_DDP = os.path.join(ROOT, "recipes", "accelerate", "cpu_ddp_2proc.yaml")
 PLAIN_SFT_RECIPE = """
 from trl import SFTConfig, SFTTrainer
-from trl_nullspace.recipe_utils import load_model_and_tokenizer, load_train_dataset, parse_recipe_arguments
 
-script_args, training_args, model_args = parse_recipe_arguments(SFTConfig)
-model, tokenizer = load_model_and_tokenizer(model_args)
-trainer = SFTTrainer(model=model, args=training_args, train_dataset=load_train_dataset(script_args),
-                     processing_class=tokenizer)
-trainer.train()
-trainer.save_model(training_args.output_dir)
+from trl_nullspace.recipe_utils import run_recipe
+
+run_recipe(SFTTrainer, SFTConfig)
 """
 
 

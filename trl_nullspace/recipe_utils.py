@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from trl import ModelConfig, ScriptArguments, TrlParser
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 
 def parse_recipe_arguments(config_class: type) -> tuple[ScriptArguments, object, ModelConfig]:
@@ -27,3 +27,19 @@ def load_train_dataset(script_args: ScriptArguments) -> datasets.Dataset:
     """`dataset_name` is a Hub name or a local folder of data files."""
     loaded = datasets.load_dataset(script_args.dataset_name, name=script_args.dataset_config)
     return loaded[script_args.dataset_train_split]
+
+
+def run_recipe(trainer_class: type, config_class: type, **trainer_kwargs) -> None:
+    """Parse `--config`, load model and data, train (resuming if asked) and save: every recipe's body."""
+    script_args, training_args, model_args = parse_recipe_arguments(config_class)
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    trainer = trainer_class(
+        model=model,
+        args=training_args,
+        train_dataset=load_train_dataset(script_args),
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        **trainer_kwargs,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)

@@ -31,14 +31,6 @@ class CapabilitySubspace:
     def basis_for(self, target: str) -> torch.Tensor:
         return self.bases[self.targets[target]]
 
-    def ranks(self) -> dict[str, int]:
-        """Kept rank per basis key."""
-        return {key: basis.shape[1] for key, basis in self.bases.items()}
-
-    def dimensions(self) -> dict[str, int]:
-        """Ambient dimension per basis key."""
-        return {key: basis.shape[0] for key, basis in self.bases.items()}
-
     def num_bytes(self) -> int:
         return sum(basis.numel() * basis.element_size() for basis in self.bases.values())
 
