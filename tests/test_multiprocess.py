@@ -106,3 +106,22 @@ def test_ddp_preserves_reference_outputs_and_adds_no_drift(assets, tmp_path):
     assert (logits_on(trained, batches) - logits_on(base, batches)).abs().max().item() < 1e-4
     plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain-2proc"))
     assert (logits_on(plain, batches) - logits_on(base, batches)).abs().max().item() > 1e-2
+
+
+def test_shipped_toy_recipes_run_offline(tmp_path):
+    """`recipes/configs/toy_*.yaml` exactly as shipped: SFT, then DPO on its output and cache, and GRPO."""
+    write_toy_assets(str(tmp_path / "outputs" / "toy"))
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    for recipe in ("sft", "dpo", "grpo"):
+        completed = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "recipes", f"{recipe}.py")]
+            + ["--config", os.path.join(ROOT, "recipes", "configs", f"toy_{recipe}.yaml")],
+            cwd=tmp_path,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert (tmp_path / "outputs" / "recipes" / f"toy_{recipe}" / "model.safetensors").exists()
+    assert (tmp_path / "outputs" / "recipes" / "toy_subspace.safetensors").exists()
