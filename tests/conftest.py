@@ -113,3 +113,13 @@ def projection_calls(monkeypatch) -> list[bool]:
         SubspaceProjector, "gradient_stats", lambda self, apply: calls.append(apply) or original(self, apply)
     )
     return calls
+
+
+def train_and_measure(trainer) -> tuple[float, float]:
+    """Train; return (max change of reference logits, summed change of the constrained parameters)."""
+    reference = trainer._reference_batches
+    before = logits_on(trainer.model, reference)
+    weights = snapshot_constrained(trainer)
+    trainer.train()
+    drift = (logits_on(trainer.model, reference) - before).abs().max().item()
+    return drift, constrained_change(trainer, weights)
