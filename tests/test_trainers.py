@@ -29,22 +29,13 @@ STRICT = dict(nullspace_eigenvalue_threshold=1e-10)
 def preference_dataset():
     split = toy.safety_split(seed=0)
     harmful = [example for example in split["train"] if example.completion == toy.REFUSAL][:12]
-    return datasets.Dataset.from_dict(
-        {
-            "prompt": [example.prompt for example in harmful],
-            "chosen": [toy.REFUSAL] * len(harmful),
-            "rejected": [toy.COMPLIANCE] * len(harmful),
-        }
-    )
+    return datasets.Dataset.from_dict(toy.as_preference_pairs(harmful))
 
 
 @pytest.fixture(scope="module")
 def prompt_dataset():
     split = toy.safety_split(seed=0)
-    examples = split["train"][:8]
-    return datasets.Dataset.from_dict(
-        {"prompt": [e.prompt for e in examples], "harmful": [e.completion == toy.REFUSAL for e in examples]}
-    )
+    return datasets.Dataset.from_dict(toy.as_labelled_prompts(split["train"][:8]))
 
 
 def _resembles_refusal(texts: list[str]) -> list[float]:

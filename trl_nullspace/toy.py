@@ -133,6 +133,24 @@ def as_prompt_completion(examples: list[Example]) -> dict[str, list[str]]:
     }
 
 
+def as_preference_pairs(examples: list[Example]) -> dict[str, list[str]]:
+    """Columns for TRL's preference format: each prompt prefers its own completion over the other
+    one (harmful prompts prefer the refusal, benign look-alikes the answer)."""
+    return {
+        "prompt": [example.prompt for example in examples],
+        "chosen": [example.completion for example in examples],
+        "rejected": [COMPLIANCE if example.completion == REFUSAL else REFUSAL for example in examples],
+    }
+
+
+def as_labelled_prompts(examples: list[Example]) -> dict[str, list]:
+    """Prompts with the boolean `harmful` column that `rewards.refusal_reward` reads (GRPO, RLOO)."""
+    return {
+        "prompt": [example.prompt for example in examples],
+        "harmful": [example.completion == REFUSAL for example in examples],
+    }
+
+
 def as_text(examples: list[Example]) -> dict[str, list[str]]:
     """Columns for a plain-text reference dataset (prompt and answer joined)."""
     return {"text": [example.prompt + example.completion for example in examples]}

@@ -17,15 +17,6 @@ import datasets
 from trl_nullspace import toy
 
 
-def _preference_rows(examples: list[toy.Example]) -> dict[str, list[str]]:
-    rows: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
-    for example in examples:
-        rows["prompt"].append(example.prompt)
-        rows["chosen"].append(example.completion)
-        rows["rejected"].append(toy.COMPLIANCE if example.completion == toy.REFUSAL else toy.REFUSAL)
-    return rows
-
-
 def write_toy_assets(directory: str, seed: int = 0) -> None:
     tokenizer = toy.build_char_tokenizer()
     toy.build_tiny_qwen2(tokenizer, seed=seed).save_pretrained(os.path.join(directory, "model"))
@@ -33,11 +24,8 @@ def write_toy_assets(directory: str, seed: int = 0) -> None:
     train = toy.safety_split(seed=seed)["train"]
     tables = {
         "safety_sft": toy.as_prompt_completion(train),
-        "safety_dpo": _preference_rows(train),
-        "safety_prompts": {
-            "prompt": [e.prompt for e in train],
-            "harmful": [e.completion == toy.REFUSAL for e in train],
-        },
+        "safety_dpo": toy.as_preference_pairs(train),
+        "safety_prompts": toy.as_labelled_prompts(train),
         "reference": toy.as_text(toy.general_examples(64, seed=seed + 555)),
     }
     for name, columns in tables.items():

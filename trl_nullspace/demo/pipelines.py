@@ -53,24 +53,6 @@ def _common_arguments(seed: int) -> dict:
     )
 
 
-def _preference_pairs(examples: list[toy.Example]) -> datasets.Dataset:
-    """Harmful prompts prefer the refusal; benign look-alikes prefer the answer."""
-    rows = {"prompt": [], "chosen": [], "rejected": []}
-    for example in examples:
-        other = toy.COMPLIANCE if example.completion == toy.REFUSAL else toy.REFUSAL
-        rows["prompt"].append(example.prompt)
-        rows["chosen"].append(example.completion)
-        rows["rejected"].append(other)
-    return datasets.Dataset.from_dict(rows)
-
-
-def _prompts_with_labels(examples: list[toy.Example]) -> datasets.Dataset:
-    """GRPO prompts with the `harmful` column that `refusal_reward` reads."""
-    return datasets.Dataset.from_dict(
-        {"prompt": [e.prompt for e in examples], "harmful": [e.completion == toy.REFUSAL for e in examples]}
-    )
-
-
 def build_pipeline(name: str, train_examples: list[toy.Example], quick: bool) -> list[Stage]:
     """Stages of the `sft`, `dpo` (SFT→DPO) or `grpo` (SFT→GRPO) demo."""
     sft_data = datasets.Dataset.from_dict(toy.as_prompt_completion(train_examples))
@@ -89,7 +71,7 @@ def build_pipeline(name: str, train_examples: list[toy.Example], quick: bool) ->
         dpo = Stage(
             plain=(DPOTrainer, DPOConfig),
             null_space=(NullSpaceDPOTrainer, NullSpaceDPOConfig),
-            dataset=_preference_pairs(train_examples),
+            dataset=datasets.Dataset.from_dict(toy.as_preference_pairs(train_examples)),
             arguments={"num_train_epochs": 3 if quick else 10, "learning_rate": 1e-4, "beta": 0.1},
             trainer_kwargs=lambda model: {"ref_model": copy.deepcopy(model)},
         )
@@ -98,7 +80,7 @@ def build_pipeline(name: str, train_examples: list[toy.Example], quick: bool) ->
         grpo = Stage(
             plain=(GRPOTrainer, GRPOConfig),
             null_space=(NullSpaceGRPOTrainer, NullSpaceGRPOConfig),
-            dataset=_prompts_with_labels(train_examples),
+            dataset=datasets.Dataset.from_dict(toy.as_labelled_prompts(train_examples)),
             arguments={
                 "max_steps": 10 if quick else 60,
                 "learning_rate": 1e-4,
