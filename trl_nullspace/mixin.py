@@ -146,6 +146,10 @@ class NullSpaceTrainerMixin:
             expected["reference_fingerprint"] = reference_fingerprint(self._reference_batches)
         return expected
 
+    def _saved_provenance(self, weights: str, expected: dict[str, Any]) -> dict[str, Any]:
+        """What a written cache or checkpoint records: the run's expectations, the model's name and weights."""
+        return {"model_name": model_name(self.model), "weights_fingerprint": weights, **expected}
+
     def _load_or_estimate_subspace(self) -> CapabilitySubspace:
         if self.args.nullspace_refresh_steps is not None and self._reference_batches is None:
             raise ValueError("nullspace_refresh_steps needs reference data to re-estimate the subspace from.")
@@ -166,8 +170,7 @@ class NullSpaceTrainerMixin:
         # subspace without communication; only the main process writes the cache.
         subspace = self.estimate_subspace()
         if path is not None and self.is_world_process_zero():
-            provenance = {"model_name": model_name(self.model), "weights_fingerprint": weights}
-            save_subspace(path, subspace, {**provenance, **expected})
+            save_subspace(path, subspace, self._saved_provenance(weights, expected))
             logger.info("trl-nullspace: saved the capability subspace to %s", path)
         return subspace
 
@@ -238,14 +241,11 @@ class NullSpaceTrainerMixin:
         if not self.is_world_process_zero():
             return
         folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        provenance = {
-            "model_name": model_name(self.model),
-            **self._expected_provenance(weights_fingerprint(self.model)),
-        }
+        weights = weights_fingerprint(self.model)
         save_subspace(
             os.path.join(folder, CHECKPOINT_FILE),
             self.nullspace_subspace,
-            provenance,
+            self._saved_provenance(weights, self._expected_provenance(weights)),
             anchors=self.nullspace_projector.anchors(),
         )
 
@@ -259,8 +259,7 @@ class NullSpaceTrainerMixin:
                 "the subspace and anchors it trained under are unknown. Resume from a null-space checkpoint."
             )
         subspace, header = load_subspace(path)
-        if header["architecture_fingerprint"] != architecture_fingerprint(self.model):
-            raise ValueError(f"The subspace in {path} was saved for a different architecture than this model.")
+        check_cache_matches(path, header, {"architecture_fingerprint": architecture_fingerprint(self.model)})
         self.nullspace_subspace = subspace
         self.nullspace_projector = self._bind(subspace)
         self.nullspace_projector.restore_anchors(header["anchors"])
