@@ -14,6 +14,7 @@ A null-space trainer is `class NullSpaceXTrainer(NullSpaceTrainerMixin, XTrainer
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 from collections import defaultdict
@@ -178,9 +179,13 @@ class NullSpaceTrainerMixin:
         """Every process projects its own replica, so all must hold the same bases, bit for bit."""
         if self.accelerator.num_processes == 1:
             return
+        digest = hashlib.sha256()
+        for key, basis in sorted(self.nullspace_subspace.bases.items()):
+            digest.update(key.encode())
+            digest.update(basis.detach().cpu().contiguous().numpy().tobytes())
         checksum = torch.tensor(
-            [sum(basis.double().sum().item() for basis in self.nullspace_subspace.bases.values())],
-            dtype=torch.float64,
+            [int.from_bytes(digest.digest()[:8], "little", signed=True)],
+            dtype=torch.int64,
             device=self.accelerator.device,
         )
         gathered = self.accelerator.gather(checksum)
