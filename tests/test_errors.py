@@ -132,11 +132,26 @@ def test_refresh_re_estimates_and_stays_exact(model, tokenizer, safety_dataset, 
     assert (logits_on(trainer.model, trainer._reference_batches) - before).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("backend", ["is_deepspeed_enabled", "is_fsdp_enabled"])
-def test_sharded_backends_are_refused_not_silently_ignored(
-    model, tokenizer, safety_dataset, reference_dataset, tmp_path, backend
-):
+def test_fsdp_is_refused_not_silently_ignored(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
     trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
-    setattr(trainer, backend, True)
-    with pytest.raises(NotImplementedError, match="would silently not apply"):
+    trainer.is_fsdp_enabled = True
+    with pytest.raises(NotImplementedError, match="FSDP.*would silently not apply"):
+        trainer._check_backend_supported()
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ({"nullspace_projection_target": "gradient"}, "optimizer steps inside backward"),
+        ({"nullspace_refresh_steps": 4}, "nullspace_refresh_steps is not supported under DeepSpeed"),
+    ],
+)
+def test_deepspeed_refuses_options_it_cannot_honour(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, option, message
+):
+    trainer = make_sft_trainer(
+        model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9, **option
+    )
+    trainer.is_deepspeed_enabled = True
+    with pytest.raises(NotImplementedError, match=message):
         trainer._check_backend_supported()

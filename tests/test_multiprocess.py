@@ -1,9 +1,11 @@
-"""Real multi-process runs: `accelerate launch` with 2 CPU processes (DDP over gloo) vs 1 process.
+"""Real multi-process runs: `accelerate launch` with 2 CPU processes (gloo) vs 1 process.
 
-Both run the same recipe (`recipes/sft.py`) and YAML; the DDP run splits each batch of 8 over two
-processes of 4. Reference outputs must stay the base model's under DDP, and DDP must not drift from
-the single-process run more than plain TRL's `SFTTrainer` does under the same two launches (TRL
-itself differs by ~0.06 here after 6 steps at lr 1e-2; that gap is not the projection's).
+Every run uses the same recipe (`recipes/sft.py`) and YAML; a 2-process run splits each batch of 8
+into two of 4. Reference outputs must stay the base model's under DDP and DeepSpeed ZeRO-1/2/3.
+DDP must not drift from the single-process run more than plain TRL's `SFTTrainer` does under the
+same two launches (TRL itself differs by ~0.06 here after 6 steps at lr 1e-2; that gap is not the
+projection's); DeepSpeed runs match the single-process run to round-off. The DeepSpeed runs use the
+shipped `recipes/accelerate/zero*.yaml`, changed only to 2 CPU processes without mixed precision.
 """
 
 import os
@@ -20,7 +22,6 @@ from trl_nullspace.reference import load_reference_dataset, tokenize_reference
 from trl_nullspace.toy_assets import write_toy_assets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ACCELERATE_DDP = os.path.join(ROOT, "recipes", "accelerate", "cpu_ddp_2proc.yaml")
 PLAIN_SFT_RECIPE = """
 from trl import SFTConfig, SFTTrainer
 
@@ -66,10 +67,25 @@ def _config(assets, tmp_path, name: str, batch_size: int, null_space: bool) -> s
     return str(path)
 
 
-def _train(recipe: str, config: str, processes: int) -> None:
-    launcher = [sys.executable] if processes == 1 else [sys.executable, "-m", "accelerate.commands.launch"]
-    if processes > 1:
-        launcher += ["--config_file", ACCELERATE_DDP]
+def _cpu_accelerate_config(tmp_path, shipped: str, port: int) -> str:
+    """A shipped Accelerate config run on 2 CPU processes over gloo, in fp32."""
+    config = yaml.safe_load(open(os.path.join(ROOT, "recipes", "accelerate", shipped)))
+    config |= {
+        "num_processes": 2,
+        "use_cpu": True,
+        "mixed_precision": "no",
+        "main_process_ip": "127.0.0.1",
+        "main_process_port": port,
+    }
+    path = tmp_path / f"cpu_{shipped}"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _train(recipe: str, config: str, accelerate_config: str | None = None) -> None:
+    launcher = [sys.executable]
+    if accelerate_config is not None:
+        launcher += ["-m", "accelerate.commands.launch", "--config_file", accelerate_config]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
     completed = subprocess.run(
         launcher + [recipe, "--config", config], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600
@@ -81,31 +97,58 @@ def _max_difference(first: dict, second: dict) -> float:
     return max((first[name] - second[name]).abs().max().item() for name in first)
 
 
-def test_ddp_preserves_reference_outputs_and_adds_no_drift(assets, tmp_path):
-    null_space_recipe = os.path.join(ROOT, "recipes", "sft.py")
+def _reference_logit_drift(assets, trained_folder) -> float:
+    """Largest change of the reference set's logits between the base model and a trained one."""
+    tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
+    reference = load_reference_dataset(str(assets / "reference" / "train.jsonl")).select(range(3))
+    batches = tokenize_reference(reference, tokenizer, batch_size=8, max_length=512)
+    base = AutoModelForCausalLM.from_pretrained(str(assets / "model"))
+    trained = AutoModelForCausalLM.from_pretrained(str(trained_folder))
+    return (logits_on(trained, batches) - logits_on(base, batches)).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def single_process_run(assets, tmp_path_factory):
+    """The null-space SFT recipe on 1 process with batch 8: what every 2-process run is compared to."""
+    tmp_path = tmp_path_factory.mktemp("single")
+    _train(os.path.join(ROOT, "recipes", "sft.py"), _config(assets, tmp_path, "nullspace-1proc", 8, True))
+    return load_file(str(tmp_path / "nullspace-1proc" / "model.safetensors"))
+
+
+def test_ddp_preserves_reference_outputs_and_adds_no_drift(assets, tmp_path, single_process_run):
     plain_recipe = tmp_path / "plain_sft.py"
     plain_recipe.write_text(PLAIN_SFT_RECIPE)
-    runs = {}
-    for name, recipe, null_space in (("nullspace", null_space_recipe, True), ("plain", str(plain_recipe), False)):
-        for processes, batch_size in ((1, 8), (2, 4)):
-            run = f"{name}-{processes}proc"
-            _train(recipe, _config(assets, tmp_path, run, batch_size, null_space), processes)
-            runs[run] = load_file(str(tmp_path / run / "model.safetensors"))
+    ddp = _cpu_accelerate_config(tmp_path, "cpu_ddp_2proc.yaml", 29533)
+    _train(os.path.join(ROOT, "recipes", "sft.py"), _config(assets, tmp_path, "nullspace-2proc", 4, True), ddp)
+    _train(str(plain_recipe), _config(assets, tmp_path, "plain-1proc", 8, False))
+    _train(str(plain_recipe), _config(assets, tmp_path, "plain-2proc", 4, False), ddp)
+    runs = {
+        run: load_file(str(tmp_path / run / "model.safetensors"))
+        for run in ("nullspace-2proc", "plain-1proc", "plain-2proc")
+    }
 
     base = AutoModelForCausalLM.from_pretrained(str(assets / "model"))
     base_weights = {name: parameter.detach() for name, parameter in base.named_parameters()}
     assert _max_difference(runs["nullspace-2proc"], base_weights) > 1e-2  # training did something
     plain_gap = _max_difference(runs["plain-1proc"], runs["plain-2proc"])
-    null_space_gap = _max_difference(runs["nullspace-1proc"], runs["nullspace-2proc"])
+    null_space_gap = _max_difference(single_process_run, runs["nullspace-2proc"])
     assert null_space_gap <= 1.5 * plain_gap + 1e-5, (null_space_gap, plain_gap)
 
-    tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
-    reference = load_reference_dataset(str(assets / "reference" / "train.jsonl")).select(range(3))
-    batches = tokenize_reference(reference, tokenizer, batch_size=8, max_length=512)
-    trained = AutoModelForCausalLM.from_pretrained(str(tmp_path / "nullspace-2proc"))
-    assert (logits_on(trained, batches) - logits_on(base, batches)).abs().max().item() < 1e-4
-    plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain-2proc"))
-    assert (logits_on(plain, batches) - logits_on(base, batches)).abs().max().item() > 1e-2
+    assert _reference_logit_drift(assets, tmp_path / "nullspace-2proc") < 1e-4
+    assert _reference_logit_drift(assets, tmp_path / "plain-2proc") > 1e-2
+
+
+@pytest.mark.parametrize("shipped, port", [("zero1.yaml", 29541), ("zero2.yaml", 29542), ("zero3.yaml", 29543)])
+def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
+    assets, tmp_path, single_process_run, shipped, port
+):
+    """ZeRO-1/2 project fp32 master fragments of full module weights; the shipped ZeRO-3 config also
+    partitions the module's weights at load (zero3_init_flag), so estimation and anchors gather them."""
+    accelerate_config = _cpu_accelerate_config(tmp_path, shipped, port)
+    _train(os.path.join(ROOT, "recipes", "sft.py"), _config(assets, tmp_path, "zero", 4, True), accelerate_config)
+    trained = load_file(str(tmp_path / "zero" / "model.safetensors"))
+    assert _max_difference(trained, single_process_run) < 1e-4
+    assert _reference_logit_drift(assets, tmp_path / "zero") < 1e-4
 
 
 def test_shipped_toy_recipes_run_offline(tmp_path):

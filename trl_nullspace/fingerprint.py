@@ -7,7 +7,9 @@ import hashlib
 import torch
 from torch import nn
 
+from trl_nullspace.projector import full_shape
 from trl_nullspace.targets import canonical_name
+from trl_nullspace.zero import gathered
 
 _SAMPLES_PER_PARAMETER = 1024
 
@@ -22,7 +24,7 @@ def architecture_fingerprint(model: nn.Module) -> str:
     """SHA-256 of the model type and every base parameter's name and shape."""
     digest = hashlib.sha256(str(getattr(getattr(model, "config", None), "model_type", "")).encode())
     for name, parameter in _base_parameters(model):
-        digest.update(f"{name}:{tuple(parameter.shape)};".encode())
+        digest.update(f"{name}:{full_shape(parameter)};".encode())
     return digest.hexdigest()
 
 
@@ -32,14 +34,15 @@ def weights_fingerprint(model: nn.Module) -> str:
 
     Sampling keeps this fast for billion-parameter models; any training step changes sampled
     values, so a cache estimated from other weights (another checkpoint, a fine-tuned model) is
-    recognised.
+    recognised. Under ZeRO-3 each parameter is gathered in turn, so every rank must call this.
     """
     digest = hashlib.sha256()
     for name, parameter in _base_parameters(model):
-        flat = parameter.detach().reshape(-1)
-        step = max(1, flat.numel() // _SAMPLES_PER_PARAMETER)
-        digest.update(name.encode())
-        digest.update(flat[::step].float().cpu().numpy().tobytes())
+        with gathered([parameter]):
+            flat = parameter.detach().reshape(-1)
+            step = max(1, flat.numel() // _SAMPLES_PER_PARAMETER)
+            digest.update(name.encode())
+            digest.update(flat[::step].float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 

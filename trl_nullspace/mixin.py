@@ -40,6 +40,7 @@ from trl_nullspace.reference import (
 )
 from trl_nullspace.subspace import CapabilitySubspace
 from trl_nullspace.targets import find_target_linears
+from trl_nullspace.zero import ZeroMasterProjector, gathered
 
 logger = logging.get_logger(__name__)
 
@@ -97,20 +98,27 @@ class NullSpaceTrainerMixin:
     # -- set-up ---------------------------------------------------------------------------------
 
     def _check_backend_supported(self) -> None:
-        """Refuse DeepSpeed and FSDP until their sharded paths exist, rather than fail silently.
+        """Refuse the backends and options whose projection would silently not apply.
 
-        Under both, `param.grad` of the local module is not the synchronised gradient (DeepSpeed
-        keeps it in partitioned buffers, FSDP in sharded flat parameters) and the optimizer updates
-        its own fp32 master copies, so projecting the module's tensors would be a no-op or be
-        overwritten at the next step.
+        FSDP keeps gradients and fp32 master weights in sharded flat parameters that this package
+        does not reach yet. Under DeepSpeed the engine steps the optimizer inside `backward`, before
+        `training_step` returns, so only the `update` target (applied to ZeRO's master weights
+        afterwards, see `trl_nullspace.zero`) can be honoured.
         """
-        for backend, enabled in (("DeepSpeed", self.is_deepspeed_enabled), ("FSDP", self.is_fsdp_enabled)):
-            if enabled:
-                raise NotImplementedError(
-                    f"{type(self).__name__} does not support {backend} yet: its gradients and master weights are "
-                    "sharded outside the module, so the projection would silently not apply. Use a single process "
-                    "or DDP (multi_gpu) for now."
-                )
+        if self.is_fsdp_enabled:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support FSDP yet: its gradients and master weights are sharded in "
+                "flat parameters, so the projection would silently not apply. Use DeepSpeed ZeRO-1/2/3 or DDP."
+            )
+        if not self.is_deepspeed_enabled:
+            return
+        if self.args.nullspace_projection_target != "update":
+            raise NotImplementedError(
+                "Under DeepSpeed the optimizer steps inside backward, before a gradient projection could run: use "
+                "nullspace_projection_target='update' (the default), which projects ZeRO's master weights instead."
+            )
+        if self.args.nullspace_refresh_steps is not None:
+            raise NotImplementedError("nullspace_refresh_steps is not supported under DeepSpeed yet.")
 
     def _reference_tokenizer(self) -> PreTrainedTokenizerBase:
         """The text tokenizer, also when the processing class is a multimodal processor."""
@@ -169,7 +177,8 @@ class NullSpaceTrainerMixin:
             )
         # Every process estimates from the same full reference set and weights, so all hold the same
         # subspace without communication; only the main process writes the cache.
-        subspace = self.estimate_subspace()
+        with gathered(self.model.parameters()):
+            subspace = self.estimate_subspace()
         if path is not None and self.is_world_process_zero():
             save_subspace(path, subspace, self._saved_provenance(weights, expected))
             logger.info("trl-nullspace: saved the capability subspace to %s", path)
@@ -214,8 +223,17 @@ class NullSpaceTrainerMixin:
     def _bind(self, subspace: CapabilitySubspace) -> SubspaceProjector:
         projector = SubspaceProjector.bind(self.model, subspace)
         projector.check_trainable_directions()
-        projector.initialise_anchors(track_updates=self.args.nullspace_projection_target == "update")
+        # ZeRO-3 may have partitioned the weights already (zero.Init): anchors need them whole once.
+        with gathered([item.parameter for item in projector.constrained], modifier_rank=0):
+            projector.initialise_anchors(track_updates=self.args.nullspace_projection_target == "update")
+        self._zero_master_projector = None
         return projector
+
+    def _zero_projector(self) -> ZeroMasterProjector:
+        """The projector of ZeRO's master weights, built once the DeepSpeed engine exists."""
+        if self._zero_master_projector is None:
+            self._zero_master_projector = ZeroMasterProjector(self.nullspace_projector.constrained)
+        return self._zero_master_projector
 
     def _freeze_or_report(self, unconstrained: list[str]) -> None:
         if not unconstrained:
@@ -243,10 +261,10 @@ class NullSpaceTrainerMixin:
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Save the subspace in use and its anchors next to the weights, so resuming is exact."""
         super()._save_checkpoint(model, trial)
+        weights = weights_fingerprint(self.model)  # collective under ZeRO-3: every rank computes it
         if not self.is_world_process_zero():
             return
         folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        weights = weights_fingerprint(self.model)
         save_subspace(
             os.path.join(folder, CHECKPOINT_FILE),
             self.nullspace_subspace,
@@ -278,7 +296,8 @@ class NullSpaceTrainerMixin:
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients:
+        # Under DeepSpeed the engine has already stepped and released the gradients here.
+        if self.accelerator.sync_gradients and not self.is_deepspeed_enabled:
             self._constrain_gradients()
         return loss
 
@@ -294,8 +313,13 @@ class NullSpaceTrainerMixin:
         self._nullspace_metrics["removed_frac"].append(stats.removed_fraction)
 
     def _nullspace_after_optimizer_step(self) -> None:
-        if self.args.nullspace_projection_target == "update":
-            self._nullspace_metrics["update_removed_norm"].append(self.nullspace_projector.enforce_anchors())
+        if self.args.nullspace_projection_target != "update":
+            return
+        if self.is_deepspeed_enabled:
+            removed = self._zero_projector().enforce_anchors()
+        else:
+            removed = self.nullspace_projector.enforce_anchors()
+        self._nullspace_metrics["update_removed_norm"].append(removed)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._nullspace_metrics:

@@ -17,6 +17,7 @@ Two ways to apply it (`nullspace_projection_target`):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -43,13 +44,20 @@ class ProjectionStats:
         return (self.removed_sq / self.total_sq) ** 0.5 if self.total_sq > 0 else 0.0
 
 
+def full_shape(parameter: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's shape, also when DeepSpeed ZeRO-3 has partitioned it (its `ds_shape`)."""
+    return tuple(getattr(parameter, "ds_shape", parameter.shape))
+
+
 class ConstrainedParameter:
     """One trainable parameter, its matrix view, basis and (for `update` projection) anchor."""
 
     def __init__(self, name: str, parameter: nn.Parameter, basis: torch.Tensor, flat: bool, zero_anchor: bool):
-        rows_dim = parameter.numel() if flat else parameter.shape[-1]
-        if parameter.dim() != 2 and not flat:
-            raise ValueError(f"{name} is not a matrix (shape {tuple(parameter.shape)}).")
+        shape = full_shape(parameter)
+        if len(shape) != 2 and not flat:
+            raise ValueError(f"{name} is not a matrix (shape {shape}).")
+        self.matrix_shape: tuple[int, int] = (1, math.prod(shape)) if flat else (shape[0], shape[1])
+        rows_dim = self.matrix_shape[1]
         if basis.shape[0] != rows_dim:
             raise ValueError(
                 f"Subspace basis for {name} has dimension {basis.shape[0]} but the parameter needs {rows_dim}: "

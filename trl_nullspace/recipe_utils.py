@@ -43,3 +43,6 @@ def run_recipe(trainer_class: type, config_class: type, **trainer_kwargs) -> Non
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    # Tear the process group down before exit: left to interpreter shutdown, gloo/DeepSpeed threads
+    # occasionally abort a finished run ("terminate called without an active exception").
+    trainer.accelerator.end_training()

@@ -1,0 +1,355 @@
+"""`make bench-speed`: optimizer-step time and peak memory, null-space SFT vs plain TRL SFT.
+
+Both trainers run in this one process on copies of the same random-init Qwen2-shaped model and the
+same random-token batches. They alternate (plain, null-space, plain, ...) for several rounds; each
+round's first steps are warm-up and dropped, and the medians of the rest are compared. The subspace
+is estimated for real (activation method, update target) from random-token reference data with its
+rank capped at a fraction of each layer's input size, and its estimation time and cache size are
+reported. Next to each measured ratio stands the floor that FLOPs imply: the projection's matrix
+products against the step's 6·tokens·(matmul parameters).
+
+    python -m benchmarks.speed --preset cpu    # minutes, any machine
+    python -m benchmarks.speed --preset gpu    # a few hundred million parameters, 8k-32k tokens/step
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import datasets
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+from trl_nullspace.toy import build_tokenizer
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int = 32000
+
+
+PRESETS = {
+    "cpu": {
+        "sizes": [ModelSize("h128-l4", 128, 512, 4, 4, 2), ModelSize("h256-l4", 256, 1024, 4, 4, 2)],
+        "sequence_lengths": [128, 512],
+        "batch_size": 4,
+        "rank_fractions": [0.25, 0.5],
+        "steps": 6,
+        "warmup": 2,
+        "rounds": 2,
+        "estimation_samples": 32,
+        "estimation_length": 256,
+    },
+    "gpu": {
+        "sizes": [ModelSize("h1024-l16", 1024, 4096, 16, 16, 4), ModelSize("h1536-l16", 1536, 6144, 16, 16, 4)],
+        "sequence_lengths": [1024, 4096],
+        "batch_size": 8,
+        "rank_fractions": [0.25, 0.5],
+        "steps": 8,
+        "warmup": 3,
+        "rounds": 3,
+        "estimation_samples": 512,
+        "estimation_length": 512,
+    },
+}
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of every optimizer step (device-synchronised) and the peak memory of the run."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.durations: list[float] = []
+        self.peak_bytes = 0
+        self._start = 0.0
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.durations = []
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._synchronize()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._synchronize()
+        self.durations.append(time.perf_counter() - self._start)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+
+
+def build_model(size: ModelSize, device: torch.device) -> Qwen2ForCausalLM:
+    config = Qwen2Config(
+        vocab_size=size.vocab,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(config).to(device)
+
+
+def random_tokens(rows: int, length: int, vocab: int, seed: int) -> datasets.Dataset:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (rows, length), generator=generator)
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+
+
+def random_text(rows: int, length: int, seed: int) -> datasets.Dataset:
+    """Reference data for the estimator: random digit strings, as many characters as tokens asked for."""
+    generator = torch.Generator().manual_seed(seed)
+    digits = torch.randint(0, 10, (rows, length), generator=generator)
+    return datasets.Dataset.from_dict({"text": ["".join(map(str, row.tolist())) for row in digits]})
+
+
+def matmul_parameters(model: torch.nn.Module) -> int:
+    return sum(module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear))
+
+
+def projection_flops(trainer: NullSpaceSFTTrainer) -> int:
+    """Per optimizer step: `G U` for the removed-fraction metric, then `W U` and `(W U − A) Uᵀ`."""
+    return sum(
+        6 * rows * columns * item.rank
+        for item in trainer.nullspace_projector.constrained
+        for rows, columns in [item.matrix_shape]
+    )
+
+
+def common_arguments(output_dir: str, sequence_length: int, batch_size: int, steps: int, device: torch.device):
+    return dict(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=1e-5,
+        max_length=sequence_length,
+        packing=False,
+        bf16=device.type == "cuda",
+        use_cpu=device.type == "cpu",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10_000,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+
+def bench_case(
+    size: ModelSize, sequence_length: int, rank_fraction: float, preset: dict, device: torch.device, workdir: str
+) -> dict:
+    steps = preset["warmup"] + preset["steps"]
+    batch_size = preset["batch_size"]
+    tokenizer = build_tokenizer()
+    base = build_model(size, device)
+    train = random_tokens(batch_size * steps, sequence_length, size.vocab, seed=1)
+    reference = random_text(64, min(sequence_length, 512), seed=2)
+    max_rank = int(rank_fraction * size.hidden)
+    cache_path = os.path.join(workdir, f"{size.name}-{sequence_length}-{rank_fraction}.safetensors")
+
+    common = common_arguments(workdir, sequence_length, batch_size, steps, device)
+    plain_timer, null_timer = StepTimer(device), StepTimer(device)
+    plain = SFTTrainer(
+        model=copy.deepcopy(base),
+        args=SFTConfig(**common),
+        train_dataset=train,
+        processing_class=tokenizer,
+        callbacks=[plain_timer],
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    null_space = NullSpaceSFTTrainer(
+        model=base,
+        args=NullSpaceSFTConfig(
+            **common,
+            nullspace_eigenvalue_threshold=0.0,
+            nullspace_max_rank=max_rank,
+            nullspace_reference_batch_size=8,
+            nullspace_cache_path=cache_path,
+        ),
+        train_dataset=train,
+        processing_class=tokenizer,
+        reference_dataset=reference,
+        callbacks=[null_timer],
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    setup_seconds = time.perf_counter() - started
+
+    plain_steps, null_steps, plain_peak, null_peak = [], [], 0, 0
+    for _ in range(preset["rounds"]):
+        plain.train()
+        plain_steps += plain_timer.durations[preset["warmup"] :]
+        plain_peak = max(plain_peak, plain_timer.peak_bytes)
+        null_space.train()
+        null_steps += null_timer.durations[preset["warmup"] :]
+        null_peak = max(null_peak, null_timer.peak_bytes)
+
+    plain_median, null_median = statistics.median(plain_steps), statistics.median(null_steps)
+    step_flops = 6 * batch_size * sequence_length * matmul_parameters(base)
+    ranks = [item.rank for item in null_space.nullspace_projector.constrained]
+    result = {
+        "model": size.name,
+        "parameters_millions": round(sum(p.numel() for p in base.parameters()) / 1e6, 1),
+        "tokens_per_step": batch_size * sequence_length,
+        "rank_fraction": rank_fraction,
+        "max_rank": max_rank,
+        "mean_rank": round(sum(ranks) / len(ranks), 1),
+        "plain_step_ms": round(1e3 * plain_median, 2),
+        "nullspace_step_ms": round(1e3 * null_median, 2),
+        "step_time_ratio": round(null_median / plain_median, 4),
+        "flop_floor_ratio": round(1 + projection_flops(null_space) / step_flops, 4),
+        "plain_peak_gib": round(plain_peak / 2**30, 3),
+        "nullspace_peak_gib": round(null_peak / 2**30, 3),
+        "estimation_and_setup_s": round(setup_seconds, 2),
+        "cache_mib": round(os.path.getsize(cache_path) / 2**20, 2),
+        "plain_steps_ms": [round(1e3 * value, 2) for value in plain_steps],
+        "nullspace_steps_ms": [round(1e3 * value, 2) for value in null_steps],
+    }
+    del plain, null_space, base
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def bench_estimation(device: torch.device, num_samples: int, sequence_length: int, workdir: str) -> dict:
+    """Activation-subspace estimation of a Qwen2.5-0.5B-shaped model (random init) with default settings."""
+    from trl_nullspace.cache import save_subspace
+    from trl_nullspace.estimators import estimate_activation_subspace
+    from trl_nullspace.rank import RankSelection
+    from trl_nullspace.reference import tokenize_reference
+    from trl_nullspace.targets import find_target_linears
+
+    size = ModelSize("qwen2.5-0.5b-shape", 896, 4864, 24, 14, 2, vocab=151936)
+    model = build_model(size, device).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    batches = tokenize_reference(
+        random_text(num_samples, sequence_length, seed=3),
+        build_tokenizer(),
+        batch_size=8,
+        max_length=sequence_length,
+        num_samples=num_samples,
+    )
+    linears = find_target_linears(model, None)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    subspace = estimate_activation_subspace(model, batches, linears, RankSelection(energy=0.99), False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    path = os.path.join(workdir, "estimation.safetensors")
+    save_subspace(path, subspace, {"benchmark": "estimation"})
+    basis_bytes = sum(basis.numel() * basis.element_size() for basis in subspace.bases.values())
+    anchor_bytes = sum(
+        module.weight.shape[0] * subspace.basis_for(name).shape[1] * 4 for name, module in linears.items()
+    )
+    ranks = {key: basis.shape[1] for key, basis in subspace.bases.items()}
+    return {
+        "model": size.name,
+        "parameters_millions": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "reference_tokens": sum(int(batch.attention_mask.sum()) for batch in batches),
+        "estimation_s": round(seconds, 2),
+        "distinct_inputs": len(ranks),
+        "rank_min": min(ranks.values()),
+        "rank_max": max(ranks.values()),
+        "bases_mib": round(basis_bytes / 2**20, 1),
+        "anchors_mib": round(anchor_bytes / 2**20, 1),
+        "cache_file_mib": round(os.path.getsize(path) / 2**20, 1),
+    }
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}"
+
+
+def write_report(results: dict, directory: str, tag: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f"speed_{tag}.json"), "w") as handle:
+        json.dump(results, handle, indent=1)
+    lines = [
+        f"# Speed: null-space SFT vs plain TRL SFT ({tag})",
+        "",
+        f"Device: {results['device']}. Command: `{results['command']}`. Medians of "
+        f"{results['preset']['rounds']} alternating rounds × {results['preset']['steps']} steps "
+        f"(after {results['preset']['warmup']} warm-up steps per round). Raw step times are in `speed_{tag}.json`.",
+        "",
+        "| model | params (M) | tokens/step | rank (max / mean) | plain ms | null-space ms | ratio | FLOP floor "
+        "| plain peak GiB | null-space peak GiB | estimation+setup s | cache MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["cases"]:
+        lines.append(
+            f"| {row['model']} | {row['parameters_millions']} | {row['tokens_per_step']} | {row['max_rank']} / "
+            f"{row['mean_rank']} | {row['plain_step_ms']} | {row['nullspace_step_ms']} | {row['step_time_ratio']} | "
+            f"{row['flop_floor_ratio']} | {row['plain_peak_gib']} | {row['nullspace_peak_gib']} | "
+            f"{row['estimation_and_setup_s']} | {row['cache_mib']} |"
+        )
+    if results.get("estimation"):
+        estimation = results["estimation"]
+        lines += ["", "## Estimating a 0.5B model's subspace", ""]
+        lines += [f"- {key}: {value}" for key, value in estimation.items()]
+    with open(os.path.join(directory, f"speed_{tag}.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="gpu" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output-dir", default="docs/results")
+    parser.add_argument("--tag", default=None, help="suffix of the result files (default: the preset)")
+    parser.add_argument("--skip-estimation", action="store_true", help="skip the 0.5B estimation benchmark")
+    arguments = parser.parse_args()
+    preset = PRESETS[arguments.preset]
+    device = torch.device("cuda" if arguments.preset == "gpu" else "cpu")
+    results = {
+        "device": device_description(device),
+        "command": f"python -m benchmarks.speed --preset {arguments.preset}",
+        "preset": {key: value for key, value in preset.items() if key != "sizes"}
+        | {"sizes": [asdict(size) for size in preset["sizes"]]},
+        "cases": [],
+    }
+    with tempfile.TemporaryDirectory() as workdir:
+        for size in preset["sizes"]:
+            for sequence_length in preset["sequence_lengths"]:
+                for rank_fraction in preset["rank_fractions"]:
+                    row = bench_case(size, sequence_length, rank_fraction, preset, device, workdir)
+                    print(json.dumps({k: v for k, v in row.items() if not k.endswith("steps_ms")}), flush=True)
+                    results["cases"].append(row)
+        if not arguments.skip_estimation:
+            results["estimation"] = bench_estimation(
+                device, preset["estimation_samples"], preset["estimation_length"], workdir
+            )
+            print(json.dumps(results["estimation"]), flush=True)
+    write_report(results, arguments.output_dir, arguments.tag or arguments.preset)
+
+
+if __name__ == "__main__":
+    main()
