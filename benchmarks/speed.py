@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -30,7 +31,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
-from trl_nullspace.toy import build_tokenizer
+from trl_nullspace.toy import build_char_tokenizer
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,13 @@ class ModelSize:
 
 PRESETS = {
     "cpu": {
-        "sizes": [ModelSize("h128-l4", 128, 512, 4, 4, 2), ModelSize("h256-l4", 256, 1024, 4, 4, 2)],
-        "sequence_lengths": [128, 512],
+        "sizes": [ModelSize("h256-l4", 256, 1024, 4, 4, 2, vocab=4096)],
+        "sequence_lengths": [256],
         "batch_size": 4,
         "rank_fractions": [0.25, 0.5],
-        "steps": 6,
-        "warmup": 2,
+        "projection_dtypes": ["float32"],
+        "steps": 4,
+        "warmup": 1,
         "rounds": 2,
         "estimation_samples": 32,
         "estimation_length": 256,
@@ -61,9 +63,10 @@ PRESETS = {
         "sequence_lengths": [1024, 4096],
         "batch_size": 8,
         "rank_fractions": [0.25, 0.5],
-        "steps": 8,
-        "warmup": 3,
-        "rounds": 3,
+        "projection_dtypes": ["float32", "bfloat16"],
+        "steps": 6,
+        "warmup": 2,
+        "rounds": 2,
         "estimation_samples": 512,
         "estimation_length": 512,
     },
@@ -134,9 +137,12 @@ def matmul_parameters(model: torch.nn.Module) -> int:
 
 
 def projection_flops(trainer: NullSpaceSFTTrainer) -> int:
-    """Per optimizer step: `G U` for the removed-fraction metric, then `W U` and `(W U − A) Uᵀ`."""
+    """Per optimizer step under the update target: `W U` and `(W U − A) Uᵀ`, 2·rows·columns·k each.
+
+    The removed-fraction metric (`G U`) runs only on logged steps, which the benchmark never logs.
+    """
     return sum(
-        6 * rows * columns * item.rank
+        4 * rows * columns * item.rank
         for item in trainer.nullspace_projector.constrained
         for rows, columns in [item.matrix_shape]
     )
@@ -161,16 +167,22 @@ def common_arguments(output_dir: str, sequence_length: int, batch_size: int, ste
 
 
 def bench_case(
-    size: ModelSize, sequence_length: int, rank_fraction: float, preset: dict, device: torch.device, workdir: str
+    size: ModelSize,
+    sequence_length: int,
+    rank_fraction: float,
+    projection_dtype: str,
+    preset: dict,
+    device: torch.device,
+    workdir: str,
 ) -> dict:
     steps = preset["warmup"] + preset["steps"]
     batch_size = preset["batch_size"]
-    tokenizer = build_tokenizer()
+    tokenizer = build_char_tokenizer()
     base = build_model(size, device)
     train = random_tokens(batch_size * steps, sequence_length, size.vocab, seed=1)
     reference = random_text(64, min(sequence_length, 512), seed=2)
     max_rank = int(rank_fraction * size.hidden)
-    cache_path = os.path.join(workdir, f"{size.name}-{sequence_length}-{rank_fraction}.safetensors")
+    cache_path = os.path.join(workdir, f"{size.name}-{sequence_length}-{rank_fraction}-{projection_dtype}.safetensors")
 
     common = common_arguments(workdir, sequence_length, batch_size, steps, device)
     plain_timer, null_timer = StepTimer(device), StepTimer(device)
@@ -190,6 +202,7 @@ def bench_case(
             **common,
             nullspace_eigenvalue_threshold=0.0,
             nullspace_max_rank=max_rank,
+            nullspace_projection_dtype=projection_dtype,
             nullspace_reference_batch_size=8,
             nullspace_cache_path=cache_path,
         ),
@@ -220,13 +233,14 @@ def bench_case(
         "tokens_per_step": batch_size * sequence_length,
         "rank_fraction": rank_fraction,
         "max_rank": max_rank,
+        "projection_dtype": projection_dtype,
         "mean_rank": round(sum(ranks) / len(ranks), 1),
         "plain_step_ms": round(1e3 * plain_median, 2),
         "nullspace_step_ms": round(1e3 * null_median, 2),
         "step_time_ratio": round(null_median / plain_median, 4),
         "flop_floor_ratio": round(1 + projection_flops(null_space) / step_flops, 4),
-        "plain_peak_gib": round(plain_peak / 2**30, 3),
-        "nullspace_peak_gib": round(null_peak / 2**30, 3),
+        "plain_peak_gib": round(plain_peak / 2**30, 3) if device.type == "cuda" else "n/a",
+        "nullspace_peak_gib": round(null_peak / 2**30, 3) if device.type == "cuda" else "n/a",
         "estimation_and_setup_s": round(setup_seconds, 2),
         "cache_mib": round(os.path.getsize(cache_path) / 2**20, 2),
         "plain_steps_ms": [round(1e3 * value, 2) for value in plain_steps],
@@ -250,7 +264,7 @@ def bench_estimation(device: torch.device, num_samples: int, sequence_length: in
     model = build_model(size, device).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
     batches = tokenize_reference(
         random_text(num_samples, sequence_length, seed=3),
-        build_tokenizer(),
+        build_char_tokenizer(),
         batch_size=8,
         max_length=sequence_length,
         num_samples=num_samples,
@@ -290,6 +304,23 @@ def device_description(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}"
 
 
+TABLE_KEYS = [
+    "model",
+    "parameters_millions",
+    "tokens_per_step",
+    "rank",
+    "projection_dtype",
+    "plain_step_ms",
+    "nullspace_step_ms",
+    "step_time_ratio",
+    "flop_floor_ratio",
+    "plain_peak_gib",
+    "nullspace_peak_gib",
+    "estimation_and_setup_s",
+    "cache_mib",
+]
+
+
 def write_report(results: dict, directory: str, tag: str) -> None:
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, f"speed_{tag}.json"), "w") as handle:
@@ -301,17 +332,13 @@ def write_report(results: dict, directory: str, tag: str) -> None:
         f"{results['preset']['rounds']} alternating rounds × {results['preset']['steps']} steps "
         f"(after {results['preset']['warmup']} warm-up steps per round). Raw step times are in `speed_{tag}.json`.",
         "",
-        "| model | params (M) | tokens/step | rank (max / mean) | plain ms | null-space ms | ratio | FLOP floor "
-        "| plain peak GiB | null-space peak GiB | estimation+setup s | cache MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params (M) | tokens/step | rank (max / mean) | projection dtype | plain ms | null-space ms | ratio "
+        "| FLOP floor | plain peak GiB | null-space peak GiB | estimation+setup s | cache MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["cases"]:
-        lines.append(
-            f"| {row['model']} | {row['parameters_millions']} | {row['tokens_per_step']} | {row['max_rank']} / "
-            f"{row['mean_rank']} | {row['plain_step_ms']} | {row['nullspace_step_ms']} | {row['step_time_ratio']} | "
-            f"{row['flop_floor_ratio']} | {row['plain_peak_gib']} | {row['nullspace_peak_gib']} | "
-            f"{row['estimation_and_setup_s']} | {row['cache_mib']} |"
-        )
+        columns = [f"{row['max_rank']} / {row['mean_rank']}" if key == "rank" else row[key] for key in TABLE_KEYS]
+        lines.append("| " + " | ".join(str(value) for value in columns) + " |")
     if results.get("estimation"):
         estimation = results["estimation"]
         lines += ["", "## Estimating a 0.5B model's subspace", ""]
@@ -326,12 +353,21 @@ def main() -> None:
     parser.add_argument("--output-dir", default="docs/results")
     parser.add_argument("--tag", default=None, help="suffix of the result files (default: the preset)")
     parser.add_argument("--skip-estimation", action="store_true", help="skip the 0.5B estimation benchmark")
+    parser.add_argument("--sizes", nargs="*", help="only these model sizes of the preset, by name")
+    parser.add_argument("--sequence-lengths", nargs="*", type=int, help="override the preset's")
+    parser.add_argument("--rank-fractions", nargs="*", type=float, help="override the preset's")
+    parser.add_argument("--projection-dtypes", nargs="*", help="override the preset's")
     arguments = parser.parse_args()
-    preset = PRESETS[arguments.preset]
+    preset = dict(PRESETS[arguments.preset])
+    if arguments.sizes:
+        preset["sizes"] = [size for size in preset["sizes"] if size.name in arguments.sizes]
+    for key in ("sequence_lengths", "rank_fractions", "projection_dtypes"):
+        if getattr(arguments, key):
+            preset[key] = getattr(arguments, key)
     device = torch.device("cuda" if arguments.preset == "gpu" else "cpu")
     results = {
         "device": device_description(device),
-        "command": f"python -m benchmarks.speed --preset {arguments.preset}",
+        "command": "python -m benchmarks.speed " + " ".join(sys.argv[1:]),
         "preset": {key: value for key, value in preset.items() if key != "sizes"}
         | {"sizes": [asdict(size) for size in preset["sizes"]]},
         "cases": [],
@@ -340,9 +376,10 @@ def main() -> None:
         for size in preset["sizes"]:
             for sequence_length in preset["sequence_lengths"]:
                 for rank_fraction in preset["rank_fractions"]:
-                    row = bench_case(size, sequence_length, rank_fraction, preset, device, workdir)
-                    print(json.dumps({k: v for k, v in row.items() if not k.endswith("steps_ms")}), flush=True)
-                    results["cases"].append(row)
+                    for dtype in preset["projection_dtypes"]:
+                        row = bench_case(size, sequence_length, rank_fraction, dtype, preset, device, workdir)
+                        print(json.dumps({k: v for k, v in row.items() if not k.endswith("steps_ms")}), flush=True)
+                        results["cases"].append(row)
         if not arguments.skip_estimation:
             results["estimation"] = bench_estimation(
                 device, preset["estimation_samples"], preset["estimation_length"], workdir

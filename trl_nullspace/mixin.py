@@ -221,7 +221,9 @@ class NullSpaceTrainerMixin:
         )
 
     def _bind(self, subspace: CapabilitySubspace) -> SubspaceProjector:
-        projector = SubspaceProjector.bind(self.model, subspace)
+        projector = SubspaceProjector.bind(
+            self.model, subspace, compute_dtype=getattr(torch, self.args.nullspace_projection_dtype)
+        )
         projector.check_trainable_directions()
         # ZeRO-3 may have partitioned the weights already (zero.Init): anchors need them whole once.
         with gathered([item.parameter for item in projector.constrained], modifier_rank=0):
@@ -309,8 +311,18 @@ class NullSpaceTrainerMixin:
                 f"NaN or inf gradients at optimizer step {self.state.global_step} in {nonfinite[:3]}: projecting "
                 "them would spread the NaN. Lower the learning rate or check the batch; saved checkpoints are intact."
             )
-        stats = projector.gradient_stats(apply=self.args.nullspace_projection_target == "gradient")
+        apply = self.args.nullspace_projection_target == "gradient"
+        if not apply and not self._step_will_be_logged():
+            return  # under the update target the gradient is only measured, for the steps that are logged
+        stats = projector.gradient_stats(apply=apply)
         self._nullspace_metrics["removed_frac"].append(stats.removed_fraction)
+
+    def _step_will_be_logged(self) -> bool:
+        """Whether the optimizer step now being taken ends with a log (the Trainer's own rule)."""
+        step = self.state.global_step + 1
+        if self.args.logging_strategy != "steps":
+            return True
+        return step % self.state.logging_steps == 0 or (step == 1 and self.args.logging_first_step)
 
     def _nullspace_after_optimizer_step(self) -> None:
         if self.args.nullspace_projection_target != "update":

@@ -52,7 +52,15 @@ def full_shape(parameter: torch.Tensor) -> tuple[int, ...]:
 class ConstrainedParameter:
     """One trainable parameter, its matrix view, basis and (for `update` projection) anchor."""
 
-    def __init__(self, name: str, parameter: nn.Parameter, basis: torch.Tensor, flat: bool, zero_anchor: bool):
+    def __init__(
+        self,
+        name: str,
+        parameter: nn.Parameter,
+        basis: torch.Tensor,
+        flat: bool,
+        zero_anchor: bool,
+        compute_dtype: torch.dtype = torch.float32,
+    ):
         shape = full_shape(parameter)
         if len(shape) != 2 and not flat:
             raise ValueError(f"{name} is not a matrix (shape {shape}).")
@@ -66,6 +74,9 @@ class ConstrainedParameter:
         self.name = name
         self.parameter = parameter
         self.basis = basis.to(device=parameter.device, dtype=torch.float32)
+        # The basis as the per-step products use it: fp32 by default (exact); bf16 trades the
+        # preservation's precision (to bf16 round-off, not accumulating) for faster products.
+        self.compute_basis = self.basis if compute_dtype == torch.float32 else self.basis.to(compute_dtype)
         self.flat = flat
         self.zero_anchor = zero_anchor
         self.anchor: torch.Tensor | None = None
@@ -85,11 +96,19 @@ class ConstrainedParameter:
     def remove_from_gradient(self, apply: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared norms of `G U` and `G`; with `apply`, also `G ← G − (G U) Uᵀ` in place."""
         gradient = self._matrix(self.parameter.grad)
-        coefficients = gradient.float() @ self.basis
+        coefficients = self._coefficients(gradient)
         total_sq = gradient.float().square().sum()
         if apply:
-            gradient.sub_((coefficients @ self.basis.T).to(gradient.dtype))
+            gradient.sub_(self._expand(coefficients, gradient.dtype))
         return coefficients.square().sum(), total_sq
+
+    def _coefficients(self, matrix: torch.Tensor) -> torch.Tensor:
+        """`M U` in fp32, with the product in the compute dtype."""
+        return (matrix.to(self.compute_basis.dtype) @ self.compute_basis).float()
+
+    def _expand(self, coefficients: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`C Uᵀ` in `dtype`, with the product in the compute dtype."""
+        return (coefficients.to(self.compute_basis.dtype) @ self.compute_basis.T).to(dtype)
 
     @torch.no_grad()
     def reset_anchor(self) -> None:
@@ -98,16 +117,16 @@ class ConstrainedParameter:
             self.anchor = None
             self.enforce_anchor()
         else:
-            self.anchor = self._matrix(self.parameter.data).float() @ self.basis
+            self.anchor = self._coefficients(self._matrix(self.parameter.data))
 
     @torch.no_grad()
     def enforce_anchor(self) -> torch.Tensor:
         """`M ← M − (M U − A) Uᵀ`; returns ‖M U − A‖², the squared norm of what was removed."""
         matrix = self._matrix(self.parameter.data)
-        residual = matrix.float() @ self.basis
+        residual = self._coefficients(matrix)
         if self.anchor is not None:
             residual -= self.anchor
-        matrix.sub_((residual @ self.basis.T).to(matrix.dtype))
+        matrix.sub_(self._expand(residual, matrix.dtype))
         return residual.square().sum()
 
 
@@ -125,7 +144,9 @@ class SubspaceProjector:
         self.unconstrained = unconstrained
 
     @classmethod
-    def bind(cls, model: nn.Module, subspace: CapabilitySubspace) -> SubspaceProjector:
+    def bind(
+        cls, model: nn.Module, subspace: CapabilitySubspace, compute_dtype: torch.dtype = torch.float32
+    ) -> SubspaceProjector:
         """Match the subspace's targets to the model's trainable parameters (PEFT-aware)."""
         constrained: list[ConstrainedParameter] = []
         free: set[str] = set()
@@ -142,14 +163,16 @@ class SubspaceProjector:
                         if lora_a.weight.requires_grad:
                             constrained.append(
                                 ConstrainedParameter(
-                                    f"{name}.lora_A.{adapter}.weight", lora_a.weight, basis, False, True
+                                    f"{name}.lora_A.{adapter}.weight", lora_a.weight, basis, False, True, compute_dtype
                                 )
                             )
                             free.add(f"{name}.lora_B.{adapter}.weight")
                 elif isinstance(module, nn.Linear):
                     found.add(target)
                     if module.weight.requires_grad:
-                        constrained.append(ConstrainedParameter(f"{name}.weight", module.weight, basis, False, False))
+                        constrained.append(
+                            ConstrainedParameter(f"{name}.weight", module.weight, basis, False, False, compute_dtype)
+                        )
         else:
             for name, parameter in model.named_parameters():
                 target = canonical_name(name)
@@ -157,7 +180,9 @@ class SubspaceProjector:
                     found.add(target)
                     if parameter.requires_grad:
                         constrained.append(
-                            ConstrainedParameter(name, parameter, subspace.basis_for(target), True, False)
+                            ConstrainedParameter(
+                                name, parameter, subspace.basis_for(target), True, False, compute_dtype
+                            )
                         )
         missing = sorted(set(subspace.targets) - found)
         if missing:
