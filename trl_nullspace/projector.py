@@ -221,11 +221,17 @@ class SubspaceProjector:
         return stats
 
     def nonfinite_gradients(self) -> list[str]:
-        return [
-            item.name
-            for item in self.constrained
-            if item.parameter.grad is not None and not torch.isfinite(item.parameter.grad).all()
-        ]
+        """Names of constrained parameters whose gradient holds NaN or inf.
+
+        One device synchronisation for all parameters (a per-parameter check costs one each).
+        """
+        items = [item for item in self.constrained if item.parameter.grad is not None]
+        if not items:
+            return []
+        finite = torch.stack([torch.isfinite(item.parameter.grad).all() for item in items])
+        if bool(finite.all()):
+            return []
+        return [item.name for item, ok in zip(items, finite.tolist(), strict=True) if not ok]
 
     def initialise_anchors(self, track_updates: bool) -> None:
         """Move LoRA `A` matrices into the null space; with `track_updates`, anchor every parameter."""
