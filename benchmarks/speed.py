@@ -372,6 +372,7 @@ def main() -> None:
         | {"sizes": [asdict(size) for size in preset["sizes"]]},
         "cases": [],
     }
+    tag = arguments.tag or arguments.preset
     with tempfile.TemporaryDirectory() as workdir:
         for size in preset["sizes"]:
             for sequence_length in preset["sequence_lengths"]:
@@ -380,12 +381,13 @@ def main() -> None:
                         row = bench_case(size, sequence_length, rank_fraction, dtype, preset, device, workdir)
                         print(json.dumps({k: v for k, v in row.items() if not k.endswith("steps_ms")}), flush=True)
                         results["cases"].append(row)
+                        write_report(results, arguments.output_dir, tag)  # a later failure keeps these
         if not arguments.skip_estimation:
             results["estimation"] = bench_estimation(
                 device, preset["estimation_samples"], preset["estimation_length"], workdir
             )
             print(json.dumps(results["estimation"]), flush=True)
-    write_report(results, arguments.output_dir, arguments.tag or arguments.preset)
+    write_report(results, arguments.output_dir, tag)
 
 
 if __name__ == "__main__":
