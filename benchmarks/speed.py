@@ -73,6 +73,9 @@ PRESETS = {
 }
 
 
+RUNS = ("plain", "plain_same_parameters", "nullspace")
+
+
 class StepTimer(TrainerCallback):
     """Wall time of every optimizer step (device-synchronised) and the peak memory of the run."""
 
@@ -185,14 +188,8 @@ def bench_case(
     cache_path = os.path.join(workdir, f"{size.name}-{sequence_length}-{rank_fraction}-{projection_dtype}.safetensors")
 
     common = common_arguments(workdir, sequence_length, batch_size, steps, device)
-    plain_timer, null_timer = StepTimer(device), StepTimer(device)
-    plain = SFTTrainer(
-        model=copy.deepcopy(base),
-        args=SFTConfig(**common),
-        train_dataset=train,
-        processing_class=tokenizer,
-        callbacks=[plain_timer],
-    )
+    timers = {name: StepTimer(device) for name in RUNS}
+    plain_models = {name: copy.deepcopy(base) for name in RUNS[:2]}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
@@ -209,22 +206,37 @@ def bench_case(
         train_dataset=train,
         processing_class=tokenizer,
         reference_dataset=reference,
-        callbacks=[null_timer],
+        callbacks=[timers["nullspace"]],
     )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     setup_seconds = time.perf_counter() - started
+    # The null-space trainer freezes what it cannot constrain (embeddings, norms, lm_head); the
+    # second baseline trains exactly its parameters, so their ratio is the projection's own cost.
+    trainable = {name for name, parameter in base.named_parameters() if parameter.requires_grad}
+    for name, parameter in plain_models["plain_same_parameters"].named_parameters():
+        parameter.requires_grad_(name in trainable)
+    trainers = {
+        name: SFTTrainer(
+            model=model,
+            args=SFTConfig(**common),
+            train_dataset=train,
+            processing_class=tokenizer,
+            callbacks=[timers[name]],
+        )
+        for name, model in plain_models.items()
+    }
+    trainers["nullspace"] = null_space
 
-    plain_steps, null_steps, plain_peak, null_peak = [], [], 0, 0
+    steps_ms = {name: [] for name in RUNS}
+    peaks = dict.fromkeys(RUNS, 0)
     for _ in range(preset["rounds"]):
-        plain.train()
-        plain_steps += plain_timer.durations[preset["warmup"] :]
-        plain_peak = max(plain_peak, plain_timer.peak_bytes)
-        null_space.train()
-        null_steps += null_timer.durations[preset["warmup"] :]
-        null_peak = max(null_peak, null_timer.peak_bytes)
+        for name in RUNS:
+            trainers[name].train()
+            steps_ms[name] += [1e3 * value for value in timers[name].durations[preset["warmup"] :]]
+            peaks[name] = max(peaks[name], timers[name].peak_bytes)
+    medians = {name: statistics.median(values) for name, values in steps_ms.items()}
 
-    plain_median, null_median = statistics.median(plain_steps), statistics.median(null_steps)
     step_flops = 6 * batch_size * sequence_length * matmul_parameters(base)
     ranks = [item.rank for item in null_space.nullspace_projector.constrained]
     result = {
@@ -235,18 +247,19 @@ def bench_case(
         "max_rank": max_rank,
         "projection_dtype": projection_dtype,
         "mean_rank": round(sum(ranks) / len(ranks), 1),
-        "plain_step_ms": round(1e3 * plain_median, 2),
-        "nullspace_step_ms": round(1e3 * null_median, 2),
-        "step_time_ratio": round(null_median / plain_median, 4),
+        **{f"{name}_step_ms": round(value, 2) for name, value in medians.items()},
+        "ratio_vs_plain": round(medians["nullspace"] / medians["plain"], 4),
+        "ratio_vs_same_parameters": round(medians["nullspace"] / medians["plain_same_parameters"], 4),
         "flop_floor_ratio": round(1 + projection_flops(null_space) / step_flops, 4),
-        "plain_peak_gib": round(plain_peak / 2**30, 3) if device.type == "cuda" else "n/a",
-        "nullspace_peak_gib": round(null_peak / 2**30, 3) if device.type == "cuda" else "n/a",
+        **{
+            f"{name}_peak_gib": round(peak / 2**30, 3) if device.type == "cuda" else "n/a"
+            for name, peak in peaks.items()
+        },
         "estimation_and_setup_s": round(setup_seconds, 2),
         "cache_mib": round(os.path.getsize(cache_path) / 2**20, 2),
-        "plain_steps_ms": [round(1e3 * value, 2) for value in plain_steps],
-        "nullspace_steps_ms": [round(1e3 * value, 2) for value in null_steps],
+        "raw_steps_ms": {name: [round(value, 2) for value in values] for name, values in steps_ms.items()},
     }
-    del plain, null_space, base
+    del trainers, null_space, plain_models, base
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -311,8 +324,10 @@ TABLE_KEYS = [
     "rank",
     "projection_dtype",
     "plain_step_ms",
+    "plain_same_parameters_step_ms",
     "nullspace_step_ms",
-    "step_time_ratio",
+    "ratio_vs_plain",
+    "ratio_vs_same_parameters",
     "flop_floor_ratio",
     "plain_peak_gib",
     "nullspace_peak_gib",
@@ -332,9 +347,10 @@ def write_report(results: dict, directory: str, tag: str) -> None:
         f"{results['preset']['rounds']} alternating rounds × {results['preset']['steps']} steps "
         f"(after {results['preset']['warmup']} warm-up steps per round). Raw step times are in `speed_{tag}.json`.",
         "",
-        "| model | params (M) | tokens/step | rank (max / mean) | projection dtype | plain ms | null-space ms | ratio "
-        "| FLOP floor | plain peak GiB | null-space peak GiB | estimation+setup s | cache MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | params (M) | tokens/step | rank (max / mean) | projection dtype | plain ms | plain, same params ms "
+        "| null-space ms | ratio vs plain | ratio vs same params | FLOP floor | plain peak GiB | null-space peak GiB "
+        "| estimation+setup s | cache MiB |",
+        "|" + "---|" * len(TABLE_KEYS),
     ]
     for row in results["cases"]:
         columns = [f"{row['max_rank']} / {row['mean_rank']}" if key == "rank" else row[key] for key in TABLE_KEYS]
@@ -379,7 +395,7 @@ def main() -> None:
                 for rank_fraction in preset["rank_fractions"]:
                     for dtype in preset["projection_dtypes"]:
                         row = bench_case(size, sequence_length, rank_fraction, dtype, preset, device, workdir)
-                        print(json.dumps({k: v for k, v in row.items() if not k.endswith("steps_ms")}), flush=True)
+                        print(json.dumps({k: v for k, v in row.items() if k != "raw_steps_ms"}), flush=True)
                         results["cases"].append(row)
                         write_report(results, arguments.output_dir, tag)  # a later failure keeps these
         if not arguments.skip_estimation:

@@ -34,7 +34,14 @@ class RankSelection:
             return 0
         if self.energy is not None:
             cumulative = torch.cumsum(values, 0) / values.sum()
-            kept = int(torch.searchsorted(cumulative, torch.tensor(self.energy, dtype=cumulative.dtype)).item()) + 1
+            kept = (
+                int(
+                    torch.searchsorted(
+                        cumulative, torch.tensor(self.energy, dtype=cumulative.dtype, device=cumulative.device)
+                    ).item()
+                )
+                + 1
+            )
         else:
             kept = int((values > self.eigenvalue_threshold * largest).sum().item())
         kept = min(kept, values.numel())
