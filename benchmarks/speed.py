@@ -373,11 +373,12 @@ def main() -> None:
     parser.add_argument("--sequence-lengths", nargs="*", type=int, help="override the preset's")
     parser.add_argument("--rank-fractions", nargs="*", type=float, help="override the preset's")
     parser.add_argument("--projection-dtypes", nargs="*", help="override the preset's")
+    parser.add_argument("--rounds", type=int, help="override the preset's number of alternating rounds")
     arguments = parser.parse_args()
     preset = dict(PRESETS[arguments.preset])
     if arguments.sizes:
         preset["sizes"] = [size for size in preset["sizes"] if size.name in arguments.sizes]
-    for key in ("sequence_lengths", "rank_fractions", "projection_dtypes"):
+    for key in ("sequence_lengths", "rank_fractions", "projection_dtypes", "rounds"):
         if getattr(arguments, key):
             preset[key] = getattr(arguments, key)
     device = torch.device("cuda" if arguments.preset == "gpu" else "cpu")
