@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Demo pipeline: sft, dpo (SFT→DPO) or grpo (SFT→GRPO).
 TRAINER ?= sft
 
-.PHONY: install demo toy-assets test lint format clean
+.PHONY: install demo toy-assets bench-speed test lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(INSTALLED)
 # Writes outputs/toy (tiny model + datasets) for the offline recipes in recipes/configs/toy_*.yaml.
 toy-assets: $(INSTALLED)
 	$(PYTHON) -m trl_nullspace.toy_assets outputs/toy
+
+# Step time and peak memory vs plain TRL in the same run; `BENCH_ARGS="--preset gpu"` on a GPU.
+bench-speed: $(INSTALLED)
+	$(PYTHON) -m benchmarks.speed $(BENCH_ARGS)
 
 test: $(INSTALLED)
 	$(PYTHON) -m pytest -q tests

@@ -82,14 +82,32 @@ def _cpu_accelerate_config(tmp_path, shipped: str, port: int) -> str:
     return str(path)
 
 
-def _train(recipe: str, config: str, accelerate_config: str | None = None) -> None:
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def _train(recipe: str, config: str, accelerate_config: str | None = None, cwd: str = ROOT) -> None:
+    """Run a recipe; under `accelerate launch` if a config is given. It must exit cleanly.
+
+    Known flake, not ours: after a 2-process DeepSpeed run has finished and written its model, a
+    worker occasionally aborts at interpreter shutdown (a C++ thread still joinable; seen in a few
+    percent of launches inside the full test suite, never in isolated runs). Such a run is launched
+    once more from scratch; a second failure of any kind fails the test.
+    """
     launcher = [sys.executable]
     if accelerate_config is not None:
         launcher += ["-m", "accelerate.commands.launch", "--config_file", accelerate_config]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
-    completed = subprocess.run(
-        launcher + [recipe, "--config", config], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600
-    )
+    for attempt in range(2):
+        completed = subprocess.run(
+            launcher + [recipe, "--config", config],
+            cwd=cwd,
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if completed.returncode == 0 or TEARDOWN_ABORT not in completed.stderr or attempt == 1:
+            break
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
 
 
@@ -151,20 +169,44 @@ def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
     assert _reference_logit_drift(assets, tmp_path / "zero") < 1e-4
 
 
-def test_shipped_toy_recipes_run_offline(tmp_path):
-    """`recipes/configs/toy_*.yaml` exactly as shipped: SFT, then DPO on its output and cache, and GRPO."""
+@pytest.mark.parametrize("shipped_accelerate", [None, "zero3.yaml"])
+def test_shipped_toy_recipes_run_offline(tmp_path, shipped_accelerate):
+    """`recipes/configs/toy_*.yaml` exactly as shipped, on 1 process and unchanged under ZeRO-3 with 2:
+    SFT, then DPO on its output and cache, and GRPO."""
     write_toy_assets(str(tmp_path / "outputs" / "toy"))
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    accelerate_config = None
+    if shipped_accelerate is not None:
+        accelerate_config = _cpu_accelerate_config(tmp_path, shipped_accelerate, 29544)
     for recipe in ("sft", "dpo", "grpo"):
+        _train(
+            os.path.join(ROOT, "recipes", f"{recipe}.py"),
+            os.path.join(ROOT, "recipes", "configs", f"toy_{recipe}.yaml"),
+            accelerate_config,
+            cwd=str(tmp_path),
+        )
+        assert (tmp_path / "outputs" / "recipes" / f"toy_{recipe}" / "model.safetensors").exists()
+    assert (tmp_path / "outputs" / "recipes" / "toy_subspace.safetensors").exists()
+
+
+def test_fsdp2_row_shards_keep_reference_outputs():
+    """FSDP2 with 2 real CPU processes (torchrun, gloo; Accelerate itself falls back to DDP on CPU):
+    each rank projects its own rows after every AdamW step. Without the projection the same run
+    moves the reference logits, so the first assertion can fail."""
+    results = {}
+    for flag in ("", "--no-projection"):
         completed = subprocess.run(
-            [sys.executable, os.path.join(ROOT, "recipes", f"{recipe}.py")]
-            + ["--config", os.path.join(ROOT, "recipes", "configs", f"toy_{recipe}.yaml")],
-            cwd=tmp_path,
-            env=environment,
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545"]
+            + [os.path.join(ROOT, "tests", "fsdp2_worker.py")]
+            + ([flag] if flag else []),
+            cwd=ROOT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT},
             capture_output=True,
             text=True,
             timeout=600,
         )
-        assert completed.returncode == 0, completed.stderr[-3000:]
-        assert (tmp_path / "outputs" / "recipes" / f"toy_{recipe}" / "model.safetensors").exists()
-    assert (tmp_path / "outputs" / "recipes" / "toy_subspace.safetensors").exists()
+        assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+        line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT"))
+        results[flag] = dict(item.split("=") for item in line.split()[1:])
+    assert float(results[""]["drift"]) < 1e-4
+    assert float(results[""]["moved"]) > 1e-2
+    assert float(results["--no-projection"]["drift"]) > 1e-2

@@ -31,6 +31,7 @@ from trl_nullspace.cache import check_cache_matches, load_subspace, save_subspac
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.estimators import estimate_activation_subspace, estimate_gradient_subspace
 from trl_nullspace.fingerprint import architecture_fingerprint, model_name, weights_fingerprint
+from trl_nullspace.fsdp import RowShardProjector
 from trl_nullspace.projector import SubspaceProjector
 from trl_nullspace.reference import (
     ReferenceBatch,
@@ -100,25 +101,29 @@ class NullSpaceTrainerMixin:
     def _check_backend_supported(self) -> None:
         """Refuse the backends and options whose projection would silently not apply.
 
-        FSDP keeps gradients and fp32 master weights in sharded flat parameters that this package
-        does not reach yet. Under DeepSpeed the engine steps the optimizer inside `backward`, before
-        `training_step` returns, so only the `update` target (applied to ZeRO's master weights
-        afterwards, see `trl_nullspace.zero`) can be honoured.
+        Under DeepSpeed the engine steps the optimizer inside `backward`, before `training_step`
+        returns, and under FSDP2 the gradients are row shards; for both only the `update` target
+        (applied to the sharded master weights afterwards, see `trl_nullspace.zero` and
+        `trl_nullspace.fsdp`) is honoured. FSDP1's flat parameters are not reached at all.
         """
-        if self.is_fsdp_enabled:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not support FSDP yet: its gradients and master weights are sharded in "
-                "flat parameters, so the projection would silently not apply. Use DeepSpeed ZeRO-1/2/3 or DDP."
-            )
-        if not self.is_deepspeed_enabled:
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             return
+        backend = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP"
+        if self.is_fsdp_enabled and not self.accelerator.is_fsdp2:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support FSDP1: its flat parameters hold the weights and master "
+                "copies, so the projection would silently not apply. Use fsdp_version: 2, DeepSpeed ZeRO or DDP."
+            )
         if self.args.nullspace_projection_target != "update":
             raise NotImplementedError(
-                "Under DeepSpeed the optimizer steps inside backward, before a gradient projection could run: use "
-                "nullspace_projection_target='update' (the default), which projects ZeRO's master weights instead."
+                f"Under {backend} the gradients are sharded (DeepSpeed also steps inside backward), so a gradient "
+                "projection cannot run: use nullspace_projection_target='update' (the default), which projects the "
+                "sharded master weights instead."
             )
+        if self.is_fsdp_enabled and self.args.nullspace_method != "activation":
+            raise NotImplementedError("Under FSDP only nullspace_method='activation' is supported yet.")
         if self.args.nullspace_refresh_steps is not None:
-            raise NotImplementedError("nullspace_refresh_steps is not supported under DeepSpeed yet.")
+            raise NotImplementedError(f"nullspace_refresh_steps is not supported under {backend} yet.")
 
     def _reference_tokenizer(self) -> PreTrainedTokenizerBase:
         """The text tokenizer, also when the processing class is a multimodal processor."""
@@ -228,14 +233,18 @@ class NullSpaceTrainerMixin:
         # ZeRO-3 may have partitioned the weights already (zero.Init): anchors need them whole once.
         with gathered([item.parameter for item in projector.constrained], modifier_rank=0):
             projector.initialise_anchors(track_updates=self.args.nullspace_projection_target == "update")
-        self._zero_master_projector = None
+        self._sharded_master_projector: ZeroMasterProjector | RowShardProjector | None = None
         return projector
 
-    def _zero_projector(self) -> ZeroMasterProjector:
-        """The projector of ZeRO's master weights, built once the DeepSpeed engine exists."""
-        if self._zero_master_projector is None:
-            self._zero_master_projector = ZeroMasterProjector(self.nullspace_projector.constrained)
-        return self._zero_master_projector
+    def _sharded_projector(self) -> ZeroMasterProjector | RowShardProjector:
+        """The projector of sharded master weights, built once DeepSpeed or FSDP2 has sharded them."""
+        if self._sharded_master_projector is None:
+            constrained = self.nullspace_projector.constrained
+            if self.is_deepspeed_enabled:
+                self._sharded_master_projector = ZeroMasterProjector(constrained, self.accelerator.device)
+            else:
+                self._sharded_master_projector = RowShardProjector(self.model, constrained)
+        return self._sharded_master_projector
 
     def _freeze_or_report(self, unconstrained: list[str]) -> None:
         if not unconstrained:
@@ -298,8 +307,9 @@ class NullSpaceTrainerMixin:
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
-        # Under DeepSpeed the engine has already stepped and released the gradients here.
-        if self.accelerator.sync_gradients and not self.is_deepspeed_enabled:
+        # Under DeepSpeed the engine has already stepped and released the gradients here; under
+        # FSDP2 they are row shards of new parameter objects. Both check the weights after the step.
+        if self.accelerator.sync_gradients and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             self._constrain_gradients()
         return loss
 
@@ -327,8 +337,8 @@ class NullSpaceTrainerMixin:
     def _nullspace_after_optimizer_step(self) -> None:
         if self.args.nullspace_projection_target != "update":
             return
-        if self.is_deepspeed_enabled:
-            removed = self._zero_projector().enforce_anchors()
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            removed = self._sharded_projector().enforce_anchors()
         else:
             removed = self.nullspace_projector.enforce_anchors()
         self._nullspace_metrics["update_removed_norm"].append(removed)

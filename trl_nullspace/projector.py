@@ -86,6 +86,14 @@ class ConstrainedParameter:
         self.zero_anchor = zero_anchor
         self.anchor: torch.Tensor | None = None
 
+    def move_to(self, device: torch.device) -> None:
+        """Move basis and anchor to where the weights are stepped (DeepSpeed and FSDP place the model
+        on the accelerator only when they shard it, after the subspace was bound)."""
+        self.basis = self.basis.to(device)
+        self.compute_basis = self.compute_basis.to(device)
+        if self.anchor is not None:
+            self.anchor = self.anchor.to(device)
+
     @property
     def rank(self) -> int:
         return self.basis.shape[1]

@@ -132,6 +132,8 @@ class _MasterFragment:
             )
         self.numel = numel
         self.pieces = fragment_pieces(start, numel, self.row_length) if numel else []
+        # Where the master fragment lives: the accelerator, or the CPU under optimizer offload.
+        item.move_to(self.master().device if numel else parameter.device)
 
     def master(self) -> torch.Tensor:
         """The fp32 master values this rank owns (ZeRO-3: its padded partition, a copy if offloaded)."""
@@ -154,7 +156,7 @@ class _MasterFragment:
         if full.numel() == self.rows * self.row_length:
             # Same arithmetic on every rank, so the replicated copies stay identical to each other.
             matrix = full.view(self.rows, self.row_length)
-            matrix.sub_((residual @ basis.T).to(matrix.dtype))
+            matrix.sub_((residual @ basis.T).to(device=matrix.device, dtype=matrix.dtype))
 
 
 def _check_partition_group(group: dist.ProcessGroup | None, name: str) -> None:
@@ -169,7 +171,8 @@ def _check_partition_group(group: dist.ProcessGroup | None, name: str) -> None:
 class ZeroMasterProjector:
     """Enforces `M U = A` on ZeRO master weights with one all-reduce of coefficients per step."""
 
-    def __init__(self, constrained: list[ConstrainedParameter]):
+    def __init__(self, constrained: list[ConstrainedParameter], communication_device: torch.device):
+        self.communication_device = communication_device
         self.fragments = [_MasterFragment(item) for item in constrained]
         self.offsets, total = [], 0
         for fragment in self.fragments:
@@ -178,14 +181,20 @@ class ZeroMasterProjector:
         self.buffer_numel = total
 
     def _all_reduced_coefficients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every parameter's full `M U` (d_out×k), summed over the ranks' fragments."""
-        device = self.fragments[0].item.basis.device if self.fragments else torch.device("cpu")
-        buffer = torch.zeros(self.buffer_numel, dtype=torch.float32, device=device)
+        """Every parameter's full `M U` (d_out×k), summed over the ranks' fragments.
+
+        Each block is computed where the master fragment lives and the buffer is reduced on the
+        communication device (the accelerator; both are the CPU in CPU runs).
+        """
+        buffer = torch.zeros(self.buffer_numel, dtype=torch.float32, device=self.communication_device)
         masters, blocks = [], []
         for fragment, offset in zip(self.fragments, self.offsets, strict=True):
             block = buffer[offset : offset + fragment.rows * fragment.item.rank].view(fragment.rows, -1)
             master = fragment.master()
-            add_fragment_coefficients(fragment.pieces, master, fragment.item.basis, block)
+            if fragment.pieces:
+                local = torch.zeros(block.shape, dtype=torch.float32, device=master.device)
+                add_fragment_coefficients(fragment.pieces, master, fragment.item.basis, local)
+                block.copy_(local)
             masters.append(master)
             blocks.append(block)
         dist.all_reduce(buffer)
@@ -206,7 +215,9 @@ class ZeroMasterProjector:
         removed_sq = 0.0
         for fragment, master, block in zip(self.fragments, masters, blocks, strict=True):
             anchor = fragment.item.anchor
-            residual = block - anchor if anchor is not None else block
+            residual = block.to(fragment.item.basis.device)
+            if anchor is not None:
+                residual = residual - anchor
             removed_sq += float(residual.square().sum())
             fragment.subtract(master, residual)
         return removed_sq**0.5

@@ -1,0 +1,75 @@
+"""FSDP2: the `update` projection on row-sharded weights, with no communication at all.
+
+FSDP2 (`fully_shard`) replaces every parameter by a DTensor sharded along dim 0 and the optimizer
+steps the local shards (kept in fp32 under mixed precision: they are the master weights). A Linear
+weight's rows are its output features and the basis `U` acts on its input features, so each rank
+restores `M U = A` on its own rows, `M_r ← M_r − (M_r U − A_r) Uᵀ`, using its rows of the anchor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+from trl_nullspace.projector import ConstrainedParameter, _total_norm
+
+
+class _RowShard:
+    """One constrained weight as FSDP2 holds it: the local rows and where they start."""
+
+    def __init__(self, item: ConstrainedParameter, parameter: nn.Parameter):
+        if item.flat:
+            raise NotImplementedError("The gradient method's flattened bases are not supported under FSDP yet.")
+        self.item = item
+        self.parameter = parameter
+        item.move_to(parameter.device)
+        rows = item.matrix_shape[0]
+        if isinstance(parameter.data, DTensor):
+            if tuple(parameter.placements) != (Shard(0),):
+                raise NotImplementedError(
+                    f"{item.name} is placed as {parameter.placements}; trl-nullspace supports FSDP2's row "
+                    "sharding (Shard(0)) on a 1-D mesh only."
+                )
+            mesh = parameter.device_mesh
+            chunk = -(-rows // mesh.size())  # torch.chunk's split: ceil(rows / shards) per rank
+            self.start = mesh.get_local_rank() * chunk
+        else:
+            self.start = 0
+
+    def local_matrix(self) -> torch.Tensor:
+        data = self.parameter.data
+        local = data.to_local() if isinstance(data, DTensor) else data
+        return local.view(-1, self.item.matrix_shape[1])
+
+    @torch.no_grad()
+    def enforce_anchor(self) -> torch.Tensor:
+        matrix = self.local_matrix()
+        basis = self.item.basis
+        residual = matrix.float() @ basis
+        if self.item.anchor is not None:
+            residual -= self.item.anchor[self.start : self.start + matrix.shape[0]]
+        matrix.sub_((residual @ basis.T).to(matrix.dtype))
+        return residual
+
+
+class RowShardProjector:
+    """Enforces `M U = A` on FSDP2's row shards; built after `fully_shard` swapped the parameters."""
+
+    def __init__(self, model: nn.Module, constrained: list[ConstrainedParameter]):
+        parameters = dict(model.named_parameters())
+        missing = [item.name for item in constrained if item.name not in parameters]
+        if missing:
+            raise RuntimeError(f"FSDP renamed or dropped constrained parameters, e.g. {missing[:3]}.")
+        self.shards = [_RowShard(item, parameters[item.name]) for item in constrained]
+
+    def enforce_anchors(self) -> float:
+        """Project every local shard back onto its anchor rows; returns this rank's removed norm."""
+        residuals = [shard.enforce_anchor() for shard in self.shards]
+        norm = float(_total_norm(residuals))
+        if norm != norm or norm == float("inf"):
+            raise FloatingPointError(
+                "NaN or inf weights after the optimizer step: the step diverged. Lower the learning rate or check "
+                "the batch; checkpoints saved before this step are intact."
+            )
+        return norm
