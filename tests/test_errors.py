@@ -132,26 +132,32 @@ def test_refresh_re_estimates_and_stays_exact(model, tokenizer, safety_dataset, 
     assert (logits_on(trainer.model, trainer._reference_batches) - before).abs().max().item() < 1e-4
 
 
-def test_fsdp_is_refused_not_silently_ignored(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+def test_fsdp1_is_refused_not_silently_ignored(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
     trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
-    trainer.is_fsdp_enabled = True
-    with pytest.raises(NotImplementedError, match="FSDP.*would silently not apply"):
+    trainer.is_fsdp_enabled = True  # and Accelerate's is_fsdp2 is False: FSDP1
+    with pytest.raises(NotImplementedError, match="FSDP1.*would silently not apply"):
         trainer._check_backend_supported()
 
 
 @pytest.mark.parametrize(
-    "option, message",
+    "backend, option, message",
     [
-        ({"nullspace_projection_target": "gradient"}, "optimizer steps inside backward"),
-        ({"nullspace_refresh_steps": 4}, "nullspace_refresh_steps is not supported under DeepSpeed"),
+        ("fsdp2", {"nullspace_projection_target": "gradient"}, "Under FSDP the gradients are sharded"),
+        ("fsdp2", {"nullspace_method": "gradient"}, "only nullspace_method='activation'"),
+        ("deepspeed", {"nullspace_projection_target": "gradient"}, "Under DeepSpeed the gradients are sharded"),
+        ("deepspeed", {"nullspace_refresh_steps": 4}, "nullspace_refresh_steps is not supported under DeepSpeed"),
     ],
 )
-def test_deepspeed_refuses_options_it_cannot_honour(
-    model, tokenizer, safety_dataset, reference_dataset, tmp_path, option, message
+def test_sharded_backends_refuse_options_they_cannot_honour(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, monkeypatch, backend, option, message
 ):
     trainer = make_sft_trainer(
         model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9, **option
     )
-    trainer.is_deepspeed_enabled = True
+    if backend == "deepspeed":
+        trainer.is_deepspeed_enabled = True
+    else:
+        trainer.is_fsdp_enabled = True
+        monkeypatch.setattr(type(trainer.accelerator), "is_fsdp2", property(lambda self: True))
     with pytest.raises(NotImplementedError, match=message):
         trainer._check_backend_supported()

@@ -5,10 +5,12 @@ A null-space trainer is `class NullSpaceXTrainer(NullSpaceTrainerMixin, XTrainer
     or estimates it from the reference data, binds it to the trainable parameters and freezes
     what it cannot constrain;
  2. overrides `training_step`: after `super()` has run backward, and only when gradients are
-    synchronised (the last micro-batch of an optimizer step), it measures the gradient's share in
-    the subspace and, with `projection_target="gradient"`, removes it;
+    synchronised (the last micro-batch of an optimizer step), it checks them for NaN/inf and, with
+    `projection_target="gradient"`, removes their share in the subspace (measured for logged steps);
  3. with `projection_target="update"`, projects the parameters right after `optimizer.step()`
     (a `TrainerCallback.on_optimizer_step`), so what AdamW and weight decay did is projected too;
+    under DeepSpeed ZeRO and FSDP2 it projects the sharded master weights instead
+    (`trl_nullspace.zero`, `trl_nullspace.fsdp`; see docs/backends.md);
  4. adds `nullspace/*` metrics to the trainer's normal logs.
 """
 
