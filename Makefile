@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Demo pipeline: sft, dpo (SFT→DPO) or grpo (SFT→GRPO).
 TRAINER ?= sft
 
-.PHONY: install demo toy-assets bench-speed test lint format clean
+.PHONY: install demo toy-assets bench-tax bench-speed test lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: $(INSTALLED)
 # Writes outputs/toy (tiny model + datasets) for the offline recipes in recipes/configs/toy_*.yaml.
 toy-assets: $(INSTALLED)
 	$(PYTHON) -m trl_nullspace.toy_assets outputs/toy
+
+# Alignment tax per method (plain TRL, null-space variants, OGPSA-style, LoRA), 3 seeds, CPU, ~4 min.
+bench-tax: $(INSTALLED)
+	$(PYTHON) -m benchmarks.tax
 
 # Step time and peak memory vs plain TRL in the same run; `BENCH_ARGS="--preset gpu"` on a GPU.
 bench-speed: $(INSTALLED)
