@@ -55,4 +55,4 @@ def test_resume_from_a_checkpoint_without_subspace_is_refused(
     checkpoint.mkdir()
     model.save_pretrained(str(checkpoint))
     with pytest.raises(FileNotFoundError, match="not written by a null-space trainer"):
-        trainer._load_from_checkpoint(str(checkpoint))
+        trainer.train(resume_from_checkpoint=str(checkpoint))

@@ -210,3 +210,29 @@ def test_fsdp2_row_shards_keep_reference_outputs():
     assert float(results[""]["drift"]) < 1e-4
     assert float(results[""]["moved"]) > 1e-2
     assert float(results["--no-projection"]["drift"]) > 1e-2
+
+
+def test_deepspeed_resume_restores_the_checkpoint_subspace(assets, tmp_path):
+    """ZeRO-2, 2 processes: stop at a checkpoint, resume with a config whose rank rule would give
+    another subspace; the checkpoint's subspace and anchors win, so the resumed run ends where the
+    uninterrupted one did (it would not with the fresh subspace)."""
+    accelerate_config = _cpu_accelerate_config(tmp_path, "zero2.yaml", 29546)
+    recipe = os.path.join(ROOT, "recipes", "sft.py")
+    full = _config(assets, tmp_path, "full", 4, True)
+    settings = yaml.safe_load(open(full)) | {"save_strategy": "steps", "save_steps": 3}
+    (tmp_path / "full.yaml").write_text(yaml.safe_dump(settings))
+    _train(recipe, full, accelerate_config)
+
+    resumed = settings | {
+        "output_dir": str(tmp_path / "resumed"),
+        "resume_from_checkpoint": str(tmp_path / "full" / "checkpoint-3"),
+        "nullspace_eigenvalue_threshold": 1.0e-2,
+        "nullspace_cache_path": None,
+    }
+    (tmp_path / "resumed.yaml").write_text(yaml.safe_dump(resumed))
+    _train(recipe, str(tmp_path / "resumed.yaml"), accelerate_config)
+    difference = _max_difference(
+        load_file(str(tmp_path / "full" / "model.safetensors")),
+        load_file(str(tmp_path / "resumed" / "model.safetensors")),
+    )
+    assert difference < 1e-5, difference

@@ -26,7 +26,7 @@ import datasets
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
 from trl_nullspace.cache import check_cache_matches, load_subspace, save_subspace
@@ -285,14 +285,26 @@ class NullSpaceTrainerMixin:
             anchors=self.nullspace_projector.anchors(),
         )
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """After TRL has loaded the weights, restore the checkpoint's subspace and anchors."""
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, CHECKPOINT_FILE)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """Restore the checkpoint's subspace and anchors first, then let TRL resume.
+
+        Done before TRL's own loop for every backend: under DeepSpeed and FSDP the Trainer loads
+        the checkpoint only after sharding the model, where the anchors could no longer be bound.
+        """
+        if resume_from_checkpoint:
+            path = resume_from_checkpoint
+            if not isinstance(path, str):
+                path = get_last_checkpoint(self.args.output_dir)
+            if path is not None:
+                self._restore_subspace_from_checkpoint(path)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _restore_subspace_from_checkpoint(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, CHECKPOINT_FILE)
         if not os.path.exists(path):
             raise FileNotFoundError(
-                f"{resume_from_checkpoint} has no {CHECKPOINT_FILE}: it was not written by a null-space trainer, so "
-                "the subspace and anchors it trained under are unknown. Resume from a null-space checkpoint."
+                f"{checkpoint} has no {CHECKPOINT_FILE}: it was not written by a null-space trainer, so the "
+                "subspace and anchors it trained under are unknown. Resume from a null-space checkpoint."
             )
         subspace, header = load_subspace(path)
         check_cache_matches(path, header, {"architecture_fingerprint": architecture_fingerprint(self.model)})
