@@ -16,8 +16,12 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from trl_nullspace import __version__
+from trl_nullspace.config import NullSpaceArguments
+from trl_nullspace.fingerprint import architecture_fingerprint, model_name
+from trl_nullspace.reference import ReferenceBatch, reference_fingerprint
 from trl_nullspace.subspace import CapabilitySubspace
 
 FORMAT_VERSION = 1
@@ -92,6 +96,29 @@ def load_subspace(path: str) -> tuple[CapabilitySubspace, dict[str, Any]]:
     )
     header["anchors"] = tables["anchor"]
     return subspace, header
+
+
+def expected_provenance(
+    model: nn.Module, settings: NullSpaceArguments, batches: list[ReferenceBatch] | None, weights: str
+) -> dict[str, Any]:
+    """What a cache must record to serve this model and these settings (the weights only if they
+    must match, the reference data only if there is any to compare with)."""
+    expected = {
+        "method": settings.nullspace_method,
+        "rank_selection": settings.nullspace_rank_selection.to_dict(),
+        "target_modules": settings.nullspace_target_modules,
+        "architecture_fingerprint": architecture_fingerprint(model),
+    }
+    if settings.nullspace_cache_match_weights:
+        expected["weights_fingerprint"] = weights
+    if batches is not None:
+        expected["reference_fingerprint"] = reference_fingerprint(batches)
+    return expected
+
+
+def saved_provenance(model: nn.Module, weights: str, expected: dict[str, Any]) -> dict[str, Any]:
+    """What a written cache or checkpoint records: the expectations, the model's name and weights."""
+    return {"model_name": model_name(model), "weights_fingerprint": weights, **expected}
 
 
 def check_cache_matches(path: str, header: dict[str, Any], expected: dict[str, Any]) -> None:

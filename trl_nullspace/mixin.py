@@ -29,20 +29,24 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
-from trl_nullspace.cache import check_cache_matches, load_subspace, save_subspace
+from trl_nullspace.cache import (
+    check_cache_matches,
+    expected_provenance,
+    load_subspace,
+    save_subspace,
+    saved_provenance,
+)
 from trl_nullspace.config import NullSpaceArguments
-from trl_nullspace.estimators import estimate_activation_subspace, estimate_gradient_subspace
+from trl_nullspace.estimators import estimate_subspace
 from trl_nullspace.fingerprint import architecture_fingerprint, model_name, weights_fingerprint
 from trl_nullspace.fsdp import RowShardProjector
 from trl_nullspace.projector import SubspaceProjector
 from trl_nullspace.reference import (
     ReferenceBatch,
     load_reference_dataset,
-    reference_fingerprint,
     tokenize_reference,
 )
 from trl_nullspace.subspace import CapabilitySubspace
-from trl_nullspace.targets import find_target_linears
 from trl_nullspace.zero import ZeroMasterProjector, gathered
 
 logger = logging.get_logger(__name__)
@@ -149,22 +153,7 @@ class NullSpaceTrainerMixin:
         )
 
     def _expected_provenance(self, weights: str) -> dict[str, Any]:
-        """What a cache must record to be used for this run (the weights only if they must match)."""
-        expected = {
-            "method": self.args.nullspace_method,
-            "rank_selection": self.args.nullspace_rank_selection.to_dict(),
-            "target_modules": self.args.nullspace_target_modules,
-            "architecture_fingerprint": architecture_fingerprint(self.model),
-        }
-        if self.args.nullspace_cache_match_weights:
-            expected["weights_fingerprint"] = weights
-        if self._reference_batches is not None:
-            expected["reference_fingerprint"] = reference_fingerprint(self._reference_batches)
-        return expected
-
-    def _saved_provenance(self, weights: str, expected: dict[str, Any]) -> dict[str, Any]:
-        """What a written cache or checkpoint records: the run's expectations, the model's name and weights."""
-        return {"model_name": model_name(self.model), "weights_fingerprint": weights, **expected}
+        return expected_provenance(self.model, self.args, self._reference_batches, weights)
 
     def _load_or_estimate_subspace(self) -> CapabilitySubspace:
         if self.args.nullspace_refresh_steps is not None and self._reference_batches is None:
@@ -187,7 +176,7 @@ class NullSpaceTrainerMixin:
         with gathered(self.model.parameters()):
             subspace = self.estimate_subspace()
         if path is not None and self.is_world_process_zero():
-            save_subspace(path, subspace, self._saved_provenance(weights, expected))
+            save_subspace(path, subspace, saved_provenance(self.model, weights, expected))
             logger.info("trl-nullspace: saved the capability subspace to %s", path)
         return subspace
 
@@ -213,19 +202,7 @@ class NullSpaceTrainerMixin:
 
     def estimate_subspace(self) -> CapabilitySubspace:
         """Estimate the subspace from the reference batches with the current weights."""
-        linears = find_target_linears(self.model, self.args.nullspace_target_modules)
-        selection = self.args.nullspace_rank_selection
-        show_progress = not self.args.disable_tqdm
-        if self.args.nullspace_method == "activation":
-            return estimate_activation_subspace(self.model, self._reference_batches, linears, selection, show_progress)
-        return estimate_gradient_subspace(
-            self.model,
-            self._reference_batches,
-            linears,
-            selection,
-            self.args.nullspace_gradient_batches,
-            show_progress,
-        )
+        return estimate_subspace(self.model, self._reference_batches, self.args, not self.args.disable_tqdm)
 
     def _bind(self, subspace: CapabilitySubspace) -> SubspaceProjector:
         projector = SubspaceProjector.bind(
@@ -281,7 +258,7 @@ class NullSpaceTrainerMixin:
         save_subspace(
             os.path.join(folder, CHECKPOINT_FILE),
             self.nullspace_subspace,
-            self._saved_provenance(weights, self._expected_provenance(weights)),
+            saved_provenance(self.model, weights, self._expected_provenance(weights)),
             anchors=self.nullspace_projector.anchors(),
         )
 

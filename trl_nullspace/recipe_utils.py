@@ -7,9 +7,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 
-def parse_recipe_arguments(config_class: type) -> tuple[ScriptArguments, object, ModelConfig]:
+def parse_recipe_arguments(
+    config_class: type, args: list[str] | None = None
+) -> tuple[ScriptArguments, object, ModelConfig]:
     """TRL-style parsing: `--config file.yaml` plus command-line flags that override it."""
-    return TrlParser((ScriptArguments, config_class, ModelConfig)).parse_args_and_config()
+    return TrlParser((ScriptArguments, config_class, ModelConfig)).parse_args_and_config(args=args)
 
 
 def load_model_and_tokenizer(model_args: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -29,9 +31,10 @@ def load_train_dataset(script_args: ScriptArguments) -> datasets.Dataset:
     return loaded[script_args.dataset_train_split]
 
 
-def run_recipe(trainer_class: type, config_class: type, **trainer_kwargs) -> None:
-    """Parse `--config`, load model and data, train (resuming if asked) and save: every recipe's body."""
-    script_args, training_args, model_args = parse_recipe_arguments(config_class)
+def run_recipe(trainer_class: type, config_class: type, args: list[str] | None = None, **trainer_kwargs) -> None:
+    """Parse `--config` (from `args`, default the command line), load model and data, train (resuming
+    if asked) and save: every recipe's and CLI training command's body."""
+    script_args, training_args, model_args = parse_recipe_arguments(config_class, args)
     model, tokenizer = load_model_and_tokenizer(model_args)
     trainer = trainer_class(
         model=model,

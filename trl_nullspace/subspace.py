@@ -31,6 +31,15 @@ class CapabilitySubspace:
     def basis_for(self, target: str) -> torch.Tensor:
         return self.bases[self.targets[target]]
 
+    def energy_kept(self, key: str) -> float | None:
+        """Share of the reference statistic's eigenvalue mass in the kept directions (None if unknown)."""
+        values = self.eigenvalues.get(key)
+        if values is None or values.numel() == 0:
+            return None
+        values = values.double().clamp_min(0.0)
+        total = values.sum().item()
+        return values[: self.bases[key].shape[1]].sum().item() / total if total > 0 else 0.0
+
     def num_bytes(self) -> int:
         return sum(basis.numel() * basis.element_size() for basis in self.bases.values())
 
@@ -41,5 +50,8 @@ class CapabilitySubspace:
             users.setdefault(key, []).append(target.rsplit(".", 1)[-1])
         lines = [f"{self.method} subspace, {len(self.bases)} bases, {self.num_bytes() / 2**20:.2f} MiB"]
         for key, basis in self.bases.items():
-            lines.append(f"  {key}: rank {basis.shape[1]}/{basis.shape[0]} ({', '.join(sorted(set(users[key])))})")
+            energy = self.energy_kept(key)
+            kept = f", energy kept {energy:.2%}" if energy is not None else ""
+            members = ", ".join(sorted(set(users[key])))
+            lines.append(f"  {key}: rank {basis.shape[1]}/{basis.shape[0]}{kept} ({members})")
         return "\n".join(lines)

@@ -1,6 +1,28 @@
 """Estimators of the capability subspace from a reference set."""
 
+from __future__ import annotations
+
+from torch import nn
+
+from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.estimators.activation import estimate_activation_subspace
 from trl_nullspace.estimators.gradient import estimate_gradient_subspace
+from trl_nullspace.reference import ReferenceBatch
+from trl_nullspace.subspace import CapabilitySubspace
+from trl_nullspace.targets import find_target_linears
 
-__all__ = ["estimate_activation_subspace", "estimate_gradient_subspace"]
+
+def estimate_subspace(
+    model: nn.Module, batches: list[ReferenceBatch], settings: NullSpaceArguments, show_progress: bool = True
+) -> CapabilitySubspace:
+    """The subspace `settings` asks for (method, target modules, rank rule), from `batches`."""
+    linears = find_target_linears(model, settings.nullspace_target_modules)
+    selection = settings.nullspace_rank_selection
+    if settings.nullspace_method == "activation":
+        return estimate_activation_subspace(model, batches, linears, selection, show_progress)
+    return estimate_gradient_subspace(
+        model, batches, linears, selection, settings.nullspace_gradient_batches, show_progress
+    )
+
+
+__all__ = ["estimate_activation_subspace", "estimate_gradient_subspace", "estimate_subspace"]

@@ -1,0 +1,79 @@
+"""`trl-nullspace`: estimate writes the cache a trainer then loads as is; inspect reports and checks."""
+
+import pytest
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import training_kwargs
+from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, toy
+from trl_nullspace.cli import main
+from trl_nullspace.reference import load_reference_dataset
+from trl_nullspace.toy_assets import write_toy_assets
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("toy")
+    write_toy_assets(str(directory))
+    return directory
+
+
+def _estimate(assets, cache) -> None:
+    main(
+        ["estimate", "--model_name_or_path", str(assets / "model"), "--quiet"]
+        + ["--nullspace_reference_dataset", str(assets / "reference" / "train.jsonl")]
+        + ["--nullspace_reference_num_samples", "16", "--nullspace_cache_path", str(cache)]
+    )
+
+
+def test_estimate_writes_a_cache_the_trainer_loads_without_re_estimating(assets, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "subspace.safetensors"
+    _estimate(assets, cache)
+    printed = capsys.readouterr().out
+    assert "rank" in printed and "energy kept" in printed and str(cache) in printed
+
+    def must_not_estimate(self):
+        raise AssertionError("the trainer re-estimated instead of loading the CLI's cache")
+
+    monkeypatch.setattr(NullSpaceSFTTrainer, "estimate_subspace", must_not_estimate)
+    trainer = NullSpaceSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(str(assets / "model")),
+        args=NullSpaceSFTConfig(
+            **training_kwargs(tmp_path), nullspace_cache_path=str(cache), nullspace_reference_num_samples=16
+        ),
+        train_dataset=load_reference_dataset(str(assets / "reference" / "train.jsonl")),
+        processing_class=AutoTokenizer.from_pretrained(str(assets / "model")),
+        reference_dataset=load_reference_dataset(str(assets / "reference" / "train.jsonl")),
+    )
+    saved = load_file(str(cache))
+    for key, basis in trainer.nullspace_subspace.bases.items():
+        assert (saved[f"basis/{key}"] == basis).all()
+
+
+def test_inspect_reports_the_cache_and_whether_a_model_fits(assets, tmp_path, capsys):
+    cache = tmp_path / "subspace.safetensors"
+    _estimate(assets, cache)
+    capsys.readouterr()
+    assert main(["inspect", str(cache), "--model", str(assets / "model")]) == 0
+    printed = capsys.readouterr().out
+    assert "activation subspace" in printed and "MiB on disk" in printed and "matches" in printed
+
+    other = tmp_path / "other-model"
+    toy.build_tiny_qwen2(toy.build_char_tokenizer(), seed=1).save_pretrained(str(other))
+    assert main(["inspect", str(cache), "--model", str(other)]) == 1
+    assert "does NOT match" in capsys.readouterr().out
+
+
+def test_unknown_command_prints_usage(capsys):
+    assert main(["train"]) == 2
+    assert "usage: trl-nullspace" in capsys.readouterr().out
+
+
+def test_sft_command_runs_the_recipe(assets, tmp_path):
+    main(
+        ["sft", "--model_name_or_path", str(assets / "model"), "--dataset_name", str(assets / "safety_sft")]
+        + ["--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--use_cpu", "--bf16", "False"]
+        + ["--report_to", "none", "--nullspace_reference_dataset", str(assets / "reference" / "train.jsonl")]
+        + ["--nullspace_reference_num_samples", "8"]
+    )
+    assert (tmp_path / "out" / "model.safetensors").exists()

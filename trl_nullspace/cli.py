@@ -1,0 +1,149 @@
+"""`trl-nullspace`: the null-space trainers and the subspace cache from the command line.
+
+Training subcommands mirror TRL's CLI and the `recipes/` scripts (a YAML of TRL keys plus
+`nullspace_*`, flags override it); run them under `accelerate launch` for several processes:
+
+    trl-nullspace sft  --config recipes/configs/toy_sft.yaml
+    trl-nullspace dpo  --config recipes/configs/toy_dpo.yaml
+    trl-nullspace grpo --config recipes/configs/toy_grpo.yaml      # offline refusal reward
+    trl-nullspace rloo --config my_rloo.yaml                       # same reward
+
+Cache subcommands:
+
+    trl-nullspace estimate --model_name_or_path MODEL --nullspace_reference_dataset DATA \\
+        --nullspace_cache_path subspace.safetensors [--nullspace_energy 0.99 ...]
+    trl-nullspace inspect subspace.safetensors [--model MODEL]
+
+`estimate` writes the cache a trainer with the same `nullspace_*` settings and reference data
+loads instead of estimating; `inspect` summarises a cache and, given a model, says whether it fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+
+from transformers import AutoModelForCausalLM, HfArgumentParser
+from trl import ModelConfig
+
+from trl_nullspace.cache import (
+    CacheMismatchError,
+    check_cache_matches,
+    expected_provenance,
+    load_subspace,
+    save_subspace,
+    saved_provenance,
+)
+from trl_nullspace.config import (
+    NullSpaceArguments,
+    NullSpaceDPOConfig,
+    NullSpaceGRPOConfig,
+    NullSpaceRLOOConfig,
+    NullSpaceSFTConfig,
+)
+from trl_nullspace.estimators import estimate_subspace
+from trl_nullspace.fingerprint import architecture_fingerprint, weights_fingerprint
+from trl_nullspace.recipe_utils import load_model_and_tokenizer, run_recipe
+from trl_nullspace.reference import load_reference_dataset, tokenize_reference
+from trl_nullspace.rewards import refusal_reward
+from trl_nullspace.trainers import (
+    NullSpaceDPOTrainer,
+    NullSpaceGRPOTrainer,
+    NullSpaceRLOOTrainer,
+    NullSpaceSFTTrainer,
+)
+
+TRAINERS = {
+    "sft": (NullSpaceSFTTrainer, NullSpaceSFTConfig, {}),
+    "dpo": (NullSpaceDPOTrainer, NullSpaceDPOConfig, {}),
+    "grpo": (NullSpaceGRPOTrainer, NullSpaceGRPOConfig, {"reward_funcs": refusal_reward}),
+    "rloo": (NullSpaceRLOOTrainer, NullSpaceRLOOConfig, {"reward_funcs": refusal_reward}),
+}
+
+
+@dataclass
+class EstimateArguments:
+    """What `estimate` needs besides the `nullspace_*` settings and the model."""
+
+    quiet: bool = field(default=False, metadata={"help": "No progress bar."})
+
+
+def estimate(argv: list[str]) -> None:
+    """Estimate a subspace and write it where `nullspace_cache_path` says."""
+    parser = HfArgumentParser((NullSpaceArguments, ModelConfig, EstimateArguments))
+    settings, model_args, options = parser.parse_args_into_dataclasses(args=argv)
+    if settings.nullspace_cache_path is None or settings.nullspace_reference_dataset is None:
+        parser.error("estimate needs --nullspace_cache_path and --nullspace_reference_dataset.")
+    if model_args.model_name_or_path is None:
+        parser.error("estimate needs --model_name_or_path.")
+    model, tokenizer = load_model_and_tokenizer(model_args)
+    batches = tokenize_reference(
+        load_reference_dataset(settings.nullspace_reference_dataset, settings.nullspace_reference_split),
+        tokenizer,
+        batch_size=settings.nullspace_reference_batch_size,
+        max_length=settings.nullspace_reference_max_length,
+        num_samples=settings.nullspace_reference_num_samples,
+    )
+    subspace = estimate_subspace(model, batches, settings, show_progress=not options.quiet)
+    weights = weights_fingerprint(model)
+    expected = expected_provenance(model, settings, batches, weights)
+    save_subspace(settings.nullspace_cache_path, subspace, saved_provenance(model, weights, expected))
+    print(subspace.summary())
+    print(f"wrote {settings.nullspace_cache_path} ({os.path.getsize(settings.nullspace_cache_path) / 2**20:.2f} MiB)")
+
+
+def inspect_cache(argv: list[str]) -> int:
+    """Summarise a cache; with `--model`, check it against that model (exit code 1 if it does not fit)."""
+    parser = argparse.ArgumentParser(prog="trl-nullspace inspect", description=inspect_cache.__doc__)
+    parser.add_argument("cache", help="a .safetensors file written by estimate or by a trainer")
+    parser.add_argument("--model", help="a model folder or Hub name to check the cache against")
+    options = parser.parse_args(argv)
+    subspace, header = load_subspace(options.cache)
+    print(subspace.summary())
+    print(f"file: {options.cache}, {os.path.getsize(options.cache) / 2**20:.2f} MiB on disk")
+    for key in ("model_name", "library_version", "rank_selection", "target_modules", "settings"):
+        if key in header:
+            print(f"{key}: {header[key]}")
+    for key in ("architecture_fingerprint", "weights_fingerprint", "reference_fingerprint"):
+        if key in header:
+            print(f"{key}: {header[key][:16]}…")
+    if header.get("anchors"):
+        print(f"anchors: {len(header['anchors'])} (a trainer checkpoint)")
+    if options.model is None:
+        return 0
+    model = AutoModelForCausalLM.from_pretrained(options.model)
+    expected = {
+        "architecture_fingerprint": architecture_fingerprint(model),
+        "weights_fingerprint": weights_fingerprint(model),
+    }
+    try:
+        check_cache_matches(options.cache, header, expected)
+    except CacheMismatchError as mismatch:
+        print(f"does NOT match {options.model}:\n{mismatch}")
+        return 1
+    print(f"matches {options.model} (architecture and weights)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = [*TRAINERS, "estimate", "inspect"]
+    if not argv or argv[0] not in commands:
+        print(__doc__)
+        print(f"usage: trl-nullspace {{{','.join(commands)}}} ...")
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    command, rest = argv[0], argv[1:]
+    if command == "estimate":
+        estimate(rest)
+        return 0
+    if command == "inspect":
+        return inspect_cache(rest)
+    trainer_class, config_class, trainer_kwargs = TRAINERS[command]
+    run_recipe(trainer_class, config_class, args=rest, **trainer_kwargs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
