@@ -37,6 +37,7 @@ from trl import SFTConfig, SFTTrainer
 
 from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, toy
 from trl_nullspace.demo.evaluate import general_accuracy, refusal_rate
+from trl_nullspace.demo.pipelines import common_training_arguments
 from trl_nullspace.demo.pretrain import encode_for_training, pretrain_general_skill
 
 METHODS = {
@@ -76,21 +77,12 @@ def train_variant(name: str, base, tokenizer, train: datasets.Dataset, reference
     """Safety SFT of a copy of `base` with one method; returns the trained model."""
     settings = dict(METHODS[name])
     lora = settings.pop("lora", False)
-    common = dict(
-        output_dir=os.path.join(workdir, name.replace(" ", "_")),
-        num_train_epochs=40,
-        learning_rate=3e-3,
-        per_device_train_batch_size=8,
-        weight_decay=0.1,
-        lr_scheduler_type="constant",
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1000,
-        use_cpu=True,
-        bf16=False,
-        disable_tqdm=True,
-        seed=seed,
-    )
+    common = {
+        **common_training_arguments(seed),  # the demo's: AdamW, weight decay 0.1, constant lr, fp32 CPU
+        "output_dir": os.path.join(workdir, name.replace(" ", "_")),
+        "num_train_epochs": 40,
+        "learning_rate": 3e-3,
+    }
     extra = {"peft_config": LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")} if lora else {}
     if name.startswith("plain") or name == "LoRA, plain TRL":
         trainer = SFTTrainer(

@@ -37,7 +37,7 @@ class Stage:
     trainer_kwargs: Callable[[object], dict] = field(default=lambda model: {})
 
 
-def _common_arguments(seed: int) -> dict:
+def common_training_arguments(seed: int) -> dict:
     """Shared by every stage and variant: AdamW with weight decay, fp32 on CPU, no checkpoints."""
     return dict(
         per_device_train_batch_size=8,
@@ -111,7 +111,7 @@ def run_pipeline(
     for index, stage in enumerate(stages):
         trainer_class, config_class = stage.null_space if null_space else stage.plain
         arguments = {
-            **_common_arguments(seed),
+            **common_training_arguments(seed),
             **stage.arguments,
             "output_dir": os.path.join(output_dir, f"stage{index}-{trainer_class.__name__}"),
         }
