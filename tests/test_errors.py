@@ -161,3 +161,52 @@ def test_sharded_backends_refuse_options_they_cannot_honour(
         monkeypatch.setattr(type(trainer.accelerator), "is_fsdp2", property(lambda self: True))
     with pytest.raises(NotImplementedError, match=message):
         trainer._check_backend_supported()
+
+
+@pytest.mark.parametrize(
+    "optim, target, message",
+    [
+        ("schedule_free_adamw", "update", "keeps its own copy of the weights' trajectory"),
+        ("adamw_anyprecision", "update", "keeps its own copy of the weights' trajectory"),
+        ("lomo", "update", "updates the weights during backward"),
+        ("galore_adamw_layerwise", "gradient", "steps each layer inside backward"),
+    ],
+)
+def test_optimizers_that_would_undo_the_projection_are_refused(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, optim, target, message
+):
+    from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+
+    config = NullSpaceSFTConfig(
+        **training_kwargs(tmp_path, optim=optim), nullspace_energy=0.9, nullspace_projection_target=target
+    )
+    with pytest.raises(ValueError, match=message):
+        NullSpaceSFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=safety_dataset,
+            processing_class=tokenizer,
+            reference_dataset=reference_dataset,
+        )
+
+
+def test_quantized_base_weights_are_refused_without_adapters(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    class TrainableQuantizer:  # as a QAT-capable quantizer: transformers' own check lets it through
+        is_trainable = True
+        is_qat_trainable = True
+
+    model.hf_quantizer = TrainableQuantizer()  # what from_pretrained(quantization_config=...) sets
+    with pytest.raises(ValueError, match="base weights are quantized.*LoRA"):
+        make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+
+
+def test_a_tiny_reference_set_warns_that_it_caps_the_rank(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, caplog
+):
+    from transformers.utils import logging
+
+    logging.enable_propagation()
+    make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+    assert "reference set has only" in caplog.text and "capped at rank" in caplog.text

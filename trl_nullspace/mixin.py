@@ -93,6 +93,8 @@ class NullSpaceTrainerMixin:
                 f"{self.config_class.__name__}; got {type(self.args).__name__}."
             )
         self._check_backend_supported()
+        self._check_optimizer_supported()
+        self._check_not_training_quantized_weights()
         self._nullspace_metrics: dict[str, list[float]] = defaultdict(list)
         self._reference_batches = self._load_reference_batches(reference_dataset)
         self.nullspace_subspace = self._load_or_estimate_subspace()
@@ -130,6 +132,51 @@ class NullSpaceTrainerMixin:
             raise NotImplementedError("Under FSDP only nullspace_method='activation' is supported yet.")
         if self.args.nullspace_refresh_steps is not None:
             raise NotImplementedError(f"nullspace_refresh_steps is not supported under {backend} yet.")
+
+    def _check_optimizer_supported(self) -> None:
+        """Refuse optimizers that would undo or bypass the projection.
+
+        Schedule-free optimizers keep the real iterates in their state and rebuild the weights from
+        them, and AnyPrecision AdamW keeps Kahan compensation buffers: both put back what the
+        `update` projection removed. LOMO/AdaLomo and the layer-wise GaLore/APOLLO variants step
+        inside backward, so no synchronised gradient is ever seen for the `gradient` target.
+        """
+        optim = str(getattr(self.args.optim, "value", self.args.optim))
+        if self.args.nullspace_projection_target == "update" and (
+            optim.startswith("schedule_free") or optim == "adamw_anyprecision"
+        ):
+            raise ValueError(
+                f"optim={optim!r} keeps its own copy of the weights' trajectory in its state, which would restore "
+                "what nullspace_projection_target='update' removes after each step. Use adamw_torch (or another "
+                "optimizer that updates the weights in place)."
+            )
+        if optim in ("lomo", "adalomo"):
+            raise ValueError(
+                f"optim={optim!r} updates the weights during backward, without an optimizer step the projection "
+                "can follow. Use adamw_torch (or another optimizer with a step)."
+            )
+        if self.args.nullspace_projection_target == "gradient" and optim.endswith("_layerwise"):
+            raise ValueError(
+                f"optim={optim!r} steps each layer inside backward, before nullspace_projection_target='gradient' "
+                "could project its gradient. Use the update target (the default) or a non-layer-wise optimizer."
+            )
+
+    def _check_not_training_quantized_weights(self) -> None:
+        """Quantized weights cannot be updated or projected; only adapters on top of them can (QLoRA)."""
+        quantized = getattr(self.model, "hf_quantizer", None) is not None or getattr(self.model, "is_quantized", False)
+        if not quantized:
+            return
+        base_trainable = [
+            name
+            for name, parameter in self.model.named_parameters()
+            if parameter.requires_grad and "lora_" not in name
+        ]
+        if base_trainable or self.args.nullspace_method != "activation":
+            raise ValueError(
+                "The model's base weights are quantized: they cannot be projected or trained directly. Train LoRA "
+                "adapters on them (pass peft_config, QLoRA-style) with nullspace_method='activation'; trainable "
+                f"non-adapter parameters found: {base_trainable[:3]}."
+            )
 
     def _reference_tokenizer(self) -> PreTrainedTokenizerBase:
         """The text tokenizer, also when the processing class is a multimodal processor."""
@@ -175,10 +222,29 @@ class NullSpaceTrainerMixin:
         # subspace without communication; only the main process writes the cache.
         with gathered(self.model.parameters()):
             subspace = self.estimate_subspace()
+        self._warn_if_reference_is_tiny(subspace)
         if path is not None and self.is_world_process_zero():
             save_subspace(path, subspace, saved_provenance(self.model, weights, expected))
             logger.info("trl-nullspace: saved the capability subspace to %s", path)
         return subspace
+
+    def _warn_if_reference_is_tiny(self, subspace: CapabilitySubspace) -> None:
+        """Few reference tokens cap every activation basis' rank: the constraint then protects only
+        what those tokens exercise, and the general skill may still move."""
+        tokens = subspace.settings.get("reference_tokens")
+        if tokens is None:
+            return
+        capped = [key for key, basis in subspace.bases.items() if basis.shape[0] > tokens]
+        if capped:
+            logger.warning(
+                "trl-nullspace: the reference set has only %d tokens, fewer than the input size of %d layer input(s) "
+                "(e.g. %s): their subspaces are capped at rank %d and protect only what these tokens exercise. Use "
+                "more general reference data (nullspace_reference_num_samples, longer examples).",
+                tokens,
+                len(capped),
+                capped[0],
+                tokens,
+            )
 
     def _check_same_subspace_on_every_process(self) -> None:
         """Every process projects its own replica, so all must hold the same bases, bit for bit."""
