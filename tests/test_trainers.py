@@ -191,3 +191,43 @@ def test_sft_then_dpo_reuses_one_cached_subspace(
     )
     dpo.train()
     assert (logits_on(dpo.model, reference) - base_logits).abs().max().item() < 1e-4
+
+
+def test_the_constraint_is_announced_and_saved_with_the_model(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, capsys
+):
+    import json
+
+    from tests.conftest import make_sft_trainer
+    from trl_nullspace.mixin import SETTINGS_FILE
+
+    trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+    trainer.train()
+    assert "trl-nullspace: activation subspace, update projection" in capsys.readouterr().out
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = json.loads((tmp_path / "saved" / SETTINGS_FILE).read_text())
+    assert saved["method"] == "activation" and saved["rank_selection"]["energy"] == 0.9
+    assert saved["constrained_parameters"] == len(trainer.nullspace_projector.constrained)
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "trl-nullspace" in card and "Null-space constraint" in card and "projection_target" in card
+
+
+def test_per_layer_metrics_go_through_the_trainer_logs(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    from tests.conftest import make_sft_trainer
+
+    trainer = make_sft_trainer(
+        model,
+        tokenizer,
+        safety_dataset,
+        tmp_path,
+        reference_dataset,
+        nullspace_energy=0.9,
+        nullspace_log_per_layer=True,
+    )
+    trainer.train()
+    logged = {key: value for entry in trainer.state.log_history for key, value in entry.items()}
+    name = trainer.nullspace_projector.constrained[0].name
+    assert 0.0 < logged[f"nullspace/removed_frac/{name}"] <= 1.0
+    for key, basis in trainer.nullspace_subspace.bases.items():
+        assert logged[f"nullspace/rank/{key}"] == basis.shape[1]

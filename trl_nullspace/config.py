@@ -106,6 +106,13 @@ class NullSpaceArguments:
         default=None,
         metadata={"help": "Re-estimate the subspace from the current model every N optimizer steps (None: never)."},
     )
+    nullspace_log_per_layer: bool = field(
+        default=False,
+        metadata={
+            "help": "Also log `nullspace/removed_frac/<parameter>` on logged steps and `nullspace/rank/<basis>` "
+            "when training starts (for TensorBoard/W&B; many keys on large models)."
+        },
+    )
     nullspace_freeze_untargeted: bool = field(
         default=True,
         metadata={

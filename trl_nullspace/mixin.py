@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import os
 from collections import defaultdict
 from typing import Any
@@ -29,6 +30,7 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
+from trl_nullspace import __version__
 from trl_nullspace.cache import (
     check_cache_matches,
     expected_provenance,
@@ -52,6 +54,7 @@ from trl_nullspace.zero import ZeroMasterProjector, gathered
 logger = logging.get_logger(__name__)
 
 CHECKPOINT_FILE = "nullspace_subspace.safetensors"
+SETTINGS_FILE = "nullspace_config.json"
 
 
 class _ProjectUpdateCallback(TrainerCallback):
@@ -59,6 +62,13 @@ class _ProjectUpdateCallback(TrainerCallback):
 
     def __init__(self, trainer: NullSpaceTrainerMixin):
         self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            print(self.trainer.nullspace_start_summary(), flush=True)
+        if args.nullspace_log_per_layer:
+            bases = self.trainer.nullspace_subspace.bases
+            self.trainer.log({f"nullspace/rank/{key}": float(basis.shape[1]) for key, basis in bases.items()})
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._nullspace_after_optimizer_step()
@@ -102,6 +112,7 @@ class NullSpaceTrainerMixin:
         self.nullspace_projector = self._bind(self.nullspace_subspace)
         self._freeze_or_report(self.nullspace_projector.unconstrained)
         self.add_callback(_ProjectUpdateCallback(self))
+        self._tag_names = [*getattr(self, "_tag_names", []), "trl-nullspace"]
         logger.info("trl-nullspace: %s", self.nullspace_subspace.summary())
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -312,6 +323,56 @@ class NullSpaceTrainerMixin:
         self.nullspace_subspace = self.estimate_subspace()
         self.nullspace_projector = self._bind(self.nullspace_subspace)
 
+    # -- what the run reports and saves ---------------------------------------------------------
+
+    def nullspace_settings(self) -> dict[str, Any]:
+        """The constraint this run trains under: saved next to the model and in its card."""
+        ranks = [basis.shape[1] for basis in self.nullspace_subspace.bases.values()]
+        return {
+            "library": f"trl-nullspace {__version__}",
+            "method": self.nullspace_subspace.method,
+            "projection_target": self.args.nullspace_projection_target,
+            "projection_dtype": self.args.nullspace_projection_dtype,
+            "rank_selection": self.args.nullspace_rank_selection.to_dict(),
+            "target_modules": self.args.nullspace_target_modules,
+            "bases": len(ranks),
+            "rank_min": min(ranks),
+            "rank_max": max(ranks),
+            "constrained_parameters": len(self.nullspace_projector.constrained),
+            "unconstrained_parameters": len(self.nullspace_projector.unconstrained),
+            "unconstrained_frozen": self.args.nullspace_freeze_untargeted,
+            "subspace_mib": round(self.nullspace_subspace.num_bytes() / 2**20, 3),
+            "cache_path": self.args.nullspace_cache_path,
+        }
+
+    def nullspace_start_summary(self) -> str:
+        """One line printed when training starts, so the constraint is visible in every run's log."""
+        settings = self.nullspace_settings()
+        others = "frozen" if settings["unconstrained_frozen"] else "train UNCONSTRAINED"
+        return (
+            f"trl-nullspace: {settings['method']} subspace, {settings['projection_target']} projection; "
+            f"{settings['bases']} bases of rank {settings['rank_min']}–{settings['rank_max']} "
+            f"({settings['subspace_mib']} MiB) constrain {settings['constrained_parameters']} weights; "
+            f"{settings['unconstrained_parameters']} other parameters {others}."
+        )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save as TRL does, plus `nullspace_config.json`: the constraint the weights were trained under."""
+        super().save_model(output_dir, _internal_call)
+        if self.is_world_process_zero():
+            path = os.path.join(output_dir or self.args.output_dir, SETTINGS_FILE)
+            with open(path, "w") as handle:
+                json.dump(self.nullspace_settings(), handle, indent=2)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """TRL's card (tagged `trl-nullspace`) with a section stating the constraint's settings."""
+        super().create_model_card(*args, **kwargs)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if self.is_world_process_zero() and os.path.exists(path):
+            lines = [f"- {key}: `{value}`" for key, value in self.nullspace_settings().items()]
+            with open(path, "a") as handle:
+                handle.write("\n## Null-space constraint (trl-nullspace)\n\n" + "\n".join(lines) + "\n")
+
     # -- checkpoints ------------------------------------------------------------------------------
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -383,6 +444,9 @@ class NullSpaceTrainerMixin:
             return  # under the update target the gradient is only measured, for the steps that are logged
         stats = projector.gradient_stats(apply=apply)
         self._nullspace_metrics["removed_frac"].append(stats.removed_fraction)
+        if self.args.nullspace_log_per_layer:
+            for name, fraction in stats.per_parameter_fractions().items():
+                self._nullspace_metrics[f"removed_frac/{name}"].append(fraction)
 
     def _step_will_be_logged(self) -> bool:
         """Whether the optimizer step now being taken ends with a log (the Trainer's own rule)."""

@@ -18,7 +18,7 @@ Two ways to apply it (`nullspace_projection_target`):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,19 +29,37 @@ from trl_nullspace.targets import canonical_name, is_lora_layer
 
 @dataclass
 class ProjectionStats:
-    """Squared Frobenius norms summed over constrained parameters."""
+    """Squared Frobenius norms of `(G U) Uᵀ` and `G` per constrained parameter.
 
-    removed_sq: float = 0.0
-    total_sq: float = 0.0
+    Kept as device tensors and read in one transfer, not one synchronisation per parameter.
+    """
 
-    def add(self, removed_sq: torch.Tensor, total_sq: torch.Tensor) -> None:
-        self.removed_sq += float(removed_sq)
-        self.total_sq += float(total_sq)
+    removed_sq: dict[str, torch.Tensor] = field(default_factory=dict)
+    total_sq: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, name: str, removed_sq: torch.Tensor, total_sq: torch.Tensor) -> None:
+        self.removed_sq[name] = removed_sq
+        self.total_sq[name] = total_sq
 
     @property
     def removed_fraction(self) -> float:
-        """Fraction of the norm removed: ‖(G U) Uᵀ‖ / ‖G‖."""
-        return (self.removed_sq / self.total_sq) ** 0.5 if self.total_sq > 0 else 0.0
+        """Fraction of the norm removed over all parameters: ‖(G U) Uᵀ‖ / ‖G‖."""
+        if not self.total_sq:
+            return 0.0
+        removed, total = (
+            torch.stack(list(self.removed_sq.values())).sum(),
+            torch.stack(list(self.total_sq.values())).sum(),
+        )
+        return float((removed / total).sqrt()) if float(total) > 0 else 0.0
+
+    def per_parameter_fractions(self) -> dict[str, float]:
+        """The same fraction for each parameter."""
+        if not self.total_sq:
+            return {}
+        removed = torch.stack(list(self.removed_sq.values()))
+        total = torch.stack(list(self.total_sq.values()))
+        fractions = torch.where(total > 0, (removed / total.clamp_min(1e-30)).sqrt(), torch.zeros_like(total))
+        return dict(zip(self.total_sq, fractions.tolist(), strict=True))
 
 
 def full_shape(parameter: torch.Tensor) -> tuple[int, ...]:
@@ -241,7 +259,7 @@ class SubspaceProjector:
         for item in self.constrained:
             if item.parameter.grad is None:
                 continue
-            stats.add(*item.remove_from_gradient(apply))
+            stats.add(item.name, *item.remove_from_gradient(apply))
         return stats
 
     def nonfinite_gradients(self) -> list[str]:
