@@ -46,6 +46,5 @@ def run_recipe(trainer_class: type, config_class: type, args: list[str] | None =
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
-    # Tear the process group down before exit: left to interpreter shutdown, gloo/DeepSpeed threads
-    # occasionally abort a finished run ("terminate called without an active exception").
+    # Finish trackers and tear the process group down explicitly, not in interpreter shutdown.
     trainer.accelerator.end_training()
