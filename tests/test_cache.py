@@ -68,3 +68,33 @@ def test_non_cache_safetensors_file_is_refused(model, tokenizer, safety_dataset,
     save_file({"x": torch.zeros(1)}, str(tmp_path / "subspace.safetensors"))
     with pytest.raises(CacheMismatchError, match="not a trl-nullspace subspace cache"):
         _trainer(model, tokenizer, safety_dataset, tmp_path)
+
+
+def test_an_interrupted_cache_write_keeps_the_previous_cache(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, monkeypatch
+):
+    """Killed mid-write (here: the write raises), the old cache stays valid and no partial file remains."""
+    import trl_nullspace.cache as cache_module
+
+    path = tmp_path / "subspace.safetensors"
+    trainer = make_sft_trainer(
+        model,
+        tokenizer,
+        safety_dataset,
+        tmp_path,
+        reference_dataset,
+        nullspace_energy=0.9,
+        nullspace_cache_path=str(path),
+    )
+    before = path.read_bytes()
+
+    def interrupted(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_module, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache_module.save_subspace(str(path), trainer.nullspace_subspace, {"model_name": "x"})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+    load_subspace(str(path))  # still a valid cache

@@ -210,3 +210,10 @@ def test_a_tiny_reference_set_warns_that_it_caps_the_rank(
     logging.enable_propagation()
     make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
     assert "reference set has only" in caplog.text and "capped at rank" in caplog.text
+
+
+def test_nan_in_the_reference_covariance_is_named(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    with torch.no_grad():
+        model.model.embed_tokens.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="reference input covariance contains NaN"):
+        make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
