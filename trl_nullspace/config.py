@@ -50,8 +50,9 @@ class NullSpaceArguments:
         default="float32",
         metadata={
             "help": "Precision of the per-step projection products. 'float32': exact to fp32 round-off. "
-            "'bfloat16': several times faster on GPUs, preservation only to bf16 round-off (not accumulating "
-            "over steps); not used under DeepSpeed or FSDP2, whose sharded projections stay fp32.",
+            "'bfloat16': bf16 products, preservation only to bf16 round-off (not accumulating over steps); "
+            "not measurably faster on an H100 (docs/results). Not used under DeepSpeed, whose master-weight "
+            "projection stays fp32.",
             "choices": list(PROJECTION_DTYPES),
         },
     )

@@ -8,11 +8,13 @@ restores `M U = A` on its own rows, `M_r ← M_r − (M_r U − A_r) Uᵀ`, usin
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from trl_nullspace.projector import ConstrainedParameter, _total_norm
+from trl_nullspace.projector import ConstrainedParameter, _total_norm, diverged_step_error
 
 
 class _RowShard:
@@ -42,15 +44,11 @@ class _RowShard:
         local = data.to_local() if isinstance(data, DTensor) else data
         return local.view(-1, self.item.matrix_shape[1])
 
-    @torch.no_grad()
     def enforce_anchor(self) -> torch.Tensor:
         matrix = self.local_matrix()
-        basis = self.item.basis
-        residual = matrix.float() @ basis
-        if self.item.anchor is not None:
-            residual -= self.item.anchor[self.start : self.start + matrix.shape[0]]
-        matrix.sub_((residual @ basis.T).to(matrix.dtype))
-        return residual
+        anchor = self.item.anchor
+        rows = None if anchor is None else anchor[self.start : self.start + matrix.shape[0]]
+        return self.item.enforce_on(matrix, rows)
 
 
 class RowShardProjector:
@@ -67,9 +65,7 @@ class RowShardProjector:
         """Project every local shard back onto its anchor rows; returns this rank's removed norm."""
         residuals = [shard.enforce_anchor() for shard in self.shards]
         norm = float(_total_norm(residuals))
-        if norm != norm or norm == float("inf"):
-            raise FloatingPointError(
-                "NaN or inf weights after the optimizer step: the step diverged. Lower the learning rate or check "
-                "the batch; checkpoints saved before this step are intact."
-            )
+        if not math.isfinite(norm):
+            bad = [s.item.name for s, r in zip(self.shards, residuals, strict=True) if not torch.isfinite(r).all()]
+            raise diverged_step_error(bad)
         return norm

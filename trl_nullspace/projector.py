@@ -152,24 +152,37 @@ class ConstrainedParameter:
 
     @torch.no_grad()
     def enforce_anchor(self) -> torch.Tensor:
-        """`M ← M − (M U − A) Uᵀ`; returns `M U − A`, the coefficients of what was removed.
+        """`M ← M − (M U − A) Uᵀ` on the whole weight; returns `M U − A`, the coefficients removed."""
+        return self.enforce_on(self._matrix(self.parameter.data), self.anchor)
+
+    @torch.no_grad()
+    def enforce_on(self, matrix: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
+        """`matrix ← matrix − (matrix U − anchor) Uᵀ` in place, for the whole weight or for a block of
+        its rows with the matching anchor rows (FSDP2's shards); returns `matrix U − anchor`.
 
         For fp32 weights and products this is two fused kernels (`addmm`), because per-step cost on
         a GPU is dominated by kernel launches at a few hundred parameters, not by the FLOPs.
         """
-        matrix = self._matrix(self.parameter.data)
         if matrix.dtype == torch.float32 and self.compute_basis.dtype == torch.float32:
-            if self.anchor is None:
+            if anchor is None:
                 residual = matrix @ self.basis
             else:
-                residual = torch.addmm(self.anchor, matrix, self.basis, beta=-1)
+                residual = torch.addmm(anchor, matrix, self.basis, beta=-1)
             matrix.addmm_(residual, self.basis.T, alpha=-1)
             return residual
         residual = self._coefficients(matrix)
-        if self.anchor is not None:
-            residual -= self.anchor
+        if anchor is not None:
+            residual -= anchor
         matrix.sub_(self._expand(residual, matrix.dtype))
         return residual
+
+
+def diverged_step_error(names: list[str]) -> FloatingPointError:
+    """The error for weights that are NaN or inf after an optimizer step (sharded backends' check)."""
+    return FloatingPointError(
+        f"NaN or inf weights after the optimizer step in {names[:3]}: the step diverged. Lower the learning rate or "
+        "check the batch; checkpoints saved before this step are intact."
+    )
 
 
 class SubspaceProjector:

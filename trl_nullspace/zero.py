@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trl_nullspace.projector import ConstrainedParameter
+from trl_nullspace.projector import ConstrainedParameter, diverged_step_error
 
 
 def is_partitioned(parameter: torch.Tensor) -> bool:
@@ -202,10 +202,7 @@ class ZeroMasterProjector:
             bad = [
                 f.item.name for f, block in zip(self.fragments, blocks, strict=True) if not torch.isfinite(block).all()
             ]
-            raise FloatingPointError(
-                f"NaN or inf master weights after the optimizer step in {bad[:3]}: the step diverged. Lower the "
-                "learning rate or check the batch; checkpoints saved before this step are intact."
-            )
+            raise diverged_step_error(bad)
         return masters, blocks
 
     @torch.no_grad()
