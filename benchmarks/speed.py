@@ -6,7 +6,8 @@ round's first steps are warm-up and dropped, and the medians of the rest are com
 is estimated for real (activation method, update target) from random-token reference data with its
 rank capped at a fraction of each layer's input size, and its estimation time and cache size are
 reported. Next to each measured ratio stands the floor that FLOPs imply: the projection's matrix
-products against the step's 6·tokens·(matmul parameters).
+products against the step's 6·tokens·(matmul parameters). Because step-to-step noise can exceed the
+projection's cost, the trainer's own per-step work is also timed directly (`OwnWorkTimer`).
 
     python -m benchmarks.speed --preset cpu    # minutes, any machine
     python -m benchmarks.speed --preset gpu    # a few hundred million parameters, 8k-32k tokens/step
@@ -48,7 +49,7 @@ class ModelSize:
 PRESETS = {
     "cpu": {
         "sizes": [ModelSize("h256-l4", 256, 1024, 4, 4, 2, vocab=4096)],
-        "sequence_lengths": [256],
+        "sequence_lengths": [256, 2048],
         "batch_size": 4,
         "rank_fractions": [0.25, 0.5],
         "projection_dtypes": ["float32"],
@@ -105,6 +106,46 @@ class StepTimer(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.device.type == "cuda":
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+
+
+class OwnWorkTimer:
+    """Device-synchronised time of the null-space trainer's own work in each optimizer step.
+
+    That work is the gradient check after backward and the projection after `optimizer.step()`.
+    End-to-end step ratios cannot resolve a few percent where consecutive steps differ by more, so
+    this measures it directly, in a separate round (the synchronisation it needs would perturb
+    the end-to-end timings), and divides by the plain step time.
+    """
+
+    HOOKS = ("_constrain_gradients", "_nullspace_after_optimizer_step")
+
+    def __init__(self, trainer: NullSpaceSFTTrainer, device: torch.device):
+        self.trainer = trainer
+        self.device = device
+        self.calls: dict[str, list[float]] = {name: [] for name in self.HOOKS}
+
+    def _timed(self, name: str, method):
+        def run(*args, **kwargs):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            started = time.perf_counter()
+            method(*args, **kwargs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.calls[name].append(1e3 * (time.perf_counter() - started))
+
+        return run
+
+    def per_step_ms(self) -> list[float]:
+        """Train once with both hooks timed; the summed time of each optimizer step, in ms."""
+        for name in self.HOOKS:
+            setattr(self.trainer, name, self._timed(name, getattr(self.trainer, name)))
+        try:
+            self.trainer.train()
+        finally:
+            for name in self.HOOKS:
+                delattr(self.trainer, name)  # back to the class's methods
+        return [sum(values) for values in zip(*self.calls.values(), strict=True)]
 
 
 def build_model(size: ModelSize, device: torch.device) -> Qwen2ForCausalLM:
@@ -236,6 +277,8 @@ def bench_case(
             steps_ms[name] += [1e3 * value for value in timers[name].durations[preset["warmup"] :]]
             peaks[name] = max(peaks[name], timers[name].peak_bytes)
     medians = {name: statistics.median(values) for name, values in steps_ms.items()}
+    own_work_ms = OwnWorkTimer(null_space, device).per_step_ms()[preset["warmup"] :]
+    own_work_median = statistics.median(own_work_ms)
 
     step_flops = 6 * batch_size * sequence_length * matmul_parameters(base)
     ranks = [item.rank for item in null_space.nullspace_projector.constrained]
@@ -251,6 +294,8 @@ def bench_case(
         "ratio_vs_plain": round(medians["nullspace"] / medians["plain"], 4),
         "ratio_vs_same_parameters": round(medians["nullspace"] / medians["plain_same_parameters"], 4),
         "flop_floor_ratio": round(1 + projection_flops(null_space) / step_flops, 4),
+        "own_work_ms": round(own_work_median, 2),
+        "own_work_share": round(own_work_median / medians["plain_same_parameters"], 4),
         **{
             f"{name}_peak_gib": round(peak / 2**30, 3) if device.type == "cuda" else "n/a"
             for name, peak in peaks.items()
@@ -258,6 +303,7 @@ def bench_case(
         "estimation_and_setup_s": round(setup_seconds, 2),
         "cache_mib": round(os.path.getsize(cache_path) / 2**20, 2),
         "raw_steps_ms": {name: [round(value, 2) for value in values] for name, values in steps_ms.items()},
+        "raw_own_work_ms": [round(value, 3) for value in own_work_ms],
     }
     del trainers, null_space, plain_models, base
     if device.type == "cuda":
@@ -329,6 +375,8 @@ TABLE_KEYS = [
     "ratio_vs_plain",
     "ratio_vs_same_parameters",
     "flop_floor_ratio",
+    "own_work_ms",
+    "own_work_share",
     "plain_peak_gib",
     "nullspace_peak_gib",
     "estimation_and_setup_s",
@@ -347,8 +395,13 @@ def write_report(results: dict, directory: str, tag: str) -> None:
         f"{results['preset']['rounds']} alternating rounds × {results['preset']['steps']} steps "
         f"(after {results['preset']['warmup']} warm-up steps per round). Raw step times are in `speed_{tag}.json`.",
         "",
+        '"Own work" is the null-space trainer\'s per-step gradient check and projection, timed directly '
+        "(device-synchronised, in a separate round, median per step); its share is that time over the plain "
+        "same-parameters step: the projection's cost where step noise hides it in the end-to-end ratios.",
+        "",
         "| model | params (M) | tokens/step | rank (max / mean) | projection dtype | plain ms | plain, same params ms "
-        "| null-space ms | ratio vs plain | ratio vs same params | FLOP floor | plain peak GiB | null-space peak GiB "
+        "| null-space ms | ratio vs plain | ratio vs same params | FLOP floor | own work ms | own work share "
+        "| plain peak GiB | null-space peak GiB "
         "| estimation+setup s | cache MiB |",
         "|" + "---|" * len(TABLE_KEYS),
     ]
@@ -396,7 +449,7 @@ def main() -> None:
                 for rank_fraction in preset["rank_fractions"]:
                     for dtype in preset["projection_dtypes"]:
                         row = bench_case(size, sequence_length, rank_fraction, dtype, preset, device, workdir)
-                        print(json.dumps({k: v for k, v in row.items() if k != "raw_steps_ms"}), flush=True)
+                        print(json.dumps({k: v for k, v in row.items() if not k.startswith("raw_")}), flush=True)
                         results["cases"].append(row)
                         write_report(results, arguments.output_dir, tag)  # a later failure keeps these
         if preset["estimation_samples"] and not arguments.skip_estimation:

@@ -4,8 +4,10 @@ import copy
 
 import torch
 
+from benchmarks.speed import OwnWorkTimer
 from benchmarks.tax import general_perplexity_and_kl
-from trl_nullspace import toy
+from tests.conftest import training_kwargs
+from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, toy
 
 
 def test_kl_is_zero_for_the_base_model_itself_and_positive_after_a_change(model, tokenizer):
@@ -17,3 +19,19 @@ def test_kl_is_zero_for_the_base_model_itself_and_positive_after_a_change(model,
     with torch.no_grad():
         changed.lm_head.weight.add_(0.5 * torch.randn_like(changed.lm_head.weight))
     assert general_perplexity_and_kl(changed, model, tokenizer, examples)[1] > 1e-3
+
+
+def test_own_work_timer_times_each_optimizer_step_and_restores_the_trainer(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    trainer = NullSpaceSFTTrainer(
+        model=model,
+        args=NullSpaceSFTConfig(**training_kwargs(tmp_path, max_steps=3, gradient_accumulation_steps=2)),
+        train_dataset=safety_dataset,
+        processing_class=tokenizer,
+        reference_dataset=reference_dataset,
+    )
+    timer = OwnWorkTimer(trainer, torch.device("cpu"))
+    per_step = timer.per_step_ms()
+    assert len(per_step) == 3 and all(value > 0 for value in per_step)  # per optimizer step, not micro-batch
+    assert not set(OwnWorkTimer.HOOKS) & set(vars(trainer))  # the class's own methods are back

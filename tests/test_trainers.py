@@ -147,6 +147,9 @@ def test_rloo_runs_with_projection(model, tokenizer, prompt_dataset, reference_d
     assert trainer.state.global_step == 4
     assert drift < 1e-4 and change > 1e-2
     assert any("nullspace/removed_frac" in entry for entry in trainer.state.log_history)
+    # The update projection's removed norm is kept on the device between logs, then logged as a number.
+    removed = [entry["nullspace/update_removed_norm"] for entry in trainer.state.log_history if "loss" in entry]
+    assert removed and all(isinstance(value, float) and value > 0 for value in removed)
 
 
 def test_sft_then_dpo_reuses_one_cached_subspace(

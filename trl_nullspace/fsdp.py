@@ -8,13 +8,11 @@ restores `M U = A` on its own rows, `M_r ← M_r − (M_r U − A_r) Uᵀ`, usin
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from trl_nullspace.projector import ConstrainedParameter, _total_norm, diverged_step_error
+from trl_nullspace.projector import ConstrainedParameter, diverged_step_error, total_norm
 
 
 class _RowShard:
@@ -61,11 +59,15 @@ class RowShardProjector:
             raise RuntimeError(f"FSDP renamed or dropped constrained parameters, e.g. {missing[:3]}.")
         self.shards = [_RowShard(item, parameters[item.name]) for item in constrained]
 
-    def enforce_anchors(self) -> float:
-        """Project every local shard back onto its anchor rows; returns this rank's removed norm."""
+    def enforce_anchors(self) -> torch.Tensor:
+        """Project every local shard back onto its anchor rows; returns this rank's removed norm.
+
+        The finiteness check is this backend's only guard against a diverged step (the gradients
+        are never seen whole), so it reads one flag per step; the norm itself stays on the device.
+        """
         residuals = [shard.enforce_anchor() for shard in self.shards]
-        norm = float(_total_norm(residuals))
-        if not math.isfinite(norm):
+        norm = total_norm(residuals)
+        if not torch.isfinite(norm):
             bad = [s.item.name for s, r in zip(self.shards, residuals, strict=True) if not torch.isfinite(r).all()]
             raise diverged_step_error(bad)
         return norm

@@ -105,7 +105,8 @@ class NullSpaceTrainerMixin:
         self._check_backend_supported()
         self._check_optimizer_supported()
         self._check_not_training_quantized_weights()
-        self._nullspace_metrics: dict[str, list[float]] = defaultdict(list)
+        # Per-step values since the last log; device tensors are read only when logging.
+        self._nullspace_metrics: dict[str, list[float | torch.Tensor]] = defaultdict(list)
         self._reference_batches = self._load_reference_batches(reference_dataset)
         self.nullspace_subspace = self._load_or_estimate_subspace()
         self._check_same_subspace_on_every_process()
@@ -467,6 +468,6 @@ class NullSpaceTrainerMixin:
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._nullspace_metrics:
             for key, values in self._nullspace_metrics.items():
-                logs[f"nullspace/{key}"] = sum(values) / len(values)
+                logs[f"nullspace/{key}"] = float(sum(values) / len(values))
             self._nullspace_metrics.clear()
         super().log(logs, start_time)

@@ -67,7 +67,7 @@ def full_shape(parameter: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(parameter, "ds_shape", parameter.shape))
 
 
-def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     """‖(t₁, t₂, …)‖₂ over all tensors, in one fused multi-tensor kernel (as gradient clipping does)."""
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
 
@@ -282,7 +282,7 @@ class SubspaceProjector:
         every entry is finite, short of entries near 1e19 overflowing fp32: a divergence anyway.
         """
         items = [item for item in self.constrained if item.parameter.grad is not None]
-        if not items or bool(torch.isfinite(_total_norm([item.parameter.grad for item in items]))):
+        if not items or bool(torch.isfinite(total_norm([item.parameter.grad for item in items]))):
             return []
         return [item.name for item in items if not torch.isfinite(item.parameter.grad).all()]
 
@@ -306,6 +306,10 @@ class SubspaceProjector:
             if item.name in anchors:
                 item.anchor = anchors[item.name].to(device=item.basis.device, dtype=torch.float32)
 
-    def enforce_anchors(self) -> float:
-        """Project every constrained parameter back onto its anchor; returns the removed norm."""
-        return float(_total_norm([item.enforce_anchor() for item in self.constrained]))
+    def enforce_anchors(self) -> torch.Tensor:
+        """Project every constrained parameter back onto its anchor; returns the removed norm.
+
+        The norm stays a device tensor: reading it would make the host wait for the accelerator
+        after every optimizer step, so the trainer reads it only when it logs.
+        """
+        return total_norm([item.enforce_anchor() for item in self.constrained])

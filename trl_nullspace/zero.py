@@ -206,15 +206,20 @@ class ZeroMasterProjector:
         return masters, blocks
 
     @torch.no_grad()
-    def enforce_anchors(self) -> float:
-        """`M ← M − (M U − A) Uᵀ` on the master weights; returns ‖M U − A‖ summed over parameters."""
+    def enforce_anchors(self) -> torch.Tensor:
+        """`M ← M − (M U − A) Uᵀ` on the master weights; returns ‖M U − A‖ over all parameters.
+
+        The norm stays a device tensor (read only when the trainer logs); the one host-device
+        synchronisation per step is the divergence check on the reduced coefficients.
+        """
         masters, blocks = self._all_reduced_coefficients()
-        removed_sq = 0.0
+        squares = []
         for fragment, master, block in zip(self.fragments, masters, blocks, strict=True):
             anchor = fragment.item.anchor
             residual = block.to(fragment.item.basis.device)
             if anchor is not None:
                 residual = residual - anchor
-            removed_sq += float(residual.square().sum())
             fragment.subtract(master, residual)
-        return removed_sq**0.5
+            # Blocks live where each master does (the CPU under optimizer offload): sum on one device.
+            squares.append(residual.square().sum().to(self.communication_device))
+        return torch.stack(squares).sum().sqrt()
