@@ -8,7 +8,9 @@ projection's); DeepSpeed runs match the single-process run to round-off. The Dee
 shipped `recipes/accelerate/zero*.yaml`, changed only to 2 CPU processes without mixed precision.
 """
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import logits_on
 from trl_nullspace.reference import load_reference_dataset, tokenize_reference
+from trl_nullspace.toy import build_tiny_qwen2
 from trl_nullspace.toy_assets import write_toy_assets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,8 +97,10 @@ def _finished_before_teardown_abort(completed: subprocess.CompletedProcess, fini
     return TEARDOWN_ABORT in completed.stderr and "Traceback (most recent call last)" not in before_abort and finished
 
 
-def _train(recipe: str, config: str, accelerate_config: str | None = None, cwd: str = ROOT) -> None:
-    """Run a recipe; under `accelerate launch` if a config is given. It must finish and save."""
+def _train(recipe: str, config: str, accelerate_config: str | None = None, cwd: str = ROOT) -> str:
+    """Run a recipe; under `accelerate launch` if a config is given. It must finish and save.
+
+    Returns what the run printed (stdout, then stderr)."""
     launcher = [sys.executable]
     if accelerate_config is not None:
         launcher += ["-m", "accelerate.commands.launch", "--config_file", accelerate_config]
@@ -107,6 +112,7 @@ def _train(recipe: str, config: str, accelerate_config: str | None = None, cwd: 
     saved = os.path.exists(os.path.join(output_dir, "model.safetensors"))
     ok = completed.returncode == 0 or _finished_before_teardown_abort(completed, saved)
     assert ok, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return completed.stdout + completed.stderr
 
 
 def _max_difference(first: dict, second: dict) -> float:
@@ -165,6 +171,51 @@ def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
     trained = load_file(str(tmp_path / "zero" / "model.safetensors"))
     assert _max_difference(trained, single_process_run) < 1e-4
     assert _reference_logit_drift(assets, tmp_path / "zero") < 1e-4
+
+
+def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_between_ranks(tmp_path):
+    """ZeRO-3 with every weight partitioned (persistence threshold 0, unlike the shipped config on
+    this tiny model) and an odd intermediate size, so the 2 partitions of each gate/up weight split
+    one row between the ranks. Only such rows' coefficients travel, and the run still matches the
+    single-process one and keeps the reference outputs."""
+    assets = tmp_path / "assets"
+    write_toy_assets(str(assets))
+    tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
+    build_tiny_qwen2(tokenizer, intermediate_size=97).save_pretrained(str(assets / "model"))
+    deepspeed_config = tmp_path / "zero3_partition_everything.json"
+    deepspeed_config.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {
+                    "stage": 3,
+                    "stage3_param_persistence_threshold": 0,
+                    "stage3_gather_16bit_weights_on_model_save": True,
+                },
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "gradient_clipping": "auto",
+            }
+        )
+    )
+    accelerate_config = yaml.safe_load(open(_cpu_accelerate_config(tmp_path, "zero3.yaml", 29547)))
+    accelerate_config["deepspeed_config"] = {"deepspeed_config_file": str(deepspeed_config), "zero3_init_flag": True}
+    del accelerate_config["mixed_precision"]  # belongs in the DeepSpeed file (absent there: fp32)
+    accelerate_path = tmp_path / "zero3_partition_everything.yaml"
+    accelerate_path.write_text(yaml.safe_dump(accelerate_config))
+    recipe = os.path.join(ROOT, "recipes", "sft.py")
+
+    _train(recipe, _config(assets, tmp_path, "single", 8, True))
+    output = _train(recipe, _config(assets, tmp_path, "zero3", 4, True), str(accelerate_path))
+
+    exchanged, whole, partitioned, weights = map(
+        int, re.search(r"all-reduces (\d+) of (\d+) coefficients per step \((\d+) of (\d+) weights", output).groups()
+    )
+    assert partitioned == weights == 14
+    # One split row in each of the 4 gate/up weights (97 rows, 2 partitions), k ≤ 64 coefficients each.
+    assert 0 < exchanged <= 4 * 64 and whole > 20 * exchanged, (exchanged, whole)
+    trained = load_file(str(tmp_path / "zero3" / "model.safetensors"))
+    assert _max_difference(trained, load_file(str(tmp_path / "single" / "model.safetensors"))) < 1e-4
+    assert _reference_logit_drift(assets, tmp_path / "zero3") < 1e-4
 
 
 @pytest.mark.parametrize("shipped_accelerate", [None, "zero3.yaml"])

@@ -5,7 +5,7 @@ fragments' shares are summed, and `M − R Uᵀ` when each fragment subtracts it
 import pytest
 import torch
 
-from trl_nullspace.zero import add_fragment_coefficients, fragment_pieces, subtract_fragment_projection
+from trl_nullspace.zero import add_fragment_coefficients, fragment_pieces, rows_cut_by, subtract_fragment_projection
 
 
 @pytest.mark.parametrize(
@@ -42,3 +42,16 @@ def test_fragments_reassemble_the_projection_exactly(rows, row_length, boundarie
     projected = flat.view(rows, row_length)
     torch.testing.assert_close(projected, matrix - residual @ basis.T, rtol=0, atol=1e-12)
     torch.testing.assert_close(projected @ basis, anchor, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "boundaries, row_length, cut",
+    [
+        ([24, 48], 8, []),  # partitions of whole rows: nothing to exchange
+        ([20, 44], 8, [2, 5]),  # each boundary inside a row
+        ([3, 6, 9], 10, [0]),  # partitions smaller than a row: one row spans all ranks
+        ([17], 40, [0]),  # the gradient method's single row
+    ],
+)
+def test_rows_cut_by_partition_boundaries(boundaries, row_length, cut):
+    assert rows_cut_by(boundaries, row_length) == cut

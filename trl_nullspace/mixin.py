@@ -350,12 +350,15 @@ class NullSpaceTrainerMixin:
         """One line printed when training starts, so the constraint is visible in every run's log."""
         settings = self.nullspace_settings()
         others = "frozen" if settings["unconstrained_frozen"] else "train UNCONSTRAINED"
-        return (
+        summary = (
             f"trl-nullspace: {settings['method']} subspace, {settings['projection_target']} projection; "
             f"{settings['bases']} bases of rank {settings['rank_min']}–{settings['rank_max']} "
             f"({settings['subspace_mib']} MiB) constrain {settings['constrained_parameters']} weights; "
             f"{settings['unconstrained_parameters']} other parameters {others}."
         )
+        if self.is_deepspeed_enabled:  # the engine exists once training begins
+            summary += f" {self._sharded_projector().summary()}."
+        return summary
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save as TRL does, plus `nullspace_config.json`: the constraint the weights were trained under."""

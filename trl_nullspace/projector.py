@@ -179,8 +179,9 @@ class ConstrainedParameter:
 
 def diverged_step_error(names: list[str]) -> FloatingPointError:
     """The error for weights that are NaN or inf after an optimizer step (sharded backends' check)."""
+    where = names[:3] if names else "another process's share of the weights"
     return FloatingPointError(
-        f"NaN or inf weights after the optimizer step in {names[:3]}: the step diverged. Lower the learning rate or "
+        f"NaN or inf weights after the optimizer step in {where}: the step diverged. Lower the learning rate or "
         "check the batch; checkpoints saved before this step are intact."
     )
 

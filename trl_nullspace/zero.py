@@ -7,19 +7,24 @@ the master otherwise. Projecting the module's tensors would be overwritten by th
 
 Per optimizer step, for every constrained parameter seen as a matrix `M` (rows of length `n`,
 orthonormal basis `U` n×k, anchor `A = M₀ U`):
- 1. each rank adds its fragment's share of `M U` into a d_out×k coefficient block (rows its
-    fragment covers only in part get partial sums, completed by the other ranks' shares);
- 2. one all-reduce (sum) of all parameters' blocks packed into one fp32 buffer: Σ d_out·k values,
-    a k/n fraction of the parameter count, never the weights or gradients themselves;
+ 1. each rank computes its fragment's share of `M U` for the rows the fragment covers (a row
+    the fragment covers only in part gets a partial sum, completed by the other ranks' shares);
+ 2. one all-reduce (sum) of one fp32 buffer completes the rows that need it. Where the full module
+    weight is replicated (ZeRO-1/2, ZeRO-3 persistent parameters) every rank must correct the whole
+    copy, so all d_out×k coefficients travel. Where ZeRO-3 partitions the weight, only the rows
+    that partition boundaries cut in two travel (at most one per boundary), and every other row is
+    complete on the one rank that holds it. The weights and gradients themselves never travel;
  3. every rank subtracts its rows of `(M U − A) Uᵀ` from its own master fragment, copies the
     fragment into its low-precision partition and, where the full low-precision parameter is
     materialised, subtracts the same from it, so replicas match the masters before the next forward.
-The extra memory is the bases and anchors (held whole on every rank) and one coefficient buffer.
+The extra memory is the bases and anchors (held whole on every rank), the coefficients of the
+rows each rank covers and the buffer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -85,6 +90,12 @@ def fragment_pieces(start: int, numel: int, row_length: int) -> list[_Piece]:
     return pieces
 
 
+def rows_cut_by(boundaries: Iterable[int], row_length: int) -> list[int]:
+    """The rows of a row-major matrix that the flat partition `boundaries` cut inside (a row cut
+    once spans two ranks' fragments, a row cut more often spans more)."""
+    return sorted({boundary // row_length for boundary in boundaries if boundary % row_length})
+
+
 def add_fragment_coefficients(
     pieces: list[_Piece], fragment: torch.Tensor, basis: torch.Tensor, coefficients: torch.Tensor
 ) -> None:
@@ -104,36 +115,63 @@ def subtract_fragment_projection(
 
 
 class _MasterFragment:
-    """One constrained parameter's fp32 master fragment on this rank, and how to write it back."""
+    """One constrained parameter's fp32 master fragment on this rank, and how to write it back.
+
+    Its coefficients cover rows `[first_row, first_row + local_rows)` of `M U`; `pieces` index them from
+    `first_row`. `exchanged_rows` are the rows whose sums the all-reduce completes: all of them when
+    the module weight is replicated, else those cut by partition boundaries (the same on every rank).
+    """
 
     def __init__(self, item: ConstrainedParameter):
         self.item = item
         self.rows, self.row_length = item.matrix_shape
+        size = self.rows * self.row_length
         parameter = item.parameter
         if is_partitioned(parameter):
             self.stage3 = True
             optimizer = parameter._z3_optimizer
             partition_numel = parameter.ds_tensor.ds_numel
-            _check_partition_group(optimizer._get_param_partition_group(parameter), item.name)
+            group_size = _check_partition_group(optimizer._get_param_partition_group(parameter), item.name)
             # Private but exact: the rank's position in this parameter's partition group. The last
             # partition is padded past the parameter's end; the pieces never reach the padding.
             start = optimizer._get_param_partition_rank(parameter) * partition_numel
-            numel = max(0, min(partition_numel, self.rows * self.row_length - start))
+            numel = max(0, min(partition_numel, size - start))
+            self.replicated = bool(getattr(parameter, "ds_persist", False))
+            boundaries = [rank * partition_numel for rank in range(1, group_size) if rank * partition_numel < size]
         elif hasattr(parameter, "_hp_mapping"):
             self.stage3 = False
             mapping = parameter._hp_mapping
             _check_partition_group(parameter._dp_group, item.name)
             start = mapping.lp_fragment_address.start if mapping is not None else 0
             numel = mapping.lp_fragment_address.numel if mapping is not None else 0
+            self.replicated = True
         else:
             raise RuntimeError(
                 f"{item.name} has no DeepSpeed ZeRO master weights (no ds_id or _hp_mapping): the DeepSpeed "
                 "engine does not optimise it, so the projection cannot reach its updates."
             )
-        self.numel = numel
-        self.pieces = fragment_pieces(start, numel, self.row_length) if numel else []
+        if self.replicated:
+            self.first_row, self.local_rows = 0, self.rows
+            self.exchanged_rows = list(range(self.rows))
+        else:
+            self.first_row = start // self.row_length if numel else 0
+            self.local_rows = -(-(start + numel) // self.row_length) - self.first_row if numel else 0
+            self.exchanged_rows = rows_cut_by(boundaries, self.row_length)
+        self.pieces = [
+            dataclasses.replace(piece, row=piece.row - self.first_row)
+            for piece in (fragment_pieces(start, numel, self.row_length) if numel else [])
+        ]
         # Where the master fragment lives: the accelerator, or the CPU under optimizer offload.
         item.move_to(self.master().device if numel else parameter.device)
+        # (position in `exchanged_rows`, local row) for the exchanged rows this fragment covers.
+        local = [
+            (slot, row - self.first_row)
+            for slot, row in enumerate(self.exchanged_rows)
+            if self.first_row <= row < self.first_row + self.local_rows
+        ]
+        device = item.basis.device
+        self.exchanged_slots = torch.tensor([slot for slot, _ in local], dtype=torch.long, device=device)
+        self.exchanged_local = torch.tensor([row for _, row in local], dtype=torch.long, device=device)
 
     def master(self) -> torch.Tensor:
         """The fp32 master values this rank owns (ZeRO-3: its padded partition, a copy if offloaded)."""
@@ -144,6 +182,20 @@ class _MasterFragment:
             return torch.empty(0, dtype=torch.float32, device=self.item.basis.device)
         return parameter._hp_mapping.get_hp_fragment().view(-1)
 
+    def local_coefficients(self, master: torch.Tensor) -> torch.Tensor:
+        """This fragment's share of `M U` on its rows (complete except on the exchanged rows)."""
+        basis = self.item.basis
+        coefficients = torch.zeros(self.local_rows, basis.shape[1], dtype=torch.float32, device=basis.device)
+        add_fragment_coefficients(self.pieces, master, basis, coefficients)
+        return coefficients
+
+    def residual(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """`M U − A` on this fragment's rows."""
+        anchor = self.item.anchor
+        if anchor is None:
+            return coefficients
+        return coefficients - anchor[self.first_row : self.first_row + self.local_rows]
+
     def subtract(self, master: torch.Tensor, residual: torch.Tensor) -> None:
         """Remove `(M U − A) Uᵀ` from the master fragment and make the module's copies agree."""
         basis = self.item.basis
@@ -152,20 +204,24 @@ class _MasterFragment:
         if self.stage3:
             parameter._z3_optimizer.set_local_hp_param(master, parameter)
             parameter.ds_tensor.data.copy_(master.view_as(parameter.ds_tensor))
-        full = parameter.data
-        if full.numel() == self.rows * self.row_length:
+        if self.replicated:
             # Same arithmetic on every rank, so the replicated copies stay identical to each other.
-            matrix = full.view(self.rows, self.row_length)
+            matrix = parameter.data.view(self.rows, self.row_length)
             matrix.sub_((residual @ basis.T).to(device=matrix.device, dtype=matrix.dtype))
 
 
-def _check_partition_group(group: dist.ProcessGroup | None, name: str) -> None:
-    """The coefficient all-reduce spans the world, so the partitions must too (no MiCS/hpZ, no TP/PP)."""
-    if dist.get_world_size(group=group) != dist.get_world_size():
+def _check_partition_group(group: dist.ProcessGroup | None, name: str) -> int:
+    """The coefficient all-reduce spans the world, so the partitions must too (no MiCS/hpZ, no TP/PP).
+
+    Returns the number of partitions.
+    """
+    size = dist.get_world_size(group=group)
+    if size != dist.get_world_size():
         raise NotImplementedError(
             f"{name} is partitioned over a subgroup of the processes (MiCS, hpZ, or tensor/pipeline parallelism): "
             "trl-nullspace supports ZeRO data parallelism over all processes only."
         )
+    return size
 
 
 class ZeroMasterProjector:
@@ -177,49 +233,71 @@ class ZeroMasterProjector:
         self.offsets, total = [], 0
         for fragment in self.fragments:
             self.offsets.append(total)
-            total += fragment.rows * fragment.item.rank
-        self.buffer_numel = total
+            total += len(fragment.exchanged_rows) * fragment.item.rank
+        self.exchanged_numel = total
+        self.whole_numel = sum(fragment.rows * fragment.item.rank for fragment in self.fragments)
 
-    def _all_reduced_coefficients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every parameter's full `M U` (d_out×k), summed over the ranks' fragments.
+    def summary(self) -> str:
+        """What travels per step, for the log: the exchanged share of all coefficients."""
+        partitioned = sum(not fragment.replicated for fragment in self.fragments)
+        return (
+            f"ZeRO projection all-reduces {self.exchanged_numel} of {self.whole_numel} coefficients per step "
+            f"({partitioned} of {len(self.fragments)} weights partitioned)"
+        )
 
-        Each block is computed where the master fragment lives and the buffer is reduced on the
-        communication device (the accelerator; both are the CPU in CPU runs).
+    def _completed_coefficients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every fragment's master and its rows of `M U`, completed by one all-reduce.
+
+        Coefficients are computed where each master fragment lives; the buffer is reduced on the
+        communication device (the accelerator; both are the CPU in CPU runs). Its last value counts
+        the ranks whose coefficients hold NaN or inf, so that all ranks raise together: one raising
+        alone would leave the others waiting in the next collective.
         """
-        buffer = torch.zeros(self.buffer_numel, dtype=torch.float32, device=self.communication_device)
-        masters, blocks = [], []
+        buffer = torch.zeros(self.exchanged_numel + 1, dtype=torch.float32, device=self.communication_device)
+        masters, coefficients, exchanged_blocks, norms = [], [], [], []
         for fragment, offset in zip(self.fragments, self.offsets, strict=True):
-            block = buffer[offset : offset + fragment.rows * fragment.item.rank].view(fragment.rows, -1)
+            k = fragment.item.rank
+            exchanged = buffer[offset : offset + len(fragment.exchanged_rows) * k].view(-1, k)
             master = fragment.master()
-            if fragment.pieces:
-                local = torch.zeros(block.shape, dtype=torch.float32, device=master.device)
-                add_fragment_coefficients(fragment.pieces, master, fragment.item.basis, local)
-                block.copy_(local)
+            local = fragment.local_coefficients(master)
+            norms.append(torch.linalg.vector_norm(local).to(self.communication_device))
+            if fragment.replicated:  # every row travels: the reduced buffer block is the result
+                exchanged.copy_(local)
+                local = exchanged
+            else:
+                exchanged.index_copy_(
+                    0,
+                    fragment.exchanged_slots.to(exchanged.device),
+                    local.index_select(0, fragment.exchanged_local).to(exchanged.device),
+                )
             masters.append(master)
-            blocks.append(block)
+            coefficients.append(local)
+            exchanged_blocks.append(exchanged)
+        if norms:
+            buffer[-1] = (~torch.isfinite(torch.stack(norms).sum())).float()
         dist.all_reduce(buffer)
-        if not torch.isfinite(buffer).all():
-            bad = [
-                f.item.name for f, block in zip(self.fragments, blocks, strict=True) if not torch.isfinite(block).all()
-            ]
+        if buffer[-1] > 0:
+            bad = [f.item.name for f, norm in zip(self.fragments, norms, strict=True) if not norm.isfinite()]
             raise diverged_step_error(bad)
-        return masters, blocks
+        for fragment, local, exchanged in zip(self.fragments, coefficients, exchanged_blocks, strict=True):
+            if not fragment.replicated:
+                completed = exchanged.index_select(0, fragment.exchanged_slots.to(exchanged.device))
+                local.index_copy_(0, fragment.exchanged_local, completed.to(local.device))
+        return masters, coefficients
 
     @torch.no_grad()
     def enforce_anchors(self) -> torch.Tensor:
-        """`M ← M − (M U − A) Uᵀ` on the master weights; returns ‖M U − A‖ over all parameters.
+        """`M ← M − (M U − A) Uᵀ` on the master weights; returns ‖M U − A‖ over this rank's rows.
 
         The norm stays a device tensor (read only when the trainer logs); the one host-device
-        synchronisation per step is the divergence check on the reduced coefficients.
+        synchronisation per step is the divergence check after the all-reduce. Rows of ZeRO-3
+        partitioned weights count on the ranks that hold them, so the main process logs its share.
         """
-        masters, blocks = self._all_reduced_coefficients()
+        masters, coefficients = self._completed_coefficients()
         squares = []
-        for fragment, master, block in zip(self.fragments, masters, blocks, strict=True):
-            anchor = fragment.item.anchor
-            residual = block.to(fragment.item.basis.device)
-            if anchor is not None:
-                residual = residual - anchor
+        for fragment, master, local in zip(self.fragments, masters, coefficients, strict=True):
+            residual = fragment.residual(local.to(fragment.item.basis.device))
             fragment.subtract(master, residual)
-            # Blocks live where each master does (the CPU under optimizer offload): sum on one device.
+            # Fragments live where their masters do (the CPU under optimizer offload): sum on one device.
             squares.append(residual.square().sum().to(self.communication_device))
         return torch.stack(squares).sum().sqrt()
