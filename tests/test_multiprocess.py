@@ -173,11 +173,13 @@ def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
     assert _reference_logit_drift(assets, tmp_path / "zero") < 1e-4
 
 
-def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_between_ranks(tmp_path):
+@pytest.mark.parametrize("method", ["activation", "gradient"])
+def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_between_ranks(tmp_path, method):
     """ZeRO-3 with every weight partitioned (persistence threshold 0, unlike the shipped config on
     this tiny model) and an odd intermediate size, so the 2 partitions of each gate/up weight split
     one row between the ranks. Only such rows' coefficients travel, and the run still matches the
-    single-process one and keeps the reference outputs."""
+    single-process one (and, for the activation method, keeps the reference outputs). The gradient
+    method's matrices are single rows that both partitions split, so all of them travel."""
     assets = tmp_path / "assets"
     write_toy_assets(str(assets))
     tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
@@ -204,17 +206,28 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     accelerate_path.write_text(yaml.safe_dump(accelerate_config))
     recipe = os.path.join(ROOT, "recipes", "sft.py")
 
-    _train(recipe, _config(assets, tmp_path, "single", 8, True))
-    output = _train(recipe, _config(assets, tmp_path, "zero3", 4, True), str(accelerate_path))
+    overrides = {"nullspace_method": method}
+    if method == "gradient":
+        overrides |= {"nullspace_eigenvalue_threshold": None, "nullspace_max_rank": 4}
+    configs = {}
+    for name, batch_size in (("single", 8), ("zero3", 4)):
+        configs[name] = tmp_path / f"{name}_{method}.yaml"
+        settings = yaml.safe_load(open(_config(assets, tmp_path, name, batch_size, True)))
+        configs[name].write_text(yaml.safe_dump(settings | overrides))
+    _train(recipe, str(configs["single"]))
+    output = _train(recipe, str(configs["zero3"]), str(accelerate_path))
 
     exchanged, whole, partitioned, weights = map(
         int, re.search(r"all-reduces (\d+) of (\d+) coefficients per step \((\d+) of (\d+) weights", output).groups()
     )
+    trained = load_file(str(tmp_path / "zero3" / "model.safetensors"))
+    assert _max_difference(trained, load_file(str(tmp_path / "single" / "model.safetensors"))) < 1e-4
+    if method == "gradient":
+        assert partitioned == weights and exchanged == whole > 0, (exchanged, whole)
+        return
     assert partitioned == weights == 14
     # One split row in each of the 4 gate/up weights (97 rows, 2 partitions), k ≤ 64 coefficients each.
     assert 0 < exchanged <= 4 * 64 and whole > 20 * exchanged, (exchanged, whole)
-    trained = load_file(str(tmp_path / "zero3" / "model.safetensors"))
-    assert _max_difference(trained, load_file(str(tmp_path / "single" / "model.safetensors"))) < 1e-4
     assert _reference_logit_drift(assets, tmp_path / "zero3") < 1e-4
 
 
