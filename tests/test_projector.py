@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from trl_nullspace.projector import ConstrainedParameter
+from trl_nullspace.fsdp import RowShardProjector
+from trl_nullspace.projector import ConstrainedParameter, diverged_step_error
 from trl_nullspace.rank import RankSelection
 
 
@@ -99,3 +100,27 @@ def test_rank_selection(selection, expected):
 def test_rank_selection_rejects_nan():
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         RankSelection(energy=0.9).rank(torch.tensor([1.0, float("nan")]))
+
+
+def test_row_shard_projection_names_the_weights_a_diverged_step_made_non_finite():
+    """FSDP2's guard (it never sees whole gradients): NaN weights after a step are named, not spread."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+    constrained = [
+        ConstrainedParameter(f"{index}.weight", model[index].weight, _basis(columns, 3), flat=False, zero_anchor=False)
+        for index, columns in ((0, 16), (1, 8))
+    ]
+    for item in constrained:
+        item.reset_anchor()
+    shards = RowShardProjector(model, constrained)
+    with torch.no_grad():
+        model[0].weight.add_(0.1)
+    assert float(shards.enforce_anchors()) > 0  # a finite step is projected; the norm stays a tensor
+    with torch.no_grad():
+        model[1].weight[2, 5] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"after the optimizer step in \['1.weight'\]"):
+        shards.enforce_anchors()
+
+
+def test_a_rank_whose_own_weights_are_finite_still_says_where_the_step_diverged():
+    """Under ZeRO every rank raises together, also one whose own share of the weights is finite."""
+    assert "another process's share" in str(diverged_step_error([]))
