@@ -150,6 +150,8 @@ class _MasterFragment:
                 f"{item.name} has no DeepSpeed ZeRO master weights (no ds_id or _hp_mapping): the DeepSpeed "
                 "engine does not optimise it, so the projection cannot reach its updates."
             )
+        # Where the master fragment lives: the accelerator, or the CPU under optimizer offload.
+        item.move_to(self.master().device if numel else parameter.device)
         if self.replicated:
             self.first_row, self.local_rows = 0, self.rows
             self.exchanged_rows = list(range(self.rows))
@@ -157,21 +159,19 @@ class _MasterFragment:
             self.first_row = start // self.row_length if numel else 0
             self.local_rows = -(-(start + numel) // self.row_length) - self.first_row if numel else 0
             self.exchanged_rows = rows_cut_by(boundaries, self.row_length)
+            # Where the exchanged rows this fragment covers sit in the buffer block and in its rows.
+            covered = [
+                (slot, row - self.first_row)
+                for slot, row in enumerate(self.exchanged_rows)
+                if self.first_row <= row < self.first_row + self.local_rows
+            ]
+            device = item.basis.device
+            self.exchanged_slots = torch.tensor([slot for slot, _ in covered], dtype=torch.long, device=device)
+            self.exchanged_local = torch.tensor([row for _, row in covered], dtype=torch.long, device=device)
         self.pieces = [
             dataclasses.replace(piece, row=piece.row - self.first_row)
             for piece in (fragment_pieces(start, numel, self.row_length) if numel else [])
         ]
-        # Where the master fragment lives: the accelerator, or the CPU under optimizer offload.
-        item.move_to(self.master().device if numel else parameter.device)
-        # (position in `exchanged_rows`, local row) for the exchanged rows this fragment covers.
-        local = [
-            (slot, row - self.first_row)
-            for slot, row in enumerate(self.exchanged_rows)
-            if self.first_row <= row < self.first_row + self.local_rows
-        ]
-        device = item.basis.device
-        self.exchanged_slots = torch.tensor([slot for slot, _ in local], dtype=torch.long, device=device)
-        self.exchanged_local = torch.tensor([row for _, row in local], dtype=torch.long, device=device)
 
     def master(self) -> torch.Tensor:
         """The fp32 master values this rank owns (ZeRO-3: its padded partition, a copy if offloaded)."""
