@@ -77,6 +77,12 @@ PRESETS = {
 RUNS = ("plain", "plain_same_parameters", "nullspace")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the accelerator's queued work, so wall-clock times cover it (nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class StepTimer(TrainerCallback):
     """Wall time of every optimizer step (device-synchronised) and the peak memory of the run."""
 
@@ -86,21 +92,17 @@ class StepTimer(TrainerCallback):
         self.peak_bytes = 0
         self._start = 0.0
 
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def on_train_begin(self, args, state, control, **kwargs):
         self.durations = []
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._synchronize()
+        synchronize(self.device)
         self._start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._synchronize()
+        synchronize(self.device)
         self.durations.append(time.perf_counter() - self._start)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -126,12 +128,10 @@ class OwnWorkTimer:
 
     def _timed(self, name: str, method):
         def run(*args, **kwargs):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            synchronize(self.device)
             started = time.perf_counter()
             method(*args, **kwargs)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            synchronize(self.device)
             self.calls[name].append(1e3 * (time.perf_counter() - started))
 
         return run
@@ -231,8 +231,7 @@ def bench_case(
     common = common_arguments(workdir, sequence_length, batch_size, steps, device)
     timers = {name: StepTimer(device) for name in RUNS}
     plain_models = {name: copy.deepcopy(base) for name in RUNS[:2]}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     started = time.perf_counter()
     null_space = NullSpaceSFTTrainer(
         model=base,
@@ -249,8 +248,7 @@ def bench_case(
         reference_dataset=reference,
         callbacks=[timers["nullspace"]],
     )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     setup_seconds = time.perf_counter() - started
     # The null-space trainer freezes what it cannot constrain (embeddings, norms, lm_head); the
     # second baseline trains exactly its parameters, so their ratio is the projection's own cost.
@@ -329,12 +327,10 @@ def bench_estimation(device: torch.device, num_samples: int, sequence_length: in
         num_samples=num_samples,
     )
     linears = find_target_linears(model, None)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     started = time.perf_counter()
     subspace = estimate_activation_subspace(model, batches, linears, RankSelection(energy=0.99), False)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     seconds = time.perf_counter() - started
     path = os.path.join(workdir, "estimation.safetensors")
     save_subspace(path, subspace, {"benchmark": "estimation"})
