@@ -77,13 +77,14 @@ def logits_on(model, batches: list[ReferenceBatch]) -> torch.Tensor:
     return out
 
 
-def make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset=None, **nullspace):
-    """A `NullSpaceSFTTrainer` with the shared test arguments and the given `nullspace_*` fields."""
+def make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset=None, **overrides):
+    """A `NullSpaceSFTTrainer` with the shared test arguments, overridden or extended by `overrides`
+    (`nullspace_*` fields or training arguments)."""
     from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
 
     return NullSpaceSFTTrainer(
         model=model,
-        args=NullSpaceSFTConfig(**training_kwargs(tmp_path), **nullspace),
+        args=NullSpaceSFTConfig(**training_kwargs(tmp_path, **overrides)),
         train_dataset=safety_dataset,
         processing_class=tokenizer,
         reference_dataset=reference_dataset,

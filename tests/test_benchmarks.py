@@ -6,8 +6,8 @@ import torch
 
 from benchmarks.speed import OwnWorkTimer
 from benchmarks.tax import general_perplexity_and_kl
-from tests.conftest import training_kwargs
-from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, toy
+from tests.conftest import make_sft_trainer
+from trl_nullspace import toy
 
 
 def test_kl_is_zero_for_the_base_model_itself_and_positive_after_a_change(model, tokenizer):
@@ -24,12 +24,8 @@ def test_kl_is_zero_for_the_base_model_itself_and_positive_after_a_change(model,
 def test_own_work_timer_times_each_optimizer_step_and_restores_the_trainer(
     model, tokenizer, safety_dataset, reference_dataset, tmp_path
 ):
-    trainer = NullSpaceSFTTrainer(
-        model=model,
-        args=NullSpaceSFTConfig(**training_kwargs(tmp_path, max_steps=3, gradient_accumulation_steps=2)),
-        train_dataset=safety_dataset,
-        processing_class=tokenizer,
-        reference_dataset=reference_dataset,
+    trainer = make_sft_trainer(
+        model, tokenizer, safety_dataset, tmp_path, reference_dataset, max_steps=3, gradient_accumulation_steps=2
     )
     timer = OwnWorkTimer(trainer, torch.device("cpu"))
     per_step = timer.per_step_ms()
