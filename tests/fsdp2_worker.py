@@ -4,7 +4,9 @@
 does (anchors taken, unconstrained parameters frozen), sharded by rows, trained with AdamW and
 weight decay, and `RowShardProjector` restores `W U = A` on each rank's rows after every step.
 Prints one line from rank 0: the reference logits' drift and how far the weights moved.
-`--no-projection` skips the projection: the control that shows the drift is real.
+`--no-projection` skips the projection: the control that shows the drift is real. With
+`--gradient` each rank also projects its rows of the reduced gradient before the step (the
+`gradient`/`both` targets) and the line adds the largest `G U` on the local rows before and after.
 """
 
 import sys
@@ -27,6 +29,7 @@ from trl_nullspace.toy import build_char_tokenizer, build_tiny_qwen2
 
 def main() -> None:
     project = "--no-projection" not in sys.argv
+    project_gradient = "--gradient" in sys.argv
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     tokenizer = build_char_tokenizer()
@@ -52,9 +55,21 @@ def main() -> None:
     row_shards = RowShardProjector(model, projector.constrained)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     generator = torch.Generator().manual_seed(1 + dist.get_rank())
+    in_subspace = {"before": 0.0, "after": 0.0}
+
+    def largest_gradient_coefficient() -> float:
+        return max(
+            (shard.local_matrix(shard.parameter.grad) @ shard.item.basis).abs().max().item()
+            for shard in row_shards.shards
+        )
+
     for _ in range(6):
         input_ids = torch.randint(3, len(tokenizer), (4, 16), generator=generator)
         model(input_ids=input_ids, labels=input_ids).loss.backward()
+        if project_gradient:
+            in_subspace["before"] = max(in_subspace["before"], largest_gradient_coefficient())
+            row_shards.project_gradients()
+            in_subspace["after"] = max(in_subspace["after"], largest_gradient_coefficient())
         optimizer.step()
         optimizer.zero_grad()
         if project:
@@ -64,7 +79,11 @@ def main() -> None:
     parameters = dict(model.named_parameters())
     moved = max((parameters[name].full_tensor() - value).abs().max().item() for name, value in initial.items())
     if dist.get_rank() == 0:
-        print(f"RESULT drift={drift:.3e} moved={moved:.3e}", flush=True)
+        print(
+            f"RESULT drift={drift:.3e} moved={moved:.3e} "
+            f"gradient_before={in_subspace['before']:.3e} gradient_after={in_subspace['after']:.3e}",
+            flush=True,
+        )
     dist.destroy_process_group()
 
 

@@ -98,3 +98,71 @@ def test_an_interrupted_cache_write_keeps_the_previous_cache(
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
     load_subspace(str(path))  # still a valid cache
+
+
+def _reuse_after(first_stage_trainer, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    """A second null-space stage on the first stage's model, reusing the base model's cache."""
+    return _trainer(
+        first_stage_trainer.model,
+        tokenizer,
+        safety_dataset,
+        tmp_path,
+        reference_dataset,
+        nullspace_cache_match_weights=False,
+        nullspace_eigenvalue_threshold=1e-10,
+    )
+
+
+def test_a_reused_cache_that_no_longer_holds_the_reference_inputs_is_refused(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    """After a stage trained WITHOUT the constraint, the base model's cache no longer describes the
+    model (the reference inputs moved out of its span); reusing it would silently stop protecting."""
+    from trl import SFTConfig, SFTTrainer
+
+    from tests.conftest import training_kwargs
+
+    _trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_eigenvalue_threshold=1e-10)
+    plain = SFTTrainer(
+        model=model,
+        args=SFTConfig(**training_kwargs(tmp_path)),
+        train_dataset=safety_dataset,
+        processing_class=tokenizer,
+    )
+    plain.train()
+    with pytest.raises(CacheMismatchError, match=r"(?s)no longer describes this model.*Re-estimate"):
+        _reuse_after(plain, tokenizer, safety_dataset, reference_dataset, tmp_path)
+
+
+def test_a_reused_cache_after_a_constrained_stage_is_accepted(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    from tests.conftest import logits_on
+
+    first = _trainer(
+        model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_eigenvalue_threshold=1e-10
+    )
+    first.train()
+    second = _reuse_after(first, tokenizer, safety_dataset, reference_dataset, tmp_path)
+    before = logits_on(second.model, second._reference_batches)
+    second.train()
+    assert (logits_on(second.model, second._reference_batches) - before).abs().max().item() < 1e-4
+
+
+def test_a_reused_cache_without_reference_data_is_refused(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    _trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset)
+    other_weights = toy.build_tiny_qwen2(tokenizer, seed=1)
+    with pytest.raises(CacheMismatchError, match="pass the reference data too"):
+        _trainer(other_weights, tokenizer, safety_dataset, tmp_path, nullspace_cache_match_weights=False)
+
+
+def test_a_truncated_cache_names_the_file_and_the_fix(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    _trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset)
+    path = tmp_path / "subspace.safetensors"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(
+        CacheMismatchError, match=r"subspace.safetensors is not a readable safetensors file.*Delete it"
+    ):
+        _trainer(model, tokenizer, safety_dataset, tmp_path)

@@ -8,7 +8,7 @@ import torch
 from trl import SFTConfig
 
 from tests.conftest import logits_on, make_sft_trainer, training_kwargs
-from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, guards
 
 
 @pytest.mark.parametrize(
@@ -39,9 +39,7 @@ def test_empty_reference_dataset(model, tokenizer, safety_dataset, tmp_path):
 
 def test_reference_dataset_without_known_columns(model, tokenizer, safety_dataset, tmp_path):
     odd = datasets.Dataset.from_dict({"question": ["1+1="]})
-    with pytest.raises(
-        ValueError, match="needs 'text', 'messages', 'prompt' and 'completion', or 'chosen' and 'rejected'"
-    ):
+    with pytest.raises(ValueError, match=r"columns \['question'\]; it needs 'text', 'messages', 'prompt'"):
         make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, odd)
 
 
@@ -134,33 +132,28 @@ def test_refresh_re_estimates_and_stays_exact(model, tokenizer, safety_dataset, 
 
 def test_fsdp1_is_refused_not_silently_ignored(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
     trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
-    trainer.is_fsdp_enabled = True  # and Accelerate's is_fsdp2 is False: FSDP1
     with pytest.raises(NotImplementedError, match="FSDP1.*would silently not apply"):
-        trainer._check_backend_supported()
+        guards.check_backend(trainer.args, deepspeed=False, fsdp=True, fsdp2=False, trainer_name="T")
 
 
 @pytest.mark.parametrize(
     "backend, option, message",
     [
-        ("fsdp2", {"nullspace_projection_target": "gradient"}, "Under FSDP the gradients are sharded"),
         ("fsdp2", {"nullspace_method": "gradient"}, "only nullspace_method='activation'"),
-        ("deepspeed", {"nullspace_projection_target": "gradient"}, "Under DeepSpeed the gradients are sharded"),
         ("deepspeed", {"nullspace_refresh_steps": 4}, "nullspace_refresh_steps is not supported under DeepSpeed"),
     ],
 )
 def test_sharded_backends_refuse_options_they_cannot_honour(
-    model, tokenizer, safety_dataset, reference_dataset, tmp_path, monkeypatch, backend, option, message
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, backend, option, message
 ):
     trainer = make_sft_trainer(
         model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9, **option
     )
-    if backend == "deepspeed":
-        trainer.is_deepspeed_enabled = True
-    else:
-        trainer.is_fsdp_enabled = True
-        monkeypatch.setattr(type(trainer.accelerator), "is_fsdp2", property(lambda self: True))
+    deepspeed = backend == "deepspeed"
     with pytest.raises(NotImplementedError, match=message):
-        trainer._check_backend_supported()
+        guards.check_backend(
+            trainer.args, deepspeed=deepspeed, fsdp=not deepspeed, fsdp2=not deepspeed, trainer_name="T"
+        )
 
 
 @pytest.mark.parametrize(

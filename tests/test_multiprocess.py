@@ -252,10 +252,11 @@ def test_shipped_toy_recipes_run_offline(tmp_path, shipped_accelerate):
 
 def test_fsdp2_row_shards_keep_reference_outputs():
     """FSDP2 with 2 real CPU processes (torchrun, gloo; Accelerate itself falls back to DDP on CPU):
-    each rank projects its own rows after every AdamW step. Without the projection the same run
-    moves the reference logits, so the first assertion can fail."""
+    each rank projects its own rows after every AdamW step (and, with `--gradient`, its rows of the
+    reduced gradient before it). Without the projection the same run moves the reference logits,
+    so the first assertion can fail."""
     results = {}
-    for flag in ("", "--no-projection"):
+    for flag in ("", "--no-projection", "--gradient"):
         completed = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545"]
             + [os.path.join(ROOT, "tests", "fsdp2_worker.py")]
@@ -274,6 +275,10 @@ def test_fsdp2_row_shards_keep_reference_outputs():
     assert float(results[""]["drift"]) < 1e-4
     assert float(results[""]["moved"]) > 1e-2
     assert float(results["--no-projection"]["drift"]) > 1e-2
+    # The gradient rows the optimizer steps had a component in the subspace, and lost it.
+    assert float(results["--gradient"]["gradient_before"]) > 1e-3
+    assert float(results["--gradient"]["gradient_after"]) < 1e-6
+    assert float(results["--gradient"]["drift"]) < 1e-4
 
 
 def test_deepspeed_resume_restores_the_checkpoint_subspace(assets, tmp_path):

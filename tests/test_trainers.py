@@ -148,8 +148,9 @@ def test_rloo_runs_with_projection(model, tokenizer, prompt_dataset, reference_d
     assert drift < 1e-4 and change > 1e-2
     assert any("nullspace/removed_frac" in entry for entry in trainer.state.log_history)
     # The update projection's removed norm is kept on the device between logs, then logged as a number.
+    # A step can be zero (all sampled completions of a prompt tie, so every advantage is 0), not all of them.
     removed = [entry["nullspace/update_removed_norm"] for entry in trainer.state.log_history if "loss" in entry]
-    assert removed and all(isinstance(value, float) and value > 0 for value in removed)
+    assert removed and all(isinstance(value, float) and value >= 0 for value in removed) and max(removed) > 0
 
 
 def test_sft_then_dpo_reuses_one_cached_subspace(
@@ -206,7 +207,7 @@ def test_the_constraint_is_announced_and_saved_with_the_model(
 
     trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
     trainer.train()
-    assert "trl-nullspace: activation subspace, update projection" in capsys.readouterr().out
+    assert "trl-nullspace: activation subspace, both projection" in capsys.readouterr().out
     trainer.save_model(str(tmp_path / "saved"))
     saved = json.loads((tmp_path / "saved" / SETTINGS_FILE).read_text())
     assert saved["method"] == "activation" and saved["rank_selection"]["energy"] == 0.9

@@ -24,7 +24,7 @@ from trl_nullspace.fingerprint import architecture_fingerprint, model_name
 from trl_nullspace.reference import ReferenceBatch, reference_fingerprint
 from trl_nullspace.subspace import CapabilitySubspace
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _HEADER_KEY = "trl_nullspace"
 
 
@@ -53,6 +53,7 @@ def save_subspace(
         "library_version": __version__,
         "method": subspace.method,
         "targets": subspace.targets,
+        "energy": subspace.energy,
         "settings": subspace.settings,
         **provenance,
     }
@@ -73,7 +74,14 @@ def load_subspace(path: str) -> tuple[CapabilitySubspace, dict[str, Any]]:
 
     The header's `anchors` entry holds the saved anchors by parameter name (empty for a plain cache).
     """
-    with safe_open(path, framework="pt") as handle:
+    try:
+        handle = safe_open(path, framework="pt")
+    except Exception as error:  # safetensors raises its own error type for truncated or foreign files
+        raise CacheMismatchError(
+            f"{path} is not a readable safetensors file ({error}): it is truncated or not a subspace cache. Delete "
+            "it to re-estimate the subspace."
+        ) from error
+    with handle:
         metadata = handle.metadata() or {}
         if _HEADER_KEY not in metadata:
             raise CacheMismatchError(f"{path} is a safetensors file but not a trl-nullspace subspace cache.")
@@ -92,6 +100,7 @@ def load_subspace(path: str) -> tuple[CapabilitySubspace, dict[str, Any]]:
         bases=tables["basis"],
         targets=header["targets"],
         eigenvalues=tables["eigenvalues"],
+        energy=header.get("energy", {}),
         settings=header["settings"],
     )
     header["anchors"] = tables["anchor"]
@@ -99,20 +108,28 @@ def load_subspace(path: str) -> tuple[CapabilitySubspace, dict[str, Any]]:
 
 
 def expected_provenance(
-    model: nn.Module, settings: NullSpaceArguments, batches: list[ReferenceBatch] | None, weights: str
+    model: nn.Module,
+    settings: NullSpaceArguments,
+    batches: list[ReferenceBatch] | None,
+    weights: str,
+    contrast_batches: list[ReferenceBatch] | None = None,
 ) -> dict[str, Any]:
     """What a cache must record to serve this model and these settings (the weights only if they
-    must match, the reference data only if there is any to compare with)."""
+    must match, the reference and training data only if there is any to compare with)."""
     expected = {
         "method": settings.nullspace_method,
         "rank_selection": settings.nullspace_rank_selection.to_dict(),
         "target_modules": settings.nullspace_target_modules,
+        "normalize_tokens": settings.nullspace_normalize_tokens,
+        "contrastive": settings.nullspace_contrastive,
         "architecture_fingerprint": architecture_fingerprint(model),
     }
     if settings.nullspace_cache_match_weights:
         expected["weights_fingerprint"] = weights
     if batches is not None:
         expected["reference_fingerprint"] = reference_fingerprint(batches)
+    if contrast_batches is not None:
+        expected["contrast_fingerprint"] = reference_fingerprint(contrast_batches)
     return expected
 
 
@@ -130,6 +147,9 @@ def check_cache_matches(path: str, header: dict[str, Any], expected: dict[str, A
         "method": "the cache holds another subspace method",
         "rank_selection": "the cache used other rank-selection settings",
         "target_modules": "the cache constrains other target modules",
+        "normalize_tokens": "the cache weighted reference tokens differently (nullspace_normalize_tokens)",
+        "contrastive": "the cache used another rank rule (nullspace_contrastive)",
+        "contrast_fingerprint": "the cache's contrastive rule saw other training data",
     }
     problems = [
         f"  - {key}: cache has {header.get(key)!r}, expected {value!r} ({explanations.get(key, 'differs')})"

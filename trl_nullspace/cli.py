@@ -8,6 +8,12 @@ Training subcommands mirror TRL's CLI and the `recipes/` scripts (a YAML of TRL 
     trl-nullspace grpo --config recipes/configs/toy_grpo.yaml      # offline refusal reward
     trl-nullspace rloo --config my_rloo.yaml                       # same reward
 
+Evaluation and models (see docs/evaluation.md):
+
+    trl-nullspace evaluate --model TRAINED --base BASE [--output-dir DIR] [--quick]
+    trl-nullspace gguf [FILE.gguf --output-dir DIR]    # a GGUF file as a trainable model folder
+                                                       # (no FILE: the packaged SmolLM2-135M-Instruct)
+
 Cache subcommands:
 
     trl-nullspace estimate --model_name_or_path MODEL --nullspace_reference_dataset DATA \\
@@ -129,7 +135,7 @@ def inspect_cache(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = [*TRAINERS, "estimate", "inspect"]
+    commands = [*TRAINERS, "estimate", "inspect", "evaluate", "gguf"]
     if not argv or argv[0] not in commands:
         print(__doc__)
         print(f"usage: trl-nullspace {{{','.join(commands)}}} ...")
@@ -140,6 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "inspect":
         return inspect_cache(rest)
+    if command == "evaluate":
+        from trl_nullspace.evaluation.report import main as evaluate_main
+
+        return evaluate_main(rest)
+    if command == "gguf":
+        from trl_nullspace.gguf import main as gguf_main
+
+        gguf_main(rest)
+        return 0
     trainer_class, config_class, trainer_kwargs = TRAINERS[command]
     run_recipe(trainer_class, config_class, args=rest, **trainer_kwargs)
     return 0

@@ -14,7 +14,7 @@ from trl import DPOConfig, GRPOConfig, RLOOConfig, SFTConfig
 from trl_nullspace.rank import RankSelection
 
 METHODS = ("activation", "gradient")
-PROJECTION_TARGETS = ("update", "gradient")
+PROJECTION_TARGETS = ("update", "gradient", "both")
 PROJECTION_DTYPES = ("float32", "bfloat16")
 DEFAULT_ENERGY = 0.99
 
@@ -38,11 +38,13 @@ class NullSpaceArguments:
         },
     )
     nullspace_projection_target: str = field(
-        default="update",
+        default="both",
         metadata={
-            "help": "'update': after each optimizer step, remove the parameter change's component in the "
-            "subspace (exact under AdamW and weight decay). 'gradient': project the synchronised gradient "
-            "before the optimizer step, as the papers do (Adam's per-coordinate scaling leaks).",
+            "help": "'both' (default): project the gradient before the optimizer step, so Adam's statistics see "
+            "only the allowed part, and the parameter change after it (exact under AdamW and weight decay). "
+            "'update': only the change after the step (exact, but Adam normalises by the whole gradient, so "
+            "steps in the allowed directions are small: measured 2x the drift at the same refusal). "
+            "'gradient': only the gradient, as the papers do (Adam's per-coordinate scaling leaks).",
             "choices": list(PROJECTION_TARGETS),
         },
     )
@@ -71,6 +73,22 @@ class NullSpaceArguments:
         metadata={"help": "Keep directions whose eigenvalue exceeds this fraction of the largest one."},
     )
     nullspace_max_rank: int | None = field(default=None, metadata={"help": "Upper bound on each basis' rank."})
+    nullspace_normalize_tokens: bool = field(
+        default=True,
+        metadata={
+            "help": "Activation method: scale every reference token's layer input to unit length before the "
+            "statistics, so the few tokens with massive activations that real models have cannot decide the "
+            "rank alone (False: raw inputs, where one such token can hold 99.9% of a layer's energy)."
+        },
+    )
+    nullspace_contrastive: bool = field(
+        default=False,
+        metadata={
+            "help": "Activation method: spend the unprotected share of reference energy (1 - nullspace_energy) on "
+            "the directions the training data uses most relative to the reference data, instead of on the "
+            "directions of least reference energy."
+        },
+    )
     nullspace_gradient_batches: int = field(
         default=8, metadata={"help": "Gradient method: reference batches whose gradients span the basis."}
     )
@@ -145,6 +163,16 @@ class NullSpaceArguments:
         if self.nullspace_eigenvalue_threshold is not None and not 0.0 <= self.nullspace_eigenvalue_threshold < 1.0:
             raise ValueError(
                 f"nullspace_eigenvalue_threshold must be in [0, 1), got {self.nullspace_eigenvalue_threshold}."
+            )
+        if self.nullspace_contrastive and (
+            self.nullspace_method != "activation"
+            or self.nullspace_eigenvalue_threshold is not None
+            or self.nullspace_max_rank is not None
+        ):
+            raise ValueError(
+                "nullspace_contrastive needs nullspace_method='activation' and chooses its rank by nullspace_energy "
+                "(the unprotected share of reference energy); unset nullspace_eigenvalue_threshold and "
+                "nullspace_max_rank."
             )
         for name in ("nullspace_max_rank", "nullspace_gradient_batches", "nullspace_refresh_steps"):
             value = getattr(self, name)

@@ -1,9 +1,10 @@
-"""FSDP2: the `update` projection on row-sharded weights, with no communication at all.
+"""FSDP2: the projections on row-sharded weights and gradients, with no communication at all.
 
 FSDP2 (`fully_shard`) replaces every parameter by a DTensor sharded along dim 0 and the optimizer
 steps the local shards (kept in fp32 under mixed precision: they are the master weights). A Linear
 weight's rows are its output features and the basis `U` acts on its input features, so each rank
-restores `M U = A` on its own rows, `M_r ← M_r − (M_r U − A_r) Uᵀ`, using its rows of the anchor.
+restores `M U = A` on its own rows, `M_r ← M_r − (M_r U − A_r) Uᵀ`, using its rows of the anchor,
+and removes `G_r U Uᵀ` from its rows of the reduced gradient before the step.
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ class _RowShard:
         else:
             self.start = 0
 
-    def local_matrix(self) -> torch.Tensor:
-        data = self.parameter.data
-        local = data.to_local() if isinstance(data, DTensor) else data
+    def local_matrix(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's rows of the weight (or of `tensor`, e.g. its gradient) as a d_rows×d_in view."""
+        tensor = self.parameter.data if tensor is None else tensor
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
         return local.view(-1, self.item.matrix_shape[1])
+
+    def project_gradient(self) -> torch.Tensor | None:
+        """`G_r ← G_r − (G_r U) Uᵀ` on the local rows of the reduced gradient; returns `G_r U`."""
+        if self.parameter.grad is None:
+            return None
+        return self.item.enforce_on(self.local_matrix(self.parameter.grad), None)
 
     def enforce_anchor(self) -> torch.Tensor:
         matrix = self.local_matrix()
@@ -58,6 +66,11 @@ class RowShardProjector:
         if missing:
             raise RuntimeError(f"FSDP renamed or dropped constrained parameters, e.g. {missing[:3]}.")
         self.shards = [_RowShard(item, parameters[item.name]) for item in constrained]
+
+    def project_gradients(self) -> torch.Tensor:
+        """Remove every local gradient shard's component in the subspace; returns this rank's removed norm."""
+        removed = [coefficients for shard in self.shards if (coefficients := shard.project_gradient()) is not None]
+        return total_norm(removed) if removed else torch.zeros(())
 
     def enforce_anchors(self) -> torch.Tensor:
         """Project every local shard back onto its anchor rows; returns this rank's removed norm.

@@ -30,8 +30,9 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
-from trl_nullspace import __version__
+from trl_nullspace import __version__, guards
 from trl_nullspace.cache import (
+    CacheMismatchError,
     check_cache_matches,
     expected_provenance,
     load_subspace,
@@ -40,6 +41,7 @@ from trl_nullspace.cache import (
 )
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.estimators import estimate_subspace
+from trl_nullspace.estimators.activation import energy_in_span
 from trl_nullspace.fingerprint import architecture_fingerprint, model_name, weights_fingerprint
 from trl_nullspace.fsdp import RowShardProjector
 from trl_nullspace.projector import SubspaceProjector
@@ -49,11 +51,14 @@ from trl_nullspace.reference import (
     tokenize_reference,
 )
 from trl_nullspace.subspace import CapabilitySubspace
+from trl_nullspace.targets import find_target_linears
 from trl_nullspace.zero import ZeroMasterProjector, gathered
 
 logger = logging.get_logger(__name__)
 
 CHECKPOINT_FILE = "nullspace_subspace.safetensors"
+# A reused cache may miss at most this much more of the reference energy (a share) than at estimation.
+REUSE_TOLERANCE = 0.10
 SETTINGS_FILE = "nullspace_config.json"
 
 
@@ -63,7 +68,8 @@ class _ProjectUpdateCallback(TrainerCallback):
     def __init__(self, trainer: NullSpaceTrainerMixin):
         self.trainer = trainer
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.trainer._check_optimizer(optimizer)
         if state.is_world_process_zero:
             print(self.trainer.nullspace_start_summary(), flush=True)
         if args.nullspace_log_per_layer:
@@ -96,18 +102,29 @@ class NullSpaceTrainerMixin:
             model = bound.arguments["model"]
             name = model if isinstance(model, str) else model_name(model)
             bound.arguments["args"] = self.config_class(output_dir=f"{name.rstrip('/').split('/')[-1]}-NullSpace")
+        # The training data as the user passed it, before TRL tokenises it: the contrastive rule's statistics.
+        self._raw_train_dataset = bound.arguments.get("train_dataset")
         super().__init__(*bound.args, **bound.kwargs)
         if not isinstance(self.args, NullSpaceArguments):
             raise TypeError(
                 f"{type(self).__name__} needs a config with the nullspace_* fields, e.g. "
                 f"{self.config_class.__name__}; got {type(self.args).__name__}."
             )
-        self._check_backend_supported()
-        self._check_optimizer_supported()
-        self._check_not_training_quantized_weights()
+        guards.check_backend(
+            self.args,
+            deepspeed=self.is_deepspeed_enabled,
+            fsdp=self.is_fsdp_enabled,
+            fsdp2=self.is_fsdp_enabled and self.accelerator.is_fsdp2,
+            trainer_name=type(self).__name__,
+        )
+        guards.check_optimizer_name(self.args)
+        guards.check_quantized(self.model, self.args)
+        guards.check_adapters(self.model)
         # Per-step values since the last log; device tensors are read only when logging.
         self._nullspace_metrics: dict[str, list[float | torch.Tensor]] = defaultdict(list)
+        self._nullspace_frozen: list[str] = []
         self._reference_batches = self._load_reference_batches(reference_dataset)
+        self._contrast_batches = self._load_contrast_batches()
         self.nullspace_subspace = self._load_or_estimate_subspace()
         self._check_same_subspace_on_every_process()
         self.nullspace_projector = self._bind(self.nullspace_subspace)
@@ -117,78 +134,6 @@ class NullSpaceTrainerMixin:
         logger.info("trl-nullspace: %s", self.nullspace_subspace.summary())
 
     # -- set-up ---------------------------------------------------------------------------------
-
-    def _check_backend_supported(self) -> None:
-        """Refuse the backends and options whose projection would silently not apply.
-
-        Under DeepSpeed the engine steps the optimizer inside `backward`, before `training_step`
-        returns, and under FSDP2 the gradients are row shards; for both only the `update` target
-        (applied to the sharded master weights afterwards, see `trl_nullspace.zero` and
-        `trl_nullspace.fsdp`) is honoured. FSDP1's flat parameters are not reached at all.
-        """
-        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            return
-        backend = "DeepSpeed" if self.is_deepspeed_enabled else "FSDP"
-        if self.is_fsdp_enabled and not self.accelerator.is_fsdp2:
-            raise NotImplementedError(
-                f"{type(self).__name__} does not support FSDP1: its flat parameters hold the weights and master "
-                "copies, so the projection would silently not apply. Use fsdp_version: 2, DeepSpeed ZeRO or DDP."
-            )
-        if self.args.nullspace_projection_target != "update":
-            raise NotImplementedError(
-                f"Under {backend} the gradients are sharded (DeepSpeed also steps inside backward), so a gradient "
-                "projection cannot run: use nullspace_projection_target='update' (the default), which projects the "
-                "sharded master weights instead."
-            )
-        if self.is_fsdp_enabled and self.args.nullspace_method != "activation":
-            raise NotImplementedError("Under FSDP only nullspace_method='activation' is supported yet.")
-        if self.args.nullspace_refresh_steps is not None:
-            raise NotImplementedError(f"nullspace_refresh_steps is not supported under {backend} yet.")
-
-    def _check_optimizer_supported(self) -> None:
-        """Refuse optimizers that would undo or bypass the projection.
-
-        Schedule-free optimizers keep the real iterates in their state and rebuild the weights from
-        them, and AnyPrecision AdamW keeps Kahan compensation buffers: both put back what the
-        `update` projection removed. LOMO/AdaLomo and the layer-wise GaLore/APOLLO variants step
-        inside backward, so no synchronised gradient is ever seen for the `gradient` target.
-        """
-        optim = str(getattr(self.args.optim, "value", self.args.optim))
-        if self.args.nullspace_projection_target == "update" and (
-            optim.startswith("schedule_free") or optim == "adamw_anyprecision"
-        ):
-            raise ValueError(
-                f"optim={optim!r} keeps its own copy of the weights' trajectory in its state, which would restore "
-                "what nullspace_projection_target='update' removes after each step. Use adamw_torch (or another "
-                "optimizer that updates the weights in place)."
-            )
-        if optim in ("lomo", "adalomo"):
-            raise ValueError(
-                f"optim={optim!r} updates the weights during backward, without an optimizer step the projection "
-                "can follow. Use adamw_torch (or another optimizer with a step)."
-            )
-        if self.args.nullspace_projection_target == "gradient" and optim.endswith("_layerwise"):
-            raise ValueError(
-                f"optim={optim!r} steps each layer inside backward, before nullspace_projection_target='gradient' "
-                "could project its gradient. Use the update target (the default) or a non-layer-wise optimizer."
-            )
-
-    def _check_not_training_quantized_weights(self) -> None:
-        """Quantized weights cannot be updated or projected; only adapters on top of them can (QLoRA)."""
-        quantized = getattr(self.model, "hf_quantizer", None) is not None or getattr(self.model, "is_quantized", False)
-        if not quantized:
-            return
-        base_trainable = [
-            name
-            for name, parameter in self.model.named_parameters()
-            if parameter.requires_grad and "lora_" not in name
-        ]
-        if base_trainable or self.args.nullspace_method != "activation":
-            raise ValueError(
-                "The model's base weights are quantized: they cannot be projected or trained directly. Train LoRA "
-                "adapters on them (pass peft_config, QLoRA-style) with nullspace_method='activation'; trainable "
-                f"non-adapter parameters found: {base_trainable[:3]}."
-            )
 
     def _reference_tokenizer(self) -> PreTrainedTokenizerBase:
         """The text tokenizer, also when the processing class is a multimodal processor."""
@@ -203,16 +148,30 @@ class NullSpaceTrainerMixin:
             )
         if reference_dataset is None:
             return None
+        return self._tokenize(reference_dataset)
+
+    def _tokenize(self, dataset: datasets.Dataset) -> list[ReferenceBatch]:
         return tokenize_reference(
-            reference_dataset,
+            dataset,
             self._reference_tokenizer(),
             batch_size=self.args.nullspace_reference_batch_size,
             max_length=self.args.nullspace_reference_max_length,
             num_samples=self.args.nullspace_reference_num_samples,
         )
 
+    def _load_contrast_batches(self) -> list[ReferenceBatch] | None:
+        """The training data's batches, for `nullspace_contrastive` (None otherwise)."""
+        if not self.args.nullspace_contrastive:
+            return None
+        if not isinstance(self._raw_train_dataset, datasets.Dataset):
+            raise ValueError(
+                "nullspace_contrastive needs train_dataset as a datasets.Dataset (its inputs shape the subspace); "
+                f"got {type(self._raw_train_dataset).__name__}."
+            )
+        return self._tokenize(self._raw_train_dataset)
+
     def _expected_provenance(self, weights: str) -> dict[str, Any]:
-        return expected_provenance(self.model, self.args, self._reference_batches, weights)
+        return expected_provenance(self.model, self.args, self._reference_batches, weights, self._contrast_batches)
 
     def _load_or_estimate_subspace(self) -> CapabilitySubspace:
         if self.args.nullspace_refresh_steps is not None and self._reference_batches is None:
@@ -223,6 +182,9 @@ class NullSpaceTrainerMixin:
         if path is not None and os.path.exists(path):
             subspace, header = load_subspace(path)
             check_cache_matches(path, header, expected)
+            if header.get("weights_fingerprint") != weights:  # reused on other weights (a later stage)
+                with gathered(self.model.parameters()):
+                    self._check_reused_cache_still_fits(path, subspace)
             logger.info("trl-nullspace: loaded the capability subspace from %s", path)
             return subspace
         if self._reference_batches is None:
@@ -239,6 +201,44 @@ class NullSpaceTrainerMixin:
             save_subspace(path, subspace, saved_provenance(self.model, weights, expected))
             logger.info("trl-nullspace: saved the capability subspace to %s", path)
         return subspace
+
+    def _check_reused_cache_still_fits(self, path: str, subspace: CapabilitySubspace) -> None:
+        """A cache reused on weights it was not estimated from (`nullspace_cache_match_weights=False`)
+        protects this model only if its bases still hold the current reference inputs: after an
+        unconstrained stage they need not (measured on a tiny model: reference logits moved 3.0 with
+        the old cache, 1e-5 with a fresh one). Refuse when a basis now misses more of the reference
+        energy than it did when estimated by over `REUSE_TOLERANCE` (an absolute share). Measured on the
+        demo's tiny model: after a null-space stage at energy 0.99 the worst layer misses 5.4% (1% at
+        estimation); after a plain stage, 55–78%."""
+        if subspace.method != "activation":
+            raise CacheMismatchError(
+                f"{path} holds a gradient-method subspace estimated from other weights; it cannot be checked against "
+                "this model's reference gradients. Re-estimate it: delete the file or point nullspace_cache_path "
+                "elsewhere."
+            )
+        if self._reference_batches is None:
+            raise CacheMismatchError(
+                f"{path} was estimated from other weights (nullspace_cache_match_weights=False): pass the reference "
+                "data too, so the trainer can check that the cached subspace still holds this model's reference "
+                "inputs."
+            )
+        linears = find_target_linears(self.model, self.args.nullspace_target_modules)
+        shares = energy_in_span(
+            self.model, self._reference_batches, linears, subspace, self.args.nullspace_normalize_tokens
+        )
+        worn = []
+        for key, share in shares.items():
+            estimated = subspace.energy_kept(key)
+            missed_at_estimation = 1.0 - (estimated if estimated is not None else 1.0)
+            if 1.0 - share > missed_at_estimation + REUSE_TOLERANCE:
+                worn.append(f"{key}: holds {share:.4%} of the reference energy (estimated: {estimated:.4%})")
+        if worn:
+            raise CacheMismatchError(
+                f"The cached subspace {path} no longer describes this model: the reference inputs moved out of it "
+                f"since it was estimated (a stage trained without the constraint?), in {len(worn)} layer input(s), "
+                f"e.g.\n  " + "\n  ".join(worn[:3]) + "\nRe-estimate it from this model: delete the file or point "
+                "nullspace_cache_path elsewhere."
+            )
 
     def _warn_if_reference_is_tiny(self, subspace: CapabilitySubspace) -> None:
         """Few reference tokens cap every activation basis' rank: the constraint then protects only
@@ -280,7 +280,9 @@ class NullSpaceTrainerMixin:
 
     def estimate_subspace(self) -> CapabilitySubspace:
         """Estimate the subspace from the reference batches with the current weights."""
-        return estimate_subspace(self.model, self._reference_batches, self.args, not self.args.disable_tqdm)
+        return estimate_subspace(
+            self.model, self._reference_batches, self.args, not self.args.disable_tqdm, self._contrast_batches
+        )
 
     def _bind(self, subspace: CapabilitySubspace) -> SubspaceProjector:
         projector = SubspaceProjector.bind(
@@ -288,9 +290,17 @@ class NullSpaceTrainerMixin:
         )
         projector.check_trainable_directions()
         # ZeRO-3 may have partitioned the weights already (zero.Init): anchors need them whole once.
+        target = self.args.nullspace_projection_target
         with gathered([item.parameter for item in projector.constrained], modifier_rank=0):
-            projector.initialise_anchors(track_updates=self.args.nullspace_projection_target == "update")
+            projector.initialise_anchors(track_updates=target in ("update", "both"))
         self._sharded_master_projector: ZeroMasterProjector | RowShardProjector | None = None
+        # DeepSpeed reduces gradients in its own hooks and steps inside backward: the gradient target
+        # projects each micro-batch's gradient as autograd produces it, before those hooks read it.
+        for handle in getattr(self, "_gradient_hooks", []):
+            handle.remove()
+        self._gradient_hooks = []
+        if self.is_deepspeed_enabled and target in ("gradient", "both"):
+            self._gradient_hooks = projector.project_gradients_in_backward()
         return projector
 
     def _sharded_projector(self) -> ZeroMasterProjector | RowShardProjector:
@@ -303,11 +313,31 @@ class NullSpaceTrainerMixin:
                 self._sharded_master_projector = RowShardProjector(self.model, constrained)
         return self._sharded_master_projector
 
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """The optimizer must step what is projected (`guards.check_optimizer_steps_what_is_constrained`).
+
+        Under DeepSpeed and FSDP2 the optimizer holds flat or sharded copies instead; their
+        projectors map every constrained weight to those copies themselves, or fail.
+        """
+        if optimizer is None or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return
+        projector = self.nullspace_projector
+        allowed = set(projector.free)
+        if not self.args.nullspace_freeze_untargeted:
+            allowed |= set(projector.unconstrained)
+        guards.check_optimizer_steps_what_is_constrained(
+            optimizer,
+            {item.name: item.parameter for item in projector.constrained},
+            allowed,
+            dict(self.model.named_parameters()),
+        )
+
     def _freeze_or_report(self, unconstrained: list[str]) -> None:
         if not unconstrained:
             return
         if self.args.nullspace_freeze_untargeted:
             parameters = dict(self.model.named_parameters())
+            self._nullspace_frozen = sorted(unconstrained)
             for name in unconstrained:
                 parameters[name].requires_grad_(False)
             logger.info("trl-nullspace: froze %d parameters outside the constraint", len(unconstrained))
@@ -328,7 +358,12 @@ class NullSpaceTrainerMixin:
 
     def nullspace_settings(self) -> dict[str, Any]:
         """The constraint this run trains under: saved next to the model and in its card."""
-        ranks = [basis.shape[1] for basis in self.nullspace_subspace.bases.values()]
+        subspace = self.nullspace_subspace
+        ranks = [basis.shape[1] for basis in subspace.bases.values()]
+        kept = {key: subspace.energy_kept(key) for key in subspace.bases}
+        known = {key: value for key, value in kept.items() if value is not None}
+        least = min(known, key=known.get) if known else None
+        frozen = self.args.nullspace_freeze_untargeted
         return {
             "library": f"trl-nullspace {__version__}",
             "method": self.nullspace_subspace.method,
@@ -339,9 +374,17 @@ class NullSpaceTrainerMixin:
             "bases": len(ranks),
             "rank_min": min(ranks),
             "rank_max": max(ranks),
+            "normalize_tokens": self.args.nullspace_normalize_tokens,
+            "contrastive": self.args.nullspace_contrastive,
+            "energy_protected_mean": round(sum(known.values()) / len(known), 6) if known else None,
+            "energy_protected_least": round(known[least], 6) if known else None,
+            "energy_protected_least_basis": least,
             "constrained_parameters": len(self.nullspace_projector.constrained),
-            "unconstrained_parameters": len(self.nullspace_projector.unconstrained),
-            "unconstrained_frozen": self.args.nullspace_freeze_untargeted,
+            # Counted when they were frozen: a resumed run binds again after they already are.
+            "unconstrained_parameters": len(self._nullspace_frozen)
+            if frozen
+            else len(self.nullspace_projector.unconstrained),
+            "unconstrained_frozen": frozen,
             "subspace_mib": round(self.nullspace_subspace.num_bytes() / 2**20, 3),
             "cache_path": self.args.nullspace_cache_path,
         }
@@ -356,6 +399,13 @@ class NullSpaceTrainerMixin:
             f"({settings['subspace_mib']} MiB) constrain {settings['constrained_parameters']} weights; "
             f"{settings['unconstrained_parameters']} other parameters {others}."
         )
+        if settings["energy_protected_mean"] is not None:
+            summary += (
+                f" The bases hold {settings['energy_protected_mean']:.2%} of the reference data's "
+                f"{'gradient' if settings['method'] == 'gradient' else 'layer-input'} energy on average "
+                f"(least {settings['energy_protected_least']:.2%}, {settings['energy_protected_least_basis']}); "
+                "updates may move reference outputs only through the rest."
+            )
         if self.is_deepspeed_enabled:  # the engine exists once training begins
             summary += f" {self._sharded_projector().summary()}."
         return summary
@@ -429,9 +479,15 @@ class NullSpaceTrainerMixin:
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
-        # Under DeepSpeed the engine has already stepped and released the gradients here; under
-        # FSDP2 they are row shards of new parameter objects. Both check the weights after the step.
-        if self.accelerator.sync_gradients and not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+        # Under DeepSpeed the engine has already stepped here (its gradients were projected by hooks
+        # in backward); under FSDP2 they are row shards of new parameter objects, projected locally.
+        # Both check the weights after the step instead of the gradients.
+        if not self.accelerator.sync_gradients or self.is_deepspeed_enabled:
+            return loss
+        if self.is_fsdp_enabled:
+            if self.args.nullspace_projection_target in ("gradient", "both"):
+                self._sharded_projector().project_gradients()
+        else:
             self._constrain_gradients()
         return loss
 
@@ -443,7 +499,7 @@ class NullSpaceTrainerMixin:
                 f"NaN or inf gradients at optimizer step {self.state.global_step} in {nonfinite[:3]}: projecting "
                 "them would spread the NaN. Lower the learning rate or check the batch; saved checkpoints are intact."
             )
-        apply = self.args.nullspace_projection_target == "gradient"
+        apply = self.args.nullspace_projection_target in ("gradient", "both")
         if not apply and not self._step_will_be_logged():
             return  # under the update target the gradient is only measured, for the steps that are logged
         stats = projector.gradient_stats(apply=apply)
@@ -460,7 +516,7 @@ class NullSpaceTrainerMixin:
         return step % self.state.logging_steps == 0 or (step == 1 and self.args.logging_first_step)
 
     def _nullspace_after_optimizer_step(self) -> None:
-        if self.args.nullspace_projection_target != "update":
+        if self.args.nullspace_projection_target == "gradient":
             return
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             removed = self._sharded_projector().enforce_anchors()

@@ -62,9 +62,16 @@ def reference_texts(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBas
             for prompt, chosen, rejected in zip(prompts, dataset["chosen"], dataset["rejected"], strict=True)
             for response in (chosen, rejected)
         ]
+    if "prompt" in columns:  # prompt-only, as GRPO and RLOO take it
+        return [
+            prompt
+            if isinstance(prompt, str)
+            else tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            for prompt in dataset["prompt"]
+        ]
     raise ValueError(
-        f"Reference dataset has columns {sorted(columns)}; it needs 'text', 'messages', 'prompt' and "
-        "'completion', or 'chosen' and 'rejected' (the formats TRL's SFT and DPO trainers accept)."
+        f"Dataset has columns {sorted(columns)}; it needs 'text', 'messages', 'prompt' (with 'completion', or "
+        "'chosen' and 'rejected', or alone), the formats TRL's SFT, DPO and GRPO trainers accept."
     )
 
 

@@ -26,13 +26,17 @@ class CapabilitySubspace:
     bases: dict[str, torch.Tensor]
     targets: dict[str, str]
     eigenvalues: dict[str, torch.Tensor] = field(default_factory=dict)
+    energy: dict[str, float] = field(default_factory=dict)
     settings: dict[str, object] = field(default_factory=dict)
 
     def basis_for(self, target: str) -> torch.Tensor:
         return self.bases[self.targets[target]]
 
     def energy_kept(self, key: str) -> float | None:
-        """Share of the reference statistic's eigenvalue mass in the kept directions (None if unknown)."""
+        """Share of the reference statistic's energy in the kept directions (None if unknown): recorded
+        by the estimator (`energy`), or the top eigenvalues' share of the spectrum."""
+        if key in self.energy:
+            return self.energy[key]
         values = self.eigenvalues.get(key)
         if values is None or values.numel() == 0:
             return None

@@ -13,13 +13,28 @@ from trl_nullspace.targets import find_target_linears
 
 
 def estimate_subspace(
-    model: nn.Module, batches: list[ReferenceBatch], settings: NullSpaceArguments, show_progress: bool = True
+    model: nn.Module,
+    batches: list[ReferenceBatch],
+    settings: NullSpaceArguments,
+    show_progress: bool = True,
+    contrast_batches: list[ReferenceBatch] | None = None,
 ) -> CapabilitySubspace:
-    """The subspace `settings` asks for (method, target modules, rank rule), from `batches`."""
+    """The subspace `settings` asks for (method, target modules, rank rule), from `batches`; the
+    contrastive rule also needs `contrast_batches` (the training data)."""
     linears = find_target_linears(model, settings.nullspace_target_modules)
     selection = settings.nullspace_rank_selection
+    if settings.nullspace_contrastive and contrast_batches is None:
+        raise ValueError("nullspace_contrastive needs the training data's batches (contrast_batches).")
     if settings.nullspace_method == "activation":
-        return estimate_activation_subspace(model, batches, linears, selection, show_progress)
+        return estimate_activation_subspace(
+            model,
+            batches,
+            linears,
+            selection,
+            show_progress,
+            normalize_tokens=settings.nullspace_normalize_tokens,
+            contrast_batches=contrast_batches if settings.nullspace_contrastive else None,
+        )
     return estimate_gradient_subspace(
         model, batches, linears, selection, settings.nullspace_gradient_batches, show_progress
     )

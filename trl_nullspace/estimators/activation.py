@@ -22,10 +22,17 @@ class InputCovarianceCollector:
     an MLP) form one group: the statistic is accumulated once, by the group's first module, and
     every member shares the resulting basis. Only the previous hook's input is held, so no layer
     input outlives its use.
+
+    With `normalize_tokens`, every token's input is scaled to unit length first, so each token
+    weighs the same. Real models have "massive activations" (one token, usually the first, with
+    inputs thousands of times larger than the rest); in the raw statistic that one direction holds
+    nearly all the energy, and an energy rule then protects it alone. The span, and so exactness
+    under a strict threshold, is the same either way.
     """
 
-    def __init__(self, linears: dict[str, nn.Linear]):
+    def __init__(self, linears: dict[str, nn.Linear], normalize_tokens: bool = False):
         self.linears = linears
+        self.normalize_tokens = normalize_tokens
         self.group_of: dict[str, str] = {}
         self.covariances: dict[str, torch.Tensor] = {}
         self.token_counts: dict[str, int] = {}
@@ -47,6 +54,8 @@ class InputCovarianceCollector:
                     f"matching the attention mask {tuple(self._mask.shape)} so padding can be masked out."
                 )
             tokens = inputs[self._mask].double()
+            if self.normalize_tokens:
+                tokens = tokens / tokens.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
             covariance = tokens.T @ tokens
             if name in self.covariances:
                 self.covariances[name] += covariance
@@ -65,11 +74,17 @@ class InputCovarianceCollector:
             )
 
     @torch.no_grad()
-    def collect(self, model: nn.Module, batches: list[ReferenceBatch], show_progress: bool) -> None:
+    def collect(
+        self,
+        model: nn.Module,
+        batches: list[ReferenceBatch],
+        show_progress: bool,
+        description: str = "nullspace: reference inputs",
+    ) -> None:
         device = next(model.parameters()).device
         handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in self.linears.items()]
         try:
-            for batch in tqdm(batches, desc="nullspace: reference inputs", disable=not show_progress):
+            for batch in tqdm(batches, desc=description, disable=not show_progress):
                 batch = batch.to(device)
                 self._mask = batch.attention_mask.bool()
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
@@ -93,28 +108,112 @@ def top_eigenvectors(covariance: torch.Tensor, selection: RankSelection) -> tupl
     return eigenvectors[:, :rank].float().contiguous(), eigenvalues.float()
 
 
+def contrastive_basis(
+    reference: torch.Tensor, contrast: torch.Tensor, selection: RankSelection
+) -> tuple[torch.Tensor, float]:
+    """The protected basis that leaves free the directions the contrast data needs most.
+
+    The energy rule frees the directions of least reference energy, whatever the safety update
+    needs. Here the free space F is grown, in order of the generalised eigenvalues of
+    `contrast v = λ reference v` (contrast energy per unit of reference energy), for as long as
+    the reference energy in F stays within the same budget, 1 − `selection.energy`. So the same
+    share of reference energy is left unprotected, spent where the safety data lives.
+
+    Returns the orthonormal complement of F (fp32, d×k) and the reference energy it keeps.
+    """
+    if selection.energy is None or selection.max_rank is not None:
+        raise ValueError("The contrastive subspace chooses its rank by energy only (no threshold, no max rank).")
+    for name, matrix in (("reference", reference), ("contrast", contrast)):
+        if not torch.isfinite(matrix).all():
+            raise FloatingPointError(f"The {name} input covariance contains NaN or inf.")
+        if matrix.trace() <= 0:
+            raise ValueError(f"The {name} data gave this layer no input: its covariance is zero.")
+    dimension = reference.shape[0]
+    identity = torch.eye(dimension, dtype=reference.dtype, device=reference.device)
+    reference = reference / reference.trace()
+    contrast = contrast / contrast.trace()
+    # A tiny ridge makes the reference statistic invertible; directions it never saw then rank
+    # by their contrast energy alone, and cost (almost) nothing of the budget.
+    cholesky = torch.linalg.cholesky(reference + 1e-9 * identity)
+    whitened = torch.linalg.solve_triangular(
+        cholesky, torch.linalg.solve_triangular(cholesky, contrast, upper=False).T, upper=False
+    )
+    _, vectors = torch.linalg.eigh((whitened + whitened.T) / 2)
+    directions = torch.linalg.solve_triangular(cholesky.T, vectors.flip(1), upper=True)
+    ordered = torch.linalg.qr(directions).Q  # nested spans, most contrast-heavy first
+    leaked = torch.cumsum(((reference @ ordered) * ordered).sum(0), 0)
+    free = int((leaked <= 1.0 - selection.energy + 1e-12).sum().item())
+    kept = 1.0 - (leaked[free - 1].item() if free else 0.0)
+    return ordered[:, free:].float().contiguous(), kept
+
+
 def estimate_activation_subspace(
     model: nn.Module,
     batches: list[ReferenceBatch],
     linears: dict[str, nn.Linear],
     selection: RankSelection,
     show_progress: bool = True,
+    normalize_tokens: bool = False,
+    contrast_batches: list[ReferenceBatch] | None = None,
 ) -> CapabilitySubspace:
-    """Bases `U` (d_in×k) of the reference inputs of every target Linear."""
+    """Bases `U` (d_in×k) of the reference inputs of every target Linear.
+
+    With `contrast_batches` (the training data), each basis is the `contrastive_basis` of the
+    reference and contrast statistics instead of the reference statistic's top eigenvectors.
+    """
     was_training = model.training
     model.eval()
-    collector = InputCovarianceCollector(linears)
+    collector = InputCovarianceCollector(linears, normalize_tokens)
+    contrast = InputCovarianceCollector(linears, normalize_tokens) if contrast_batches is not None else None
     try:
         collector.collect(model, batches, show_progress)
+        if contrast is not None:
+            contrast.collect(model, contrast_batches, show_progress, description="nullspace: training-data inputs")
     finally:
         model.train(was_training)
-    bases, eigenvalues = {}, {}
+    bases, eigenvalues, energy = {}, {}, {}
     for leader, covariance in collector.covariances.items():
-        bases[leader], eigenvalues[leader] = top_eigenvectors(covariance, selection)
+        if contrast is None:
+            bases[leader], eigenvalues[leader] = top_eigenvectors(covariance, selection)
+        else:
+            bases[leader], energy[leader] = contrastive_basis(covariance, contrast.covariances[leader], selection)
     return CapabilitySubspace(
         method="activation",
         bases=bases,
         targets=dict(collector.group_of),
         eigenvalues=eigenvalues,
+        energy=energy,
         settings={"reference_tokens": max(collector.token_counts.values())},
     )
+
+
+@torch.no_grad()
+def energy_in_span(
+    model: nn.Module,
+    batches: list[ReferenceBatch],
+    linears: dict[str, nn.Linear],
+    subspace: CapabilitySubspace,
+    normalize_tokens: bool,
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """Share of the current model's reference-input energy that each basis of `subspace` holds.
+
+    Used when a cache estimated on other weights is reused: if training since then moved the
+    layer inputs out of the cached span, the cached bases no longer protect the reference outputs.
+    """
+    was_training = model.training
+    model.eval()
+    collector = InputCovarianceCollector(linears, normalize_tokens)
+    try:
+        collector.collect(model, batches, show_progress, description="nullspace: checking the cached subspace")
+    finally:
+        model.train(was_training)
+    shares = {}
+    for leader, covariance in collector.covariances.items():
+        key = subspace.targets.get(leader)
+        if key is None:
+            continue
+        basis = subspace.bases[key].to(covariance.device, torch.float64)
+        total = covariance.trace().item()
+        shares[key] = ((basis.T @ covariance @ basis).trace().item() / total) if total > 0 else 1.0
+    return shares

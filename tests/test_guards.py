@@ -1,0 +1,110 @@
+"""Configurations under which the constraint would silently not hold are refused, with the fix.
+
+Each test would pass the configuration through on a trainer without the guard: the adapters and
+optimizers below are all accepted by TRL and PEFT.
+"""
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from tests.conftest import logits_on, make_sft_trainer, training_kwargs
+from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+
+
+def _lora_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, **lora):
+    return NullSpaceSFTTrainer(
+        model=model,
+        args=NullSpaceSFTConfig(**training_kwargs(tmp_path), nullspace_eigenvalue_threshold=1e-10),
+        train_dataset=safety_dataset,
+        processing_class=tokenizer,
+        reference_dataset=reference_dataset,
+        peft_config=LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **{"target_modules": "all-linear", **lora}),
+    )
+
+
+def test_dora_is_refused(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"DoRA adapters \(use_dora=True.*Use plain LoRA"):
+        _lora_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, use_dora=True)
+
+
+@pytest.mark.parametrize("init", [False, "olora", "pissa"])
+def test_lora_that_does_not_start_at_zero_is_refused_before_changing_the_model(
+    model, tokenizer, safety_dataset, reference_dataset, safety_prompts, tmp_path, init
+):
+    with pytest.raises(ValueError, match="whose B is not zero at the start.*init_lora_weights=True"):
+        _lora_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, init_lora_weights=init)
+
+
+def test_lora_on_embeddings_is_refused(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"LoRA on embedding layers .* remove them from target_modules"):
+        _lora_trainer(
+            model, tokenizer, safety_dataset, reference_dataset, tmp_path, target_modules=["q_proj", "embed_tokens"]
+        )
+
+
+def test_modules_to_save_are_refused(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    with pytest.raises(ValueError, match="modules_to_save copies"):
+        _lora_trainer(
+            model,
+            tokenizer,
+            safety_dataset,
+            reference_dataset,
+            tmp_path,
+            target_modules=["q_proj"],
+            modules_to_save=["lm_head"],
+        )
+
+
+def test_plain_lora_from_zero_still_trains_exactly(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    trainer = _lora_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path)
+    reference = trainer._reference_batches
+    before = logits_on(trainer.model, reference)
+    trainer.train()
+    assert (logits_on(trainer.model, reference) - before).abs().max().item() < 1e-4
+
+
+def test_an_optimizer_built_on_other_parameters_is_refused(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    import copy
+
+    stranger = copy.deepcopy(model)
+    trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset)
+    trainer.optimizer = torch.optim.AdamW(stranger.parameters(), lr=1e-3)
+    with pytest.raises(RuntimeError, match="does not step the constrained parameters"):
+        trainer.train()
+
+
+def test_an_optimizer_that_trains_frozen_parameters_is_refused(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset)
+    trainer.model.lm_head.weight.requires_grad_(True)  # made trainable after set-up
+    trainer.optimizer = torch.optim.AdamW([p for p in trainer.model.parameters() if p.requires_grad], lr=1e-3)
+    with pytest.raises(RuntimeError, match=r"trains \['lm_head.weight'\].*neither constrained nor frozen"):
+        trainer.train()
+
+
+def test_a_schedule_free_optimizer_passed_directly_is_refused(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    class ScheduleFreeAdamW(torch.optim.AdamW):  # stands in for schedulefree's class (not installed)
+        pass
+
+    trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset)
+    trainer.optimizer = ScheduleFreeAdamW([p for p in trainer.model.parameters() if p.requires_grad], lr=1e-3)
+    with pytest.raises(ValueError, match="restores or bypasses"):
+        trainer.train()
+
+
+def test_start_line_counts_frozen_parameters_and_states_the_protected_energy(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+    frozen = len(trainer.nullspace_projector.unconstrained)
+    trainer.nullspace_projector = trainer._bind(trainer.nullspace_subspace)  # as a resumed run binds again
+    line = trainer.nullspace_start_summary()
+    assert f"{frozen} other parameters frozen" in line and frozen > 0
+    assert "of the reference data's layer-input energy on average" in line
+    assert trainer.nullspace_settings()["energy_protected_mean"] >= 0.9

@@ -1,0 +1,70 @@
+"""The constraint on a real pretrained model (SmolLM2-135M-Instruct), not only on tiny random ones."""
+
+import copy
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+from tests.conftest import logits_on, training_kwargs
+from tests.real_model import general_dataset, real_model_path, refusal_dataset
+from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+from trl_nullspace.reference import tokenize_reference
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    path = real_model_path()
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+def _arguments(tmp_path) -> dict:
+    # A few steps at a rate that moves a real model visibly; TRL turns gradient checkpointing on by default.
+    return training_kwargs(
+        tmp_path,
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-4,
+        max_length=64,
+        gradient_checkpointing=False,
+    )
+
+
+def test_converted_model_is_an_ordinary_trainable_model(smollm2):
+    model, tokenizer = smollm2
+    assert getattr(model, "hf_quantizer", None) is None and "quantization_config" not in model.config.to_dict()
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+
+
+def test_reference_outputs_stay_put_on_the_real_model_while_plain_trl_moves_them(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    reference = tokenize_reference(general_dataset(), tokenizer, batch_size=4, max_length=64)
+    before = logits_on(model, reference)
+
+    trainer = NullSpaceSFTTrainer(
+        model=copy.deepcopy(model),
+        args=NullSpaceSFTConfig(**_arguments(tmp_path), nullspace_eigenvalue_threshold=1e-12),
+        train_dataset=refusal_dataset(),
+        processing_class=tokenizer,
+        reference_dataset=general_dataset(),
+    )
+    trainer.train()
+    null_space_drift = (logits_on(trainer.model, reference) - before).abs().max().item()
+    moved = max(
+        (item.parameter.detach() - model.get_parameter(item.name)).abs().max().item()
+        for item in trainer.nullspace_projector.constrained
+    )
+
+    plain = SFTTrainer(
+        model=copy.deepcopy(model),
+        args=SFTConfig(**_arguments(tmp_path)),
+        train_dataset=refusal_dataset(),
+        processing_class=tokenizer,
+    )
+    plain.train()
+    plain_drift = (logits_on(plain.model, reference) - before).abs().max().item()
+
+    assert moved > 1e-4  # the null-space trainer did train
+    assert plain_drift > 1.0  # logits are ~±40 here; plain TRL moves them by several units
+    assert null_space_drift < 1e-3, null_space_drift  # fp32 round-off through 30 layers
