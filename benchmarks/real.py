@@ -218,8 +218,14 @@ def train(
     arguments = training_arguments(preset, learning_rate, seed, os.path.join(workdir, "run"), steps)
     if dpo:
         arguments["beta"] = preset.dpo_beta
+        # DPO's reference model is the model this stage starts from; left to TRL it would be loaded
+        # from `model.name_or_path`, the base model's folder.
+        extra_reference = {"ref_model": copy.deepcopy(model).eval()}
+    else:
+        extra_reference = {}
     train_dataset = {"sft": data.sft_boundary, "safety-only sft": data.sft_safety_only, "dpo": data.dpo}[stage]
     extra: dict[str, Any] = {"peft_config": lora_config()} if method.lora else {}
+    extra.update(extra_reference)
     if method.null_space:
         trainer_class, config_class = (
             (NullSpaceDPOTrainer, NullSpaceDPOConfig) if dpo else (NullSpaceSFTTrainer, NullSpaceSFTConfig)
@@ -238,6 +244,10 @@ def train(
     trained = trainer.model
     if method.lora:
         trained = trained.merge_and_unload()
+    # TRL's SFTTrainer replaces the model's `forward` with a closure over the original bound
+    # forward; a deep copy (the next stage's model, DPO's reference model) would keep calling the
+    # original module. Restore the class's forward (the patch only adds a fused loss path).
+    vars(trained).pop("forward", None)
     return trained.eval()
 
 

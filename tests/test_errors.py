@@ -210,3 +210,19 @@ def test_nan_in_the_reference_covariance_is_named(model, tokenizer, safety_datas
         model.model.embed_tokens.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="reference input covariance contains NaN"):
         make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+
+
+def test_a_deep_copy_of_an_sft_trained_model_is_named_not_estimated_wrongly(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    """TRL's SFTTrainer patches `model.forward` with a closure over the original model, so a deep
+    copy runs the original's layers: the copy's hooks never fire. The error says how to undo it."""
+    import copy
+
+    trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, max_steps=1)
+    trainer.train()
+    with pytest.raises(RuntimeError, match=r"never called on the reference data.*del model.forward"):
+        make_sft_trainer(copy.deepcopy(trainer.model), tokenizer, safety_dataset, tmp_path, reference_dataset)
+    trained = trainer.model
+    del trained.forward
+    make_sft_trainer(copy.deepcopy(trained), tokenizer, safety_dataset, tmp_path, reference_dataset)

@@ -9,7 +9,10 @@ from trl import SFTConfig, SFTTrainer
 from tests.conftest import logits_on, training_kwargs
 from tests.real_model import general_dataset, real_model_path, refusal_dataset
 from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+from trl_nullspace.estimators.activation import estimate_activation_subspace
+from trl_nullspace.rank import RankSelection
 from trl_nullspace.reference import tokenize_reference
+from trl_nullspace.targets import find_target_linears
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +71,23 @@ def test_reference_outputs_stay_put_on_the_real_model_while_plain_trl_moves_them
     assert moved > 1e-4  # the null-space trainer did train
     assert plain_drift > 1.0  # logits are ~±40 here; plain TRL moves them by several units
     assert null_space_drift < 1e-3, null_space_drift  # fp32 round-off through 30 layers
+
+
+def test_a_massive_activation_does_not_decide_the_rank(smollm2):
+    """SmolLM2's layer-11 MLP output projection sees one token with a massive activation. On raw
+    inputs that token holds nearly all the energy, so energy 0.99 keeps rank 1 and leaves every other
+    direction the reference data uses unprotected; the default per-token normalisation does not."""
+    model, tokenizer = smollm2
+    reference = tokenize_reference(general_dataset(), tokenizer, batch_size=4, max_length=64)
+    layer = "model.layers.11.mlp.down_proj"
+    linears = {layer: find_target_linears(model)[layer]}
+    selection = RankSelection(energy=0.99)
+    ranks = {}
+    for normalize in (False, True):
+        subspace = estimate_activation_subspace(
+            model, reference, linears, selection, False, normalize_tokens=normalize
+        )
+        ranks[normalize] = subspace.basis_for(layer).shape[1]
+    tokens = sum(int(batch.attention_mask.sum()) for batch in reference)
+    assert ranks[False] <= 2, ranks
+    assert ranks[True] >= tokens // 4, (ranks, tokens)

@@ -132,4 +132,7 @@ def run_pipeline(
         )
         trainer.train()
         model = trainer.model
+        # TRL's SFTTrainer patched `forward` with a closure over this model: a deep copy (the next
+        # stage's DPO ref_model) would run this model's layers, i.e. the policy being trained.
+        vars(model).pop("forward", None)
         after_stage(index, model)

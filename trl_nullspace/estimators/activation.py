@@ -95,7 +95,15 @@ class InputCovarianceCollector:
             self._mask = None
         missing = sorted(set(self.linears) - set(self.group_of))
         if missing:
-            raise RuntimeError(f"Target layers {missing[:5]} were never called on the reference data.")
+            hint = ""
+            if "forward" in vars(model):
+                hint = (
+                    " The model's `forward` is an attribute of this instance, not its class: TRL's SFTTrainer "
+                    "patches it with a closure over the original model, so a deep copy of an SFT-trained model "
+                    "keeps running the original's layers. Run `del model.forward` on the trained model before "
+                    "copying it (e.g. for the next stage or DPO's ref_model)."
+                )
+            raise RuntimeError(f"Target layers {missing[:5]} were never called on the reference data.{hint}")
 
 
 def top_eigenvectors(covariance: torch.Tensor, selection: RankSelection) -> tuple[torch.Tensor, torch.Tensor]:
