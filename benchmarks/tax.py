@@ -5,7 +5,8 @@ for every row; only the method changes:
 
 - plain TRL `SFTTrainer` (all parameters);
 - null-space, activation subspace, `gradient` target (the papers' projection);
-- null-space, activation subspace, `update` target (this package's default);
+- null-space, activation subspace, `update` target on raw token statistics (the earlier default);
+- null-space, the shipped default (`both` targets, per-token normalised statistics);
 - gradient subspace (OGPSA-style: reference-gradient basis, `gradient` target);
 - LoRA with plain TRL;
 - LoRA with its `A` in the activation null space.
@@ -43,10 +44,14 @@ from trl_nullspace.demo.pretrain import encode_for_training, pretrain_general_sk
 METHODS = {
     "plain TRL": {},
     "null-space (activation, gradient target)": {"nullspace_projection_target": "gradient"},
-    "null-space (activation, update target)": {"nullspace_projection_target": "update"},
+    "null-space (activation, update target, raw statistics)": {
+        "nullspace_projection_target": "update",
+        "nullspace_normalize_tokens": False,
+    },
+    "null-space (default: both targets, normalised statistics)": {},
     "gradient subspace (OGPSA-style)": {"nullspace_method": "gradient", "nullspace_projection_target": "gradient"},
     "LoRA, plain TRL": {"lora": True},
-    "LoRA in null space": {"lora": True, "nullspace_projection_target": "update"},
+    "LoRA in null space": {"lora": True},
 }
 METRICS = [
     ("refusal_harmful", "refusal ↑", "{:.1%}"),

@@ -341,6 +341,17 @@ class NullSpaceTrainerMixin:
             for name in unconstrained:
                 parameters[name].requires_grad_(False)
             logger.info("trl-nullspace: froze %d parameters outside the constraint", len(unconstrained))
+            # Big matrices frozen are capacity the safety update cannot use: say so, not only count them.
+            # (Mixture-of-experts models keep their experts as fused 3-D parameters, not nn.Linear.)
+            large = [name for name in self._nullspace_frozen if parameters[name].dim() >= 3 or ".mlp.gate." in name]
+            if large:
+                logger.warning(
+                    "trl-nullspace: %d expert or router parameters are frozen, not constrained (e.g. %s): only "
+                    "nn.Linear weights are constrained yet, so on a mixture-of-experts model the safety update "
+                    "trains attention alone.",
+                    len(large),
+                    large[:3],
+                )
         else:
             logger.warning(
                 "trl-nullspace: %d trainable parameters are NOT constrained (nullspace_freeze_untargeted=False) "

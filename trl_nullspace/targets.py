@@ -48,7 +48,15 @@ def find_target_linears(model: nn.Module, target_modules: list[str] | None = Non
         linears[canonical] = module
     if target_modules is None:
         if not linears:
-            raise ValueError("The model has no nn.Linear layers to constrain.")
+            conv1d = [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"]
+            hint = (
+                f" Its projections are transformers' Conv1D (GPT-2 style, e.g. {conv1d[0]}), which store the "
+                "transposed weight and are not supported yet: train a model with nn.Linear projections (Llama, "
+                "Qwen, Mistral, Gemma, Phi-3, OPT; docs/architectures.md)."
+                if conv1d
+                else ""
+            )
+            raise ValueError("The model has no nn.Linear layers to constrain." + hint)
         return linears
     selected = {name: module for name, module in linears.items() if _matches(name, target_modules)}
     unmatched = [target for target in target_modules if not any(_matches(name, [target]) for name in linears)]

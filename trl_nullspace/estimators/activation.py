@@ -48,12 +48,17 @@ class InputCovarianceCollector:
                 return
             self._last_input, self._last_leader = inputs, name
             self._assign(name, name)
-            if inputs.shape[:-1] != self._mask.shape:
+            if inputs.shape[:-1] == self._mask.shape:
+                mask = self._mask
+            elif inputs.dim() == 2 and inputs.shape[0] == self._mask.numel():
+                mask = self._mask.reshape(-1)  # (tokens, features): OPT's MLP, Qwen2-MoE's shared expert
+            else:
                 raise ValueError(
-                    f"Input of {name} has shape {tuple(inputs.shape)}; expected (batch, sequence, features) "
-                    f"matching the attention mask {tuple(self._mask.shape)} so padding can be masked out."
+                    f"Input of {name} has shape {tuple(inputs.shape)}; expected (batch, sequence, features) or "
+                    f"(batch·sequence, features) matching the attention mask {tuple(self._mask.shape)} so padding "
+                    "can be masked out."
                 )
-            tokens = inputs[self._mask].double()
+            tokens = inputs[mask].double()
             if self.normalize_tokens:
                 tokens = tokens / tokens.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
             covariance = tokens.T @ tokens
