@@ -345,7 +345,9 @@ def format_tuning(tuning: dict) -> str:
         "# Learning rates at matched refusal, and the levers, on the development sets",
         "",
         f"Command: `make bench-real-tune` ({tuning['seconds'] / 60:.0f} minutes). Development sets only (training "
-        f"side, never trained on): {sets['harmful_prompts']} harmful prompts, {sets['lookalike_prompts']} "
+        "side, never trained on): "
+        + ", ".join(f"{count} {source}" for source, count in sets["harmful_prompts"].items())
+        + f" harmful prompts, {sets['lookalike_prompts']} "
         f"look-alikes, {sets['general_prompts']} general prompts, {sets['code_problems']} HumanEval problems. "
         f"Target: plain TRL's development refusal at lr {PLAIN_LEARNING_RATE:g}, {target:.1%}; each method takes "
         "the smallest rate of its grid that comes within 2.5 points of it (the held-out benchmark then uses that "
