@@ -5,8 +5,7 @@ for every row; only the method changes:
 
 - plain TRL `SFTTrainer` (all parameters);
 - null-space, activation subspace, `gradient` target (the papers' projection);
-- null-space, activation subspace, `update` target on raw token statistics (the earlier default);
-- null-space, the shipped default (`both` targets, per-token normalised statistics);
+- null-space, activation subspace, `update` target (the default when this table was measured);
 - gradient subspace (OGPSA-style: reference-gradient basis, `gradient` target);
 - LoRA with plain TRL;
 - LoRA with its `A` in the activation null space.
@@ -41,17 +40,15 @@ from trl_nullspace.demo.evaluate import general_accuracy, refusal_rate
 from trl_nullspace.demo.pipelines import common_training_arguments
 from trl_nullspace.demo.pretrain import encode_for_training, pretrain_general_skill
 
+# The committed table was measured before per-token normalisation became the default.
+RAW_STATISTICS = {"nullspace_normalize_tokens": False}
 METHODS = {
     "plain TRL": {},
-    "null-space (activation, gradient target)": {"nullspace_projection_target": "gradient"},
-    "null-space (activation, update target, raw statistics)": {
-        "nullspace_projection_target": "update",
-        "nullspace_normalize_tokens": False,
-    },
-    "null-space (default: both targets, normalised statistics)": {},
+    "null-space (activation, gradient target)": {"nullspace_projection_target": "gradient", **RAW_STATISTICS},
+    "null-space (activation, update target)": {"nullspace_projection_target": "update", **RAW_STATISTICS},
     "gradient subspace (OGPSA-style)": {"nullspace_method": "gradient", "nullspace_projection_target": "gradient"},
     "LoRA, plain TRL": {"lora": True},
-    "LoRA in null space": {"lora": True},
+    "LoRA in null space": {"lora": True, "nullspace_projection_target": "update", **RAW_STATISTICS},
 }
 METRICS = [
     ("refusal_harmful", "refusal ↑", "{:.1%}"),
