@@ -50,23 +50,30 @@ def build(model_type: str, tokenizer, extra: dict):
     return AutoModelForCausalLM.from_config(config)
 
 
+def plain_trl_drift(model_type: str, extra: dict, tokenizer, safety_dataset, reference, tmp_path) -> float:
+    """How far plain TRL's SFTTrainer moves the reference logits of the same model, same settings."""
+    plain = SFTTrainer(
+        model=build(model_type, tokenizer, extra),
+        args=SFTConfig(**training_kwargs(tmp_path / "plain")),
+        train_dataset=safety_dataset,
+        processing_class=tokenizer,
+    )
+    before = logits_on(plain.model, reference)
+    plain.train()
+    return (logits_on(plain.model, reference) - before).abs().max().item()
+
+
 @pytest.mark.parametrize("model_type", sorted(DENSE))
 def test_dense_architecture_keeps_reference_outputs(
     model_type, tokenizer, safety_dataset, reference_dataset, tmp_path
 ):
     model = build(model_type, tokenizer, DENSE[model_type])
-    plain = SFTTrainer(
-        model=build(model_type, tokenizer, DENSE[model_type]),
-        args=SFTConfig(**training_kwargs(tmp_path / "plain")),
-        train_dataset=safety_dataset,
-        processing_class=tokenizer,
-    )
     trainer = make_sft_trainer(
         model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_eigenvalue_threshold=1e-10
     )
-    before = logits_on(plain.model, trainer._reference_batches)
-    plain.train()
-    plain_drift = (logits_on(plain.model, trainer._reference_batches) - before).abs().max().item()
+    plain_drift = plain_trl_drift(
+        model_type, DENSE[model_type], tokenizer, safety_dataset, trainer._reference_batches, tmp_path
+    )
     drift, moved = train_and_measure(trainer)
     assert moved > 1e-2, moved
     assert plain_drift > 1e-2, plain_drift
@@ -100,7 +107,11 @@ def test_mixture_of_experts_keeps_reference_outputs_and_says_the_experts_are_fro
             model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_eigenvalue_threshold=1e-10
         )
     assert "expert or router parameters are frozen" in caplog.text
+    plain_drift = plain_trl_drift(
+        model_type, MIXTURE_OF_EXPERTS[model_type], tokenizer, safety_dataset, trainer._reference_batches, tmp_path
+    )
     drift, moved = train_and_measure(trainer)
+    assert plain_drift > 1e-2, plain_drift
     assert moved > 1e-2 and drift < 1e-4, (moved, drift)
 
 

@@ -20,21 +20,21 @@ def _texts(items) -> set[str]:
     return {getattr(item, "text", getattr(item, "task_id", item)) for item in items}
 
 
+def _texts_of(sets: splits.EvaluationSets) -> set:
+    return (
+        _texts(p for prompts in sets.harmful.values() for p in prompts)
+        | _texts(sets.lookalikes)
+        | _texts(sets.general)
+        | _texts(sets.code)
+        | _texts(sets.prose)
+    )
+
+
 def test_held_out_sets_share_nothing_with_training_or_development_data():
     held_out, development, training = splits.held_out_sets(), splits.development_sets(), splits.training_side()
-    held_out_texts = (
-        _texts(p for prompts in held_out.harmful.values() for p in prompts)
-        | _texts(held_out.lookalikes)
-        | _texts(held_out.general)
-        | _texts(held_out.code)
-        | _texts(held_out.prose)
-    )
+    held_out_texts = _texts_of(held_out)
     tuned_or_trained = (
-        _texts(p for prompts in development.harmful.values() for p in prompts)
-        | _texts(development.lookalikes)
-        | _texts(development.general)
-        | _texts(development.code)
-        | _texts(development.prose)
+        _texts_of(development)
         | _texts(training.harmful_train)
         | _texts(training.lookalike_train)
         | _texts(training.general_reference)
