@@ -175,6 +175,10 @@ PRESETS = {
         pipelines=("sft", "sft→dpo"),
     ),
     "gpu": Preset(device="cuda"),
+    # The seed-to-seed spread of the rows the frontier issue's targets compare (run with --seeds 0 1 2).
+    "gpu-seeds": Preset(
+        device="cuda", methods=("plain TRL", "null-space (default)", "null-space, energy 0.9"), pipelines=("sft",)
+    ),
 }
 
 
