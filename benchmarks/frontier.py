@@ -38,13 +38,27 @@ PLAIN_LEARNING_RATES = (1e-5, 2e-5, 4e-5)
 PLAIN_AT_TARGETS = 2e-5  # the plain TRL row the frontier issue's targets are measured against
 ENERGIES = (0.9, 0.95, 0.97, 0.99, 0.995)
 NULL_SPACE_LEARNING_RATES = (1.5e-4, 3e-4)
+# The per-layer-budget lever at its extreme: one layer type trains (in the null space, default
+# energy), the other is frozen (protected completely). Fewer trained weights need larger rates.
+LAYER_TYPES = {
+    "attention only": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "MLP only": ["gate_proj", "up_proj", "down_proj"],
+}
+LAYER_TYPE_LEARNING_RATES = (3e-4, 6e-4)
+SWEEPS = {"energies": "energy × learning rate", "layer-types": "which layer types train × learning rate"}
 
 
-def sweep() -> list[tuple[Method, float, float | None]]:
-    """(method, learning rate, energy) for every point; energy None for plain TRL."""
-    points: list[tuple[Method, float, float | None]] = [
-        (Method("plain TRL", null_space=False), rate, None) for rate in PLAIN_LEARNING_RATES
-    ]
+def sweep(name: str = "energies") -> list[tuple[Method, float, float | None]]:
+    """(method, learning rate, energy) for every point of sweep `name`; energy None for plain TRL.
+    Each sweep holds plain TRL at `PLAIN_AT_TARGETS`, the point its targets are measured against."""
+    plain = Method("plain TRL", null_space=False)
+    if name == "layer-types":
+        points: list[tuple[Method, float, float | None]] = [(plain, PLAIN_AT_TARGETS, None)]
+        for label, modules in LAYER_TYPES.items():
+            method = Method(f"null-space, {label}", null_space=True, settings={"nullspace_target_modules": modules})
+            points += [(method, rate, 0.99) for rate in LAYER_TYPE_LEARNING_RATES]
+        return points
+    points = [(plain, rate, None) for rate in PLAIN_LEARNING_RATES]
     for energy in ENERGIES:
         method = Method(f"null-space, energy {energy:g}", null_space=True, settings={"nullspace_energy": energy})
         points += [(method, rate, energy) for rate in NULL_SPACE_LEARNING_RATES]
@@ -87,7 +101,8 @@ def format_report(result: dict) -> str:
         f"Command: `{result['command']}`, {result['seconds'] / 60:.0f} minutes on {result['machine']}, seed 0. "
         f"Boundary safety SFT, {result['settings']['max_steps']} steps of {result['settings']['batch_size']}, "
         "AdamW, constant learning rate; held-out sets as in `make bench-real`. Null-space points use the shipped "
-        "default with only the energy changed. A sweep to read, not a tuning run: nothing here chose the default. "
+        "default with only the named setting changed (energy, or which layer types train). A sweep to read, "
+        "not a tuning run: nothing here chose the default. "
         f"✓/✗: the frontier issue's targets against plain TRL at lr {PLAIN_AT_TARGETS:g} "
         f"({', '.join(target_names)}).",
         "",
@@ -151,7 +166,7 @@ def save_plot(result: dict, path: str) -> None:
         axis.set_ylabel("refusal ↑")
         axis.set_title(title)
     axes[0].legend(fontsize=7, loc="upper left")
-    figure.suptitle("SmolLM2-135M-Instruct, boundary safety SFT: energy × learning rate (labels: lr)")
+    figure.suptitle(f"SmolLM2-135M-Instruct, boundary safety SFT: {SWEEPS[result['sweep']]} (labels: lr)")
     figure.tight_layout()
     figure.savefig(path, dpi=130)
     plt.close(figure)
@@ -160,6 +175,7 @@ def save_plot(result: dict, path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=("cpu", "gpu"), default="gpu" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sweep", choices=sorted(SWEEPS), default="energies")
     parser.add_argument("--output-dir", default="docs/results")
     parser.add_argument("--model-dir", default=SMOLLM2_DIR)
     options = parser.parse_args(argv)
@@ -176,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     reference = BaseReference.compute(base_model, tokenizer, held_out_sets(), EvaluationSettings(show_progress=False))
     points = []
     with tempfile.TemporaryDirectory() as workdir:
-        for method, rate, energy in sweep():
+        for method, rate, energy in sweep(options.sweep):
             model = train(method, base_model, tokenizer, data, "sft", rate, preset, 0, workdir)
             point = {"method": method.name, "energy": energy, "learning_rate": rate}
             point.update(summarise(evaluate_model(model, tokenizer, reference)))
@@ -193,13 +209,15 @@ def main(argv: list[str] | None = None) -> None:
         if preset.device == "cuda"
         else f"{torch.get_num_threads()} CPU threads",
         "seconds": time.perf_counter() - started,
+        "sweep": options.sweep,
         "settings": asdict(preset),
         "measured": describe(reference),
         "base": summarise(reference.evaluation),
         "points": points,
     }
     os.makedirs(options.output_dir, exist_ok=True)
-    stem = os.path.join(options.output_dir, f"real_frontier_{options.preset}")
+    prefix = "real_frontier" if options.sweep == "energies" else f"real_frontier-{options.sweep}"
+    stem = os.path.join(options.output_dir, f"{prefix}_{options.preset}")
     with open(stem + ".json", "w") as handle:
         json.dump(result, handle, indent=1)
     report = format_report(result)
