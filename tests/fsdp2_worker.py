@@ -7,6 +7,8 @@ Prints one line from rank 0: the reference logits' drift and how far the weights
 `--no-projection` skips the projection: the control that shows the drift is real. With
 `--gradient` each rank also projects its rows of the reduced gradient before the step (the
 `gradient`/`both` targets) and the line adds the largest `G U` on the local rows before and after.
+The line also says whether the sharded model's weights fingerprint (what a checkpoint records) is
+the unsharded model's, and whether any parameter's rows split unevenly between the ranks.
 """
 
 import sys
@@ -19,6 +21,7 @@ from torch.distributed.fsdp import fully_shard
 
 from tests.conftest import logits_on
 from trl_nullspace.estimators import estimate_activation_subspace
+from trl_nullspace.fingerprint import weights_fingerprint
 from trl_nullspace.fsdp import RowShardProjector
 from trl_nullspace.projector import SubspaceProjector
 from trl_nullspace.rank import RankSelection
@@ -49,9 +52,13 @@ def main() -> None:
     before = logits_on(model, reference)
     initial = {item.name: item.parameter.detach().clone() for item in projector.constrained}
 
+    unsharded_fingerprint = weights_fingerprint(model)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    # What a checkpoint records (every rank computes it): the unsharded model's, uneven shards too.
+    fingerprint_same = int(weights_fingerprint(model) == unsharded_fingerprint)
+    uneven = int(any(parameter.shape[0] % dist.get_world_size() for parameter in model.parameters()))
     row_shards = RowShardProjector(model, projector.constrained)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     generator = torch.Generator().manual_seed(1 + dist.get_rank())
@@ -81,7 +88,8 @@ def main() -> None:
     if dist.get_rank() == 0:
         print(
             f"RESULT drift={drift:.3e} moved={moved:.3e} "
-            f"gradient_before={in_subspace['before']:.3e} gradient_after={in_subspace['after']:.3e}",
+            f"gradient_before={in_subspace['before']:.3e} gradient_after={in_subspace['after']:.3e} "
+            f"fingerprint_same={fingerprint_same} uneven_shards={uneven}",
             flush=True,
         )
     dist.destroy_process_group()

@@ -79,9 +79,21 @@ def test_plain_trl_config_is_refused(model, tokenizer, safety_dataset, reference
 
 def test_nan_gradients_stop_training_with_a_clear_error(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
     trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+    poisoned = trainer.model.model.layers[0].mlp.up_proj.weight
+    poisoned.register_hook(lambda gradient: torch.full_like(gradient, float("nan")))
+    with pytest.raises(
+        FloatingPointError, match=r"NaN or inf gradients at optimizer step 0 in \['model.layers.0.mlp.up"
+    ):
+        trainer.train()
+
+
+def test_nan_in_the_weights_is_named_as_the_cause_not_the_gradients(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
     with torch.no_grad():
         trainer.model.lm_head.weight[0, 0] = float("nan")  # frozen, but poisons the loss and every gradient
-    with pytest.raises(FloatingPointError, match="NaN or inf gradients at optimizer step 0"):
+    with pytest.raises(FloatingPointError, match=r"NaN or inf in the model's weights .* \['lm_head.weight'\].*intact"):
         trainer.train()
 
 

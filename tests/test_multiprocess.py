@@ -279,6 +279,10 @@ def test_fsdp2_row_shards_keep_reference_outputs():
     assert float(results["--gradient"]["gradient_before"]) > 1e-3
     assert float(results["--gradient"]["gradient_after"]) < 1e-6
     assert float(results["--gradient"]["drift"]) < 1e-4
+    # A checkpoint's weights fingerprint works on the DTensor shards (uneven ones included) and is
+    # the unsharded model's, so saving does not crash and resuming matches.
+    assert results[""]["uneven_shards"] == "1"
+    assert results[""]["fingerprint_same"] == "1"
 
 
 def test_deepspeed_resume_restores_the_checkpoint_subspace(assets, tmp_path):

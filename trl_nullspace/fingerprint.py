@@ -6,6 +6,7 @@ import hashlib
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from trl_nullspace.projector import full_shape
 from trl_nullspace.targets import canonical_name
@@ -28,18 +29,25 @@ def architecture_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank. FSDP2 holds parameters as DTensor row shards (possibly
+    uneven), which cannot be flattened or read as NumPy: gather them (a collective, like ZeRO-3's)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 @torch.no_grad()
 def weights_fingerprint(model: nn.Module) -> str:
     """SHA-256 of up to 1024 evenly spaced values of every base parameter (exact fp32 bits).
 
     Sampling keeps this fast for billion-parameter models; any training step changes sampled
     values, so a cache estimated from other weights (another checkpoint, a fine-tuned model) is
-    recognised. Under ZeRO-3 each parameter is gathered in turn, so every rank must call this.
+    recognised. Under ZeRO-3 and FSDP2 each parameter is gathered in turn, so every rank must call
+    this; the result is the unsharded model's.
     """
     digest = hashlib.sha256()
     for name, parameter in _base_parameters(model):
         with gathered([parameter]):
-            flat = parameter.detach().reshape(-1)
+            flat = _whole(parameter.detach()).reshape(-1)
             step = max(1, flat.numel() // _SAMPLES_PER_PARAMETER)
             digest.update(name.encode())
             digest.update(flat[::step].float().cpu().numpy().tobytes())

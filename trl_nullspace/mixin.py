@@ -506,6 +506,14 @@ class NullSpaceTrainerMixin:
         projector = self.nullspace_projector
         nonfinite = projector.nonfinite_gradients()
         if nonfinite and getattr(self.accelerator, "scaler", None) is None:
+            poisoned = [name for name, parameter in self.model.named_parameters() if not parameter.isfinite().all()]
+            if poisoned:  # the gradients only inherit it: name the cause, not the first symptom
+                raise FloatingPointError(
+                    f"NaN or inf in the model's weights at optimizer step {self.state.global_step}, in "
+                    f"{poisoned[:3]}{' and more' if len(poisoned) > 3 else ''}: every gradient inherits it, so a "
+                    "lower learning rate will not help. Load the model from intact weights (a model loaded in "
+                    "float16 can overflow to inf: load it in bfloat16 or float32)."
+                )
             raise FloatingPointError(
                 f"NaN or inf gradients at optimizer step {self.state.global_step} in {nonfinite[:3]}: projecting "
                 "them would spread the NaN. Lower the learning rate or check the batch; saved checkpoints are intact."
