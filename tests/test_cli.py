@@ -1,13 +1,16 @@
 """`trl-nullspace`: estimate writes the cache a trainer then loads as is; inspect reports and checks."""
 
+import datasets
 import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ScriptArguments
 
 from tests.conftest import training_kwargs
 from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, toy
 from trl_nullspace.cli import main
-from trl_nullspace.reference import load_reference_dataset
+from trl_nullspace.loading import load_dataset_from
+from trl_nullspace.recipe_utils import load_train_dataset
 from trl_nullspace.toy_assets import write_toy_assets
 
 
@@ -41,9 +44,9 @@ def test_estimate_writes_a_cache_the_trainer_loads_without_re_estimating(assets,
         args=NullSpaceSFTConfig(
             **training_kwargs(tmp_path), nullspace_cache_path=str(cache), nullspace_reference_num_samples=16
         ),
-        train_dataset=load_reference_dataset(str(assets / "reference" / "train.jsonl")),
+        train_dataset=load_dataset_from(str(assets / "reference" / "train.jsonl")),
         processing_class=AutoTokenizer.from_pretrained(str(assets / "model")),
-        reference_dataset=load_reference_dataset(str(assets / "reference" / "train.jsonl")),
+        reference_dataset=load_dataset_from(str(assets / "reference" / "train.jsonl")),
     )
     saved = load_file(str(cache))
     for key, basis in trainer.nullspace_subspace.bases.items():
@@ -77,3 +80,23 @@ def test_sft_command_runs_the_recipe(assets, tmp_path):
         + ["--nullspace_reference_num_samples", "8"]
     )
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_recipes_take_every_local_dataset_the_reference_option_takes(tmp_path):
+    """One loader for `dataset_name` and `nullspace_reference_dataset`: a data file, a `save_to_disk`
+    folder of one split, and one of several splits (a missing split is named)."""
+    texts = ["12+7=19", "3*4=12"]
+    dataset = datasets.Dataset.from_dict({"text": texts})
+    dataset.to_json(str(tmp_path / "data.jsonl"))
+    dataset.save_to_disk(str(tmp_path / "one_split"))
+    datasets.DatasetDict(train=dataset, test=dataset.select([0])).save_to_disk(str(tmp_path / "splits"))
+    for name in ("data.jsonl", "one_split", "splits"):
+        path = str(tmp_path / name)
+        assert load_train_dataset(ScriptArguments(dataset_name=path))["text"] == texts
+        assert load_dataset_from(path)["text"] == texts
+    assert (
+        load_train_dataset(ScriptArguments(dataset_name=str(tmp_path / "splits"), dataset_train_split="test"))["text"]
+        == texts[:1]
+    )
+    with pytest.raises(ValueError, match=r"has no split 'validation'; it has \['test', 'train'\]"):
+        load_dataset_from(str(tmp_path / "splits"), split="validation")

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import logits_on
-from trl_nullspace.reference import load_reference_dataset, tokenize_reference
+from trl_nullspace.loading import load_dataset_from
+from trl_nullspace.reference import tokenize_reference
 from trl_nullspace.toy import build_tiny_qwen2
 from trl_nullspace.toy_assets import write_toy_assets
 
@@ -122,7 +123,7 @@ def _max_difference(first: dict, second: dict) -> float:
 def _reference_logit_drift(assets, trained_folder) -> float:
     """Largest change of the reference set's logits between the base model and a trained one."""
     tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
-    reference = load_reference_dataset(str(assets / "reference" / "train.jsonl")).select(range(3))
+    reference = load_dataset_from(str(assets / "reference" / "train.jsonl")).select(range(3))
     batches = tokenize_reference(reference, tokenizer, batch_size=8, max_length=512)
     base = AutoModelForCausalLM.from_pretrained(str(assets / "model"))
     trained = AutoModelForCausalLM.from_pretrained(str(trained_folder))

@@ -51,8 +51,9 @@ from trl_nullspace.config import (
 )
 from trl_nullspace.estimators import estimate_subspace
 from trl_nullspace.fingerprint import architecture_fingerprint, weights_fingerprint
+from trl_nullspace.loading import load_dataset_from
 from trl_nullspace.recipe_utils import load_model_and_tokenizer, run_recipe
-from trl_nullspace.reference import load_reference_dataset, tokenize_reference
+from trl_nullspace.reference import tokenize_reference
 from trl_nullspace.rewards import refusal_reward
 from trl_nullspace.trainers import (
     NullSpaceDPOTrainer,
@@ -86,7 +87,7 @@ def estimate(argv: list[str]) -> None:
         parser.error("estimate needs --model_name_or_path.")
     model, tokenizer = load_model_and_tokenizer(model_args)
     batches = tokenize_reference(
-        load_reference_dataset(settings.nullspace_reference_dataset, settings.nullspace_reference_split),
+        load_dataset_from(settings.nullspace_reference_dataset, settings.nullspace_reference_split),
         tokenizer,
         batch_size=settings.nullspace_reference_batch_size,
         max_length=settings.nullspace_reference_max_length,

@@ -44,12 +44,9 @@ from trl_nullspace.estimators import estimate_subspace
 from trl_nullspace.estimators.activation import energy_in_span
 from trl_nullspace.fingerprint import architecture_fingerprint, model_name, weights_fingerprint
 from trl_nullspace.fsdp import RowShardProjector
+from trl_nullspace.loading import load_dataset_from
 from trl_nullspace.projector import SubspaceProjector
-from trl_nullspace.reference import (
-    ReferenceBatch,
-    load_reference_dataset,
-    tokenize_reference,
-)
+from trl_nullspace.reference import ReferenceBatch, tokenize_reference
 from trl_nullspace.subspace import CapabilitySubspace
 from trl_nullspace.targets import find_target_linears
 from trl_nullspace.zero import ZeroMasterProjector, gathered
@@ -143,7 +140,7 @@ class NullSpaceTrainerMixin:
 
     def _load_reference_batches(self, reference_dataset: datasets.Dataset | None) -> list[ReferenceBatch] | None:
         if reference_dataset is None and self.args.nullspace_reference_dataset is not None:
-            reference_dataset = load_reference_dataset(
+            reference_dataset = load_dataset_from(
                 self.args.nullspace_reference_dataset, self.args.nullspace_reference_split
             )
         if reference_dataset is None:

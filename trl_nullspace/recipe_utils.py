@@ -6,6 +6,8 @@ import datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
+from trl_nullspace.loading import load_dataset_from
+
 
 def parse_recipe_arguments(
     config_class: type, args: list[str] | None = None
@@ -26,9 +28,8 @@ def load_model_and_tokenizer(model_args: ModelConfig) -> tuple[PreTrainedModel, 
 
 
 def load_train_dataset(script_args: ScriptArguments) -> datasets.Dataset:
-    """`dataset_name` is a Hub name or a local folder of data files."""
-    loaded = datasets.load_dataset(script_args.dataset_name, name=script_args.dataset_config)
-    return loaded[script_args.dataset_train_split]
+    """`dataset_name`: whatever `nullspace_reference_dataset` accepts (`trl_nullspace.loading`)."""
+    return load_dataset_from(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
 
 
 def run_recipe(trainer_class: type, config_class: type, args: list[str] | None = None, **trainer_kwargs) -> None:

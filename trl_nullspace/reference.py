@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 
 import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
-
-_DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass
@@ -26,21 +23,6 @@ class ReferenceBatch:
     def labels(self) -> torch.Tensor:
         """Causal-LM labels with padding ignored (for the gradient method's reference loss)."""
         return self.input_ids.masked_fill(self.attention_mask == 0, -100)
-
-
-def load_reference_dataset(name_or_path: str, split: str = "train") -> datasets.Dataset:
-    """A Hub dataset name, a local data file, or a directory written by `Dataset.save_to_disk`."""
-    if os.path.isdir(name_or_path) and os.path.exists(os.path.join(name_or_path, "dataset_info.json")):
-        return datasets.load_from_disk(name_or_path)
-    extension = os.path.splitext(name_or_path)[1].lower()
-    if os.path.isfile(name_or_path):
-        if extension not in _DATA_FILE_BUILDERS:
-            raise ValueError(
-                f"Reference dataset file {name_or_path!r} has an unsupported extension; "
-                f"use one of {sorted(_DATA_FILE_BUILDERS)}."
-            )
-        return datasets.load_dataset(_DATA_FILE_BUILDERS[extension], data_files=name_or_path, split="train")
-    return datasets.load_dataset(name_or_path, split=split)
 
 
 def reference_texts(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> list[str]:
