@@ -7,10 +7,12 @@ reference logits while its constrained weights move; plain TRL under the same se
 
 import pytest
 import torch
+from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from tests.conftest import logits_on, make_sft_trainer, train_and_measure, training_kwargs
+from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, guards
 
 COMMON = dict(
     hidden_size=64,
@@ -115,7 +117,57 @@ def test_mixture_of_experts_keeps_reference_outputs_and_says_the_experts_are_fro
     assert moved > 1e-2 and drift < 1e-4, (moved, drift)
 
 
-def test_gpt2_conv1d_is_refused_with_the_reason(tokenizer, safety_dataset, reference_dataset, tmp_path):
-    model = build("gpt2", tokenizer, {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128})
-    with pytest.raises(ValueError, match=r"Conv1D \(GPT-2 style.*not supported yet"):
-        make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset)
+GPT2 = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128, "n_inner": 128}
+
+
+def test_gpt2_conv1d_keeps_reference_outputs(tokenizer, safety_dataset, reference_dataset, tmp_path):
+    """GPT-2's projections are transformers' Conv1D, whose weight is stored transposed (in × out):
+    the projection works on its (out × in) view, with both targets (gradient and update)."""
+    model = build("gpt2", tokenizer, GPT2)
+    trainer = make_sft_trainer(
+        model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_eigenvalue_threshold=1e-10
+    )
+    assert {item.transposed for item in trainer.nullspace_projector.constrained} == {True}
+    assert len(trainer.nullspace_projector.constrained) == 8  # c_attn, c_proj, c_fc, mlp c_proj per layer
+    plain_drift = plain_trl_drift("gpt2", GPT2, tokenizer, safety_dataset, trainer._reference_batches, tmp_path)
+    drift, moved = train_and_measure(trainer)
+    assert plain_drift > 1e-2, plain_drift
+    assert moved > 1e-2 and drift < 1e-4, (moved, drift)
+
+
+def test_gpt2_lora_keeps_reference_outputs(tokenizer, safety_dataset, reference_dataset, tmp_path):
+    """PEFT wraps Conv1D in a LoRA layer whose `A` reads the same inputs: `B A K = 0` holds as for Linear."""
+    trainer = NullSpaceSFTTrainer(
+        model=build("gpt2", tokenizer, GPT2),
+        args=NullSpaceSFTConfig(**training_kwargs(tmp_path), nullspace_eigenvalue_threshold=1e-10),
+        train_dataset=safety_dataset,
+        processing_class=tokenizer,
+        reference_dataset=reference_dataset,
+        peft_config=LoraConfig(
+            r=4,
+            lora_dropout=0.0,
+            target_modules=["c_attn", "c_proj", "c_fc"],
+            fan_in_fan_out=True,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    assert all(".lora_A." in item.name for item in trainer.nullspace_projector.constrained)
+    reference = trainer._reference_batches
+    before = logits_on(trainer.model, reference)
+    trainer.train()
+    lora_b = [p for n, p in trainer.model.named_parameters() if ".lora_B." in n]
+    assert max(p.detach().abs().max().item() for p in lora_b) > 1e-3  # B actually trained
+    assert (logits_on(trainer.model, reference) - before).abs().max().item() < 1e-4
+
+
+def test_gpt2_is_refused_under_sharded_backends(tokenizer, tmp_path):
+    model = build("gpt2", tokenizer, GPT2)
+    with pytest.raises(NotImplementedError, match=r"Conv1D layers \(GPT-2 style.*DDP or on one device"):
+        guards.check_backend(
+            NullSpaceSFTConfig(**training_kwargs(tmp_path)),
+            model,
+            deepspeed=True,
+            fsdp=False,
+            fsdp2=False,
+            trainer_name="T",
+        )

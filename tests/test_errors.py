@@ -145,7 +145,7 @@ def test_refresh_re_estimates_and_stays_exact(model, tokenizer, safety_dataset, 
 def test_fsdp1_is_refused_not_silently_ignored(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
     trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
     with pytest.raises(NotImplementedError, match="FSDP1.*would silently not apply"):
-        guards.check_backend(trainer.args, deepspeed=False, fsdp=True, fsdp2=False, trainer_name="T")
+        guards.check_backend(trainer.args, trainer.model, deepspeed=False, fsdp=True, fsdp2=False, trainer_name="T")
 
 
 @pytest.mark.parametrize(
@@ -164,7 +164,7 @@ def test_sharded_backends_refuse_options_they_cannot_honour(
     deepspeed = backend == "deepspeed"
     with pytest.raises(NotImplementedError, match=message):
         guards.check_backend(
-            trainer.args, deepspeed=deepspeed, fsdp=not deepspeed, fsdp2=not deepspeed, trainer_name="T"
+            trainer.args, trainer.model, deepspeed=deepspeed, fsdp=not deepspeed, fsdp2=not deepspeed, trainer_name="T"
         )
 
 

@@ -15,19 +15,29 @@ import torch
 from torch import nn
 
 from trl_nullspace.config import NullSpaceArguments
-from trl_nullspace.targets import is_lora_layer
+from trl_nullspace.targets import is_lora_layer, is_transposed_linear
 
 
-def check_backend(args: NullSpaceArguments, deepspeed: bool, fsdp: bool, fsdp2: bool, trainer_name: str) -> None:
+def check_backend(
+    args: NullSpaceArguments, model: nn.Module, deepspeed: bool, fsdp: bool, fsdp2: bool, trainer_name: str
+) -> None:
     """Refuse the backends and options whose projection would silently not apply.
 
     DeepSpeed ZeRO and FSDP2 are reached through their sharded master weights (`trl_nullspace.zero`,
     `trl_nullspace.fsdp`) and, for the gradient projection, through tensor hooks (DeepSpeed) or the
-    local gradient rows (FSDP2). FSDP1's flat parameters are not reached at all.
+    local gradient rows (FSDP2). FSDP1's flat parameters are not reached at all. Both sharded paths
+    split weights by output rows, which a `Conv1D` weight (stored in × out) does not have.
     """
     if not (deepspeed or fsdp):
         return
     backend = "DeepSpeed" if deepspeed else "FSDP"
+    conv1d = [name for name, module in model.named_modules() if is_transposed_linear(module)]
+    if conv1d:
+        raise NotImplementedError(
+            f"{trainer_name} does not support {backend} on models with transformers' Conv1D layers (GPT-2 "
+            f"style, e.g. {conv1d[0]}): they store the weight transposed, and the sharded projection works on "
+            "output rows. Train this model with DDP or on one device."
+        )
     if fsdp and not fsdp2:
         raise NotImplementedError(
             f"{trainer_name} does not support FSDP1: its flat parameters hold the weights and master "

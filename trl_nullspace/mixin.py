@@ -109,6 +109,7 @@ class NullSpaceTrainerMixin:
             )
         guards.check_backend(
             self.args,
+            self.model,
             deepspeed=self.is_deepspeed_enabled,
             fsdp=self.is_fsdp_enabled,
             fsdp2=self.is_fsdp_enabled and self.accelerator.is_fsdp2,

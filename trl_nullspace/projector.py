@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from trl_nullspace.subspace import CapabilitySubspace
-from trl_nullspace.targets import canonical_name, is_lora_layer
+from trl_nullspace.targets import canonical_name, is_lora_layer, is_transposed_linear
 
 
 @dataclass
@@ -83,11 +83,17 @@ class ConstrainedParameter:
         flat: bool,
         zero_anchor: bool,
         compute_dtype: torch.dtype = torch.float32,
+        transposed: bool = False,
     ):
         shape = full_shape(parameter)
         if len(shape) != 2 and not flat:
             raise ValueError(f"{name} is not a matrix (shape {shape}).")
-        self.matrix_shape: tuple[int, int] = (1, math.prod(shape)) if flat else (shape[0], shape[1])
+        # The matrix the basis acts on from the right is (out × in); a `Conv1D` weight stores its
+        # transpose, so it is used through a transposed view (in-place updates write through it).
+        self.transposed = transposed
+        self.matrix_shape: tuple[int, int] = (
+            (1, math.prod(shape)) if flat else (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+        )
         rows_dim = self.matrix_shape[1]
         if basis.shape[0] != rows_dim:
             raise ValueError(
@@ -122,7 +128,8 @@ class ConstrainedParameter:
         return self.basis.shape[0]
 
     def _matrix(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.view(1, -1) if self.flat else tensor
+        """The (out × in) view of a weight-shaped tensor, sharing its storage."""
+        return tensor.view(1, -1) if self.flat else tensor.T if self.transposed else tensor
 
     @torch.no_grad()
     def remove_from_gradient(self, apply: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,8 +166,9 @@ class ConstrainedParameter:
         basis = self._bases_by_device.get(gradient.device)
         if basis is None:
             basis = self._bases_by_device[gradient.device] = self.basis.to(gradient.device)
-        matrix = gradient.reshape(self.matrix_shape).float()
-        return (matrix - (matrix @ basis) @ basis.T).reshape(gradient.shape).to(gradient.dtype)
+        matrix = (gradient.T if self.transposed else gradient.reshape(self.matrix_shape)).float()
+        projected = matrix - (matrix @ basis) @ basis.T
+        return (projected.T if self.transposed else projected).reshape(gradient.shape).to(gradient.dtype)
 
     @torch.no_grad()
     def reset_anchor(self) -> None:
@@ -244,11 +252,19 @@ class SubspaceProjector:
                                 )
                             )
                             free.add(f"{name}.lora_B.{adapter}.weight")
-                elif isinstance(module, nn.Linear):
+                elif isinstance(module, nn.Linear) or is_transposed_linear(module):
                     found.add(target)
                     if module.weight.requires_grad:
                         constrained.append(
-                            ConstrainedParameter(f"{name}.weight", module.weight, basis, False, False, compute_dtype)
+                            ConstrainedParameter(
+                                f"{name}.weight",
+                                module.weight,
+                                basis,
+                                False,
+                                False,
+                                compute_dtype,
+                                transposed=is_transposed_linear(module),
+                            )
                         )
         else:
             for name, parameter in model.named_parameters():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -27,8 +28,15 @@ def _output_embedding_names(model: nn.Module) -> set[str]:
     return {canonical_name(name) for name, module in model.named_modules() if output is not None and module is output}
 
 
-def find_target_linears(model: nn.Module, target_modules: list[str] | None = None) -> dict[str, nn.Linear]:
-    """Target `nn.Linear` modules by canonical name; for LoRA layers, their frozen `base_layer`.
+def is_transposed_linear(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2 and its descendants): a linear layer `y = x W + b` whose weight
+    is stored as (in × out), the transpose of `nn.Linear`'s."""
+    return isinstance(module, Conv1D)
+
+
+def find_target_linears(model: nn.Module, target_modules: list[str] | None = None) -> dict[str, nn.Module]:
+    """Target linear layers (`nn.Linear`, and `Conv1D`) by canonical name; for LoRA layers, their
+    frozen `base_layer`.
 
     `target_modules` are name suffixes (`q_proj` matches `model.layers.0.self_attn.q_proj`); each must
     match at least one Linear. With None, every Linear except the output embedding is a target:
@@ -36,9 +44,9 @@ def find_target_linears(model: nn.Module, target_modules: list[str] | None = Non
     upstream, and it is frozen with the other untargeted parameters by default.
     """
     excluded = _output_embedding_names(model)
-    linears: dict[str, nn.Linear] = {}
+    linears: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if is_lora_layer(module) or not isinstance(module, nn.Linear):
+        if is_lora_layer(module) or not (isinstance(module, nn.Linear) or is_transposed_linear(module)):
             continue
         if ".lora_" in name:
             continue
@@ -48,15 +56,10 @@ def find_target_linears(model: nn.Module, target_modules: list[str] | None = Non
         linears[canonical] = module
     if target_modules is None:
         if not linears:
-            conv1d = [name for name, module in model.named_modules() if type(module).__name__ == "Conv1D"]
-            hint = (
-                f" Its projections are transformers' Conv1D (GPT-2 style, e.g. {conv1d[0]}), which store the "
-                "transposed weight and are not supported yet: train a model with nn.Linear projections (Llama, "
-                "Qwen, Mistral, Gemma, Phi-3, OPT; docs/architectures.md)."
-                if conv1d
-                else ""
+            raise ValueError(
+                "The model has no linear layers (nn.Linear or transformers' Conv1D) to constrain: see "
+                "docs/architectures.md for the supported architectures."
             )
-            raise ValueError("The model has no nn.Linear layers to constrain." + hint)
         return linears
     selected = {name: module for name, module in linears.items() if _matches(name, target_modules)}
     unmatched = [target for target in target_modules if not any(_matches(name, [target]) for name in linears)]
