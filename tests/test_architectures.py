@@ -98,22 +98,80 @@ MIXTURE_OF_EXPERTS = {
 
 
 @pytest.mark.parametrize("model_type", sorted(MIXTURE_OF_EXPERTS))
-def test_mixture_of_experts_keeps_reference_outputs_and_says_the_experts_are_frozen(
-    model_type, tokenizer, safety_dataset, reference_dataset, tmp_path, caplog
+def test_mixture_of_experts_constrains_every_expert_and_the_router(
+    model_type, tokenizer, safety_dataset, reference_dataset, tmp_path
 ):
-    """Fused 3-D expert weights are not constrained yet: they are frozen (the guarantee holds, attention
-    trains), and the trainer says so in a warning rather than only counting frozen parameters."""
+    """Each expert's slice of the fused 3-D weights is constrained by the tokens routed to it, the
+    router by its input: experts and router train, and the reference logits stay put."""
     model = build(model_type, tokenizer, MIXTURE_OF_EXPERTS[model_type])
-    with caplog.at_level("WARNING", logger="trl_nullspace"):
-        trainer = make_sft_trainer(
-            model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_eigenvalue_threshold=1e-10
-        )
-    assert "expert or router parameters are frozen" in caplog.text
+    trainer = make_sft_trainer(
+        model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_eigenvalue_threshold=1e-10
+    )
+    constrained = {item.parameter_name for item in trainer.nullspace_projector.constrained}
+    experts = {name for name, parameter in model.named_parameters() if parameter.dim() == 3}
+    routers = {name for name in dict(model.named_parameters()) if name.endswith(".mlp.gate.weight")}
+    assert experts and routers and experts | routers <= constrained
+    sharded = trainer.nullspace_projector.without_experts()  # DeepSpeed and FSDP2 freeze the experts instead
+    assert all(item.expert is None for item in sharded.constrained) and experts <= set(sharded.unconstrained)
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if name in experts}
     plain_drift = plain_trl_drift(
         model_type, MIXTURE_OF_EXPERTS[model_type], tokenizer, safety_dataset, trainer._reference_batches, tmp_path
     )
     drift, moved = train_and_measure(trainer)
+    experts_moved = max(
+        (parameter - before[name]).abs().max().item()
+        for name, parameter in model.named_parameters()
+        if name in experts
+    )
     assert plain_drift > 1e-2, plain_drift
+    assert experts_moved > 1e-3 and moved > 1e-2 and drift < 1e-4, (experts_moved, moved, drift)
+
+
+def test_mixture_of_experts_subspace_survives_the_cache_and_the_contrastive_rule(
+    tokenizer, safety_dataset, reference_dataset, tmp_path, caplog
+):
+    """Expert bases are saved and reused by name (`<experts>.gate_up_proj[e]`), and the contrastive rule
+    handles experts that no reference token reaches (an empty basis, not an error)."""
+    cache = str(tmp_path / "moe.safetensors")
+    settings = dict(nullspace_energy=0.99, nullspace_contrastive=True, nullspace_cache_path=cache)
+    first = make_sft_trainer(
+        build("mixtral", tokenizer, MIXTURE_OF_EXPERTS["mixtral"]),
+        tokenizer,
+        safety_dataset,
+        tmp_path / "first",
+        reference_dataset,
+        **settings,
+    )
+    with caplog.at_level("INFO", logger="trl_nullspace"):
+        second = make_sft_trainer(
+            build("mixtral", tokenizer, MIXTURE_OF_EXPERTS["mixtral"]),
+            tokenizer,
+            safety_dataset,
+            tmp_path / "second",
+            reference_dataset,
+            **settings,
+        )
+    assert "loaded the capability subspace" in caplog.text
+    keys = [key for key in first.nullspace_subspace.bases if key.endswith("]")]
+    assert keys and all(
+        torch.equal(first.nullspace_subspace.bases[key], second.nullspace_subspace.bases[key]) for key in keys
+    )
+    assert {item.expert for item in second.nullspace_projector.constrained} >= {0, 1, 2, 3}
+
+
+def test_gpt_oss_experts_are_frozen_with_a_warning_and_outputs_kept(
+    tokenizer, safety_dataset, reference_dataset, tmp_path, caplog
+):
+    """GPT-OSS stores its experts transposed, with biases and interleaved gate/up: not constrained yet,
+    so they are frozen (the guarantee holds) and the trainer says so."""
+    extra = {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16, "layer_types": ["full_attention"] * 2}
+    model = build("gpt_oss", tokenizer, extra)
+    with caplog.at_level("WARNING", logger="trl_nullspace"):
+        trainer = make_sft_trainer(
+            model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_eigenvalue_threshold=1e-10
+        )
+    assert "mixture-of-experts parameters are frozen" in caplog.text
+    drift, moved = train_and_measure(trainer)
     assert moved > 1e-2 and drift < 1e-4, (moved, drift)
 
 

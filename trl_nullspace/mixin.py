@@ -48,7 +48,7 @@ from trl_nullspace.loading import load_dataset_from
 from trl_nullspace.projector import SubspaceProjector
 from trl_nullspace.reference import ReferenceBatch, tokenize_reference
 from trl_nullspace.subspace import CapabilitySubspace
-from trl_nullspace.targets import find_target_linears
+from trl_nullspace.targets import find_target_experts, find_target_linears
 from trl_nullspace.zero import ZeroMasterProjector, gathered
 
 logger = logging.get_logger(__name__)
@@ -222,7 +222,12 @@ class NullSpaceTrainerMixin:
             )
         linears = find_target_linears(self.model, self.args.nullspace_target_modules)
         shares = energy_in_span(
-            self.model, self._reference_batches, linears, subspace, self.args.nullspace_normalize_tokens
+            self.model,
+            self._reference_batches,
+            linears,
+            subspace,
+            self.args.nullspace_normalize_tokens,
+            experts=find_target_experts(self.model, self.args.nullspace_target_modules),
         )
         worn = []
         for key, share in shares.items():
@@ -286,6 +291,8 @@ class NullSpaceTrainerMixin:
         projector = SubspaceProjector.bind(
             self.model, subspace, compute_dtype=getattr(torch, self.args.nullspace_projection_dtype)
         )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            projector = projector.without_experts()  # frozen instead, with a warning (`_freeze_or_report`)
         projector.check_trainable_directions()
         # ZeRO-3 may have partitioned the weights already (zero.Init): anchors need them whole once.
         target = self.args.nullspace_projection_target
@@ -340,13 +347,14 @@ class NullSpaceTrainerMixin:
                 parameters[name].requires_grad_(False)
             logger.info("trl-nullspace: froze %d parameters outside the constraint", len(unconstrained))
             # Big matrices frozen are capacity the safety update cannot use: say so, not only count them.
-            # (Mixture-of-experts models keep their experts as fused 3-D parameters, not nn.Linear.)
+            # Fused experts are constrained by the activation method on one process or DDP only; other
+            # layouts (GPT-OSS) and routers beside them are frozen.
             large = [name for name in self._nullspace_frozen if parameters[name].dim() >= 3 or ".mlp.gate." in name]
             if large:
                 logger.warning(
-                    "trl-nullspace: %d expert or router parameters are frozen, not constrained (e.g. %s): only "
-                    "nn.Linear weights are constrained yet, so on a mixture-of-experts model the safety update "
-                    "trains attention alone.",
+                    "trl-nullspace: %d mixture-of-experts parameters are frozen, not constrained (e.g. %s): experts "
+                    "are constrained only in the Mixtral layout (Mixtral, Qwen2-MoE, Qwen3-MoE), with the activation "
+                    "method, on one process or DDP (docs/architectures.md). The safety update trains the rest.",
                     len(large),
                     large[:3],
                 )

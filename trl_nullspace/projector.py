@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from trl_nullspace.experts import DOWN, GATE_UP, is_fused_experts, slice_name
 from trl_nullspace.subspace import CapabilitySubspace
 from trl_nullspace.targets import canonical_name, is_lora_layer, is_transposed_linear
 
@@ -84,13 +85,20 @@ class ConstrainedParameter:
         zero_anchor: bool,
         compute_dtype: torch.dtype = torch.float32,
         transposed: bool = False,
+        expert: int | None = None,
+        parameter_name: str | None = None,
     ):
         shape = full_shape(parameter)
+        if expert is not None:
+            shape = shape[1:]
         if len(shape) != 2 and not flat:
             raise ValueError(f"{name} is not a matrix (shape {shape}).")
         # The matrix the basis acts on from the right is (out × in); a `Conv1D` weight stores its
-        # transpose, so it is used through a transposed view (in-place updates write through it).
+        # transpose, so it is used through a transposed view, and one expert of a fused 3-D weight
+        # through its slice (in-place updates write through both).
         self.transposed = transposed
+        self.expert = expert
+        self.parameter_name = parameter_name or name  # differs for an expert's slice: `<parameter>[e]`
         self.matrix_shape: tuple[int, int] = (
             (1, math.prod(shape)) if flat else (shape[1], shape[0]) if transposed else (shape[0], shape[1])
         )
@@ -129,6 +137,8 @@ class ConstrainedParameter:
 
     def _matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         """The (out × in) view of a weight-shaped tensor, sharing its storage."""
+        if self.expert is not None:
+            return tensor[self.expert]
         return tensor.view(1, -1) if self.flat else tensor.T if self.transposed else tensor
 
     @torch.no_grad()
@@ -166,6 +176,11 @@ class ConstrainedParameter:
         basis = self._bases_by_device.get(gradient.device)
         if basis is None:
             basis = self._bases_by_device[gradient.device] = self.basis.to(gradient.device)
+        if self.expert is not None:
+            result = gradient.clone()
+            matrix = gradient[self.expert].float()
+            result[self.expert] = (matrix - (matrix @ basis) @ basis.T).to(gradient.dtype)
+            return result
         matrix = (gradient.T if self.transposed else gradient.reshape(self.matrix_shape)).float()
         projected = matrix - (matrix @ basis) @ basis.T
         return (projected.T if self.transposed else projected).reshape(gradient.shape).to(gradient.dtype)
@@ -206,6 +221,39 @@ class ConstrainedParameter:
         return residual
 
 
+def _expert_slices(
+    name: str,
+    target: str,
+    module: nn.Module,
+    subspace: CapabilitySubspace,
+    found: set[str],
+    compute_dtype: torch.dtype,
+) -> list[ConstrainedParameter]:
+    """One constrained matrix per expert of a fused experts module's weights that `subspace` covers."""
+    slices = []
+    for weight in (GATE_UP, DOWN):
+        parameter = getattr(module, weight)
+        for expert in range(parameter.shape[0]):
+            key = slice_name(f"{target}.{weight}", expert)
+            if key not in subspace.targets:
+                continue
+            found.add(key)
+            if parameter.requires_grad:
+                slices.append(
+                    ConstrainedParameter(
+                        slice_name(f"{name}.{weight}", expert),
+                        parameter,
+                        subspace.basis_for(key),
+                        False,
+                        False,
+                        compute_dtype,
+                        expert=expert,
+                        parameter_name=f"{name}.{weight}",
+                    )
+                )
+    return slices
+
+
 def diverged_step_error(names: list[str]) -> FloatingPointError:
     """The error for weights that are NaN or inf after an optimizer step (sharded backends' check)."""
     where = names[:3] if names else "another process's share of the weights"
@@ -239,7 +287,12 @@ class SubspaceProjector:
         if subspace.method == "activation":
             for name, module in model.named_modules():
                 target = canonical_name(name)
-                if target not in subspace.targets or ".lora_" in name:
+                if ".lora_" in name:
+                    continue
+                if is_fused_experts(module):
+                    constrained += _expert_slices(name, target, module, subspace, found, compute_dtype)
+                    continue
+                if target not in subspace.targets:
                     continue
                 basis = subspace.basis_for(target)
                 if is_lora_layer(module):
@@ -252,7 +305,7 @@ class SubspaceProjector:
                                 )
                             )
                             free.add(f"{name}.lora_B.{adapter}.weight")
-                elif isinstance(module, nn.Linear) or is_transposed_linear(module):
+                elif isinstance(getattr(module, "weight", None), nn.Parameter):  # Linear, Conv1D, a router
                     found.add(target)
                     if module.weight.requires_grad:
                         constrained.append(
@@ -288,13 +341,21 @@ class SubspaceProjector:
                 "The capability subspace constrains none of this model's trainable parameters "
                 f"({subspace.method} method); check nullspace_target_modules and which parameters are trainable."
             )
-        constrained_names = {item.name for item in constrained}
+        constrained_names = {item.parameter_name for item in constrained}
         unconstrained = [
             name
             for name, parameter in model.named_parameters()
             if parameter.requires_grad and name not in constrained_names and name not in free
         ]
         return cls(constrained, sorted(free), unconstrained)
+
+    def without_experts(self) -> SubspaceProjector:
+        """This projector with the experts' slices left out (their weights join `unconstrained`): the
+        sharded backends split weights by rows of whole parameters, not by expert."""
+        experts = [item for item in self.constrained if item.expert is not None]
+        kept = [item for item in self.constrained if item.expert is None]
+        names = sorted({item.parameter_name for item in experts} | set(self.unconstrained))
+        return SubspaceProjector(kept, self.free, names)
 
     def check_trainable_directions(self) -> None:
         """Fail before training if the subspace leaves no direction for any constrained parameter."""

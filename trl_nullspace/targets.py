@@ -7,6 +7,8 @@ import re
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from trl_nullspace.experts import DOWN, GATE_UP, is_fused_experts, is_router
+
 _PEFT_PREFIX = "base_model.model."
 
 
@@ -35,8 +37,8 @@ def is_transposed_linear(module: nn.Module) -> bool:
 
 
 def find_target_linears(model: nn.Module, target_modules: list[str] | None = None) -> dict[str, nn.Module]:
-    """Target linear layers (`nn.Linear`, and `Conv1D`) by canonical name; for LoRA layers, their
-    frozen `base_layer`.
+    """Target linear layers (`nn.Linear`, `Conv1D`, and the routers of fused mixture-of-experts
+    layers) by canonical name; for LoRA layers, their frozen `base_layer`.
 
     `target_modules` are name suffixes (`q_proj` matches `model.layers.0.self_attn.q_proj`); each must
     match at least one Linear. With None, every Linear except the output embedding is a target:
@@ -45,8 +47,14 @@ def find_target_linears(model: nn.Module, target_modules: list[str] | None = Non
     """
     excluded = _output_embedding_names(model)
     linears: dict[str, nn.Module] = {}
+    routers = {
+        id(parent.gate)
+        for parent in model.modules()
+        if isinstance(getattr(parent, "gate", None), nn.Module) and is_router(parent.gate, parent)
+    }
     for name, module in model.named_modules():
-        if is_lora_layer(module) or not (isinstance(module, nn.Linear) or is_transposed_linear(module)):
+        linear = isinstance(module, nn.Linear) or is_transposed_linear(module) or id(module) in routers
+        if is_lora_layer(module) or not linear:
             continue
         if ".lora_" in name:
             continue
@@ -62,13 +70,30 @@ def find_target_linears(model: nn.Module, target_modules: list[str] | None = Non
             )
         return linears
     selected = {name: module for name, module in linears.items() if _matches(name, target_modules)}
-    unmatched = [target for target in target_modules if not any(_matches(name, [target]) for name in linears)]
+    unmatched = [
+        target
+        for target in target_modules
+        if not any(_matches(name, [target]) for name in [*linears, *find_target_experts(model)])
+    ]
     if unmatched:
         raise ValueError(
             f"nullspace_target_modules {unmatched} match no Linear layer of this model. "
             f"Linear layers look like: {sorted(linears)[:6]}"
         )
     return selected
+
+
+def find_target_experts(model: nn.Module, target_modules: list[str] | None = None) -> dict[str, nn.Module]:
+    """The 3-D weights of fused mixture-of-experts modules (`trl_nullspace.experts`), as
+    `<experts>.gate_up_proj` / `<experts>.down_proj` → the experts module: all of them, or those whose
+    name matches a `target_modules` suffix."""
+    return {
+        f"{canonical_name(name)}.{weight}": module
+        for name, module in model.named_modules()
+        if is_fused_experts(module)
+        for weight in (GATE_UP, DOWN)
+        if target_modules is None or _matches(f"{canonical_name(name)}.{weight}", target_modules)
+    }
 
 
 def _matches(name: str, suffixes: list[str]) -> bool:

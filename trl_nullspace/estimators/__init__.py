@@ -9,7 +9,7 @@ from trl_nullspace.estimators.activation import estimate_activation_subspace
 from trl_nullspace.estimators.gradient import estimate_gradient_subspace
 from trl_nullspace.reference import ReferenceBatch
 from trl_nullspace.subspace import CapabilitySubspace
-from trl_nullspace.targets import find_target_linears
+from trl_nullspace.targets import find_target_experts, find_target_linears
 
 
 def estimate_subspace(
@@ -34,6 +34,7 @@ def estimate_subspace(
             show_progress,
             normalize_tokens=settings.nullspace_normalize_tokens,
             contrast_batches=contrast_batches if settings.nullspace_contrastive else None,
+            experts=find_target_experts(model, settings.nullspace_target_modules),
         )
     return estimate_gradient_subspace(
         model, batches, linears, selection, settings.nullspace_gradient_batches, show_progress

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from trl_nullspace.experts import GATE_UP, routed_inputs, slice_name
 from trl_nullspace.rank import RankSelection
 from trl_nullspace.reference import ReferenceBatch
 from trl_nullspace.subspace import CapabilitySubspace
@@ -30,8 +31,14 @@ class InputCovarianceCollector:
     under a strict threshold, is the same either way.
     """
 
-    def __init__(self, linears: dict[str, nn.Linear], normalize_tokens: bool = False):
+    def __init__(
+        self,
+        linears: dict[str, nn.Module],
+        normalize_tokens: bool = False,
+        experts: dict[str, nn.Module] | None = None,
+    ):
         self.linears = linears
+        self.experts = experts or {}  # `<experts>.gate_up_proj`/`.down_proj` → the fused experts module
         self.normalize_tokens = normalize_tokens
         self.group_of: dict[str, str] = {}
         self.covariances: dict[str, torch.Tensor] = {}
@@ -58,15 +65,39 @@ class InputCovarianceCollector:
                     f"(batch·sequence, features) matching the attention mask {tuple(self._mask.shape)} so padding "
                     "can be masked out."
                 )
-            tokens = inputs[mask].double()
-            if self.normalize_tokens:
-                tokens = tokens / tokens.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-            covariance = tokens.T @ tokens
-            if name in self.covariances:
-                self.covariances[name] += covariance
-            else:
-                self.covariances[name] = covariance
-            self.token_counts[name] = self.token_counts.get(name, 0) + tokens.shape[0]
+            self._accumulate(name, inputs[mask])
+
+        return accumulate
+
+    def _accumulate(self, name: str, tokens: torch.Tensor) -> None:
+        tokens = tokens.double()
+        if self.normalize_tokens:
+            tokens = tokens / tokens.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        covariance = tokens.T @ tokens
+        if name in self.covariances:
+            self.covariances[name] += covariance
+        else:
+            self.covariances[name] = covariance
+        self.token_counts[name] = self.token_counts.get(name, 0) + tokens.shape[0]
+
+    def _experts_hook(self, weights: list[str]):
+        """Per expert, the statistics of the tokens routed to it (`trl_nullspace.experts`); every
+        expert gets an entry, an empty one if no reference token reaches it."""
+
+        def accumulate(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden_states = args[0] if args else kwargs["hidden_states"]
+            top_k_index = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+            mask = self._mask.reshape(-1)
+            if hidden_states.dim() != 2 or hidden_states.shape[0] != mask.numel():
+                raise ValueError(
+                    f"The experts {weights[0].rsplit('.', 1)[0]} got inputs of shape {tuple(hidden_states.shape)}; "
+                    f"expected (batch·sequence, features) matching the attention mask {tuple(self._mask.shape)}."
+                )
+            for expert, inputs in routed_inputs(module, hidden_states, top_k_index, mask).items():
+                for weight in weights:
+                    key = slice_name(weight, expert)
+                    self._assign(key, key)
+                    self._accumulate(key, inputs[0] if weight.endswith(GATE_UP) else inputs[1])
 
         return accumulate
 
@@ -88,6 +119,13 @@ class InputCovarianceCollector:
     ) -> None:
         device = next(model.parameters()).device
         handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in self.linears.items()]
+        weights_of: dict[nn.Module, list[str]] = {}
+        for weight, module in self.experts.items():
+            weights_of.setdefault(module, []).append(weight)
+        handles += [
+            module.register_forward_pre_hook(self._experts_hook(weights), with_kwargs=True)
+            for module, weights in weights_of.items()
+        ]
         try:
             for batch in tqdm(batches, desc=description, disable=not show_progress):
                 batch = batch.to(device)
@@ -98,7 +136,12 @@ class InputCovarianceCollector:
             for handle in handles:
                 handle.remove()
             self._mask = None
-        missing = sorted(set(self.linears) - set(self.group_of))
+        expected = set(self.linears) | {
+            slice_name(weight, expert)
+            for weight, module in self.experts.items()
+            for expert in range(getattr(module, GATE_UP).shape[0])
+        }
+        missing = sorted(expected - set(self.group_of))
         if missing:
             hint = ""
             if "forward" in vars(model):
@@ -163,21 +206,23 @@ def contrastive_basis(
 def estimate_activation_subspace(
     model: nn.Module,
     batches: list[ReferenceBatch],
-    linears: dict[str, nn.Linear],
+    linears: dict[str, nn.Module],
     selection: RankSelection,
     show_progress: bool = True,
     normalize_tokens: bool = False,
     contrast_batches: list[ReferenceBatch] | None = None,
+    experts: dict[str, nn.Module] | None = None,
 ) -> CapabilitySubspace:
-    """Bases `U` (d_in×k) of the reference inputs of every target Linear.
+    """Bases `U` (d_in×k) of the reference inputs of every target Linear, and of every expert of the
+    fused `experts` weights (`trl_nullspace.targets.find_target_experts`).
 
     With `contrast_batches` (the training data), each basis is the `contrastive_basis` of the
     reference and contrast statistics instead of the reference statistic's top eigenvectors.
     """
     was_training = model.training
     model.eval()
-    collector = InputCovarianceCollector(linears, normalize_tokens)
-    contrast = InputCovarianceCollector(linears, normalize_tokens) if contrast_batches is not None else None
+    collector = InputCovarianceCollector(linears, normalize_tokens, experts)
+    contrast = InputCovarianceCollector(linears, normalize_tokens, experts) if contrast_batches is not None else None
     try:
         collector.collect(model, batches, show_progress)
         if contrast is not None:
@@ -186,7 +231,7 @@ def estimate_activation_subspace(
         model.train(was_training)
     bases, eigenvalues, energy = {}, {}, {}
     for leader, covariance in collector.covariances.items():
-        if contrast is None:
+        if contrast is None or covariance.trace() == 0:  # an expert no reference token reaches: nothing to keep
             bases[leader], eigenvalues[leader] = top_eigenvectors(covariance, selection)
         else:
             bases[leader], energy[leader] = contrastive_basis(covariance, contrast.covariances[leader], selection)
@@ -204,10 +249,11 @@ def estimate_activation_subspace(
 def energy_in_span(
     model: nn.Module,
     batches: list[ReferenceBatch],
-    linears: dict[str, nn.Linear],
+    linears: dict[str, nn.Module],
     subspace: CapabilitySubspace,
     normalize_tokens: bool,
     show_progress: bool = False,
+    experts: dict[str, nn.Module] | None = None,
 ) -> dict[str, float]:
     """Share of the current model's reference-input energy that each basis of `subspace` holds.
 
@@ -216,7 +262,7 @@ def energy_in_span(
     """
     was_training = model.training
     model.eval()
-    collector = InputCovarianceCollector(linears, normalize_tokens)
+    collector = InputCovarianceCollector(linears, normalize_tokens, experts)
     try:
         collector.collect(model, batches, show_progress, description="nullspace: checking the cached subspace")
     finally:
