@@ -3,16 +3,15 @@
 transformers 5 stores the experts of Mixtral, Qwen2-MoE and Qwen3-MoE as two 3-D parameters,
 `gate_up_proj` (experts × 2·intermediate × hidden) and `down_proj` (experts × hidden ×
 intermediate), and sends each token to its top-k experts by a router whose weight is
-(experts × hidden). Expert `e`'s slices are ordinary (out × in) matrices, so the null-space rule
-applies to each: its inputs are the reference tokens routed to it (for `down_proj`, their gated
-intermediate `act(gate) · up`), a subset of the MLP input, which leaves more room than one basis for
-the whole MLP input would. That is exact as long as the reference tokens keep their routes, and they
+(experts × hidden). GPT-OSS stores the same two weights transposed (experts × in × out), with
+biases, and its own gate (`_apply_gate`). Expert `e`'s slices are ordinary matrices, so the
+null-space rule applies to each: its inputs are the reference tokens routed to it (for `down_proj`,
+their gated intermediate), a subset of the MLP input, which leaves more room than one basis for the
+whole MLP input would. That is exact as long as the reference tokens keep their routes, and they
 do: the router is constrained by the basis of its own input (the MLP input), so its logits on the
 reference tokens do not move either. An expert no reference token reaches gets an empty basis: it
-does not take part in the reference outputs.
-
-Layouts other than this one (GPT-OSS: transposed, interleaved gate/up, biases) are not constrained;
-the trainer freezes them and says so.
+does not take part in the reference outputs. Biases (GPT-OSS's experts and router) shift every
+routed token's output, so they stay frozen.
 """
 
 from __future__ import annotations
@@ -24,29 +23,48 @@ GATE_UP, DOWN = "gate_up_proj", "down_proj"
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    """Experts in the Mixtral layout: 3-D `gate_up_proj` (E × 2I × H) and `down_proj` (E × H × I), gate
-    and up concatenated, not transposed, no biases (the flags transformers' experts decorator sets)."""
+    """Experts whose inputs this module can recompute: the Mixtral layout (gate and up concatenated,
+    `act_fn`, no biases) or GPT-OSS's (transposed, biased, `_apply_gate`)."""
     gate_up, down = getattr(module, GATE_UP, None), getattr(module, DOWN, None)
     if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)):
         return False
-    if gate_up.dim() != 3 or down.dim() != 3 or not callable(getattr(module, "act_fn", None)):
+    if gate_up.dim() != 3 or down.dim() != 3:
         return False
-    if getattr(module, "is_transposed", False) or getattr(module, "has_bias", False):
-        return False
-    if not getattr(module, "is_concatenated", True):
-        return False
-    experts, twice_intermediate, hidden = gate_up.shape
-    return down.shape == (experts, hidden, twice_intermediate // 2) and twice_intermediate % 2 == 0
+    if is_transposed_experts(module):
+        experts, hidden, twice_intermediate = gate_up.shape
+        expected_down = (experts, twice_intermediate // 2, hidden)
+        gated = callable(getattr(module, "_apply_gate", None)) and hasattr(module, f"{GATE_UP}_bias")
+    else:
+        experts, twice_intermediate, hidden = gate_up.shape
+        expected_down = (experts, hidden, twice_intermediate // 2)
+        gated = callable(getattr(module, "act_fn", None)) and getattr(module, "is_concatenated", True)
+        gated = gated and not getattr(module, "has_bias", False)
+    return bool(gated) and tuple(down.shape) == expected_down and twice_intermediate % 2 == 0
+
+
+def is_transposed_experts(module: nn.Module) -> bool:
+    """Weights stored (experts × in × out), as transformers' experts decorator flags them (GPT-OSS)."""
+    return bool(getattr(module, "is_transposed", False))
+
+
+def hidden_size(module: nn.Module) -> int:
+    gate_up = getattr(module, GATE_UP)
+    return gate_up.shape[1] if is_transposed_experts(module) else gate_up.shape[2]
+
+
+ROUTER_NAMES = ("gate", "router")
 
 
 def is_router(module: nn.Module, parent: nn.Module) -> bool:
-    """The router beside fused experts: `parent.gate`, a module with an (E × H) weight."""
+    """The router beside fused experts (`parent.gate`, or GPT-OSS's `parent.router`): an (E × H) weight."""
     experts = getattr(parent, "experts", None)
     weight = getattr(module, "weight", None)
-    if experts is None or not is_fused_experts(experts) or getattr(parent, "gate", None) is not module:
+    if not isinstance(experts, nn.Module) or not is_fused_experts(experts):
         return False
-    gate_up = getattr(experts, GATE_UP)
-    return isinstance(weight, nn.Parameter) and tuple(weight.shape) == (gate_up.shape[0], gate_up.shape[2])
+    if not any(getattr(parent, name, None) is module for name in ROUTER_NAMES):
+        return False
+    shape = (getattr(experts, GATE_UP).shape[0], hidden_size(experts))
+    return isinstance(weight, nn.Parameter) and tuple(weight.shape) == shape
 
 
 def slice_name(parameter_name: str, expert: int) -> str:
@@ -64,8 +82,11 @@ def routed_inputs(
     selected = top_k_index.reshape(hidden_states.shape[0], -1)
     inputs = {}
     for expert in range(gate_up.shape[0]):
-        routed = (selected == expert).any(dim=-1) & mask
-        tokens = hidden_states[routed]
-        gate, up = nn.functional.linear(tokens, gate_up[expert]).chunk(2, dim=-1)
-        inputs[expert] = (tokens, module.act_fn(gate) * up)
+        tokens = hidden_states[(selected == expert).any(dim=-1) & mask]
+        if is_transposed_experts(module):
+            intermediate = module._apply_gate(tokens @ gate_up[expert] + getattr(module, f"{GATE_UP}_bias")[expert])
+        else:
+            gate, up = nn.functional.linear(tokens, gate_up[expert]).chunk(2, dim=-1)
+            intermediate = module.act_fn(gate) * up
+        inputs[expert] = (tokens, intermediate)
     return inputs

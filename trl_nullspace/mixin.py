@@ -348,12 +348,12 @@ class NullSpaceTrainerMixin:
             logger.info("trl-nullspace: froze %d parameters outside the constraint", len(unconstrained))
             # Big matrices frozen are capacity the safety update cannot use: say so, not only count them.
             # Fused experts are constrained by the activation method on one process or DDP only; other
-            # layouts (GPT-OSS) and routers beside them are frozen.
+            # layouts, and routers beside them, are frozen.
             large = [name for name in self._nullspace_frozen if parameters[name].dim() >= 3 or ".mlp.gate." in name]
             if large:
                 logger.warning(
                     "trl-nullspace: %d mixture-of-experts parameters are frozen, not constrained (e.g. %s): experts "
-                    "are constrained only in the Mixtral layout (Mixtral, Qwen2-MoE, Qwen3-MoE), with the activation "
+                    "are constrained only in the layouts of Mixtral, Qwen2/3-MoE and GPT-OSS, with the activation "
                     "method, on one process or DDP (docs/architectures.md). The safety update trains the rest.",
                     len(large),
                     large[:3],

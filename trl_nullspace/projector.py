@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from trl_nullspace.experts import DOWN, GATE_UP, is_fused_experts, slice_name
+from trl_nullspace.experts import DOWN, GATE_UP, is_fused_experts, is_transposed_experts, slice_name
 from trl_nullspace.subspace import CapabilitySubspace
 from trl_nullspace.targets import canonical_name, is_lora_layer, is_transposed_linear
 
@@ -138,7 +138,7 @@ class ConstrainedParameter:
     def _matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         """The (out × in) view of a weight-shaped tensor, sharing its storage."""
         if self.expert is not None:
-            return tensor[self.expert]
+            tensor = tensor[self.expert]
         return tensor.view(1, -1) if self.flat else tensor.T if self.transposed else tensor
 
     @torch.no_grad()
@@ -178,8 +178,9 @@ class ConstrainedParameter:
             basis = self._bases_by_device[gradient.device] = self.basis.to(gradient.device)
         if self.expert is not None:
             result = gradient.clone()
-            matrix = gradient[self.expert].float()
-            result[self.expert] = (matrix - (matrix @ basis) @ basis.T).to(gradient.dtype)
+            view = self._matrix(result)  # this expert's (out × in) matrix inside the copy
+            matrix = view.float()
+            view.copy_(matrix - (matrix @ basis) @ basis.T)
             return result
         matrix = (gradient.T if self.transposed else gradient.reshape(self.matrix_shape)).float()
         projected = matrix - (matrix @ basis) @ basis.T
@@ -247,6 +248,7 @@ def _expert_slices(
                         False,
                         False,
                         compute_dtype,
+                        transposed=is_transposed_experts(module),
                         expert=expert,
                         parameter_name=f"{name}.{weight}",
                     )

@@ -7,7 +7,7 @@ import re
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from trl_nullspace.experts import DOWN, GATE_UP, is_fused_experts, is_router
+from trl_nullspace.experts import DOWN, GATE_UP, ROUTER_NAMES, is_fused_experts, is_router
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -48,9 +48,10 @@ def find_target_linears(model: nn.Module, target_modules: list[str] | None = Non
     excluded = _output_embedding_names(model)
     linears: dict[str, nn.Module] = {}
     routers = {
-        id(parent.gate)
+        id(getattr(parent, name))
         for parent in model.modules()
-        if isinstance(getattr(parent, "gate", None), nn.Module) and is_router(parent.gate, parent)
+        for name in ROUTER_NAMES
+        if isinstance(getattr(parent, name, None), nn.Module) and is_router(getattr(parent, name), parent)
     }
     for name, module in model.named_modules():
         linear = isinstance(module, nn.Linear) or is_transposed_linear(module) or id(module) in routers

@@ -11,12 +11,12 @@ from trl_nullspace.reference import ReferenceBatch
 from trl_nullspace.subspace import CapabilitySubspace
 
 
-def target_parameters(linears: dict[str, nn.Linear]) -> dict[str, nn.Parameter]:
-    """Weights and biases of the target Linears, by canonical parameter name."""
+def target_parameters(linears: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """Weights and biases of the target linear layers (routers may have no bias), by canonical name."""
     parameters = {}
     for name, module in linears.items():
         parameters[f"{name}.weight"] = module.weight
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:
             parameters[f"{name}.bias"] = module.bias
     return parameters
 
