@@ -9,6 +9,7 @@ import torch
 from peft import LoraConfig
 
 from tests.conftest import logits_on, make_sft_trainer, training_kwargs
+from tests.test_architectures import MIXTURE_OF_EXPERTS, build
 from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
 
 
@@ -108,3 +109,17 @@ def test_start_line_counts_frozen_parameters_and_states_the_protected_energy(
     assert f"{frozen} other parameters frozen" in line and frozen > 0
     assert "of the reference data's layer-input energy on average" in line
     assert trainer.nullspace_settings()["energy_protected_mean"] >= 0.9
+
+
+def test_lora_on_parameters_is_refused(tokenizer, safety_dataset, reference_dataset, tmp_path):
+    """PEFT's `target_parameters` (LoRA on fused MoE experts) wraps a parameter the projection does not reach."""
+    model = build("mixtral", tokenizer, MIXTURE_OF_EXPERTS["mixtral"])
+    with pytest.raises(ValueError, match=r"LoRA on parameters \(target_parameters, e.g. .*experts.gate_up_proj\)"):
+        NullSpaceSFTTrainer(
+            model=model,
+            args=NullSpaceSFTConfig(**training_kwargs(tmp_path)),
+            train_dataset=safety_dataset,
+            processing_class=tokenizer,
+            reference_dataset=reference_dataset,
+            peft_config=LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"]),
+        )

@@ -106,11 +106,13 @@ def check_adapters(model: nn.Module) -> None:
     - A LoRA adapter whose `B` is not zero at set-up (PiSSA, OLoRA, LoftQ, `init_lora_weights=False`,
       an adapter loaded from disk) already contributes `s·B A`; moving `A` into the null space
       would change the model before the first step.
-    - LoRA on embedding layers, and `modules_to_save` copies, would be trainable parameters the
-      constraint does not reach.
+    - LoRA on embedding layers, LoRA on parameters (`target_parameters`, e.g. fused MoE experts),
+      and `modules_to_save` copies would be trainable parameters the constraint does not reach.
     """
-    dora, nonzero_b, embeddings, saved_copies = [], [], [], []
+    dora, nonzero_b, embeddings, saved_copies, wrapped_parameters = [], [], [], [], []
     for name, module in model.named_modules():
+        if type(module).__name__ == "ParamWrapper" and _any_trainable(getattr(module, "lora_A", {}).values()):
+            wrapped_parameters.append(f"{name}.{getattr(module, 'parameter_name', '?')}")
         if any(getattr(module, "use_dora", {}).values()):
             dora.append(name)
         if len(getattr(module, "lora_embedding_A", {})) and _any_trainable(module.lora_embedding_A.values()):
@@ -133,6 +135,12 @@ def check_adapters(model: nn.Module) -> None:
             "init_lora_weights=False or a loaded adapter already change the model, and constraining their A "
             "would change it again before training. Start from init_lora_weights=True (B = 0), or merge the "
             "adapter into the model (merge_and_unload) and train a new one."
+        )
+    if wrapped_parameters:
+        raise ValueError(
+            f"LoRA on parameters (target_parameters, e.g. {wrapped_parameters[0]}) is not constrained by the "
+            "null-space trainers and would train unconstrained or not at all. Remove target_parameters: without "
+            "adapters the fused mixture-of-experts weights are constrained expert by expert."
         )
     if embeddings:
         raise ValueError(
