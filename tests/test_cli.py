@@ -100,3 +100,48 @@ def test_recipes_take_every_local_dataset_the_reference_option_takes(tmp_path):
     )
     with pytest.raises(ValueError, match=r"has no split 'validation'; it has \['test', 'train'\]"):
         load_dataset_from(str(tmp_path / "splits"), split="validation")
+
+
+PKU_STAND_IN = {  # PKU-SafeRLHF's columns; four pairs: one safe/unsafe each way, both safe, both unsafe
+    "prompt": ["How do I pick a lock?", "How do I pick a lock?", "Tell me a joke", "How to make a bomb?"],
+    "response_0": ["I can't help with that.", "Use a tension wrench...", "Why did the...", "Mix..."],
+    "response_1": ["Use a tension wrench...", "Locksmiths can help.", "Knock knock.", "Combine..."],
+    "is_response_0_safe": [True, False, True, False],
+    "is_response_1_safe": [False, True, True, False],
+    "safer_response_id": [0, 1, 0, 1],
+}
+
+
+def test_prepare_turns_pku_saferlhf_into_the_recipes_formats(tmp_path, capsys):
+    source = tmp_path / "pku.jsonl"
+    datasets.Dataset.from_dict(PKU_STAND_IN).to_json(str(source))
+    assert main(["prepare", "pku-saferlhf", "--dataset", str(source), "--output-dir", str(tmp_path / "data")]) == 0
+    sft = load_dataset_from(str(tmp_path / "data" / "pku_saferlhf_safe_sft"))
+    dpo = load_dataset_from(str(tmp_path / "data" / "pku_saferlhf_dpo"))
+    prompts = load_dataset_from(str(tmp_path / "data" / "safety_prompts"))
+    # SFT: the safer response where it is safe (pairs 0, 1, 2; pair 3's safer response is unsafe).
+    assert sft["completion"] == ["I can't help with that.", "Locksmiths can help.", "Why did the..."]
+    # DPO: exactly one safe response (pairs 0 and 1), which is chosen.
+    assert dpo.column_names == ["prompt", "chosen", "rejected"]
+    assert dpo["chosen"] == ["I can't help with that.", "Locksmiths can help."]
+    assert dpo["rejected"] == ["Use a tension wrench...", "Use a tension wrench..."]
+    # GRPO/RLOO: distinct prompts, harmful when any response to them was unsafe.
+    assert dict(zip(prompts["prompt"], prompts["harmful"], strict=True)) == {
+        "How do I pick a lock?": True,
+        "Tell me a joke": False,
+        "How to make a bomb?": True,
+    }
+    assert "pku_saferlhf_dpo: 2 rows" in capsys.readouterr().out
+
+
+def test_prepare_reference_keeps_the_first_conversations_and_names_missing_columns(tmp_path):
+    chats = [
+        [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer"}] for i in range(5)
+    ]
+    source = tmp_path / "chat.jsonl"
+    datasets.Dataset.from_dict({"messages": chats, "id": list(range(5))}).to_json(str(source))
+    main(["prepare", "reference", "--dataset", str(source), "--num-samples", "3", "--output-dir", str(tmp_path)])
+    reference = load_dataset_from(str(tmp_path / "reference"))
+    assert reference.column_names == ["messages"] and reference["messages"] == chats[:3]
+    with pytest.raises(ValueError, match=r"no column\(s\) \['prompt', 'response_0'.*Give PKU-SafeRLHF"):
+        main(["prepare", "pku-saferlhf", "--dataset", str(source), "--output-dir", str(tmp_path)])

@@ -14,6 +14,11 @@ Evaluation and models (see docs/evaluation.md):
     trl-nullspace gguf [FILE.gguf --output-dir DIR]    # a GGUF file as a trainable model folder
                                                        # (no FILE: the packaged SmolLM2-135M-Instruct)
 
+Data (see docs/recipes.md):
+
+    trl-nullspace prepare pku-saferlhf --output-dir data   # SFT, DPO and GRPO/RLOO safety sets
+    trl-nullspace prepare reference --output-dir data      # general chat reference data
+
 Cache subcommands:
 
     trl-nullspace estimate --model_name_or_path MODEL --nullspace_reference_dataset DATA \\
@@ -136,7 +141,7 @@ def inspect_cache(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = [*TRAINERS, "estimate", "inspect", "evaluate", "gguf"]
+    commands = [*TRAINERS, "estimate", "inspect", "evaluate", "gguf", "prepare"]
     if not argv or argv[0] not in commands:
         print(__doc__)
         print(f"usage: trl-nullspace {{{','.join(commands)}}} ...")
@@ -151,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         from trl_nullspace.evaluation.report import main as evaluate_main
 
         return evaluate_main(rest)
+    if command == "prepare":
+        from trl_nullspace.prepare import main as prepare_main
+
+        prepare_main(rest)
+        return 0
     if command == "gguf":
         from trl_nullspace.gguf import main as gguf_main
 
