@@ -29,9 +29,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
 from benchmarks.real import PRESETS, Method, train
-from benchmarks.real_data import build_real_data
 from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings, describe, evaluate_model
 from trl_nullspace.evaluation.splits import held_out_sets
+from trl_nullspace.evaluation.training_data import build_real_data
 from trl_nullspace.gguf import SMOLLM2_DIR, materialise_smollm2
 
 PLAIN_LEARNING_RATES = (1e-5, 2e-5, 4e-5)

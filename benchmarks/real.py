@@ -39,10 +39,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from benchmarks.real_data import RealData, build_real_data
 from trl_nullspace import NullSpaceDPOConfig, NullSpaceDPOTrainer, NullSpaceSFTConfig, NullSpaceSFTTrainer
 from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings, describe, evaluate_model
 from trl_nullspace.evaluation.splits import EvaluationSets, development_sets, held_out_sets
+from trl_nullspace.evaluation.training_data import RealData, build_real_data
 from trl_nullspace.gguf import SMOLLM2_DIR, materialise_smollm2
 from trl_nullspace.targets import find_target_linears
 

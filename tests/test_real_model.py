@@ -1,15 +1,20 @@
 """The constraint on a real pretrained model (SmolLM2-135M-Instruct), not only on tiny random ones."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from tests.conftest import logits_on, training_kwargs
-from tests.real_model import general_dataset, real_model_path, refusal_dataset
+from tests.real_model import REPOSITORY, general_dataset, real_model_path, refusal_dataset
 from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+from trl_nullspace.cli import main as cli_main
 from trl_nullspace.estimators.activation import estimate_activation_subspace
+from trl_nullspace.loading import load_dataset_from
 from trl_nullspace.rank import RankSelection
 from trl_nullspace.reference import tokenize_reference
 from trl_nullspace.targets import find_target_linears
@@ -91,3 +96,28 @@ def test_a_massive_activation_does_not_decide_the_rank(smollm2):
     tokens = sum(int(batch.attention_mask.sum()) for batch in reference)
     assert ranks[False] <= 2, ranks
     assert ranks[True] >= tokens // 4, (ranks, tokens)
+
+
+def test_smollm2_recipes_run_offline_from_prepared_data(tmp_path, monkeypatch):
+    """What docs/recipes.md tells a user to run, on the real model and offline: `trl-nullspace prepare
+    smollm2` (a few prompts of each kind here), then the shipped SmolLM2 SFT and DPO YAMLs (a few steps)."""
+    models = tmp_path / "outputs" / "models"
+    models.mkdir(parents=True)
+    (models / "smollm2-135m-instruct").symlink_to(real_model_path())
+    monkeypatch.chdir(tmp_path)
+    cli_main(["prepare", "smollm2", "--examples", "4", "--output-dir", "data/smollm2"])
+    assert load_dataset_from("data/smollm2/safety_prompts")["harmful"].count(False) == 4
+    for recipe, steps in (("sft", 2), ("dpo", 1)):
+        completed = subprocess.run(
+            [sys.executable, os.path.join(REPOSITORY, "recipes", f"{recipe}.py")]
+            + ["--config", os.path.join(REPOSITORY, "recipes", "configs", f"smollm2-135m_{recipe}.yaml")]
+            + ["--max_steps", str(steps)],
+            cwd=tmp_path,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": REPOSITORY},
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
+        assert f"trained {steps} steps" in completed.stdout
+        assert (tmp_path / "outputs" / "recipes" / f"smollm2-135m_{recipe}" / "model.safetensors").exists()

@@ -125,6 +125,20 @@ class NullSpaceArguments:
         default=None,
         metadata={"help": "Re-estimate the subspace from the current model every N optimizer steps (None: never)."},
     )
+    nullspace_monitor_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out general data (same forms as nullspace_reference_dataset; the trainer's monitor_dataset= "
+            "wins) on which to log nullspace/reference_kl and nullspace/reference_loss while training. Off: no cost."
+        },
+    )
+    nullspace_monitor_split: str = field(default="train", metadata={"help": "Split of the monitor dataset."})
+    nullspace_monitor_num_samples: int = field(
+        default=64, metadata={"help": "Monitor at most this many examples (each check is a forward pass over them)."}
+    )
+    nullspace_monitor_steps: int | None = field(
+        default=None, metadata={"help": "Check drift every N optimizer steps (None: eval_steps, else logging_steps)."}
+    )
     nullspace_log_per_layer: bool = field(
         default=False,
         metadata={
@@ -174,7 +188,13 @@ class NullSpaceArguments:
                 "(the unprotected share of reference energy); unset nullspace_eigenvalue_threshold and "
                 "nullspace_max_rank."
             )
-        for name in ("nullspace_max_rank", "nullspace_gradient_batches", "nullspace_refresh_steps"):
+        for name in (
+            "nullspace_max_rank",
+            "nullspace_gradient_batches",
+            "nullspace_refresh_steps",
+            "nullspace_monitor_num_samples",
+            "nullspace_monitor_steps",
+        ):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}.")

@@ -45,6 +45,7 @@ from trl_nullspace.estimators.activation import energy_in_span
 from trl_nullspace.fingerprint import architecture_fingerprint, model_name, weights_fingerprint
 from trl_nullspace.fsdp import RowShardProjector
 from trl_nullspace.loading import load_dataset_from
+from trl_nullspace.monitor import CapabilityDriftMonitor
 from trl_nullspace.projector import SubspaceProjector
 from trl_nullspace.reference import ReferenceBatch, tokenize_reference
 from trl_nullspace.subspace import CapabilitySubspace
@@ -85,15 +86,23 @@ class _ProjectUpdateCallback(TrainerCallback):
 class NullSpaceTrainerMixin:
     """Keeps every update of a TRL trainer out of a cached capability subspace.
 
-    Extra constructor argument: `reference_dataset` (a `datasets.Dataset` of general-capability
+    Extra constructor arguments: `reference_dataset` (a `datasets.Dataset` of general-capability
     data), which takes precedence over `args.nullspace_reference_dataset`. It is the data whose
     behaviour is preserved, not the reference *model* some trainers (DPO) also take.
+    `monitor_dataset` (held-out general data; over `args.nullspace_monitor_dataset`) turns on the
+    live drift metrics of `trl_nullspace.monitor`.
     """
 
     config_class: type[NullSpaceArguments]
     args: NullSpaceArguments
 
-    def __init__(self, *args: Any, reference_dataset: datasets.Dataset | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        reference_dataset: datasets.Dataset | None = None,
+        monitor_dataset: datasets.Dataset | None = None,
+        **kwargs: Any,
+    ):
         bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs)
         if bound.arguments.get("args") is None:
             model = bound.arguments["model"]
@@ -128,6 +137,7 @@ class NullSpaceTrainerMixin:
         self.nullspace_projector = self._bind(self.nullspace_subspace)
         self._freeze_or_report(self.nullspace_projector.unconstrained)
         self.add_callback(_ProjectUpdateCallback(self))
+        self._add_drift_monitor(monitor_dataset)
         self._tag_names = [*getattr(self, "_tag_names", []), "trl-nullspace"]
         logger.info("trl-nullspace: %s", self.nullspace_subspace.summary())
 
@@ -156,6 +166,22 @@ class NullSpaceTrainerMixin:
             max_length=self.args.nullspace_reference_max_length,
             num_samples=self.args.nullspace_reference_num_samples,
         )
+
+    def _add_drift_monitor(self, monitor_dataset: datasets.Dataset | None) -> None:
+        """Log drift on held-out general data while training (`trl_nullspace.monitor`), if asked."""
+        if monitor_dataset is None and self.args.nullspace_monitor_dataset is not None:
+            monitor_dataset = load_dataset_from(self.args.nullspace_monitor_dataset, self.args.nullspace_monitor_split)
+        if monitor_dataset is None:
+            return
+        batches = tokenize_reference(
+            monitor_dataset,
+            self._reference_tokenizer(),
+            batch_size=self.args.nullspace_reference_batch_size,
+            max_length=self.args.nullspace_reference_max_length,
+            num_samples=self.args.nullspace_monitor_num_samples,
+        )
+        steps = self.args.nullspace_monitor_steps or int(self.args.eval_steps or self.args.logging_steps)
+        self.add_callback(CapabilityDriftMonitor(self, batches, steps))
 
     def _load_contrast_batches(self) -> list[ReferenceBatch] | None:
         """The training data's batches, for `nullspace_contrastive` (None otherwise)."""

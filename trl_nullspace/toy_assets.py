@@ -27,6 +27,7 @@ def write_toy_assets(directory: str, seed: int = 0) -> None:
         "safety_dpo": toy.as_preference_pairs(train),
         "safety_prompts": toy.as_labelled_prompts(train),
         "reference": toy.as_text(toy.general_examples(64, seed=seed + 555)),
+        "monitor": toy.as_text(toy.general_examples(16, seed=seed + 777)),  # held out: the live drift metric
     }
     for name, columns in tables.items():
         os.makedirs(os.path.join(directory, name), exist_ok=True)

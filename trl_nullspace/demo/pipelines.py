@@ -23,6 +23,7 @@ from trl_nullspace import (
     NullSpaceSFTTrainer,
     toy,
 )
+from trl_nullspace.progress import quiet_progress
 from trl_nullspace.rewards import refusal_reward
 
 
@@ -48,7 +49,6 @@ def common_training_arguments(seed: int) -> dict:
         logging_steps=10,
         use_cpu=True,
         bf16=False,
-        disable_tqdm=True,
         seed=seed,
     )
 
@@ -130,6 +130,7 @@ def run_pipeline(
             processing_class=tokenizer,
             **extra,
         )
+        quiet_progress(trainer)  # one bar per stage; the logs stay in trainer.state.log_history
         trainer.train()
         model = trainer.model
         # TRL's SFTTrainer patched `forward` with a closure over this model: a deep copy (the next

@@ -1,4 +1,5 @@
-"""The real-model benchmark's training data, built as practitioners build safety data.
+"""Safety training data for a real model, built as practitioners build it (the real-model benchmark's,
+and `trl-nullspace prepare smollm2`'s).
 
 From the training side of the splits only (`trl_nullspace.evaluation.splits.training_side`):
 - **SFT, boundary set**: harmful requests (Do-Not-Answer train split) → a refusal, plus benign
@@ -10,6 +11,8 @@ From the training side of the splits only (`trl_nullspace.evaluation.splits.trai
 - **reference set**: general prompts (reference split) with the base model's own answers, the
   data whose behaviour the null-space trainers protect (and, as a lever, the same plus the benign
   look-alikes of the training split with their answers);
+- **RL prompts**: the harmful requests and the benign look-alikes, labelled (`harmful`) for the
+  refusal reward of GRPO and RLOO;
 
 The base model's answers are generated once, greedily, and cached in a JSON file keyed by the
 model's weights fingerprint and the prompts, so every run of the benchmark trains on the same data.
@@ -66,6 +69,7 @@ class RealData:
     sft_safety_only: datasets.Dataset
     dpo: datasets.Dataset
     references: dict[str, datasets.Dataset]  # "general"; "general+lookalikes" adds the benign training prompts
+    rl_prompts: datasets.Dataset
 
 
 class BaseAnswers:
@@ -110,14 +114,17 @@ def build_real_data(
     lookalike_repeats: int = 2,
     show_progress: bool = True,
     side: TrainingSide | None = None,
+    lookalike_examples: int | None = None,
+    reference_examples: int | None = None,
 ) -> RealData:
-    """The benchmark's data sets; the base answers come from `cache_path` or are generated into it."""
+    """The benchmark's data sets; the base answers come from `cache_path` or are generated into it.
+    `*_examples` cap each source (None: all of the training side's)."""
     side = side or training_side()
     answer = BaseAnswers(model, tokenizer, cache_path, show_progress)
     harmful = [prompt.text for prompt in side.harmful_train[:harmful_examples]]
-    lookalikes = [prompt.text for prompt in side.lookalike_train]
+    lookalikes = [prompt.text for prompt in side.lookalike_train[:lookalike_examples]]
     lookalike_answers = answer(lookalikes, "look-alikes")
-    reference_prompts = [prompt.text for prompt in side.general_reference]
+    reference_prompts = [prompt.text for prompt in side.general_reference[:reference_examples]]
     reference_answers = answer(reference_prompts, "reference")
     compliant = answer(harmful, "harmful (DPO rejected)")
 
@@ -150,4 +157,8 @@ def build_real_data(
             "general": datasets.Dataset.from_list(reference),
             "general+lookalikes": datasets.Dataset.from_list(reference + benign),
         },
+        rl_prompts=datasets.Dataset.from_list(
+            [{"prompt": _user(text), "harmful": True} for text in harmful]
+            + [{"prompt": _user(text), "harmful": False} for text in lookalikes]
+        ).shuffle(seed=0),
     )
