@@ -16,7 +16,6 @@ safety SFT of `make bench-real` (harmful → refusal, benign look-alike → the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -25,14 +24,12 @@ from dataclasses import asdict
 
 import datasets
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
-from benchmarks.real import PRESETS, Method, train
+from benchmarks.real import PRESETS, Method, load_model_and_data, train, write_results
 from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings, describe, evaluate_model
 from trl_nullspace.evaluation.splits import held_out_sets
-from trl_nullspace.evaluation.training_data import build_real_data
-from trl_nullspace.gguf import SMOLLM2_DIR, materialise_smollm2
+from trl_nullspace.gguf import SMOLLM2_DIR
 
 PLAIN_LEARNING_RATES = (1e-5, 2e-5, 4e-5)
 PLAIN_AT_TARGETS = 2e-5  # the plain TRL row the frontier issue's targets are measured against
@@ -183,12 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.set_verbosity_error()
     datasets.disable_progress_bars()
     started = time.perf_counter()
-    path = materialise_smollm2(options.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    base_model = AutoModelForCausalLM.from_pretrained(path).to(preset.device).eval()
-    data = build_real_data(
-        base_model, tokenizer, os.path.join("outputs", "bench-real", "base_answers.json"), preset.harmful_examples
-    )
+    base_model, tokenizer, data = load_model_and_data(preset, options.model_dir)
     reference = BaseReference.compute(base_model, tokenizer, held_out_sets(), EvaluationSettings(show_progress=False))
     points = []
     with tempfile.TemporaryDirectory() as workdir:
@@ -215,16 +207,8 @@ def main(argv: list[str] | None = None) -> None:
         "base": summarise(reference.evaluation),
         "points": points,
     }
-    os.makedirs(options.output_dir, exist_ok=True)
     prefix = "real_frontier" if options.sweep == "energies" else f"real_frontier-{options.sweep}"
-    stem = os.path.join(options.output_dir, f"{prefix}_{options.preset}")
-    with open(stem + ".json", "w") as handle:
-        json.dump(result, handle, indent=1)
-    report = format_report(result)
-    with open(stem + ".md", "w") as handle:
-        handle.write(report)
-    save_plot(result, stem + ".png")
-    print(report)
+    write_results(result, os.path.join(options.output_dir, f"{prefix}_{options.preset}"), format_report, save_plot)
 
 
 if __name__ == "__main__":

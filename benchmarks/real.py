@@ -590,6 +590,15 @@ def save_plot(result: dict, path: str) -> None:
     plt.close(figure)
 
 
+def load_model_and_data(preset: Preset, model_dir: str) -> tuple[PreTrainedModel, Any, RealData]:
+    """SmolLM2 on the preset's device, its tokenizer, and the training data (base answers cached)."""
+    path = materialise_smollm2(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForCausalLM.from_pretrained(path).to(preset.device).eval()
+    cache = os.path.join("outputs", "bench-real", "base_answers.json")
+    return base, tokenizer, build_real_data(base, tokenizer, cache, preset.harmful_examples)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -607,12 +616,7 @@ def main(argv: list[str] | None = None) -> None:
     def show(line: str) -> None:
         print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {line}", flush=True)
 
-    path = materialise_smollm2(options.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForCausalLM.from_pretrained(path).to(preset.device).eval()
-    data = build_real_data(
-        base, tokenizer, os.path.join("outputs", "bench-real", "base_answers.json"), preset.harmful_examples
-    )
+    base, tokenizer, data = load_model_and_data(preset, options.model_dir)
     with tempfile.TemporaryDirectory() as workdir:
         if options.tune:
             tuning = tune(preset, base, tokenizer, data, options.seeds[0], workdir, show, options.levers)
@@ -658,15 +662,19 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
         "summary": aggregate(rows),
     }
-    os.makedirs(options.output_dir, exist_ok=True)
-    stem = os.path.join(options.output_dir, f"real_{options.preset}")
+    write_results(result, os.path.join(options.output_dir, f"real_{options.preset}"), format_report, save_plot)
+
+
+def write_results(result: dict, stem: str, report: Callable[[dict], str], plot: Callable[[dict, str], None]) -> None:
+    """`stem`.json (the raw result), .md (the report, also printed) and .png (the plot)."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     with open(stem + ".json", "w") as handle:
         json.dump(result, handle, indent=1)
-    report = format_report(result)
+    text = report(result)
     with open(stem + ".md", "w") as handle:
-        handle.write(report)
-    save_plot(result, stem + ".png")
-    print(report)
+        handle.write(text)
+    plot(result, stem + ".png")
+    print(text)
 
 
 if __name__ == "__main__":

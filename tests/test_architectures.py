@@ -142,24 +142,23 @@ def test_mixture_of_experts_subspace_survives_the_cache_and_the_contrastive_rule
     """Expert bases are saved and reused by name (`<experts>.gate_up_proj[e]`), and the contrastive rule
     handles experts that no reference token reaches (an empty basis, not an error)."""
     cache = str(tmp_path / "moe.safetensors")
-    settings = dict(nullspace_energy=0.99, nullspace_contrastive=True, nullspace_cache_path=cache)
-    first = make_sft_trainer(
-        build("mixtral", tokenizer, MIXTURE_OF_EXPERTS["mixtral"]),
-        tokenizer,
-        safety_dataset,
-        tmp_path / "first",
-        reference_dataset,
-        **settings,
-    )
-    with caplog.at_level("INFO", logger="trl_nullspace"):
-        second = make_sft_trainer(
-            build("mixtral", tokenizer, MIXTURE_OF_EXPERTS["mixtral"]),
+
+    def trainer(name: str):
+        model = build("mixtral", tokenizer, MIXTURE_OF_EXPERTS["mixtral"])
+        return make_sft_trainer(
+            model,
             tokenizer,
             safety_dataset,
-            tmp_path / "second",
+            tmp_path / name,
             reference_dataset,
-            **settings,
+            nullspace_energy=0.99,
+            nullspace_contrastive=True,
+            nullspace_cache_path=cache,
         )
+
+    first = trainer("first")
+    with caplog.at_level("INFO", logger="trl_nullspace"):
+        second = trainer("second")
     assert "loaded the capability subspace" in caplog.text
     keys = [key for key in first.nullspace_subspace.bases if key.endswith("]")]
     assert keys and all(

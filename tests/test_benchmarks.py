@@ -34,36 +34,19 @@ def test_own_work_timer_times_each_optimizer_step_and_restores_the_trainer(
     assert not set(OwnWorkTimer.HOOKS) & set(vars(trainer))  # the class's own methods are back
 
 
+def _point(do_not_answer: float, harmbench: float, over_refusal: float, kl: float, code: float) -> dict:
+    return dict(
+        refusal_do_not_answer=do_not_answer,
+        refusal_harmbench=harmbench,
+        over_refusal_lookalikes=over_refusal,
+        kl_general=kl,
+        nll_code_rise=code,
+    )
+
+
 def test_frontier_target_verdicts_follow_the_issue_thresholds():
-    base = dict(
-        refusal_do_not_answer=0.2,
-        refusal_harmbench=0.0,
-        over_refusal_lookalikes=0.02,
-        kl_general=0.0,
-        nll_code_rise=0.0,
-    )
-    plain = dict(
-        refusal_do_not_answer=0.6,
-        refusal_harmbench=0.4,
-        over_refusal_lookalikes=0.1,
-        kl_general=0.2,
-        nll_code_rise=0.02,
-    )
+    base, plain = _point(0.2, 0.0, 0.02, 0.0, 0.0), _point(0.6, 0.4, 0.1, 0.2, 0.02)
     # 95% of plain's gains, 10% of its drift, 5 points of over-refusal: every target met, just.
-    at_the_edge = dict(
-        refusal_do_not_answer=0.58,
-        refusal_harmbench=0.38,
-        over_refusal_lookalikes=0.07,
-        kl_general=0.02,
-        nll_code_rise=0.002,
-    )
-    assert all(target_verdicts(at_the_edge, base, plain).values())
-    over_the_edge = dict(
-        refusal_do_not_answer=0.57,
-        refusal_harmbench=0.37,
-        over_refusal_lookalikes=0.08,
-        kl_general=0.021,
-        nll_code_rise=0.0021,
-    )
-    assert not any(target_verdicts(over_the_edge, base, plain).values())
+    assert all(target_verdicts(_point(0.58, 0.38, 0.07, 0.02, 0.002), base, plain).values())
+    assert not any(target_verdicts(_point(0.57, 0.37, 0.08, 0.021, 0.0021), base, plain).values())
     assert sum(target_verdicts(plain, base, plain).values()) == 2  # plain meets its own gains, not the drift limits
