@@ -119,6 +119,42 @@ def test_grpo_preserves_reference_logits_and_projects_per_optimizer_step(
     assert drift < 1e-4 and change > 1e-2
 
 
+def test_grpo_generates_every_rollout_from_projected_weights(
+    model, tokenizer, prompt_dataset, reference_dataset, tmp_path
+):
+    """The rollouts of step k come from the weights after step k-1's projection. A stand-in for the
+    vLLM weight sync (which TRL runs at the start of generation, when the step changed) copies the
+    weights at every generation call; each copy must satisfy `W U = A` while differing from the
+    start, so the projection runs before the next rollouts, never after them."""
+    trainer = NullSpaceGRPOTrainer(
+        model=model,
+        reward_funcs=SAFETY_REWARDS,
+        args=NullSpaceGRPOConfig(**_online_kwargs(tmp_path, max_steps=6), nullspace_energy=0.9),
+        train_dataset=prompt_dataset,
+        processing_class=tokenizer,
+        reference_dataset=reference_dataset,
+    )
+    items = trainer.nullspace_projector.constrained
+    start = {item.name: item.parameter.detach().clone() for item in items}
+    synced = []
+    generate = trainer._generate_single_turn
+
+    def sync_then_generate(*args, **kwargs):
+        weights = {item.name: item.parameter.detach().clone() for item in items}
+        residual = max(
+            (item._matrix(weights[item.name]) @ item.basis - item.anchor).abs().max().item() for item in items
+        )
+        moved = max((weights[name] - start[name]).abs().max().item() for name in start)
+        synced.append((trainer.state.global_step, residual, moved))
+        return generate(*args, **kwargs)
+
+    trainer._generate_single_turn = sync_then_generate
+    trainer.train()
+    assert [step for step, _, _ in synced] == list(range(6))  # one rollout batch per step here
+    assert all(residual < 1e-5 for _, residual, _ in synced), synced
+    assert sum(moved > 1e-3 for _, _, moved in synced) >= 3, synced  # rollouts after real updates
+
+
 def test_plain_grpo_moves_reference_logits(tokenizer, prompt_dataset, reference_dataset, tmp_path):
     model = toy.build_tiny_qwen2(tokenizer, seed=0)
     reference = tokenize_reference(reference_dataset, tokenizer, batch_size=8, max_length=512)
