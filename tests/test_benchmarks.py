@@ -5,6 +5,7 @@ import copy
 import torch
 
 from benchmarks.frontier import target_verdicts
+from benchmarks.memory import Shape, per_rank_bytes
 from benchmarks.speed import OwnWorkTimer
 from benchmarks.tax import general_perplexity_and_kl
 from tests.conftest import make_sft_trainer
@@ -50,3 +51,17 @@ def test_frontier_target_verdicts_follow_the_issue_thresholds():
     assert all(target_verdicts(_point(0.58, 0.38, 0.07, 0.02, 0.002), base, plain).values())
     assert not any(target_verdicts(_point(0.57, 0.37, 0.08, 0.021, 0.0021), base, plain).values())
     assert sum(target_verdicts(plain, base, plain).values()) == 2  # plain meets its own gains, not the drift limits
+
+
+def test_memory_formula_on_a_shape_counted_by_hand():
+    """One layer, hidden 4, q/o 8 wide (2 heads of 4), kv 4, intermediate 6, every k/d = 0.5."""
+    shape = Shape("hand", hidden=4, intermediate=6, layers=1, heads=2, kv_heads=1, head_dim=4, vocab=10)
+    half = {
+        kind: {"mean": 0.5, "max": 0.5} for kind in ("attention input", "o_proj input", "MLP input", "down_proj input")
+    }
+    rows = per_rank_bytes(shape, half, world=2)
+    # bases: attention 4·2 + o_proj 8·4 + MLP 4·2 + down 6·3 = 66 floats
+    assert rows["bases_gib"] * 2**30 == 66 * 4
+    # anchors: (8+4+4)·2 + 4·4 + (6+6)·2 + 4·3 = 84 floats
+    assert rows["anchors_gib"] * 2**30 == 84 * 4
+    assert rows["ZeRO-3 / FSDP2: constraint GiB"] * 2**30 == (66 + 84 / 2) * 4
