@@ -72,7 +72,16 @@ def build_pipeline(name: str, train_examples: list[toy.Example], quick: bool) ->
             plain=(DPOTrainer, DPOConfig),
             null_space=(NullSpaceDPOTrainer, NullSpaceDPOConfig),
             dataset=datasets.Dataset.from_dict(toy.as_preference_pairs(train_examples)),
-            arguments={"num_train_epochs": 3 if quick else 10, "learning_rate": 1e-4, "beta": 0.1},
+            # Pure DPO at lr 1e-4 over-optimised the margin here: it pushed the chosen refusal down
+            # along with the rejected answer (likelihood displacement) until greedy answers to
+            # harmful prompts degenerated ("i therei how."; refusal 31% null-space, 75% plain). A
+            # smaller rate and TRL's NLL term on the chosen answer ("sft", as in RPO) keep it at 100%.
+            arguments={
+                "num_train_epochs": 3 if quick else 10,
+                "learning_rate": 3e-5,
+                "beta": 0.1,
+                "loss_type": ["sigmoid", "sft"],
+            },
             trainer_kwargs=lambda model: {"ref_model": copy.deepcopy(model)},
         )
         return [sft, dpo]
