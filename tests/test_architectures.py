@@ -167,6 +167,31 @@ def test_mixture_of_experts_subspace_survives_the_cache_and_the_contrastive_rule
     assert {item.expert for item in second.nullspace_projector.constrained} >= {0, 1, 2, 3}
 
 
+def test_experts_chosen_by_target_modules_are_constrained_and_the_rest_frozen(
+    tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    """`nullspace_target_modules` selects expert weights by name like Linears: `down_proj` constrains
+    every expert's `down_proj` (and the dense `down_proj`s), and leaves `gate_up_proj` frozen."""
+    model = build("mixtral", tokenizer, MIXTURE_OF_EXPERTS["mixtral"])
+    trainer = make_sft_trainer(
+        model,
+        tokenizer,
+        safety_dataset,
+        tmp_path,
+        reference_dataset,
+        nullspace_eigenvalue_threshold=1e-10,
+        nullspace_target_modules=["q_proj", "down_proj"],
+    )
+    constrained = {item.parameter_name for item in trainer.nullspace_projector.constrained}
+    parameters = dict(model.named_parameters())
+    assert {name for name in parameters if name.endswith("experts.down_proj")} <= constrained
+    assert not any(parameters[name].requires_grad for name in parameters if name.endswith("experts.gate_up_proj"))
+    before = {name: parameters[name].detach().clone() for name in parameters if name.endswith("experts.down_proj")}
+    drift, _ = train_and_measure(trainer)
+    assert max((parameters[name] - value).abs().max().item() for name, value in before.items()) > 1e-3
+    assert drift < 1e-4, drift
+
+
 def test_experts_the_method_cannot_constrain_are_frozen_with_a_warning(
     tokenizer, safety_dataset, reference_dataset, tmp_path, caplog
 ):
@@ -196,21 +221,22 @@ def test_gpt2_conv1d_keeps_reference_outputs(tokenizer, safety_dataset, referenc
     assert moved > 1e-2 and drift < 1e-4, (moved, drift)
 
 
+def gpt2_lora_config() -> LoraConfig:
+    return LoraConfig(
+        r=4, lora_dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, task_type="CAUSAL_LM"
+    )
+
+
 def test_gpt2_lora_keeps_reference_outputs(tokenizer, safety_dataset, reference_dataset, tmp_path):
-    """PEFT wraps Conv1D in a LoRA layer whose `A` reads the same inputs: `B A K = 0` holds as for Linear."""
+    """PEFT wraps Conv1D in a LoRA layer whose `A` reads the same inputs: `B A K = 0` holds as for
+    Linear, while plain TRL with the same adapter moves the reference logits."""
     trainer = NullSpaceSFTTrainer(
         model=build("gpt2", tokenizer, GPT2),
         args=NullSpaceSFTConfig(**training_kwargs(tmp_path), nullspace_eigenvalue_threshold=1e-10),
         train_dataset=safety_dataset,
         processing_class=tokenizer,
         reference_dataset=reference_dataset,
-        peft_config=LoraConfig(
-            r=4,
-            lora_dropout=0.0,
-            target_modules=["c_attn", "c_proj", "c_fc"],
-            fan_in_fan_out=True,
-            task_type="CAUSAL_LM",
-        ),
+        peft_config=gpt2_lora_config(),
     )
     assert all(".lora_A." in item.name for item in trainer.nullspace_projector.constrained)
     reference = trainer._reference_batches
@@ -219,6 +245,16 @@ def test_gpt2_lora_keeps_reference_outputs(tokenizer, safety_dataset, reference_
     lora_b = [p for n, p in trainer.model.named_parameters() if ".lora_B." in n]
     assert max(p.detach().abs().max().item() for p in lora_b) > 1e-3  # B actually trained
     assert (logits_on(trainer.model, reference) - before).abs().max().item() < 1e-4
+    plain = SFTTrainer(
+        model=build("gpt2", tokenizer, GPT2),
+        args=SFTConfig(**training_kwargs(tmp_path / "plain")),
+        train_dataset=safety_dataset,
+        processing_class=tokenizer,
+        peft_config=gpt2_lora_config(),
+    )
+    plain_before = logits_on(plain.model, reference)
+    plain.train()
+    assert (logits_on(plain.model, reference) - plain_before).abs().max().item() > 1e-2
 
 
 def test_gpt2_is_refused_under_sharded_backends(tokenizer, tmp_path):
