@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer, TrainerCallback
 
+from trl_nullspace.modes import evaluating
 from trl_nullspace.reference import ReferenceBatch
 
 TOP_K = 20
@@ -55,15 +56,10 @@ class CapabilityDriftMonitor(TrainerCallback):
         return logits[:, :-1][scored].float().log_softmax(-1), batch.input_ids[:, 1:][scored]
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
-        model = self.trainer.model
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(self.trainer.model):
             self.start = [
                 tuple(part.cpu() for part in self._log_probs(batch)[0].topk(TOP_K, dim=-1)) for batch in self.batches
             ]
-        finally:
-            model.train(was_training)
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         """Measure right after the Trainer's own log, once `steps` steps have passed, and log apart.
@@ -83,11 +79,8 @@ class CapabilityDriftMonitor(TrainerCallback):
     @torch.no_grad()
     def measure(self) -> dict[str, float]:
         """The two metrics now (every process must call it under ZeRO-3)."""
-        model = self.trainer.model
-        was_training = model.training
-        model.eval()
         kl_sum = nll_sum = tokens = 0.0
-        try:
+        with evaluating(self.trainer.model):
             for batch, (start_top, start_ids) in zip(self.batches, self.start, strict=True):
                 log_probs, targets = self._log_probs(batch)
                 now_top = log_probs.gather(-1, start_ids.to(log_probs.device)).cpu()
@@ -101,6 +94,4 @@ class CapabilityDriftMonitor(TrainerCallback):
                 kl_sum += kl.clamp_min(0).sum().item()
                 nll_sum += -log_probs.gather(-1, targets[:, None]).sum().item()
                 tokens += targets.numel()
-        finally:
-            model.train(was_training)
         return {"nullspace/reference_kl": kl_sum / tokens, "nullspace/reference_loss": nll_sum / tokens}

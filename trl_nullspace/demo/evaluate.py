@@ -8,6 +8,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trl_nullspace import toy
+from trl_nullspace.modes import evaluating
 from trl_nullspace.rewards import is_refusal
 
 
@@ -16,27 +17,25 @@ def greedy_completions(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int
 ) -> list[str]:
     """Greedy decoding, batching prompts of equal token length so no padding is needed."""
-    was_training = model.training
-    model.eval()
     by_length: dict[int, list[int]] = defaultdict(list)
     encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
     for index, ids in enumerate(encoded):
         by_length[len(ids)].append(index)
     completions = [""] * len(prompts)
-    for indices in by_length.values():
-        tokens = torch.tensor([encoded[index] for index in indices])
-        prompt_length = tokens.shape[1]
-        for _ in range(max_new_tokens):
-            next_tokens = model(input_ids=tokens).logits[:, -1].argmax(-1, keepdim=True)
-            tokens = torch.cat([tokens, next_tokens], dim=1)
-            if (tokens[:, prompt_length:] == tokenizer.eos_token_id).any(dim=1).all():
-                break
-        for row, index in enumerate(indices):
-            generated = tokens[row, prompt_length:].tolist()
-            if tokenizer.eos_token_id in generated:
-                generated = generated[: generated.index(tokenizer.eos_token_id)]
-            completions[index] = tokenizer.decode(generated)
-    model.train(was_training)
+    with evaluating(model):
+        for indices in by_length.values():
+            tokens = torch.tensor([encoded[index] for index in indices])
+            prompt_length = tokens.shape[1]
+            for _ in range(max_new_tokens):
+                next_tokens = model(input_ids=tokens).logits[:, -1].argmax(-1, keepdim=True)
+                tokens = torch.cat([tokens, next_tokens], dim=1)
+                if (tokens[:, prompt_length:] == tokenizer.eos_token_id).any(dim=1).all():
+                    break
+            for row, index in enumerate(indices):
+                generated = tokens[row, prompt_length:].tolist()
+                if tokenizer.eos_token_id in generated:
+                    generated = generated[: generated.index(tokenizer.eos_token_id)]
+                completions[index] = tokenizer.decode(generated)
     return completions
 
 

@@ -7,6 +7,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from trl_nullspace.experts import GATE_UP, routed_inputs, slice_name
+from trl_nullspace.modes import evaluating
 from trl_nullspace.rank import RankSelection
 from trl_nullspace.reference import ReferenceBatch
 from trl_nullspace.subspace import CapabilitySubspace
@@ -219,16 +220,12 @@ def estimate_activation_subspace(
     With `contrast_batches` (the training data), each basis is the `contrastive_basis` of the
     reference and contrast statistics instead of the reference statistic's top eigenvectors.
     """
-    was_training = model.training
-    model.eval()
     collector = InputCovarianceCollector(linears, normalize_tokens, experts)
     contrast = InputCovarianceCollector(linears, normalize_tokens, experts) if contrast_batches is not None else None
-    try:
+    with evaluating(model):
         collector.collect(model, batches, show_progress)
         if contrast is not None:
             contrast.collect(model, contrast_batches, show_progress, description="nullspace: training-data inputs")
-    finally:
-        model.train(was_training)
     bases, eigenvalues, energy = {}, {}, {}
     for leader, covariance in collector.covariances.items():
         if contrast is None or covariance.trace() == 0:  # an expert no reference token reaches: nothing to keep
@@ -260,13 +257,9 @@ def energy_in_span(
     Used when a cache estimated on other weights is reused: if training since then moved the
     layer inputs out of the cached span, the cached bases no longer protect the reference outputs.
     """
-    was_training = model.training
-    model.eval()
     collector = InputCovarianceCollector(linears, normalize_tokens, experts)
-    try:
+    with evaluating(model):
         collector.collect(model, batches, show_progress, description="nullspace: checking the cached subspace")
-    finally:
-        model.train(was_training)
     shares = {}
     for leader, covariance in collector.covariances.items():
         key = subspace.targets.get(leader)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from trl_nullspace.modes import evaluating
 from trl_nullspace.rank import RankSelection
 from trl_nullspace.reference import ReferenceBatch
 from trl_nullspace.subspace import CapabilitySubspace
@@ -55,24 +56,22 @@ def estimate_gradient_subspace(
         )
     device = next(model.parameters()).device
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in parameters}
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in tqdm(batches[:num_batches], desc="nullspace: reference gradients", disable=not show_progress):
-            batch = batch.to(device)
+    with evaluating(model):
+        try:
+            for batch in tqdm(batches[:num_batches], desc="nullspace: reference gradients", disable=not show_progress):
+                batch = batch.to(device)
+                model.zero_grad(set_to_none=True)
+                model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels()
+                ).loss.backward()
+                for name, parameter in parameters.items():
+                    if parameter.grad is None:
+                        raise RuntimeError(f"{name} received no gradient from the reference loss.")
+                    if not torch.isfinite(parameter.grad).all():
+                        raise FloatingPointError(f"The reference gradient of {name} contains NaN or inf.")
+                    collected[name].append(parameter.grad.detach().float().flatten().clone())
+        finally:
             model.zero_grad(set_to_none=True)
-            model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels()
-            ).loss.backward()
-            for name, parameter in parameters.items():
-                if parameter.grad is None:
-                    raise RuntimeError(f"{name} received no gradient from the reference loss.")
-                if not torch.isfinite(parameter.grad).all():
-                    raise FloatingPointError(f"The reference gradient of {name} contains NaN or inf.")
-                collected[name].append(parameter.grad.detach().float().flatten().clone())
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
     bases, eigenvalues = {}, {}
     for name, gradients in collected.items():
         bases[name], eigenvalues[name] = gradient_basis(torch.stack(gradients), selection)

@@ -14,6 +14,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from trl_nullspace.modes import evaluating
+
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
     """`prompt` as one user turn, followed by the template's generation prompt."""
@@ -50,11 +52,9 @@ def greedy_answers(
     encoded = [tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"] for prompt in prompts]
     pad = _pad_token_id(tokenizer)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     answers = [""] * len(prompts)
     batches = list(_length_sorted_batches([len(ids) for ids in encoded], batch_size))
-    try:
+    with evaluating(model):
         for indices in tqdm(batches, desc=description, disable=not show_progress, leave=False):
             width = max(len(encoded[index]) for index in indices)
             input_ids = torch.full((len(indices), width), pad, dtype=torch.long)
@@ -75,8 +75,6 @@ def greedy_answers(
             )
             for row, index in enumerate(indices):
                 answers[index] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
-    finally:
-        model.train(was_training)
     return answers
 
 
@@ -132,10 +130,8 @@ def scored_log_probs(
     scored position is its example's index in `indices`.
     """
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     batches = list(data.batches(batch_size, _pad_token_id(tokenizer)))
-    try:
+    with evaluating(model):
         for indices, input_ids, attention_mask, scored in tqdm(
             batches, desc=description, disable=not show_progress, leave=False
         ):
@@ -143,5 +139,3 @@ def scored_log_probs(
             targets = input_ids[:, 1:][scored[:, :-1]]
             log_probs = logits[:, :-1][scored[:, :-1].to(device)].float().log_softmax(-1).cpu()
             yield indices, log_probs, targets
-    finally:
-        model.train(was_training)
