@@ -15,11 +15,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import logits_on
+from tests.test_architectures import MIXTURE_OF_EXPERTS, build
 from trl_nullspace.loading import load_dataset_from
 from trl_nullspace.reference import tokenize_reference
 from trl_nullspace.toy import build_tiny_qwen2
@@ -120,12 +122,13 @@ def _max_difference(first: dict, second: dict) -> float:
     return max((first[name] - second[name]).abs().max().item() for name in first)
 
 
-def _reference_logit_drift(assets, trained_folder) -> float:
-    """Largest change of the reference set's logits between the base model and a trained one."""
+def _reference_logit_drift(assets, trained_folder, base_folder=None) -> float:
+    """Largest change of the reference set's logits between the base model (the toy one unless
+    `base_folder` is given) and a trained one."""
     tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
     reference = load_dataset_from(str(assets / "reference" / "train.jsonl")).select(range(3))
     batches = tokenize_reference(reference, tokenizer, batch_size=8, max_length=512)
-    base = AutoModelForCausalLM.from_pretrained(str(assets / "model"))
+    base = AutoModelForCausalLM.from_pretrained(str(base_folder or assets / "model"))
     trained = AutoModelForCausalLM.from_pretrained(str(trained_folder))
     return (logits_on(trained, batches) - logits_on(base, batches)).abs().max().item()
 
@@ -172,6 +175,31 @@ def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
     trained = load_file(str(tmp_path / "zero" / "model.safetensors"))
     assert _max_difference(trained, single_process_run) < 1e-4
     assert _reference_logit_drift(assets, tmp_path / "zero") < 1e-4
+
+
+def test_mixture_of_experts_under_zero2_freezes_the_experts_and_keeps_reference_outputs(assets, tmp_path):
+    """Under DeepSpeed the experts are frozen, with a warning (the sharded projections split whole
+    parameters by rows, not by expert); attention and the routers train constrained. Plain TRL moves
+    the same model's reference logits (tests/test_architectures.py)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
+    build("mixtral", tokenizer, MIXTURE_OF_EXPERTS["mixtral"]).save_pretrained(str(tmp_path / "mixtral"))
+    tokenizer.save_pretrained(str(tmp_path / "mixtral"))
+    config = yaml.safe_load(open(_config(assets, tmp_path, "moe", 4, True)))
+    (tmp_path / "moe.yaml").write_text(yaml.safe_dump(config | {"model_name_or_path": str(tmp_path / "mixtral")}))
+    printed = _train(
+        os.path.join(ROOT, "recipes", "sft.py"),
+        str(tmp_path / "moe.yaml"),
+        _cpu_accelerate_config(tmp_path, "zero2.yaml", 29548),
+    )
+    assert "mixture-of-experts parameters are frozen" in printed
+    # Loaded, not read from the files: transformers saves Mixtral's fused experts in the per-expert layout.
+    base = dict(AutoModelForCausalLM.from_pretrained(str(tmp_path / "mixtral")).named_parameters())
+    trained = dict(AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe")).named_parameters())
+    experts = [name for name, parameter in base.items() if parameter.dim() == 3]
+    assert experts and all(torch.equal(base[name], trained[name]) for name in experts)
+    routers = [name for name in base if name.endswith("mlp.gate.weight")]
+    assert routers and max((base[name] - trained[name]).abs().max().item() for name in routers) > 1e-3
+    assert _reference_logit_drift(assets, tmp_path / "moe", tmp_path / "mixtral") < 1e-4
 
 
 @pytest.mark.parametrize("method", ["activation", "gradient"])
