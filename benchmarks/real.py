@@ -44,6 +44,7 @@ from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings,
 from trl_nullspace.evaluation.splits import EvaluationSets, development_sets, held_out_sets
 from trl_nullspace.evaluation.training_data import RealData, build_real_data
 from trl_nullspace.gguf import SMOLLM2_DIR, materialise_smollm2
+from trl_nullspace.progress import quiet_progress
 from trl_nullspace.targets import find_target_linears
 
 LEARNING_RATES_FILE = os.path.join(os.path.dirname(__file__), "real_learning_rates.json")
@@ -256,6 +257,7 @@ def train(
         trainer_class, config_class = (DPOTrainer, DPOConfig) if dpo else (SFTTrainer, SFTConfig)
         config = config_class(**arguments)
     trainer = trainer_class(model=model, args=config, train_dataset=train_dataset, processing_class=tokenizer, **extra)
+    quiet_progress(trainer, bar=False)  # the driver prints one line per row
     trainer.train()
     trained = trainer.model
     if method.lora:
@@ -473,7 +475,7 @@ COLUMNS: list[tuple[str, str, Callable[[dict], float]]] = [
 ]
 
 
-def _format(kind: str, mean: float, spread: float | None) -> str:
+def format_cell(kind: str, mean: float, spread: float | None) -> str:
     text = f"{mean:.1%}" if kind == "rate" else f"{mean:.4f}"
     if spread:
         text += f" ± {spread:.1%}" if kind == "rate" else f" ± {spread:.4f}"
@@ -544,11 +546,11 @@ def format_report(result: dict) -> str:
         f"| pipeline | method | lr | {header} | trained parameters | train s |",
         "|" + "---|" * (len(COLUMNS) + 5),
         "| – | base model | – | "
-        + " | ".join(_format(kind, get(base), None) for _, kind, get in COLUMNS)
+        + " | ".join(format_cell(kind, get(base), None) for _, kind, get in COLUMNS)
         + " | – | – |",
     ]
     for entry in result["summary"]:
-        cells = [_format(kind, *entry[title]) for title, kind, _ in COLUMNS]
+        cells = [format_cell(kind, *entry[title]) for title, kind, _ in COLUMNS]
         lines.append(
             f"| {entry['pipeline']} | {entry['method']} | {entry['learning_rate']:g} | "
             + " | ".join(cells)
@@ -568,7 +570,8 @@ def save_plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(9, 6))
-    markers = {"sft": "o", "sft→dpo": "s", "safety-only sft": "^"}
+    pipelines = list(dict.fromkeys(entry["pipeline"] for entry in result["summary"]))
+    markers = dict(zip(pipelines, "os^Dv<>", strict=False))
     colours = plt.get_cmap("tab10")
     names = list(dict.fromkeys(entry["method"] for entry in result["summary"]))
     for entry in result["summary"]:
@@ -583,7 +586,9 @@ def save_plot(result: dict, path: str) -> None:
     axis.set_xlabel("KL from the base model on held-out general answers (log) ↓")
     axis.set_ylabel("refusal on held-out harmful prompts (Do-Not-Answer + HarmBench) ↑")
     axis.set_ylim(0, 1.02)
-    axis.set_title("SmolLM2-135M-Instruct: safety gained vs capability drift (○ SFT, □ SFT→DPO, △ safety-only)")
+    symbols = dict(zip("os^Dv<>", "○□△◇▽◁▷", strict=True))
+    legend = ", ".join(f"{symbols[markers[pipeline]]} {pipeline}" for pipeline in pipelines)
+    axis.set_title(f"SmolLM2-135M-Instruct: safety gained vs capability drift ({legend})")
     axis.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=130)

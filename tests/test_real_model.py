@@ -5,18 +5,20 @@ import os
 import subprocess
 import sys
 
+import datasets
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import SFTConfig, SFTTrainer
+from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 
 from tests.conftest import logits_on, training_kwargs
-from tests.real_model import REPOSITORY, general_dataset, real_model_path, refusal_dataset
-from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+from tests.real_model import HARMFUL, REPOSITORY, general_dataset, real_model_path, refusal_dataset
+from trl_nullspace import NullSpaceGRPOConfig, NullSpaceGRPOTrainer, NullSpaceSFTConfig, NullSpaceSFTTrainer
 from trl_nullspace.cli import main as cli_main
 from trl_nullspace.estimators.activation import estimate_activation_subspace
 from trl_nullspace.loading import load_dataset_from
 from trl_nullspace.rank import RankSelection
 from trl_nullspace.reference import tokenize_reference
+from trl_nullspace.rewards import completion_text
 from trl_nullspace.targets import find_target_linears
 
 
@@ -121,3 +123,45 @@ def test_smollm2_recipes_run_offline_from_prepared_data(tmp_path, monkeypatch):
         assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-3000:]
         assert f"trained {steps} steps" in completed.stdout
         assert (tmp_path / "outputs" / "recipes" / f"smollm2-135m_{recipe}" / "model.safetensors").exists()
+
+
+def _distinct_characters(completions, **kwargs) -> list[float]:
+    """A stand-in reward that differs between any two samples, so every group has a gradient in two steps
+    (the refusal reward of `make bench-rl` needs tens of steps before most groups disagree)."""
+    return [float(len(set(completion_text(completion)))) for completion in completions]
+
+
+def test_grpo_on_the_real_model_keeps_reference_outputs_while_plain_grpo_moves_them(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    reference = tokenize_reference(general_dataset(), tokenizer, batch_size=4, max_length=64)
+    before = logits_on(model, reference)
+    prompts = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": text}]} for text in HARMFUL])
+    arguments = _arguments(tmp_path) | dict(
+        max_steps=2, per_device_train_batch_size=8, num_generations=4, max_completion_length=8, beta=0.0
+    )
+    for key in ("max_length", "weight_decay"):
+        arguments.pop(key, None)
+    drift = {}
+    for config_class, settings, trainer_class, reference_data in (
+        (NullSpaceGRPOConfig, {"nullspace_eigenvalue_threshold": 1e-12}, NullSpaceGRPOTrainer, general_dataset()),
+        (GRPOConfig, {}, GRPOTrainer, None),
+    ):
+        extra = {} if reference_data is None else {"reference_dataset": reference_data}
+        trainer = trainer_class(
+            model=copy.deepcopy(model),
+            reward_funcs=_distinct_characters,
+            args=config_class(**arguments, **settings),
+            train_dataset=prompts,
+            processing_class=tokenizer,
+            **extra,
+        )
+        trainer.train()
+        drift[trainer_class.__name__] = (logits_on(trainer.model, reference) - before).abs().max().item()
+        if hasattr(trainer, "nullspace_projector"):
+            moved = max(
+                (item.parameter.detach() - model.get_parameter(item.name)).abs().max().item()
+                for item in trainer.nullspace_projector.constrained
+            )
+            assert moved > 1e-4  # the null-space trainer did train
+    assert drift["GRPOTrainer"] > 0.1, drift
+    assert drift["NullSpaceGRPOTrainer"] < 1e-3, drift
