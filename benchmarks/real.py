@@ -700,8 +700,10 @@ def main(argv: list[str] | None = None) -> None:
     write_results(result, os.path.join(options.output_dir, f"real_{options.preset}"), format_report, save_plot)
 
 
-def write_results(result: dict, stem: str, report: Callable[[dict], str], plot: Callable[[dict, str], None]) -> None:
-    """`stem`.json (the raw result), .md (the report, also printed) and .png (the plot)."""
+def write_results(
+    result: dict, stem: str, report: Callable[[dict], str], plot: Callable[[dict, str], None], echo: bool = True
+) -> None:
+    """`stem`.json (the raw result), .md (the report, printed with `echo`) and .png (the plot)."""
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     with open(stem + ".json", "w") as handle:
         json.dump(result, handle, indent=1)
@@ -709,7 +711,8 @@ def write_results(result: dict, stem: str, report: Callable[[dict], str], plot: 
     with open(stem + ".md", "w") as handle:
         handle.write(text)
     plot(result, stem + ".png")
-    print(text)
+    if echo:
+        print(text)
 
 
 if __name__ == "__main__":
