@@ -45,7 +45,8 @@ bench-frontier: real-model
 	$(PYTHON) -m benchmarks.frontier --preset cpu $(BENCH_ARGS)
 
 # The development proxy for unseen kinds and forms of harm (docs/results/unseen_harm_cpu.*, about
-# 70 minutes on 2 CPU cores): levers compared without reading HarmBench or any held-out item.
+# an hour on 2 CPU cores): levers compared without reading HarmBench or any held-out item; BENCH_ARGS="--sweep
+# forms" or "--sweep depth" for the two-form data and the depth extremes (15 minutes each).
 bench-unseen: real-model
 	$(PYTHON) -m benchmarks.unseen_harm --preset cpu $(BENCH_ARGS)
 

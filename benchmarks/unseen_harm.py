@@ -67,9 +67,25 @@ CONTRASTIVE = {"nullspace_contrastive": True, "nullspace_energy": 0.999}
 # The data lever of the `forms` sweep: every "Can you …?" training request also given as an instruction.
 CAN_YOU = re.compile(r"^(?:can|could) you (?:please )?(.+?)\??$", re.I)
 SWEEPS = {
-    "levers": "`make bench-real`'s",
+    "levers": "`make bench-real`'s (the frontier issue's levers)",
     "forms": "`make bench-real`'s with each 'Can you …?' harmful request also given as an instruction",
+    "depth": "`make bench-real`'s (per-layer budgets at the extreme: half the decoder layers frozen)",
 }
+DECODER_LAYERS = 30  # SmolLM2-135M's
+LAYER_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def decoder_layers(first: int, last: int) -> list[str]:
+    """`nullspace_target_modules` suffixes naming every Linear of decoder layers `first`..`last`."""
+    return [f"layers.{index}.{linear}" for index in range(first, last + 1) for linear in LAYER_LINEARS]
 
 
 def with_instruction_forms(prompts: list[Prompt]) -> list[Prompt]:
@@ -87,14 +103,38 @@ def with_instruction_forms(prompts: list[Prompt]) -> list[Prompt]:
 def points(sweep: str) -> list[tuple[Method, str, float]]:
     """(method, pipeline, learning rate) of every point of `sweep`, most telling first.
 
-    `levers`: plain TRL, the default, and one or two rates of every frontier-issue lever the trainer's
-    config or data can set; `safety-only sft` trains on the harmful prompts alone, and with the
-    look-alikes in the reference data the null space protects the benign side of the boundary
-    instead of training on it. `forms`: plain TRL and the default on the two-form data."""
+        `levers`: plain TRL, the default, and one or two rates of every frontier-issue lever the trainer's
+        config or data can set; `safety-only sft` trains on the harmful prompts alone, and with the
+        look-alikes in the reference data the null space protects the benign side of the boundary
+        instead of training on it. `forms`: plain TRL and the default on the two-form data. `depth`: only
+    the first or the second half of the decoder layers trains (in the null space), the rest frozen."""
     plain = Method("plain TRL", null_space=False)
     default = Method("null-space (default)", null_space=True)
     if sweep == "forms":
         return [(plain, "sft", PLAIN_AT_TARGETS), (default, "sft", 1.5e-4), (default, "sft", 3e-4)]
+    if sweep == "depth":
+        half = DECODER_LAYERS // 2
+        return [
+            (plain, "sft", PLAIN_AT_TARGETS),
+            (
+                Method(
+                    "null-space, first half of the layers",
+                    True,
+                    {"nullspace_target_modules": decoder_layers(0, half - 1)},
+                ),
+                "sft",
+                3e-4,
+            ),
+            (
+                Method(
+                    "null-space, second half of the layers",
+                    True,
+                    {"nullspace_target_modules": decoder_layers(half, DECODER_LAYERS - 1)},
+                ),
+                "sft",
+                3e-4,
+            ),
+        ]
     with_lookalikes = Method("null-space, reference + look-alikes", True, reference="general+lookalikes")
     return [
         (plain, "sft", PLAIN_AT_TARGETS),
