@@ -20,13 +20,13 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
+from typing import Any
 
-import datasets
 import torch
-from transformers.utils import logging
 
-from benchmarks.real import PRESETS, Method, load_model_and_data, train, write_results
+from benchmarks.real import PRESETS, Method, load_model_and_data, quiet_start, train, write_results
 from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings, describe, evaluate_model
 from trl_nullspace.evaluation.splits import held_out_sets
 from trl_nullspace.gguf import SMOLLM2_DIR
@@ -120,15 +120,42 @@ def format_report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_refusal_against_drift(
+    axis, curves: dict[str, list[dict]], key: str, base: dict, plain: dict, colour: Callable[[int], Any]
+) -> None:
+    """One panel: refusal `key` (y) against KL drift (x, log), each curve's learning rates joined by a
+    line (plain TRL's, named "plain TRL", black and dashed), the base model's refusal dotted, and the
+    box where the frontier issue's targets lie (≥ 95% of `plain`'s gain at ≤ 10% of its KL)."""
+    for index, (name, points) in enumerate(curves.items()):
+        plain_curve = name == "plain TRL"
+        xs = [max(p["kl_general"], 1e-5) for p in points]
+        axis.plot(
+            xs,
+            [p[key] for p in points],
+            "s--" if plain_curve else "o-",
+            color="black" if plain_curve else colour(index),
+            label=name,
+        )
+        for x, p in zip(xs, points, strict=True):
+            axis.annotate(
+                f"{p['learning_rate']:g}", (x, p[key]), fontsize=6, xytext=(3, 3), textcoords="offset points"
+            )
+    left = min(max(p["kl_general"], 1e-5) for points in curves.values() for p in points) / 2
+    target_y = base[key] + 0.95 * (plain[key] - base[key])
+    axis.fill_between([left, 0.1 * plain["kl_general"]], target_y, 1.0, color="green", alpha=0.08, label="targets")
+    axis.axhline(base[key], color="grey", linestyle=":", label="base model")
+    axis.set_xscale("log")
+    axis.set_ylim(0, 1.0)
+    axis.set_ylabel("refusal ↑")
+
+
 def save_plot(result: dict, path: str) -> None:
-    """Refusal (y) against KL drift (x, log), one panel per harmful source: top left wins. Each
-    energy's learning rates are joined by a line; the box is where the issue's targets lie."""
+    """Refusal against KL drift, one panel per harmful source: top left wins."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = result["base"]
     plain = next(p for p in result["points"] if p["energy"] is None and p["learning_rate"] == PLAIN_AT_TARGETS)
     figure, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharex=True)
     curves: dict[str, list[dict]] = {}
@@ -140,27 +167,10 @@ def save_plot(result: dict, path: str) -> None:
         (("refusal_do_not_answer", "Do-Not-Answer (held out)"), ("refusal_harmbench", "HarmBench (held out)")),
         strict=True,
     ):
-        for index, (name, points) in enumerate(curves.items()):
-            plain_curve = points[0]["energy"] is None
-            xs = [max(p["kl_general"], 1e-5) for p in points]
-            axis.plot(
-                xs,
-                [p[key] for p in points],
-                "s--" if plain_curve else "o-",
-                color="black" if plain_curve else colours(index / max(len(curves) - 1, 1)),
-                label=name,
-            )
-            for x, p in zip(xs, points, strict=True):
-                axis.annotate(
-                    f"{p['learning_rate']:g}", (x, p[key]), fontsize=6, xytext=(3, 3), textcoords="offset points"
-                )
-        target_y = base[key] + 0.95 * (plain[key] - base[key])
-        axis.fill_between([1e-5, 0.1 * plain["kl_general"]], target_y, 1.0, color="green", alpha=0.08, label="targets")
-        axis.axhline(base[key], color="grey", linestyle=":", label="base model")
-        axis.set_xscale("log")
-        axis.set_ylim(0, 1.0)
+        plot_refusal_against_drift(
+            axis, curves, key, result["base"], plain, lambda index: colours(index / max(len(curves) - 1, 1))
+        )
         axis.set_xlabel("KL from the base model on held-out general answers (log) ↓")
-        axis.set_ylabel("refusal ↑")
         axis.set_title(title)
     axes[0].legend(fontsize=7, loc="upper left")
     figure.suptitle(f"SmolLM2-135M-Instruct, boundary safety SFT: {SWEEPS[result['sweep']]} (labels: lr)")
@@ -177,9 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", default=SMOLLM2_DIR)
     options = parser.parse_args(argv)
     preset = PRESETS[options.preset]
-    logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    started = time.perf_counter()
+    started = quiet_start()
     base_model, tokenizer, data = load_model_and_data(preset, options.model_dir)
     reference = BaseReference.compute(base_model, tokenizer, held_out_sets(), EvaluationSettings(show_progress=False))
     points = []

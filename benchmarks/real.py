@@ -625,6 +625,14 @@ def save_plot(result: dict, path: str) -> None:
     plt.close(figure)
 
 
+def quiet_start() -> float:
+    """Silence the libraries' logging and dataset progress bars (a benchmark driver prints one line
+    per row instead) and return the start time."""
+    logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    return time.perf_counter()
+
+
 def load_model_and_data(preset: Preset, model_dir: str) -> tuple[PreTrainedModel, Any, RealData]:
     """SmolLM2 on the preset's device, its tokenizer, and the training data (base answers cached)."""
     path = materialise_smollm2(model_dir)
@@ -644,9 +652,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", default=SMOLLM2_DIR)
     options = parser.parse_args(argv)
     preset = PRESETS[options.preset]
-    logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    started = time.perf_counter()
+    started = quiet_start()
 
     def show(line: str) -> None:
         print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {line}", flush=True)

@@ -33,10 +33,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import datasets
 import torch
 from transformers import PreTrainedModel
-from transformers.utils import logging
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from benchmarks.real import (
@@ -48,6 +46,7 @@ from benchmarks.real import (
     load_learning_rates,
     load_model_and_data,
     method_named,
+    quiet_start,
     results_table,
     save_plot,
     train,
@@ -289,9 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", default=SMOLLM2_DIR)
     options = parser.parse_args(argv)
     preset = PRESETS[options.preset]
-    logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    started = time.perf_counter()
+    started = quiet_start()
 
     def show(line: str) -> None:
         print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {line}", flush=True)

@@ -35,11 +35,10 @@ import tempfile
 import time
 from dataclasses import asdict
 
-import datasets
 import torch
-from transformers.utils import logging
 
-from benchmarks.real import PRESETS, Method, load_model_and_data, train, write_results
+from benchmarks.frontier import plot_refusal_against_drift
+from benchmarks.real import PRESETS, Method, load_model_and_data, quiet_start, train, write_results
 from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings, describe, evaluate_model
 from trl_nullspace.evaluation.sources import Prompt, do_not_answer
 from trl_nullspace.evaluation.splits import EvaluationSets, development_sets, in_range, stable_fraction, training_side
@@ -247,14 +246,12 @@ def format_report(result: dict) -> str:
 
 
 def save_plot(result: dict, path: str) -> None:
-    """Refusal (y) against KL drift (x, log) per harmful set: top left wins; each method's learning
-    rates are joined by a line, and the box is where the frontier issue's targets lie."""
+    """Refusal against KL drift, one panel per harmful set: top left wins."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base, plain = result["base"], plain_at_targets(result)
     curves: dict[str, list[dict]] = {}
     for point in result["points"]:
         name = point["method"] + ("" if point["pipeline"] == "sft" else f" ({point['pipeline']})")
@@ -262,28 +259,10 @@ def save_plot(result: dict, path: str) -> None:
     colours = plt.get_cmap("tab10")
     figure, axes = plt.subplots(1, len(PANELS), figsize=(18, 5.5), sharex=True)
     for axis, (key, title) in zip(axes, PANELS, strict=True):
-        for index, (name, curve) in enumerate(curves.items()):
-            xs = [max(p["kl_general"], 1e-5) for p in curve]
-            plain_curve = name == "plain TRL"
-            axis.plot(
-                xs,
-                [p[key] for p in curve],
-                "s--" if plain_curve else "o-",
-                color="black" if plain_curve else colours(index % 10),
-                label=name,
-            )
-            for x, p in zip(xs, curve, strict=True):
-                axis.annotate(
-                    f"{p['learning_rate']:g}", (x, p[key]), fontsize=6, xytext=(3, 3), textcoords="offset points"
-                )
-        target_y = base[key] + 0.95 * (plain[key] - base[key])
-        left = min(max(p["kl_general"], 1e-5) for p in result["points"]) / 2
-        axis.fill_between([left, 0.1 * plain["kl_general"]], target_y, 1.0, color="green", alpha=0.08, label="targets")
-        axis.axhline(base[key], color="grey", linestyle=":", label="base model")
-        axis.set_xscale("log")
-        axis.set_ylim(0, 1.0)
+        plot_refusal_against_drift(
+            axis, curves, key, result["base"], plain_at_targets(result), lambda index: colours(index % 10)
+        )
         axis.set_xlabel("KL from the base model on development general answers (log) ↓")
-        axis.set_ylabel("refusal ↑")
         axis.set_title(title)
     axes[0].legend(fontsize=7, loc="lower right")
     figure.suptitle("SmolLM2-135M-Instruct, safety SFT: refusal on seen and unseen kinds of harm (labels: lr)")
@@ -300,9 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", default=SMOLLM2_DIR)
     options = parser.parse_args(argv)
     preset = PRESETS[options.preset]
-    logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    started = time.perf_counter()
+    started = quiet_start()
     base_model, tokenizer, data = load_model_and_data(preset, options.model_dir)
     trained = training_side().harmful_train[: preset.harmful_examples]
     sets = proxy_sets(trained)
