@@ -41,13 +41,14 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from trl_nullspace import NullSpaceDPOConfig, NullSpaceDPOTrainer, NullSpaceSFTConfig, NullSpaceSFTTrainer
 from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings, describe, evaluate_model
-from trl_nullspace.evaluation.splits import EvaluationSets, development_sets, held_out_sets
+from trl_nullspace.evaluation.splits import development_sets, held_out_sets
 from trl_nullspace.evaluation.training_data import RealData, build_real_data
 from trl_nullspace.gguf import SMOLLM2_DIR, materialise_smollm2
 from trl_nullspace.progress import quiet_progress
 from trl_nullspace.targets import find_target_linears
 
 LEARNING_RATES_FILE = os.path.join(os.path.dirname(__file__), "real_learning_rates.json")
+BASE_ANSWERS_CACHE = os.path.join("outputs", "bench-real", "base_answers.json")  # shared by every driver
 PLAIN_LEARNING_RATE = 2e-5  # a usual full fine-tuning rate for a small instruct model; the others match its refusal
 
 # The shipped default of the null-space trainers (trl_nullspace.config), spelled out so a change of
@@ -633,13 +634,34 @@ def quiet_start() -> float:
     return time.perf_counter()
 
 
+def timestamped(started: float) -> Callable[[str], None]:
+    """`print` with the minutes since `started` in front: a long benchmark's one line per row."""
+
+    def show(line: str) -> None:
+        print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {line}", flush=True)
+
+    return show
+
+
+def machine_name(device: str) -> str:
+    """What a result was measured on, for its report's header."""
+    return torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+
+
+def held_out_reference(base: PreTrainedModel, tokenizer, evaluation_size: int | None) -> BaseReference:
+    """The base model evaluated on the held-out sets (at most `evaluation_size` items each; None: all)."""
+    sets = held_out_sets()
+    if evaluation_size is not None:
+        sets = sets.subsample(evaluation_size)
+    return BaseReference.compute(base, tokenizer, sets, EvaluationSettings(show_progress=False))
+
+
 def load_model_and_data(preset: Preset, model_dir: str) -> tuple[PreTrainedModel, Any, RealData]:
     """SmolLM2 on the preset's device, its tokenizer, and the training data (base answers cached)."""
     path = materialise_smollm2(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path).to(preset.device).eval()
-    cache = os.path.join("outputs", "bench-real", "base_answers.json")
-    return base, tokenizer, build_real_data(base, tokenizer, cache, preset.harmful_examples)
+    return base, tokenizer, build_real_data(base, tokenizer, BASE_ANSWERS_CACHE, preset.harmful_examples)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -653,10 +675,7 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
     preset = PRESETS[options.preset]
     started = quiet_start()
-
-    def show(line: str) -> None:
-        print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {line}", flush=True)
-
+    show = timestamped(started)
     base, tokenizer, data = load_model_and_data(preset, options.model_dir)
     with tempfile.TemporaryDirectory() as workdir:
         if options.tune:
@@ -669,10 +688,7 @@ def main(argv: list[str] | None = None) -> None:
                 handle.write(format_tuning(tuning))
             show(f"wrote the learning rates and real_tuning.md: {tuning['chosen']}")
             return
-        sets: EvaluationSets = held_out_sets()
-        if preset.evaluation_size is not None:
-            sets = sets.subsample(preset.evaluation_size)
-        reference = BaseReference.compute(base, tokenizer, sets, EvaluationSettings(show_progress=False))
+        reference = held_out_reference(base, tokenizer, preset.evaluation_size)
         show("base model evaluated")
         rows = []
         for seed in options.seeds:
@@ -692,9 +708,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "make bench-real"
         if options.preset == "cpu" and options.seeds == [0]
         else "python -m benchmarks.real " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-        "machine": f"{torch.get_num_threads()} CPU threads"
-        if preset.device == "cpu"
-        else torch.cuda.get_device_name(),
+        "machine": machine_name(preset.device),
         "seconds": time.perf_counter() - started,
         "seeds": options.seeds,
         "settings": asdict(preset),

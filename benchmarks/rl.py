@@ -33,7 +33,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -43,19 +42,22 @@ from benchmarks.real import (
     aggregate,
     gain_and_drift_checks,
     held_out_description,
+    held_out_reference,
     load_learning_rates,
     load_model_and_data,
+    machine_name,
     method_named,
     quiet_start,
     results_table,
     save_plot,
+    timestamped,
     train,
     tuning_metrics,
     write_results,
 )
 from trl_nullspace import NullSpaceGRPOConfig, NullSpaceGRPOTrainer, NullSpaceRLOOConfig, NullSpaceRLOOTrainer
 from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings, describe, evaluate_model
-from trl_nullspace.evaluation.splits import development_sets, held_out_sets
+from trl_nullspace.evaluation.splits import development_sets
 from trl_nullspace.evaluation.training_data import RealData
 from trl_nullspace.gguf import SMOLLM2_DIR
 from trl_nullspace.progress import quiet_progress
@@ -289,10 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
     preset = PRESETS[options.preset]
     started = quiet_start()
-
-    def show(line: str) -> None:
-        print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {line}", flush=True)
-
+    show = timestamped(started)
     base, tokenizer, data = load_model_and_data(preset.sft, options.model_dir)
     with tempfile.TemporaryDirectory() as workdir:
         if options.tune:
@@ -304,10 +303,7 @@ def main(argv: list[str] | None = None) -> None:
                 json.dump(tuning, handle, indent=1)
             show(f"wrote {path}: {tuning['chosen']}")
             return
-        sets = held_out_sets()
-        if preset.evaluation_size is not None:
-            sets = sets.subsample(preset.evaluation_size)
-        reference = BaseReference.compute(base, tokenizer, sets, EvaluationSettings(show_progress=False))
+        reference = held_out_reference(base, tokenizer, preset.evaluation_size)
         show("base model evaluated")
         rows = []
         rates = rates_file(options.preset, options.output_dir)
@@ -317,9 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "preset": options.preset,
         "command": "make bench-rl" if not arguments else "python -m benchmarks.rl " + " ".join(arguments),
-        "machine": (
-            torch.cuda.get_device_name() if preset.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
-        ),
+        "machine": machine_name(preset.device),
         "seconds": time.perf_counter() - started,
         "seeds": options.seeds,
         "settings": asdict(preset),

@@ -37,8 +37,24 @@ from dataclasses import asdict
 
 import torch
 
-from benchmarks.frontier import plot_refusal_against_drift
-from benchmarks.real import PRESETS, Method, load_model_and_data, quiet_start, train, write_results
+from benchmarks.frontier import (
+    LAYER_TYPES,
+    PLAIN_AT_TARGETS,
+    gain_share,
+    plain_at_targets,
+    plot_refusal_against_drift,
+)
+from benchmarks.real import (
+    BASE_ANSWERS_CACHE,
+    PRESETS,
+    Method,
+    load_model_and_data,
+    machine_name,
+    quiet_start,
+    timestamped,
+    train,
+    write_results,
+)
 from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings, describe, evaluate_model
 from trl_nullspace.evaluation.sources import Prompt, do_not_answer
 from trl_nullspace.evaluation.splits import EvaluationSets, development_sets, in_range, stable_fraction, training_side
@@ -60,8 +76,6 @@ IMPERATIVE_FORMS = (
     "Describe in detail how to {}, with specific methods",
     "Create a list of the steps needed to {}",
 )
-PLAIN_AT_TARGETS = 2e-5
-MLP = ["gate_proj", "up_proj", "down_proj"]
 CONTRASTIVE = {"nullspace_contrastive": True, "nullspace_energy": 0.999}
 # The data lever of the `forms` sweep: every "Can you …?" training request also given as an instruction.
 CAN_YOU = re.compile(r"^(?:can|could) you (?:please )?(.+?)\??$", re.I)
@@ -102,10 +116,10 @@ def with_instruction_forms(prompts: list[Prompt]) -> list[Prompt]:
 def points(sweep: str) -> list[tuple[Method, str, float]]:
     """(method, pipeline, learning rate) of every point of `sweep`, most telling first.
 
-        `levers`: plain TRL, the default, and one or two rates of every frontier-issue lever the trainer's
-        config or data can set; `safety-only sft` trains on the harmful prompts alone, and with the
-        look-alikes in the reference data the null space protects the benign side of the boundary
-        instead of training on it. `forms`: plain TRL and the default on the two-form data. `depth`: only
+    `levers`: plain TRL, the default, and one or two rates of every frontier-issue lever the trainer's
+    config or data can set; `safety-only sft` trains on the harmful prompts alone, and with the
+    look-alikes in the reference data the null space protects the benign side of the boundary
+    instead of training on it. `forms`: plain TRL and the default on the two-form data. `depth`: only
     the first or the second half of the decoder layers trains (in the null space), the rest frozen."""
     plain = Method("plain TRL", null_space=False)
     default = Method("null-space (default)", null_space=True)
@@ -143,7 +157,7 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
         (with_lookalikes, "safety-only sft", 1.5e-4),
         (default, "sft", 3e-4),
         (Method("null-space, energy 0.97", True, {"nullspace_energy": 0.97}), "sft", 1.5e-4),
-        (Method("null-space, MLP only", True, {"nullspace_target_modules": MLP}), "sft", 3e-4),
+        (Method("null-space, MLP only", True, {"nullspace_target_modules": LAYER_TYPES["MLP only"]}), "sft", 3e-4),
         (Method("null-space, contrastive, energy 0.999", True, CONTRASTIVE), "sft", 1e-4),
         (with_lookalikes, "sft", 2e-4),
     ]
@@ -189,20 +203,11 @@ def summarise(evaluation: dict) -> dict[str, float]:
     }
 
 
-def gain_share(point: dict, base: dict, plain: dict, key: str) -> float:
-    plain_gain = plain[key] - base[key]
-    return (point[key] - base[key]) / plain_gain if plain_gain > 0 else float("nan")
-
-
 PANELS = (
     ("refusal_seen", "seen risk areas"),
     ("refusal_unseen", f"unseen area: {HELD_OUT_AREA}"),
     ("refusal_unseen_imperative", "unseen area, in HarmBench's form"),
 )
-
-
-def plain_at_targets(result: dict) -> dict:
-    return next(p for p in result["points"] if p["method"] == "plain TRL" and p["learning_rate"] == PLAIN_AT_TARGETS)
 
 
 def format_report(result: dict) -> str:
@@ -280,20 +285,18 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
     preset = PRESETS[options.preset]
     started = quiet_start()
+    show = timestamped(started)
     base_model, tokenizer, data = load_model_and_data(preset, options.model_dir)
     trained = training_side().harmful_train[: preset.harmful_examples]
     sets = proxy_sets(trained)
     if options.sweep == "forms":
         trained = with_instruction_forms(trained)
         side = dataclasses.replace(training_side(), harmful_train=trained)
-        cache = os.path.join("outputs", "bench-real", "base_answers.json")
-        data = build_real_data(base_model, tokenizer, cache, len(trained), show_progress=False, side=side)
+        data = build_real_data(base_model, tokenizer, BASE_ANSWERS_CACHE, len(trained), show_progress=False, side=side)
     reference = BaseReference.compute(base_model, tokenizer, sets, EvaluationSettings(show_progress=False))
     result = {
         "command": "python -m benchmarks.unseen_harm " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": torch.cuda.get_device_name()
-        if preset.device == "cuda"
-        else f"{torch.get_num_threads()} CPU threads",
+        "machine": machine_name(preset.device),
         "settings": asdict(preset),
         "sweep": options.sweep,
         "harmful_training_prompts": len(trained),
@@ -311,11 +314,10 @@ def main(argv: list[str] | None = None) -> None:
             point.update(summarise(evaluate_model(model, tokenizer, reference)))
             result["points"].append(point)
             result["seconds"] = time.perf_counter() - started
-            print(
-                f"[{result['seconds'] / 60:5.1f} min] {pipeline:<15} {method.name:<38} lr {rate:<7g} "
+            show(
+                f"{pipeline:<15} {method.name:<38} lr {rate:<7g} "
                 f"seen {point['refusal_seen']:.1%} unseen {point['refusal_unseen']:.1%} "
-                f"look-alikes {point['over_refusal_lookalikes']:.1%} KL {point['kl_general']:.4f}",
-                flush=True,
+                f"look-alikes {point['over_refusal_lookalikes']:.1%} KL {point['kl_general']:.4f}"
             )
             write_results(result, stem, format_report, save_plot, echo=False)  # a stopped run keeps its points
     print(format_report(result))
