@@ -7,6 +7,8 @@ Prints one line from rank 0: the reference logits' drift and how far the weights
 `--no-projection` skips the projection: the control that shows the drift is real. With
 `--gradient` each rank also projects its rows of the reduced gradient before the step (the
 `gradient`/`both` targets) and the line adds the largest `G U` on the local rows before and after.
+With `--offload` the bases and anchors stay in host memory in blocks of 1 KiB (a few columns each),
+as `nullspace_offload` keeps them; the line says into how many blocks the largest basis was cut.
 The line also says whether the sharded model's weights fingerprint (what a checkpoint records) is
 the unsharded model's, and whether any parameter's rows split unevenly between the ranks.
 """
@@ -33,6 +35,7 @@ from trl_nullspace.toy import build_char_tokenizer, build_tiny_qwen2
 def main() -> None:
     project = "--no-projection" not in sys.argv
     project_gradient = "--gradient" in sys.argv
+    offload_block_bytes = 1024 if "--offload" in sys.argv else None
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     tokenizer = build_char_tokenizer()
@@ -44,7 +47,8 @@ def main() -> None:
     subspace = estimate_activation_subspace(
         model, reference, linears, RankSelection(eigenvalue_threshold=1e-10), False
     )
-    projector = SubspaceProjector.bind(model, subspace)
+    projector = SubspaceProjector.bind(model, subspace, offload_block_bytes=offload_block_bytes)
+    blocks = max(len(item.shared.columns) for item in projector.constrained)
     projector.initialise_anchors(track_updates=True)
     for name, parameter in model.named_parameters():
         if name in projector.unconstrained:
@@ -89,7 +93,7 @@ def main() -> None:
         print(
             f"RESULT drift={drift:.3e} moved={moved:.3e} "
             f"gradient_before={in_subspace['before']:.3e} gradient_after={in_subspace['after']:.3e} "
-            f"fingerprint_same={fingerprint_same} uneven_shards={uneven}",
+            f"fingerprint_same={fingerprint_same} uneven_shards={uneven} blocks={blocks}",
             flush=True,
         )
     dist.destroy_process_group()

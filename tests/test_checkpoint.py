@@ -16,11 +16,13 @@ from trl_nullspace.mixin import CHECKPOINT_FILE
 SETTINGS = dict(nullspace_energy=0.9, nullspace_refresh_steps=2)
 
 
-def _trainer(tokenizer, safety_dataset, reference_dataset, tmp_path, **overrides):
+def _trainer(tokenizer, safety_dataset, reference_dataset, tmp_path, nullspace=None, **overrides):
     return NullSpaceSFTTrainer(
         model=toy.build_tiny_qwen2(tokenizer, seed=0),
         args=NullSpaceSFTConfig(
-            **training_kwargs(tmp_path, max_steps=6, save_strategy="steps", save_steps=3, **overrides), **SETTINGS
+            **training_kwargs(tmp_path, max_steps=6, save_strategy="steps", save_steps=3, **overrides),
+            **SETTINGS,
+            **(nullspace or {}),
         ),
         train_dataset=safety_dataset,
         processing_class=tokenizer,
@@ -28,14 +30,19 @@ def _trainer(tokenizer, safety_dataset, reference_dataset, tmp_path, **overrides
     )
 
 
-def test_resume_reproduces_the_uninterrupted_run(tokenizer, safety_dataset, reference_dataset, tmp_path):
-    full = _trainer(tokenizer, safety_dataset, reference_dataset, tmp_path)
+# Offloaded, anchors are kept in host memory as column blocks: saved whole, restored into blocks.
+OFFLOADED = {"nullspace_offload": True, "nullspace_offload_block_mib": 2**-10}
+
+
+@pytest.mark.parametrize("nullspace", [None, OFFLOADED], ids=["resident", "offloaded"])
+def test_resume_reproduces_the_uninterrupted_run(tokenizer, safety_dataset, reference_dataset, tmp_path, nullspace):
+    full = _trainer(tokenizer, safety_dataset, reference_dataset, tmp_path, nullspace)
     full.train()
     checkpoint = os.path.join(str(tmp_path / "out"), "checkpoint-3")
     saved, header = load_subspace(os.path.join(checkpoint, CHECKPOINT_FILE))
     assert header["anchors"]  # update target: anchors travel with the checkpoint
 
-    resumed = _trainer(tokenizer, safety_dataset, reference_dataset, tmp_path / "resumed")
+    resumed = _trainer(tokenizer, safety_dataset, reference_dataset, tmp_path / "resumed", nullspace)
     fresh_bases = {key: basis.clone() for key, basis in resumed.nullspace_subspace.bases.items()}
     assert any(  # the checkpoint's (refreshed) subspace differs from a fresh estimate: the test can fail
         fresh_bases[key].shape != basis.shape or not torch.allclose(fresh_bases[key], basis, atol=1e-4)

@@ -290,13 +290,14 @@ def test_fsdp2_row_shards_keep_reference_outputs():
     """FSDP2 with 2 real CPU processes (torchrun, gloo; Accelerate itself falls back to DDP on CPU):
     each rank projects its own rows after every AdamW step (and, with `--gradient`, its rows of the
     reduced gradient before it). Without the projection the same run moves the reference logits,
-    so the first assertion can fail."""
+    so the first assertion can fail. With `--offload` the bases and anchors stay in host memory and
+    are applied in blocks of a few columns (`nullspace_offload`): the same guarantees must hold."""
     results = {}
-    for flag in ("", "--no-projection", "--gradient"):
+    for flag in ("", "--no-projection", "--gradient", "--gradient --offload"):
         completed = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545"]
             + [os.path.join(ROOT, "tests", "fsdp2_worker.py")]
-            + ([flag] if flag else []),
+            + flag.split(),
             cwd=ROOT,
             env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT},
             capture_output=True,
@@ -315,6 +316,10 @@ def test_fsdp2_row_shards_keep_reference_outputs():
     assert float(results["--gradient"]["gradient_before"]) > 1e-3
     assert float(results["--gradient"]["gradient_after"]) < 1e-6
     assert float(results["--gradient"]["drift"]) < 1e-4
+    offloaded = results["--gradient --offload"]
+    assert int(offloaded["blocks"]) > 2 and results[""]["blocks"] == "1"
+    assert float(offloaded["drift"]) < 1e-4 and float(offloaded["moved"]) > 1e-2
+    assert float(offloaded["gradient_before"]) > 1e-3 and float(offloaded["gradient_after"]) < 1e-6
     # A checkpoint's weights fingerprint works on the DTensor shards (uneven ones included) and is
     # the unsharded model's, so saving does not crash and resuming matches.
     assert results[""]["uneven_shards"] == "1"

@@ -156,3 +156,32 @@ def test_bfloat16_projection_preserves_to_bf16_round_off(
     print(f"bf16 projection: reference drift {drift:.2e}, safety change {safety_change:.2e}")
     assert drift < 0.1
     assert safety_change > 0.1
+
+
+def test_offloaded_bases_train_as_the_resident_ones(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    """`nullspace_offload`: bases and anchors in host memory, applied a few columns at a time (1 KiB
+    blocks, 4 columns of the tiny model's 64-wide inputs). Training must end at the weights the
+    resident bases give (the block-wise projection is the same projection) and keep reference
+    outputs exactly, under the default `both` target."""
+    import copy
+
+    resident_model, initial = copy.deepcopy(model), copy.deepcopy(model.state_dict())
+    trainer, reference, before = _train_null_space(
+        model,
+        tokenizer,
+        safety_dataset,
+        reference_dataset,
+        tmp_path / "offloaded",
+        nullspace_offload=True,
+        nullspace_offload_block_mib=2**-10,
+    )
+    assert min(len(item.shared.columns) for item in trainer.nullspace_projector.constrained) > 2
+    assert trainer.nullspace_settings()["offload"] is True
+    assert (logits_on(trainer.model, reference) - before).abs().max().item() < EXACT_TOLERANCE
+    resident, _, _ = _train_null_space(
+        resident_model, tokenizer, safety_dataset, reference_dataset, tmp_path / "whole"
+    )
+    weights = dict(resident.model.named_parameters())
+    gap = max((p - weights[name]).abs().max().item() for name, p in trainer.model.named_parameters())
+    moved = max((p - initial[name]).abs().max().item() for name, p in trainer.model.named_parameters())
+    assert gap < 1e-4 and moved > 1e-2, (gap, moved)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from trl_nullspace.fsdp import RowShardProjector
-from trl_nullspace.projector import ConstrainedParameter, diverged_step_error
+from trl_nullspace.projector import ConstrainedParameter, SharedBasis, SubspaceProjector, diverged_step_error
 from trl_nullspace.rank import RankSelection
 
 
@@ -124,3 +124,56 @@ def test_row_shard_projection_names_the_weights_a_diverged_step_made_non_finite(
 def test_a_rank_whose_own_weights_are_finite_still_says_where_the_step_diverged():
     """Under ZeRO every rank raises together, also one whose own share of the weights is finite."""
     assert "another process's share" in str(diverged_step_error([]))
+
+
+@pytest.mark.parametrize("block_columns", [1, 4, 6, 100])
+def test_offloaded_blocks_project_exactly_as_the_whole_basis(block_columns):
+    """`nullspace_offload` applies the basis a few columns at a time (here 1, 4, 6 of 6 uneven, or all):
+    the weight, the anchor it returns to, the gradient's projection and the norms they report must be
+    the whole-basis projection's, for whole weights and for a block of rows (FSDP2's shards)."""
+    basis = _basis(16, 6)
+    original = torch.randn(5, 16)
+    step = torch.randn(5, 16)
+    results = {}
+    for offloaded in (False, True):
+        shared = SharedBasis(basis, block_bytes=block_columns * 16 * 4 if offloaded else None)
+        parameter = torch.nn.Parameter(original.clone())
+        item = ConstrainedParameter("w", parameter, shared, flat=False, zero_anchor=False)
+        item.reset_anchor()
+        with torch.no_grad():
+            parameter.add_(step)
+        removed = torch.linalg.vector_norm(item.enforce_on(parameter.data[:3], rows=slice(0, 3)))
+        removed = torch.linalg.vector_norm(torch.stack([removed, torch.linalg.vector_norm(item.enforce_anchor())]))
+        parameter.grad = step.clone()
+        removed_sq, total_sq = item.remove_from_gradient(apply=True)
+        results[offloaded] = (parameter.detach().clone(), item.anchor, parameter.grad.clone(), removed, removed_sq)
+        assert len(shared.columns) == (-(-6 // block_columns) if offloaded else 1)
+    for whole, streamed in zip(results[False], results[True], strict=True):
+        assert torch.allclose(whole, streamed, atol=1e-5), (whole, streamed)
+    weights, anchor = results[True][0], results[True][1]
+    assert torch.allclose(weights @ basis, original @ basis, atol=1e-5)  # back on the anchor
+    assert (weights - original).norm() > 0.5  # the null-space part of the step is kept
+    assert torch.allclose(anchor, original @ basis, atol=1e-5)
+
+
+def test_weights_reading_one_input_share_one_copy_of_its_basis(model):
+    """q/k/v (and gate/up) read one input and share one basis: when the weights move to the device
+    they are stepped on, the basis is copied there once, not once per weight."""
+    from trl_nullspace.estimators import estimate_activation_subspace
+    from trl_nullspace.reference import ReferenceBatch
+    from trl_nullspace.targets import find_target_linears
+
+    batch = ReferenceBatch(torch.randint(3, 30, (2, 12)), torch.ones(2, 12, dtype=torch.long))
+    subspace = estimate_activation_subspace(
+        model, [batch], find_target_linears(model, None), RankSelection(energy=0.9), False
+    )
+    projector = SubspaceProjector.bind(model, subspace)
+    for item in projector.constrained:
+        item.move_to(torch.device("meta"))  # a device other than the subspace's, as the accelerator is
+    by_name = {item.name.removesuffix(".weight"): item for item in projector.constrained}
+    attention = [by_name[f"model.layers.0.self_attn.{name}"].basis for name in ("q_proj", "k_proj", "v_proj")]
+    gate, up = (by_name[f"model.layers.0.mlp.{name}"].basis for name in ("gate_proj", "up_proj"))
+    assert attention[0].device.type == "meta"
+    assert attention[0] is attention[1] is attention[2] and gate is up
+    copies = {id(item.basis) for item in projector.constrained}
+    assert len(copies) == len(subspace.bases)

@@ -58,6 +58,21 @@ class NullSpaceArguments:
             "choices": list(PROJECTION_DTYPES),
         },
     )
+    nullspace_offload: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the bases and anchors in host memory and copy them to the accelerator one block at a time "
+            "when projecting (exact: the blocks are orthonormal). The constraint then holds almost no accelerator "
+            "memory, at the price of copying every basis over PCIe at each optimizer step. Single device, DDP and "
+            "FSDP2; not DeepSpeed yet."
+        },
+    )
+    nullspace_offload_block_mib: float = field(
+        default=64,
+        metadata={
+            "help": "With nullspace_offload: the largest block of a basis copied to the accelerator at once (MiB)."
+        },
+    )
     nullspace_target_modules: list[str] | None = field(
         default=None,
         metadata={
@@ -198,9 +213,16 @@ class NullSpaceArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}.")
+        if not self.nullspace_offload_block_mib > 0:
+            raise ValueError(f"nullspace_offload_block_mib must be positive, got {self.nullspace_offload_block_mib}.")
         parent_post_init = getattr(super(), "__post_init__", None)
         if parent_post_init is not None:
             parent_post_init()
+
+    @property
+    def nullspace_offload_block_bytes(self) -> int | None:
+        """The offloaded bases' block size in bytes, or None where the bases stay with the weights."""
+        return int(self.nullspace_offload_block_mib * 2**20) if self.nullspace_offload else None
 
     @property
     def nullspace_rank_selection(self) -> RankSelection:

@@ -45,16 +45,14 @@ class _RowShard:
         return local.view(-1, self.item.matrix_shape[1])
 
     def project_gradient(self) -> torch.Tensor | None:
-        """`G_r ← G_r − (G_r U) Uᵀ` on the local rows of the reduced gradient; returns `G_r U`."""
+        """`G_r ← G_r − (G_r U) Uᵀ` on the local rows of the reduced gradient; returns `G_r U` (or its norm)."""
         if self.parameter.grad is None:
             return None
-        return self.item.enforce_on(self.local_matrix(self.parameter.grad), None)
+        return self.item.enforce_on(self.local_matrix(self.parameter.grad), anchored=False)
 
     def enforce_anchor(self) -> torch.Tensor:
         matrix = self.local_matrix()
-        anchor = self.item.anchor
-        rows = None if anchor is None else anchor[self.start : self.start + matrix.shape[0]]
-        return self.item.enforce_on(matrix, rows)
+        return self.item.enforce_on(matrix, rows=slice(self.start, self.start + matrix.shape[0]))
 
 
 class RowShardProjector:

@@ -30,6 +30,12 @@ def check_backend(
     """
     if not (deepspeed or fsdp):
         return
+    if deepspeed and args.nullspace_offload:
+        raise NotImplementedError(
+            f"{trainer_name} does not support nullspace_offload under DeepSpeed yet: its projection of the "
+            "partitioned master weights reads whole bases. Use FSDP2 (fsdp_version: 2) with nullspace_offload, "
+            "or DeepSpeed without it."
+        )
     backend = "DeepSpeed" if deepspeed else "FSDP"
     conv1d = [name for name, module in model.named_modules() if is_transposed_linear(module)]
     if conv1d:

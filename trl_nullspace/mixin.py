@@ -314,8 +314,13 @@ class NullSpaceTrainerMixin:
         )
 
     def _bind(self, subspace: CapabilitySubspace) -> SubspaceProjector:
+        if self.args.nullspace_offload:  # an estimate made on the accelerator would otherwise stay there
+            subspace.bases = {key: basis.cpu() for key, basis in subspace.bases.items()}
         projector = SubspaceProjector.bind(
-            self.model, subspace, compute_dtype=getattr(torch, self.args.nullspace_projection_dtype)
+            self.model,
+            subspace,
+            compute_dtype=getattr(torch, self.args.nullspace_projection_dtype),
+            offload_block_bytes=self.args.nullspace_offload_block_bytes,
         )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             projector = projector.without_experts()  # frozen instead, with a warning (`_freeze_or_report`)
@@ -412,6 +417,7 @@ class NullSpaceTrainerMixin:
             "method": self.nullspace_subspace.method,
             "projection_target": self.args.nullspace_projection_target,
             "projection_dtype": self.args.nullspace_projection_dtype,
+            "offload": self.args.nullspace_offload,
             "rank_selection": self.args.nullspace_rank_selection.to_dict(),
             "target_modules": self.args.nullspace_target_modules,
             "bases": len(ranks),
@@ -439,7 +445,8 @@ class NullSpaceTrainerMixin:
         summary = (
             f"trl-nullspace: {settings['method']} subspace, {settings['projection_target']} projection; "
             f"{settings['bases']} bases of rank {settings['rank_min']}–{settings['rank_max']} "
-            f"({settings['subspace_mib']} MiB) constrain {settings['constrained_parameters']} weights; "
+            f"({settings['subspace_mib']} MiB{', in host memory' if settings['offload'] else ''}) "
+            f"constrain {settings['constrained_parameters']} weights; "
             f"{settings['unconstrained_parameters']} other parameters {others}."
         )
         if settings["energy_protected_mean"] is not None:

@@ -18,6 +18,7 @@ Two ways to apply it (`nullspace_projection_target`):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -73,6 +74,78 @@ def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
 
 
+FP32_BYTES = 4
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in host memory, page-locked where an accelerator can read it asynchronously."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    return tensor.pin_memory() if torch.cuda.is_available() else tensor
+
+
+class SharedBasis:
+    """One distinct basis `U` (n×k) as the projections read it, shared by every weight whose input it
+    spans (q/k/v share one, gate/up share one): one copy per device and dtype, not one per weight.
+
+    Offloaded (`block_bytes` given), `U` stays in host memory as contiguous column blocks of at most
+    `block_bytes`, and `blocks` stages them to the accelerator one at a time. Block-wise projection
+    is exact: U's columns are orthonormal, so removing `(M U_b − A_b) U_bᵀ` leaves `M U_c` unchanged
+    for every other block `c`, and the blocks applied one after another equal the whole projection.
+    """
+
+    def __init__(self, basis: torch.Tensor, block_bytes: int | None = None):
+        basis = basis.detach().to(torch.float32)
+        self.dimension, self.rank = basis.shape
+        self.offloaded = block_bytes is not None
+        self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._host_blocks: list[torch.Tensor] = []
+        if self.offloaded:
+            width = max(1, block_bytes // (FP32_BYTES * max(self.dimension, 1)))
+            self.columns = [slice(start, min(start + width, self.rank)) for start in range(0, self.rank, width)]
+            self._host_blocks = [_host_copy(basis[:, columns]) for columns in self.columns]
+        else:
+            self.columns = [slice(0, self.rank)]
+            self._copies[(basis.device, torch.float32)] = basis
+
+    def whole(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """All of `U` on `device` in `dtype`; made once and shared by every weight that uses it."""
+        if self.offloaded:
+            if torch.device(device).type != "cpu":
+                raise RuntimeError(
+                    "An offloaded basis is staged block by block; it is never whole on the accelerator."
+                )
+            return torch.cat(self._host_blocks, dim=1).to(dtype)
+        key = (torch.device(device), dtype)
+        if key not in self._copies:
+            source = next(iter(self._copies.values()))
+            self._copies[key] = source.to(device=device, dtype=dtype)
+        return self._copies[key]
+
+    def move(self, device: torch.device) -> None:
+        """Keep the copies on `device` only (the weights are now stepped there), freeing the others."""
+        if self.offloaded:
+            return
+        dtypes = {dtype for _, dtype in self._copies}
+        source = next(iter(self._copies.values()))
+        self._copies = {(torch.device(device), dtype): source.to(device=device, dtype=dtype) for dtype in dtypes}
+
+    def blocks(self, device: torch.device, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """`U`'s column blocks on `device`, in the order of `columns`: the whole basis as one block,
+        or, offloaded, each block copied from host memory when it is reached (and freed after)."""
+        if not self.offloaded:
+            yield self.whole(device, dtype)
+            return
+        for block in self._host_blocks:
+            yield block.to(device=device, dtype=dtype, non_blocking=True)
+
+    def split(self, coefficients: torch.Tensor) -> list[torch.Tensor]:
+        """Coefficients on `U` (rows×k, e.g. an anchor) cut into the blocks' columns, stored where the
+        blocks are: host memory if offloaded, else where `coefficients` is."""
+        if not self.offloaded:
+            return [coefficients]
+        return [_host_copy(coefficients[:, columns]) for columns in self.columns]
+
+
 class ConstrainedParameter:
     """One trainable parameter, its matrix view, basis and (for `update` projection) anchor."""
 
@@ -80,7 +153,7 @@ class ConstrainedParameter:
         self,
         name: str,
         parameter: nn.Parameter,
-        basis: torch.Tensor,
+        basis: torch.Tensor | SharedBasis,
         flat: bool,
         zero_anchor: bool,
         compute_dtype: torch.dtype = torch.float32,
@@ -102,38 +175,63 @@ class ConstrainedParameter:
         self.matrix_shape: tuple[int, int] = (
             (1, math.prod(shape)) if flat else (shape[1], shape[0]) if transposed else (shape[0], shape[1])
         )
+        self.shared = basis if isinstance(basis, SharedBasis) else SharedBasis(basis)
         rows_dim = self.matrix_shape[1]
-        if basis.shape[0] != rows_dim:
+        if self.shared.dimension != rows_dim:
             raise ValueError(
-                f"Subspace basis for {name} has dimension {basis.shape[0]} but the parameter needs {rows_dim}: "
-                "the subspace was estimated for a different model."
+                f"Subspace basis for {name} has dimension {self.shared.dimension} but the parameter needs "
+                f"{rows_dim}: the subspace was estimated for a different model."
             )
         self.name = name
         self.parameter = parameter
-        self.basis = basis.to(device=parameter.device, dtype=torch.float32)
+        self.device = parameter.device  # where the weights (or their master copies) are stepped
         # The basis as the per-step products use it: fp32 by default (exact); bf16 trades the
         # preservation's precision (to bf16 round-off, not accumulating) for faster products.
-        self.compute_basis = self.basis if compute_dtype == torch.float32 else self.basis.to(compute_dtype)
+        self.compute_dtype = compute_dtype
         self.flat = flat
         self.zero_anchor = zero_anchor
-        self.anchor: torch.Tensor | None = None
-        self._bases_by_device: dict[torch.device, torch.Tensor] = {}
+        # `A = M₀ U` cut like the basis' column blocks (one block unless offloaded), or None.
+        self._anchor_blocks: list[torch.Tensor] | None = None
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """The whole fp32 basis where the weights are stepped (shared with the other weights reading it)."""
+        return self.shared.whole(self.device)
+
+    @property
+    def has_anchor(self) -> bool:
+        return self._anchor_blocks is not None
+
+    @property
+    def anchor(self) -> torch.Tensor | None:
+        """The whole anchor `A` (d_out×k), or None where none is recorded."""
+        if self._anchor_blocks is None:
+            return None
+        blocks = self._anchor_blocks
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+    def set_anchor(self, anchor: torch.Tensor | None) -> None:
+        """Record `anchor` (fp32, kept where the basis is: with the weights, or in host memory)."""
+        if anchor is None:
+            self._anchor_blocks = None
+            return
+        self._anchor_blocks = self.shared.split(anchor.to(device=self.device, dtype=torch.float32))
 
     def move_to(self, device: torch.device) -> None:
         """Move basis and anchor to where the weights are stepped (DeepSpeed and FSDP place the model
         on the accelerator only when they shard it, after the subspace was bound)."""
-        self.basis = self.basis.to(device)
-        self.compute_basis = self.compute_basis.to(device)
-        if self.anchor is not None:
-            self.anchor = self.anchor.to(device)
+        self.device = torch.device(device)
+        self.shared.move(self.device)
+        if self._anchor_blocks is not None and not self.shared.offloaded:
+            self._anchor_blocks = [block.to(self.device) for block in self._anchor_blocks]
 
     @property
     def rank(self) -> int:
-        return self.basis.shape[1]
+        return self.shared.rank
 
     @property
     def dimension(self) -> int:
-        return self.basis.shape[0]
+        return self.shared.dimension
 
     def _matrix(self, tensor: torch.Tensor) -> torch.Tensor:
         """The (out × in) view of a weight-shaped tensor, sharing its storage."""
@@ -150,19 +248,17 @@ class ConstrainedParameter:
         on the tiny model: 0.19 reference drift with bf16 here, 4e-3 with it only in the update).
         """
         gradient = self._matrix(self.parameter.grad)
-        coefficients = gradient.float() @ self.basis
-        total_sq = gradient.float().square().sum()
-        if apply:
-            gradient.sub_((coefficients @ self.basis.T).to(gradient.dtype))
-        return coefficients.square().sum(), total_sq
-
-    def _coefficients(self, matrix: torch.Tensor) -> torch.Tensor:
-        """`M U` in fp32, with the product in the compute dtype."""
-        return (matrix.to(self.compute_basis.dtype) @ self.compute_basis).float()
-
-    def _expand(self, coefficients: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`C Uᵀ` in `dtype`, with the product in the compute dtype."""
-        return (coefficients.to(self.compute_basis.dtype) @ self.compute_basis.T).to(dtype)
+        # One fp32 view for every block (a copy only for low-precision gradients): the blocks are
+        # orthogonal, so `G U_b` is the same before and after another block is removed.
+        as_float = gradient.float()
+        total_sq = as_float.square().sum()
+        removed_sq = torch.zeros((), dtype=torch.float32, device=gradient.device)
+        for block in self.shared.blocks(gradient.device, torch.float32):
+            coefficients = as_float @ block
+            removed_sq += coefficients.square().sum()
+            if apply:
+                gradient.sub_((coefficients @ block.T).to(gradient.dtype))
+        return removed_sq, total_sq
 
     @torch.no_grad()
     def projected(self, gradient: torch.Tensor) -> torch.Tensor:
@@ -173,9 +269,7 @@ class ConstrainedParameter:
         is produced. Projection is linear, so projecting every rank's every micro-batch equals
         projecting their reduced sum. The product runs in fp32 on the gradient's device.
         """
-        basis = self._bases_by_device.get(gradient.device)
-        if basis is None:
-            basis = self._bases_by_device[gradient.device] = self.basis.to(gradient.device)
+        basis = self.shared.whole(gradient.device)
         if self.expert is not None:
             result = gradient.clone()
             view = self._matrix(result)  # this expert's (out × in) matrix inside the copy
@@ -190,43 +284,81 @@ class ConstrainedParameter:
     def reset_anchor(self) -> None:
         """Record `A = M U` now (zero for LoRA `A`, which is first moved into the null space)."""
         if self.zero_anchor:
-            self.anchor = None
+            self._anchor_blocks = None
             self.enforce_anchor()
-        else:
-            self.anchor = self._coefficients(self._matrix(self.parameter.data))
+            return
+        matrix = self._matrix(self.parameter.data)
+        keep = _host_copy if self.shared.offloaded else torch.Tensor.contiguous
+        self._anchor_blocks = [
+            keep((matrix.to(block.dtype) @ block).float())
+            for block in self.shared.blocks(matrix.device, self.compute_dtype)
+        ]
 
     @torch.no_grad()
     def enforce_anchor(self) -> torch.Tensor:
-        """`M ← M − (M U − A) Uᵀ` on the whole weight; returns `M U − A`, the coefficients removed."""
-        return self.enforce_on(self._matrix(self.parameter.data), self.anchor)
+        """`M ← M − (M U − A) Uᵀ` on the whole weight; returns `M U − A` (or its norm, see `enforce_on`)."""
+        return self.enforce_on(self._matrix(self.parameter.data))
 
     @torch.no_grad()
-    def enforce_on(self, matrix: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
-        """`matrix ← matrix − (matrix U − anchor) Uᵀ` in place, for the whole weight or for a block of
-        its rows with the matching anchor rows (FSDP2's shards); returns `matrix U − anchor`.
+    def enforce_on(self, matrix: torch.Tensor, rows: slice | None = None, anchored: bool = True) -> torch.Tensor:
+        """`matrix ← matrix − (matrix U − A) Uᵀ` in place, for the whole weight or for the block `rows`
+        of its rows (FSDP2's shards) with the matching anchor rows; `anchored=False` uses `A = 0`
+        (a gradient). Returns `matrix U − A`, or, when an offloaded basis is applied block by block,
+        its norm: a tensor whose 2-norm is the residual's either way.
 
-        For fp32 weights and products this is two fused kernels (`addmm`), because per-step cost on
-        a GPU is dominated by kernel launches at a few hundred parameters, not by the FLOPs.
+        For fp32 weights and products each block is two fused kernels (`addmm`), because per-step
+        cost on a GPU is dominated by kernel launches at a few hundred parameters, not by the FLOPs.
         """
-        if matrix.dtype == torch.float32 and self.compute_basis.dtype == torch.float32:
-            if anchor is None:
-                residual = matrix @ self.basis
-            else:
-                residual = torch.addmm(anchor, matrix, self.basis, beta=-1)
-            matrix.addmm_(residual, self.basis.T, alpha=-1)
-            return residual
-        residual = self._coefficients(matrix)
-        if anchor is not None:
-            residual -= anchor
-        matrix.sub_(self._expand(residual, matrix.dtype))
+        anchors = self._anchor_blocks if anchored else None
+        norms = []
+        for index, block in enumerate(self.shared.blocks(matrix.device, self.compute_dtype)):
+            anchor = None
+            if anchors is not None:
+                anchor = anchors[index] if rows is None else anchors[index][rows]
+                anchor = anchor.to(matrix.device, non_blocking=True)
+            residual = _enforce_block(matrix, block, anchor)
+            if not self.shared.offloaded:
+                return residual
+            norms.append(torch.linalg.vector_norm(residual))
+        if not norms:  # nothing protected for this weight
+            return torch.zeros((), dtype=torch.float32, device=matrix.device)
+        return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def _enforce_block(matrix: torch.Tensor, block: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
+    """`matrix ← matrix − (matrix B − anchor) Bᵀ` for one block `B` of orthonormal columns; returns
+    `matrix B − anchor` in fp32 (products in the block's dtype)."""
+    if matrix.dtype == torch.float32 and block.dtype == torch.float32:
+        residual = matrix @ block if anchor is None else torch.addmm(anchor, matrix, block, beta=-1)
+        matrix.addmm_(residual, block.T, alpha=-1)
         return residual
+    residual = (matrix.to(block.dtype) @ block).float()
+    if anchor is not None:
+        residual -= anchor
+    matrix.sub_((residual.to(block.dtype) @ block.T).to(matrix.dtype))
+    return residual
+
+
+class SharedBases:
+    """The subspace's bases as `SharedBasis` objects: one per basis key, however many weights read it."""
+
+    def __init__(self, subspace: CapabilitySubspace, offload_block_bytes: int | None):
+        self.subspace = subspace
+        self.offload_block_bytes = offload_block_bytes
+        self._shared: dict[str, SharedBasis] = {}
+
+    def for_target(self, target: str) -> SharedBasis:
+        key = self.subspace.targets[target]
+        if key not in self._shared:
+            self._shared[key] = SharedBasis(self.subspace.bases[key], self.offload_block_bytes)
+        return self._shared[key]
 
 
 def _expert_slices(
     name: str,
     target: str,
     module: nn.Module,
-    subspace: CapabilitySubspace,
+    bases: SharedBases,
     found: set[str],
     compute_dtype: torch.dtype,
 ) -> list[ConstrainedParameter]:
@@ -236,7 +368,7 @@ def _expert_slices(
         parameter = getattr(module, weight)
         for expert in range(parameter.shape[0]):
             key = slice_name(f"{target}.{weight}", expert)
-            if key not in subspace.targets:
+            if key not in bases.subspace.targets:
                 continue
             found.add(key)
             if parameter.requires_grad:
@@ -244,7 +376,7 @@ def _expert_slices(
                     ConstrainedParameter(
                         slice_name(f"{name}.{weight}", expert),
                         parameter,
-                        subspace.basis_for(key),
+                        bases.for_target(key),
                         False,
                         False,
                         compute_dtype,
@@ -280,9 +412,18 @@ class SubspaceProjector:
 
     @classmethod
     def bind(
-        cls, model: nn.Module, subspace: CapabilitySubspace, compute_dtype: torch.dtype = torch.float32
+        cls,
+        model: nn.Module,
+        subspace: CapabilitySubspace,
+        compute_dtype: torch.dtype = torch.float32,
+        offload_block_bytes: int | None = None,
     ) -> SubspaceProjector:
-        """Match the subspace's targets to the model's trainable parameters (PEFT-aware)."""
+        """Match the subspace's targets to the model's trainable parameters (PEFT-aware).
+
+        With `offload_block_bytes`, bases and anchors stay in host memory and are staged to the
+        accelerator in column blocks of at most that size (`SharedBasis`).
+        """
+        bases = SharedBases(subspace, offload_block_bytes)
         constrained: list[ConstrainedParameter] = []
         free: set[str] = set()
         found: set[str] = set()
@@ -292,11 +433,11 @@ class SubspaceProjector:
                 if ".lora_" in name:
                     continue
                 if is_fused_experts(module):
-                    constrained += _expert_slices(name, target, module, subspace, found, compute_dtype)
+                    constrained += _expert_slices(name, target, module, bases, found, compute_dtype)
                     continue
                 if target not in subspace.targets:
                     continue
-                basis = subspace.basis_for(target)
+                basis = bases.for_target(target)
                 if is_lora_layer(module):
                     found.add(target)
                     for adapter, lora_a in module.lora_A.items():
@@ -328,9 +469,7 @@ class SubspaceProjector:
                     found.add(target)
                     if parameter.requires_grad:
                         constrained.append(
-                            ConstrainedParameter(
-                                name, parameter, subspace.basis_for(target), True, False, compute_dtype
-                            )
+                            ConstrainedParameter(name, parameter, bases.for_target(target), True, False, compute_dtype)
                         )
         missing = sorted(set(subspace.targets) - found)
         if missing:
@@ -395,17 +534,17 @@ class SubspaceProjector:
 
     def anchors(self) -> dict[str, torch.Tensor]:
         """The recorded anchors by parameter name (empty where none is recorded)."""
-        return {item.name: item.anchor for item in self.constrained if item.anchor is not None}
+        return {item.name: item.anchor for item in self.constrained if item.has_anchor}
 
     def restore_anchors(self, anchors: dict[str, torch.Tensor]) -> None:
         """Put back anchors saved by `anchors()`, e.g. from a checkpoint; names must match exactly."""
-        recorded = {item.name for item in self.constrained if item.anchor is not None}
+        recorded = {item.name for item in self.constrained if item.has_anchor}
         if set(anchors) != recorded:
             missing, unknown = sorted(recorded - set(anchors)), sorted(set(anchors) - recorded)
             raise ValueError(f"Saved anchors do not match this model: missing {missing[:3]}, unknown {unknown[:3]}.")
         for item in self.constrained:
             if item.name in anchors:
-                item.anchor = anchors[item.name].to(device=item.basis.device, dtype=torch.float32)
+                item.set_anchor(anchors[item.name])
 
     def project_gradients_in_backward(self) -> list[torch.utils.hooks.RemovableHandle]:
         """Project each constrained parameter's gradient as autograd produces it (`projected`), before
