@@ -8,15 +8,22 @@ SmolLM2-135M-Instruct with the default settings (a cache written by
 input, `o_proj` input, MLP input, `down_proj` input). Applied to other shapes they are an
 assumption, stated in the output: larger models' spectra may be more or less concentrated.
 
-Per rank, in fp32 (the trainer's default; `nullspace_projection_dtype` does not change storage):
-- bases: `Σ_inputs d · k` × 4 bytes, one per distinct input, on every rank under every backend;
-- anchors (`update`/`both` targets): `Σ_weights d_out · k` × 4 bytes, whole under DDP and ZeRO-1/2,
-  split over the ranks under ZeRO-3 and FSDP2;
-- compared with the rank's share of training memory, bf16 weights + fp32 master + Adam's two fp32
-  moments = 14 bytes per parameter, divided by the world size under ZeRO-3 and FSDP2 (the scale
-  issue's target: the constraint at most 10% of it).
+What the code allocates per rank, in fp32 (the trainer's default; `nullspace_projection_dtype`
+does not change storage), counted from the shapes, not measured on an accelerator:
+- bases `Σ_inputs d·k` and anchors `Σ_weights d_out·k`, whole on every rank under every backend
+  (one basis per distinct input, shared by the weights that read it);
+- while projecting: DDP and FSDP2 one weight's residual at a time (its local rows × k); ZeRO-1/2
+  all coefficients at once (the all-reduced buffer, anchor-sized); ZeRO-3 every weight's local
+  rows of coefficients at once (the anchors / world);
+- with `nullspace_offload` (FSDP2): bases and anchors in host memory instead, and on the
+  accelerator one staged block at a time: the basis block (d × k_b, at most the block size), its
+  anchor rows and residual (2 · local rows × k_b); over PCIe per optimizer step the bases twice
+  under the default `both` target (gradient, then update) and the local anchor rows once.
+Training memory per rank: bf16 weights 2 + fp32 master 4 + Adam's moments 8 bytes per parameter,
+replicated under DDP, the 12 optimizer bytes partitioned under ZeRO-1/2, all 14 under ZeRO-3/FSDP2
+(the scale issue's target: the constraint at most 10% of it under ZeRO-3 on 8 ranks).
 
-    python -m benchmarks.memory [--cache FILE] [--world 8] [--output-dir docs/results]
+    python -m benchmarks.memory [--cache FILE] [--world 8] [--block-mib 64] [--output-dir docs/results]
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from trl_nullspace.cache import load_subspace
 CACHE = os.path.join("outputs", "recipes", "smollm2-135m_subspace.safetensors")
 FP32 = 4
 TRAINING_BYTES_PER_PARAMETER = 14  # bf16 weights 2 + fp32 master 4 + Adam moments 8
+WEIGHT_BYTES = 2  # the bf16 weights ZeRO-1/2 keep whole on every rank
 KINDS = {
     "attention input": "q_proj",
     "o_proj input": "o_proj",
@@ -91,49 +99,92 @@ def rank_fractions(cache: str) -> dict[str, dict[str, float]]:
     return {kind: {"mean": statistics.mean(values), "max": max(values)} for kind, values in fractions.items()}
 
 
-def per_rank_bytes(shape: Shape, fractions: dict[str, dict[str, float]], world: int) -> dict[str, float]:
+def per_rank_bytes(
+    shape: Shape, fractions: dict[str, dict[str, float]], world: int, block_bytes: int
+) -> dict[str, float]:
+    """The constraint's bytes per rank under each backend (see the module's docstring), in GiB, and
+    their share of that rank's training memory."""
     bases = anchors = 0.0
+    largest_residual = largest_local_residual = largest_staged = 0.0
     for kind, size, outputs in shape.inputs():
         rank = fractions[kind]["mean"] * size
+        block_columns = min(rank, max(1, block_bytes // (FP32 * size)))
         bases += size * rank * FP32
         anchors += sum(outputs) * rank * FP32
-    training = shape.parameters() * TRAINING_BYTES_PER_PARAMETER
-    rows = {
-        "parameters_billions": shape.parameters() / 1e9,
+        for rows in outputs:
+            largest_residual = max(largest_residual, rows * rank * FP32)
+            largest_local_residual = max(largest_local_residual, rows / world * rank * FP32)
+            staged = (size + 2 * rows / world) * block_columns * FP32
+            largest_staged = max(largest_staged, staged)
+    parameters = shape.parameters()
+    training = {
+        "DDP": parameters * TRAINING_BYTES_PER_PARAMETER,
+        "ZeRO-1/2": parameters * (WEIGHT_BYTES + (TRAINING_BYTES_PER_PARAMETER - WEIGHT_BYTES) / world),
+        "ZeRO-3": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "FSDP2": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "FSDP2 + offload": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+    }
+    constraint = {
+        "DDP": bases + anchors + largest_residual,
+        "ZeRO-1/2": bases + 2 * anchors,
+        "ZeRO-3": bases + anchors + anchors / world,
+        "FSDP2": bases + anchors + largest_local_residual,
+        "FSDP2 + offload": largest_staged,
+    }
+    row = {
+        "parameters_billions": parameters / 1e9,
         "bases_gib": bases / 2**30,
         "anchors_gib": anchors / 2**30,
     }
-    for backend, sharded in (("DDP / ZeRO-1/2", False), ("ZeRO-3 / FSDP2", True)):
-        constraint = bases + anchors / (world if sharded else 1)
-        share = training / (world if sharded else 1)
-        rows[f"{backend}: constraint GiB"] = constraint / 2**30
-        rows[f"{backend}: share of training memory"] = constraint / share
-    return rows
+    for backend, held in constraint.items():
+        row[f"{backend}: GiB"] = held / 2**30
+        row[f"{backend}: share"] = held / training[backend]
+    row["offload: host GiB"] = (bases + anchors) / 2**30
+    row["offload: PCIe GiB per step"] = (2 * bases + anchors / world) / 2**30
+    return row
 
 
-def report(fractions: dict, table: dict, world: int, cache: str) -> str:
+def report(fractions: dict, table: dict, world: int, cache: str, block_mib: float) -> str:
     lines = [
         "# What the constraint keeps per rank (`make bench-memory`)",
         "",
         f"Rank fractions `k / d` measured on SmolLM2-135M-Instruct with the default settings (`{cache}`), "
         "applied to each shape's layer inputs (an assumption for other models; experts take the dense MLP's "
-        f"fractions). fp32 bases and anchors; training memory = 14 bytes per parameter; {world} ranks.",
+        f"fractions). fp32 bases and anchors; {world} ranks; offload blocks of {block_mib:g} MiB. Bytes are what "
+        "the code allocates, counted from the shapes (the formula below), not measured on an accelerator.",
         "",
         "| layer input | mean k/d | largest k/d |",
         "|---|---|---|",
         *[f"| {kind} | {value['mean']:.2f} | {value['max']:.2f} |" for kind, value in fractions.items()],
         "",
+        "Accelerator memory of the constraint per rank, GiB (share of the rank's training memory):",
+        "",
     ]
-    columns = list(next(iter(table.values())))
-    lines += ["| shape | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    backends = [column.removesuffix(": GiB") for column in next(iter(table.values())) if column.endswith(": GiB")]
+    head = ["shape", "parameters (B)", "bases GiB", "anchors GiB", *backends]
+    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, row in table.items():
-        cells = [f"{row[column]:.0%}" if "share" in column else f"{row[column]:.2f}" for column in columns]
+        cells = [f"{row['parameters_billions']:.2f}", f"{row['bases_gib']:.2f}", f"{row['anchors_gib']:.2f}"]
+        cells += [f"{row[f'{backend}: GiB']:.2f} ({row[f'{backend}: share']:.0%})" for backend in backends]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Formula, per rank: bases `4·Σ_inputs d·k` bytes (every rank, every backend) + anchors "
-        "`4·Σ_weights d_out·k` bytes (divided by the world size under ZeRO-3 and FSDP2). The scale issue's "
-        "target is at most 10% of a rank's training memory under ZeRO-3 on 8 ranks.",
+        "With `nullspace_offload` (FSDP2), what moves to the host instead, per rank:",
+        "",
+        "| shape | host memory GiB | copied to the accelerator per optimizer step, GiB |",
+        "|---|---|---|",
+        *[
+            f"| {name} | {row['offload: host GiB']:.1f} | {row['offload: PCIe GiB per step']:.1f} |"
+            for name, row in table.items()
+        ],
+        "",
+        "Formula, per rank (bytes, fp32): bases `B = 4·Σ_inputs d·k` and anchors `A = 4·Σ_weights d_out·k` on "
+        "every backend; DDP `B + A + 4·max d_out·k`; ZeRO-1/2 `B + 2A`; ZeRO-3 `B + A + A/world`; FSDP2 "
+        "`B + A + 4·max (d_out/world)·k`; FSDP2 with offload `4·max (d + 2·d_out/world)·k_b` on the accelerator "
+        "(`k_b` = the columns of one block), `B + A` in host memory and `2B + A/world` copied per step under the "
+        "default `both` target. Training memory: 14 bytes per parameter under DDP, `2 + 12/world` under "
+        "ZeRO-1/2, `14/world` under ZeRO-3 and FSDP2. The scale issue's target is at most 10% under ZeRO-3 "
+        "on 8 ranks.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -142,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default=CACHE, help="a subspace cache of SmolLM2 at the default settings")
     parser.add_argument("--world", type=int, default=8)
+    parser.add_argument("--block-mib", type=float, default=64, help="nullspace_offload_block_mib")
     parser.add_argument("--output-dir", default="docs/results")
     options = parser.parse_args(argv)
     if not os.path.exists(options.cache):
@@ -151,14 +203,16 @@ def main(argv: list[str] | None = None) -> None:
             "(or `trl-nullspace estimate`), or pass --cache."
         )
     fractions = rank_fractions(options.cache)
-    table = {shape.name: per_rank_bytes(shape, fractions, options.world) for shape in SHAPES}
-    text = report(fractions, table, options.world, options.cache)
+    block_bytes = int(options.block_mib * 2**20)
+    table = {shape.name: per_rank_bytes(shape, fractions, options.world, block_bytes) for shape in SHAPES}
+    text = report(fractions, table, options.world, options.cache, options.block_mib)
     os.makedirs(options.output_dir, exist_ok=True)
     with open(os.path.join(options.output_dir, "memory.json"), "w") as handle:
         json.dump(
             {
                 "cache": options.cache,
                 "world": options.world,
+                "block_mib": options.block_mib,
                 "fractions": fractions,
                 "shapes": [asdict(s) for s in SHAPES],
                 "per_rank": table,

@@ -153,7 +153,7 @@ def test_fsdp1_is_refused_not_silently_ignored(model, tokenizer, safety_dataset,
     [
         ("fsdp2", {"nullspace_method": "gradient"}, "only nullspace_method='activation'"),
         ("deepspeed", {"nullspace_refresh_steps": 4}, "nullspace_refresh_steps is not supported under DeepSpeed"),
-        ("deepspeed", {"nullspace_offload": True}, "nullspace_offload under DeepSpeed yet.*Use FSDP2"),
+        ("deepspeed", {"nullspace_offload": True}, "nullspace_offload under DeepSpeed with ZeRO stage 3.*stage 2"),
     ],
 )
 def test_sharded_backends_refuse_options_they_cannot_honour(
@@ -165,7 +165,13 @@ def test_sharded_backends_refuse_options_they_cannot_honour(
     deepspeed = backend == "deepspeed"
     with pytest.raises(NotImplementedError, match=message):
         guards.check_backend(
-            trainer.args, trainer.model, deepspeed=deepspeed, fsdp=not deepspeed, fsdp2=not deepspeed, trainer_name="T"
+            trainer.args,
+            trainer.model,
+            deepspeed=deepspeed,
+            fsdp=not deepspeed,
+            fsdp2=not deepspeed,
+            trainer_name="T",
+            zero_stage=2 if deepspeed else None,
         )
 
 

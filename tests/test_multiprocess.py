@@ -202,13 +202,15 @@ def test_mixture_of_experts_under_zero2_freezes_the_experts_and_keeps_reference_
     assert _reference_logit_drift(assets, tmp_path / "moe", tmp_path / "mixtral") < 1e-4
 
 
-@pytest.mark.parametrize("method", ["activation", "gradient"])
+@pytest.mark.parametrize("method", ["activation", "gradient", "offload"])
 def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_between_ranks(tmp_path, method):
     """ZeRO-3 with every weight partitioned (persistence threshold 0, unlike the shipped config on
     this tiny model) and an odd intermediate size, so the 2 partitions of each gate/up weight split
     one row between the ranks. Only such rows' coefficients travel, and the run still matches the
     single-process one (and, for the activation method, keeps the reference outputs). The gradient
-    method's matrices are single rows that both partitions split, so all of them travel."""
+    method's matrices are single rows that both partitions split, so all of them travel. With
+    `nullspace_offload` (bases in host memory, applied 4 columns at a time) those split rows' weight
+    values travel instead, and the run must match the single-process one all the same."""
     assets = tmp_path / "assets"
     write_toy_assets(str(assets))
     tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
@@ -235,7 +237,9 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     accelerate_path.write_text(yaml.safe_dump(accelerate_config))
     recipe = os.path.join(ROOT, "recipes", "sft.py")
 
-    overrides = {"nullspace_method": method}
+    overrides = {"nullspace_method": "gradient" if method == "gradient" else "activation"}
+    if method == "offload":
+        overrides |= {"nullspace_offload": True, "nullspace_offload_block_mib": 2**-10}
     if method == "gradient":
         overrides |= {"nullspace_eigenvalue_threshold": None, "nullspace_max_rank": 4}
     configs = {}
@@ -246,11 +250,17 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     _train(recipe, str(configs["single"]))
     output = _train(recipe, str(configs["zero3"]), str(accelerate_path))
 
+    trained = load_file(str(tmp_path / "zero3" / "model.safetensors"))
+    assert _max_difference(trained, load_file(str(tmp_path / "single" / "model.safetensors"))) < 1e-4
+    if method == "offload":
+        exchanged, whole = map(int, re.search(r"all-reduces (\d+) of (\d+) weight values per step", output).groups())
+        # One split row of 64 values in each of the 4 gate/up weights (97 rows, 2 partitions).
+        assert exchanged == 4 * 64 and whole > 100 * exchanged, (exchanged, whole)
+        assert _reference_logit_drift(assets, tmp_path / "zero3") < 1e-4
+        return
     exchanged, whole, partitioned, weights = map(
         int, re.search(r"all-reduces (\d+) of (\d+) coefficients per step \((\d+) of (\d+) weights", output).groups()
     )
-    trained = load_file(str(tmp_path / "zero3" / "model.safetensors"))
-    assert _max_difference(trained, load_file(str(tmp_path / "single" / "model.safetensors"))) < 1e-4
     if method == "gradient":
         assert partitioned == weights and exchanged == whole > 0, (exchanged, whole)
         return

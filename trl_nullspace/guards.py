@@ -19,7 +19,13 @@ from trl_nullspace.targets import is_lora_layer, is_transposed_linear
 
 
 def check_backend(
-    args: NullSpaceArguments, model: nn.Module, deepspeed: bool, fsdp: bool, fsdp2: bool, trainer_name: str
+    args: NullSpaceArguments,
+    model: nn.Module,
+    deepspeed: bool,
+    fsdp: bool,
+    fsdp2: bool,
+    trainer_name: str,
+    zero_stage: int | None = None,
 ) -> None:
     """Refuse the backends and options whose projection would silently not apply.
 
@@ -30,11 +36,12 @@ def check_backend(
     """
     if not (deepspeed or fsdp):
         return
-    if deepspeed and args.nullspace_offload:
+    if deepspeed and args.nullspace_offload and (zero_stage != 3 or args.nullspace_method != "activation"):
         raise NotImplementedError(
-            f"{trainer_name} does not support nullspace_offload under DeepSpeed yet: its projection of the "
-            "partitioned master weights reads whole bases. Use FSDP2 (fsdp_version: 2) with nullspace_offload, "
-            "or DeepSpeed without it."
+            f"{trainer_name} supports nullspace_offload under DeepSpeed with ZeRO stage 3 and the activation method "
+            f"only (this run: stage {zero_stage}, nullspace_method={args.nullspace_method!r}): the offloaded "
+            "projection exchanges the weight rows that partitions split, which under ZeRO-1/2, or for the gradient "
+            "method's single-row matrices, is every row. Use ZeRO-3 or FSDP2 with it, or turn nullspace_offload off."
         )
     backend = "DeepSpeed" if deepspeed else "FSDP"
     conv1d = [name for name, module in model.named_modules() if is_transposed_linear(module)]

@@ -50,7 +50,7 @@ from trl_nullspace.projector import SubspaceProjector
 from trl_nullspace.reference import ReferenceBatch, tokenize_reference
 from trl_nullspace.subspace import CapabilitySubspace
 from trl_nullspace.targets import find_target_experts, find_target_linears
-from trl_nullspace.zero import ZeroMasterProjector, gathered
+from trl_nullspace.zero import OffloadedZeroProjector, ZeroMasterProjector, gathered
 
 logger = logging.get_logger(__name__)
 
@@ -123,6 +123,7 @@ class NullSpaceTrainerMixin:
             fsdp=self.is_fsdp_enabled,
             fsdp2=self.is_fsdp_enabled and self.accelerator.is_fsdp2,
             trainer_name=type(self).__name__,
+            zero_stage=self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None,
         )
         guards.check_optimizer_name(self.args)
         guards.check_quantized(self.model, self.args)
@@ -329,7 +330,7 @@ class NullSpaceTrainerMixin:
         target = self.args.nullspace_projection_target
         with gathered([item.parameter for item in projector.constrained], modifier_rank=0):
             projector.initialise_anchors(track_updates=target in ("update", "both"))
-        self._sharded_master_projector: ZeroMasterProjector | RowShardProjector | None = None
+        self._sharded_master_projector: ZeroMasterProjector | OffloadedZeroProjector | RowShardProjector | None = None
         # DeepSpeed reduces gradients in its own hooks and steps inside backward: the gradient target
         # projects each micro-batch's gradient as autograd produces it, before those hooks read it.
         for handle in getattr(self, "_gradient_hooks", []):
@@ -339,11 +340,13 @@ class NullSpaceTrainerMixin:
             self._gradient_hooks = projector.project_gradients_in_backward()
         return projector
 
-    def _sharded_projector(self) -> ZeroMasterProjector | RowShardProjector:
+    def _sharded_projector(self) -> ZeroMasterProjector | OffloadedZeroProjector | RowShardProjector:
         """The projector of sharded master weights, built once DeepSpeed or FSDP2 has sharded them."""
         if self._sharded_master_projector is None:
             constrained = self.nullspace_projector.constrained
-            if self.is_deepspeed_enabled:
+            if self.is_deepspeed_enabled and self.args.nullspace_offload:
+                self._sharded_master_projector = OffloadedZeroProjector(constrained, self.accelerator.device)
+            elif self.is_deepspeed_enabled:
                 self._sharded_master_projector = ZeroMasterProjector(constrained, self.accelerator.device)
             else:
                 self._sharded_master_projector = RowShardProjector(self.model, constrained)

@@ -202,6 +202,10 @@ class ConstrainedParameter:
     def has_anchor(self) -> bool:
         return self._anchor_blocks is not None
 
+    def anchor_blocks(self) -> list[torch.Tensor] | None:
+        """The anchor cut like the basis' column blocks (host memory if offloaded), or None."""
+        return self._anchor_blocks
+
     @property
     def anchor(self) -> torch.Tensor | None:
         """The whole anchor `A` (d_out×k), or None where none is recorded."""
@@ -269,16 +273,21 @@ class ConstrainedParameter:
         is produced. Projection is linear, so projecting every rank's every micro-batch equals
         projecting their reduced sum. The product runs in fp32 on the gradient's device.
         """
-        basis = self.shared.whole(gradient.device)
         if self.expert is not None:
             result = gradient.clone()
             view = self._matrix(result)  # this expert's (out × in) matrix inside the copy
-            matrix = view.float()
-            view.copy_(matrix - (matrix @ basis) @ basis.T)
+            view.copy_(self._without_subspace(view.float()))
             return result
         matrix = (gradient.T if self.transposed else gradient.reshape(self.matrix_shape)).float()
-        projected = matrix - (matrix @ basis) @ basis.T
+        projected = self._without_subspace(matrix)
         return (projected.T if self.transposed else projected).reshape(gradient.shape).to(gradient.dtype)
+
+    def _without_subspace(self, matrix: torch.Tensor) -> torch.Tensor:
+        """`matrix − (matrix U) Uᵀ` in fp32, as a new tensor (block by block if offloaded)."""
+        result = matrix.clone()
+        for block in self.shared.blocks(matrix.device, torch.float32):
+            result.addmm_(matrix @ block, block.T, alpha=-1)
+        return result
 
     @torch.no_grad()
     def reset_anchor(self) -> None:

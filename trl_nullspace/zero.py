@@ -165,7 +165,7 @@ class _MasterFragment:
                 for slot, row in enumerate(self.exchanged_rows)
                 if self.first_row <= row < self.first_row + self.local_rows
             ]
-            device = item.basis.device
+            device = item.device
             self.exchanged_slots = torch.tensor([slot for slot, _ in covered], dtype=torch.long, device=device)
             self.exchanged_local = torch.tensor([row for _, row in covered], dtype=torch.long, device=device)
         self.pieces = [
@@ -173,13 +173,55 @@ class _MasterFragment:
             for piece in (fragment_pieces(start, numel, self.row_length) if numel else [])
         ]
 
+    def exchanged_slot(self, piece: _Piece) -> int | None:
+        """Where `piece`'s first row sits among the exchanged rows, if it is one (all rows are, for a
+        weight every rank keeps whole; else only the rows a partition boundary cuts)."""
+        if self.replicated:
+            return piece.row
+        if piece.column_end - piece.column_start == self.row_length:
+            return None  # whole rows: no boundary inside them
+        return self.exchanged_rows.index(self.first_row + piece.row)
+
+    def enforce_streamed(self, master: torch.Tensor, exchanged: torch.Tensor) -> torch.Tensor:
+        """`M ← M − (M U − A) Uᵀ` on this fragment (and the module's whole copy, if kept), one
+        column block of `U` at a time; cut rows' coefficients come from their completed copies in
+        `exchanged`. Returns the squared norm of `M U − A` on this fragment's rows."""
+        item, parameter = self.item, self.item.parameter
+        squares = torch.zeros((), dtype=torch.float32, device=master.device)
+        if not self.pieces and not self.replicated:
+            return squares
+        anchors = item.anchor_blocks()
+        for index, block in enumerate(item.shared.blocks(master.device, torch.float32)):
+            if self.replicated:
+                coefficients = exchanged @ block
+            else:
+                coefficients = torch.empty(self.local_rows, block.shape[1], dtype=torch.float32, device=block.device)
+                for piece in self.pieces:
+                    slot = self.exchanged_slot(piece)
+                    if slot is None:  # whole rows of this fragment
+                        rows = master[piece.offset : piece.offset + piece.numel].view(piece.rows, -1)
+                    else:  # a cut row, completed by the other ranks' pieces
+                        rows = exchanged[slot : slot + 1]
+                    coefficients[piece.row : piece.row + piece.rows] = rows @ block
+            if anchors is not None:
+                rows = slice(self.first_row, self.first_row + self.local_rows)
+                coefficients -= anchors[index][rows].to(block.device, non_blocking=True)
+            subtract_fragment_projection(self.pieces, master, block, coefficients)
+            if self.replicated:
+                matrix = parameter.data.view(self.rows, self.row_length)
+                matrix.sub_((coefficients @ block.T).to(device=matrix.device, dtype=matrix.dtype))
+            squares += coefficients.square().sum()
+        parameter._z3_optimizer.set_local_hp_param(master, parameter)
+        parameter.ds_tensor.data.copy_(master.view_as(parameter.ds_tensor))
+        return squares
+
     def master(self) -> torch.Tensor:
         """The fp32 master values this rank owns (ZeRO-3: its padded partition, a copy if offloaded)."""
         parameter = self.item.parameter
         if self.stage3:
             return parameter._z3_optimizer.get_local_fp32_param(parameter).view(-1)
         if parameter._hp_mapping is None:
-            return torch.empty(0, dtype=torch.float32, device=self.item.basis.device)
+            return torch.empty(0, dtype=torch.float32, device=self.item.device)
         return parameter._hp_mapping.get_hp_fragment().view(-1)
 
     def local_coefficients(self, master: torch.Tensor) -> torch.Tensor:
@@ -300,4 +342,80 @@ class ZeroMasterProjector:
             fragment.subtract(master, residual)
             # Fragments live where their masters do (the CPU under optimizer offload): sum on one device.
             squares.append(residual.square().sum().to(self.communication_device))
+        return torch.stack(squares).sum().sqrt()
+
+
+class OffloadedZeroProjector:
+    """ZeRO-3 with `nullspace_offload`: the bases and anchors stay in host memory and each weight is
+    projected block by block (`SharedBasis`), so no rank ever holds a whole basis on the accelerator.
+
+    Coefficients cannot be exchanged per block without one collective per block, so the rows that
+    partition boundaries cut travel instead: each rank writes its pieces of those rows into one fp32
+    buffer (at most one row per boundary per weight; every row of the small weights ZeRO-3 keeps
+    whole), one all-reduce completes them, and then every rank projects its own fragment with no
+    further communication, a cut row through its completed copy. Every rank holding a piece of a
+    cut row computes the same coefficients from the same values, so the pieces stay consistent.
+    """
+
+    def __init__(self, constrained: list[ConstrainedParameter], communication_device: torch.device):
+        self.communication_device = communication_device
+        self.fragments = [_MasterFragment(item) for item in constrained]
+        stage12 = [fragment.item.name for fragment in self.fragments if not fragment.stage3]
+        if stage12:
+            raise NotImplementedError(
+                f"nullspace_offload under DeepSpeed needs ZeRO stage 3 ({stage12[0]} is a ZeRO-1/2 weight, whose "
+                "projection would exchange every row). Use ZeRO-3 or FSDP2 with nullspace_offload, or ZeRO-1/2 "
+                "without it."
+            )
+        self.offsets, total = [], 0
+        for fragment in self.fragments:
+            self.offsets.append(total)
+            total += len(fragment.exchanged_rows) * fragment.row_length
+        self.exchanged_numel = total
+        self.whole_numel = sum(fragment.rows * fragment.row_length for fragment in self.fragments)
+
+    def summary(self) -> str:
+        """What travels per step, for the log."""
+        return (
+            f"ZeRO projection all-reduces {self.exchanged_numel} of {self.whole_numel} weight values per step "
+            "(the rows partitions split); bases and anchors stream from host memory"
+        )
+
+    def _completed_rows(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Every fragment's master and its exchanged rows made whole by one all-reduce (last value:
+        the ranks whose masters hold NaN or inf, so that all ranks raise together)."""
+        buffer = torch.zeros(self.exchanged_numel + 1, dtype=torch.float32, device=self.communication_device)
+        masters, rows, sums = [], [], []
+        for fragment, offset in zip(self.fragments, self.offsets, strict=True):
+            master = fragment.master()
+            block = buffer[offset : offset + len(fragment.exchanged_rows) * fragment.row_length]
+            block = block.view(-1, fragment.row_length)
+            for piece in fragment.pieces:
+                slot = fragment.exchanged_slot(piece)
+                if slot is not None:
+                    values = master[piece.offset : piece.offset + piece.numel].view(piece.rows, -1)
+                    block[slot : slot + piece.rows, piece.column_start : piece.column_end] = values.to(block.device)
+            sums.append(master.sum().to(self.communication_device))
+            masters.append(master)
+            rows.append(block)
+        if sums:
+            buffer[-1] = (~torch.isfinite(torch.stack(sums).sum())).float()
+        dist.all_reduce(buffer)
+        if buffer[-1] > 0:
+            bad = [
+                fragment.item.name
+                for fragment, total in zip(self.fragments, sums, strict=True)
+                if not total.isfinite()
+            ]
+            raise diverged_step_error(bad)
+        return masters, rows
+
+    @torch.no_grad()
+    def enforce_anchors(self) -> torch.Tensor:
+        """`M ← M − (M U − A) Uᵀ` on the master weights, block by block; returns ‖M U − A‖ over this
+        rank's rows (a device tensor, read only when the trainer logs)."""
+        masters, completed = self._completed_rows()
+        squares = [torch.zeros((), dtype=torch.float32, device=self.communication_device)]
+        for fragment, master, rows in zip(self.fragments, masters, completed, strict=True):
+            squares.append(fragment.enforce_streamed(master, rows.to(master.device)).to(self.communication_device))
         return torch.stack(squares).sum().sqrt()
