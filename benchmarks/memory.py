@@ -14,11 +14,15 @@ does not change storage), counted from the shapes, not measured on an accelerato
   (one basis per distinct input, shared by the weights that read it);
 - while projecting: DDP and FSDP2 one weight's residual at a time (its local rows × k); ZeRO-1/2
   all coefficients at once (the all-reduced buffer, anchor-sized); ZeRO-3 every weight's local
-  rows of coefficients at once (the anchors / world);
-- with `nullspace_offload` (FSDP2): bases and anchors in host memory instead, and on the
-  accelerator one staged block at a time: the basis block (d × k_b, at most the block size), its
-  anchor rows and residual (2 · local rows × k_b); over PCIe per optimizer step the bases twice
-  under the default `both` target (gradient, then update) and the local anchor rows once.
+  rows of coefficients at once (the anchors / world); under DeepSpeed also the gradient hook's
+  copies of one whole weight's gradient (the default `both` target);
+- with `nullspace_offload`: bases and anchors in host memory instead, and on the accelerator one
+  staged block at a time: the basis block (d × k_b, at most the block size), its anchor rows and
+  residual (2 · local rows × k_b); under ZeRO-3 also the buffer of rows that partition boundaries
+  cut (at most world − 1 rows per weight) and the gradient hook's copies. Over PCIe per optimizer
+  step: the bases twice under the default `both` target (gradient, then update; under DeepSpeed
+  once more per extra micro-batch, whose gradients are projected as backward produces them) and
+  the local anchor rows once.
 Training memory per rank: bf16 weights 2 + fp32 master 4 + Adam's moments 8 bytes per parameter,
 replicated under DDP, the 12 optimizer bytes partitioned under ZeRO-1/2, all 14 under ZeRO-3/FSDP2
 (the scale issue's target: the constraint at most 10% of it under ZeRO-3 on 8 ranks).
@@ -104,8 +108,8 @@ def per_rank_bytes(
 ) -> dict[str, float]:
     """The constraint's bytes per rank under each backend (see the module's docstring), in GiB, and
     their share of that rank's training memory."""
-    bases = anchors = 0.0
-    largest_residual = largest_local_residual = largest_staged = 0.0
+    bases = anchors = cut_rows = 0.0
+    largest_residual = largest_local_residual = largest_staged = largest_hook = 0.0
     for kind, size, outputs in shape.inputs():
         rank = fractions[kind]["mean"] * size
         block_columns = min(rank, max(1, block_bytes // (FP32 * size)))
@@ -116,19 +120,25 @@ def per_rank_bytes(
             largest_local_residual = max(largest_local_residual, rows / world * rank * FP32)
             staged = (size + 2 * rows / world) * block_columns * FP32
             largest_staged = max(largest_staged, staged)
+            # DeepSpeed's gradient hook, one weight at a time: its bf16 gradient in fp32, the projected
+            # fp32 result and that result in bf16 (4 + 4 + 2 bytes per element).
+            largest_hook = max(largest_hook, rows * size * (2 * FP32 + WEIGHT_BYTES))
+            cut_rows += min(rows, world - 1) * size * FP32  # at most one row per partition boundary
     parameters = shape.parameters()
     training = {
         "DDP": parameters * TRAINING_BYTES_PER_PARAMETER,
         "ZeRO-1/2": parameters * (WEIGHT_BYTES + (TRAINING_BYTES_PER_PARAMETER - WEIGHT_BYTES) / world),
         "ZeRO-3": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "FSDP2": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "ZeRO-3 + offload": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "FSDP2 + offload": parameters * TRAINING_BYTES_PER_PARAMETER / world,
     }
     constraint = {
         "DDP": bases + anchors + largest_residual,
-        "ZeRO-1/2": bases + 2 * anchors,
-        "ZeRO-3": bases + anchors + anchors / world,
+        "ZeRO-1/2": bases + 2 * anchors + largest_hook,
+        "ZeRO-3": bases + anchors + anchors / world + largest_hook,
         "FSDP2": bases + anchors + largest_local_residual,
+        "ZeRO-3 + offload": cut_rows + largest_staged + largest_hook,
         "FSDP2 + offload": largest_staged,
     }
     row = {
@@ -169,7 +179,8 @@ def report(fractions: dict, table: dict, world: int, cache: str, block_mib: floa
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "With `nullspace_offload` (FSDP2), what moves to the host instead, per rank:",
+        "With `nullspace_offload`, what moves to the host instead, per rank (ZeRO-3 and FSDP2 alike; DeepSpeed "
+        "copies the bases once more per extra micro-batch of gradient accumulation):",
         "",
         "| shape | host memory GiB | copied to the accelerator per optimizer step, GiB |",
         "|---|---|---|",
@@ -179,12 +190,13 @@ def report(fractions: dict, table: dict, world: int, cache: str, block_mib: floa
         ],
         "",
         "Formula, per rank (bytes, fp32): bases `B = 4·Σ_inputs d·k` and anchors `A = 4·Σ_weights d_out·k` on "
-        "every backend; DDP `B + A + 4·max d_out·k`; ZeRO-1/2 `B + 2A`; ZeRO-3 `B + A + A/world`; FSDP2 "
-        "`B + A + 4·max (d_out/world)·k`; FSDP2 with offload `4·max (d + 2·d_out/world)·k_b` on the accelerator "
-        "(`k_b` = the columns of one block), `B + A` in host memory and `2B + A/world` copied per step under the "
-        "default `both` target. Training memory: 14 bytes per parameter under DDP, `2 + 12/world` under "
-        "ZeRO-1/2, `14/world` under ZeRO-3 and FSDP2. The scale issue's target is at most 10% under ZeRO-3 "
-        "on 8 ranks.",
+        "every backend; DDP `B + A + 4·max d_out·k`; ZeRO-1/2 `B + 2A + H`; ZeRO-3 `B + A + A/world + H` with "
+        "`H = 10·max d_out·d` (the gradient hook's copies); FSDP2 `B + A + 4·max (d_out/world)·k`; with offload "
+        "`S = 4·max (d + 2·d_out/world)·k_b` on the accelerator under FSDP2 (`k_b` = the columns of one block) "
+        "and `S + H + 4·Σ_weights (world − 1)·d` (the split rows) under ZeRO-3, `B + A` in host memory and "
+        "`2B + A/world` copied per step under the default `both` target. Training memory: 14 bytes per "
+        "parameter under DDP, `2 + 12/world` under ZeRO-1/2, `14/world` under ZeRO-3 and FSDP2. The scale "
+        "issue's target is at most 10% under ZeRO-3 on 8 ranks.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -63,12 +63,20 @@ def test_memory_formula_on_a_shape_counted_by_hand():
     half = {
         kind: {"mean": 0.5, "max": 0.5} for kind in ("attention input", "o_proj input", "MLP input", "down_proj input")
     }
-    rows = per_rank_bytes(shape, half, world=2)
+    rows = per_rank_bytes(shape, half, world=2, block_bytes=32)
+    in_bytes = {key: value * 2**30 for key, value in rows.items() if "GiB" in key or key.endswith("_gib")}
     # bases: attention 4·2 + o_proj 8·4 + MLP 4·2 + down 6·3 = 66 floats
-    assert rows["bases_gib"] * 2**30 == 66 * 4
+    assert in_bytes["bases_gib"] == 66 * 4
     # anchors: (8+4+4)·2 + 4·4 + (6+6)·2 + 4·3 = 84 floats
-    assert rows["anchors_gib"] * 2**30 == 84 * 4
-    assert rows["ZeRO-3 / FSDP2: constraint GiB"] * 2**30 == (66 + 84 / 2) * 4
+    assert in_bytes["anchors_gib"] == 84 * 4
+    # The gradient hook's copies of the largest weight (q and o, 32 values): 10 bytes each.
+    assert in_bytes["ZeRO-3: GiB"] == (66 + 84 + 84 / 2) * 4 + 320
+    # Offloaded, 32-byte blocks: the largest staged block is q's, 2 columns of a 4-wide basis plus
+    # 2 · 8/2 rows of anchor and residual: (4 + 8) · 2 floats.
+    assert in_bytes["FSDP2 + offload: GiB"] == 96
+    # ZeRO-3 adds one split row per weight (4+4+4+8+4+4+6 = 34 floats) and the hook's copies.
+    assert in_bytes["ZeRO-3 + offload: GiB"] == 34 * 4 + 96 + 320
+    assert in_bytes["offload: PCIe GiB per step"] == (2 * 66 + 84 / 2) * 4
 
 
 def test_unseen_harm_proxy_reads_no_held_out_item_and_refuses_a_trained_area():
