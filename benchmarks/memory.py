@@ -39,9 +39,11 @@ import statistics
 from dataclasses import asdict, dataclass
 
 from trl_nullspace.cache import load_subspace
+from trl_nullspace.config import NullSpaceArguments
 
 CACHE = os.path.join("outputs", "recipes", "smollm2-135m_subspace.safetensors")
 FP32 = 4
+FP64 = 8
 TRAINING_BYTES_PER_PARAMETER = 14  # bf16 weights 2 + fp32 master 4 + Adam moments 8
 WEIGHT_BYTES = 2  # the bf16 weights ZeRO-1/2 keep whole on every rank
 KINDS = {
@@ -154,7 +156,25 @@ def per_rank_bytes(
     return row
 
 
-def report(fractions: dict, table: dict, world: int, cache: str, block_mib: float) -> str:
+def estimation_passes(shape: Shape, budget_bytes: int) -> dict[str, float]:
+    """The activation estimate's fp64 statistics (one d×d matrix per distinct layer input) and the
+    passes over the reference data `nullspace_statistics_budget_gib` splits them into. The planner
+    counts a d_in² bound per weight (`statistic_bytes`), as here; the passes hold the exact sizes."""
+    entries = shape.inputs()
+    layer = entries[: len(entries) // shape.layers]
+    exact = sum(size * size * FP64 for _, size, _ in layer)
+    bound = sum(len(outputs) * size * size * FP64 for _, size, outputs in layer)
+    per_pass = max(1, budget_bytes // bound)  # whole layers per pass; one if a layer exceeds the budget
+    return {
+        "statistics_gib": exact * shape.layers / 2**30,
+        "passes": -(-shape.layers // per_pass),
+        "largest_pass_gib": exact * min(per_pass, shape.layers) / 2**30,
+    }
+
+
+def report(
+    fractions: dict, table: dict, world: int, cache: str, block_mib: float, estimation: dict, budget_gib: float
+) -> str:
     lines = [
         "# What the constraint keeps per rank (`make bench-memory`)",
         "",
@@ -189,6 +209,17 @@ def report(fractions: dict, table: dict, world: int, cache: str, block_mib: floa
             for name, row in table.items()
         ],
         "",
+        f"Estimation (activation method) with the default `nullspace_statistics_budget_gib: {budget_gib:g}`: the "
+        "fp64 statistics of every layer input, and the passes over the reference data (one forward pass each) "
+        "that keep the statistics held at once within the budget:",
+        "",
+        "| shape | statistics of all layers GiB | passes | statistics held at once GiB |",
+        "|---|---|---|---|",
+        *[
+            f"| {name} | {row['statistics_gib']:.1f} | {row['passes']} | {row['largest_pass_gib']:.1f} |"
+            for name, row in estimation.items()
+        ],
+        "",
         "Formula, per rank (bytes, fp32): bases `B = 4·Σ_inputs d·k` and anchors `A = 4·Σ_weights d_out·k` on "
         "every backend; DDP `B + A + 4·max d_out·k`; ZeRO-1/2 `B + 2A + H`; ZeRO-3 `B + A + A/world + H` with "
         "`H = 10·max d_out·d` (the gradient hook's copies); FSDP2 `B + A + 4·max (d_out/world)·k`; with offload "
@@ -217,7 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     fractions = rank_fractions(options.cache)
     block_bytes = int(options.block_mib * 2**20)
     table = {shape.name: per_rank_bytes(shape, fractions, options.world, block_bytes) for shape in SHAPES}
-    text = report(fractions, table, options.world, options.cache, options.block_mib)
+    budget_gib = NullSpaceArguments.nullspace_statistics_budget_gib
+    estimation = {shape.name: estimation_passes(shape, int(budget_gib * 2**30)) for shape in SHAPES}
+    text = report(fractions, table, options.world, options.cache, options.block_mib, estimation, budget_gib)
     os.makedirs(options.output_dir, exist_ok=True)
     with open(os.path.join(options.output_dir, "memory.json"), "w") as handle:
         json.dump(
@@ -228,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                 "fractions": fractions,
                 "shapes": [asdict(s) for s in SHAPES],
                 "per_rank": table,
+                "estimation": estimation,
             },
             handle,
             indent=1,

@@ -13,6 +13,8 @@ from trl import SFTConfig, SFTTrainer
 
 from tests.conftest import logits_on, make_sft_trainer, train_and_measure, training_kwargs
 from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, guards
+from trl_nullspace.estimators import estimate_activation_subspace
+from trl_nullspace.rank import RankSelection
 
 COMMON = dict(
     hidden_size=64,
@@ -268,3 +270,58 @@ def test_gpt2_is_refused_under_sharded_backends(tokenizer, tmp_path):
             fsdp2=False,
             trainer_name="T",
         )
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mixtral"])
+def test_estimation_in_passes_is_the_single_pass_estimate_within_its_budget(
+    model_type, tokenizer, reference_dataset, monkeypatch
+):
+    """`nullspace_statistics_budget_gib`: with a budget of one decoder layer's statistics, the layers
+    are estimated one pass each, the statistics held at once never exceed the budget (one pass holds
+    more), and the subspace is the single pass' (dense and mixture-of-experts)."""
+    from trl_nullspace.estimators.activation import InputCovarianceCollector, plan_passes, statistic_bytes
+    from trl_nullspace.reference import tokenize_reference
+    from trl_nullspace.targets import find_target_experts, find_target_linears
+
+    model = build(model_type, tokenizer, MIXTURE_OF_EXPERTS.get(model_type, {}))
+    batches = tokenize_reference(reference_dataset, tokenizer, batch_size=8, max_length=64)
+    linears, experts = find_target_linears(model), find_target_experts(model)
+    budget = sum(
+        statistic_bytes(name, module) for name, module in {**linears, **experts}.items() if ".layers.0." in name
+    )
+    assert len(plan_passes(linears, experts, budget)) == 2  # one per decoder layer
+
+    collectors: list[InputCovarianceCollector] = []
+    peak = {"bytes": 0}
+    original_init, original_accumulate = InputCovarianceCollector.__init__, InputCovarianceCollector._accumulate
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        collectors.append(self)
+
+    def accumulate(self, name, tokens):
+        original_accumulate(self, name, tokens)
+        held = sum(c.numel() * c.element_size() for collector in collectors for c in collector.covariances.values())
+        peak["bytes"] = max(peak["bytes"], held)
+
+    monkeypatch.setattr(InputCovarianceCollector, "__init__", init)
+    monkeypatch.setattr(InputCovarianceCollector, "_accumulate", accumulate)
+    estimates, peaks = {}, {}
+    for name, limit in (("one pass", None), ("passes", budget)):
+        collectors.clear()
+        peak["bytes"] = 0
+        estimates[name] = estimate_activation_subspace(
+            model,
+            batches,
+            linears,
+            RankSelection(energy=0.99),
+            False,
+            True,
+            experts=experts,
+            statistics_budget_bytes=limit,
+        )
+        peaks[name] = peak["bytes"]
+    assert peaks["passes"] <= budget < peaks["one pass"], peaks
+    one, passes = estimates["one pass"], estimates["passes"]
+    assert one.targets == passes.targets and one.bases.keys() == passes.bases.keys()
+    assert all(torch.allclose(one.bases[key], passes.bases[key], atol=1e-6) for key in one.bases)

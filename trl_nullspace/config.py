@@ -104,6 +104,15 @@ class NullSpaceArguments:
             "directions of least reference energy."
         },
     )
+    nullspace_statistics_budget_gib: float | None = field(
+        default=8.0,
+        metadata={
+            "help": "Activation method: the most memory the reference statistics (one fp64 d×d matrix per distinct "
+            "layer input) may hold at once. Layers whose statistics exceed it together are estimated in several "
+            "passes over the reference data, one forward pass each, with the same result (a 7B model's take "
+            "89 GB together). None: one pass, whatever it holds."
+        },
+    )
     nullspace_gradient_batches: int = field(
         default=8, metadata={"help": "Gradient method: reference batches whose gradients span the basis."}
     )
@@ -213,11 +222,20 @@ class NullSpaceArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}.")
+        if self.nullspace_statistics_budget_gib is not None and not self.nullspace_statistics_budget_gib > 0:
+            raise ValueError(
+                f"nullspace_statistics_budget_gib must be positive or None, got {self.nullspace_statistics_budget_gib}"
+            )
         if not self.nullspace_offload_block_mib > 0:
             raise ValueError(f"nullspace_offload_block_mib must be positive, got {self.nullspace_offload_block_mib}.")
         parent_post_init = getattr(super(), "__post_init__", None)
         if parent_post_init is not None:
             parent_post_init()
+
+    @property
+    def nullspace_statistics_budget_bytes(self) -> int | None:
+        budget = self.nullspace_statistics_budget_gib
+        return None if budget is None else int(budget * 2**30)
 
     @property
     def nullspace_offload_block_bytes(self) -> int | None:

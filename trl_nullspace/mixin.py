@@ -255,6 +255,7 @@ class NullSpaceTrainerMixin:
             subspace,
             self.args.nullspace_normalize_tokens,
             experts=find_target_experts(self.model, self.args.nullspace_target_modules),
+            statistics_budget_bytes=self.args.nullspace_statistics_budget_bytes,
         )
         worn = []
         for key, share in shares.items():

@@ -35,6 +35,7 @@ def estimate_subspace(
             normalize_tokens=settings.nullspace_normalize_tokens,
             contrast_batches=contrast_batches if settings.nullspace_contrastive else None,
             experts=find_target_experts(model, settings.nullspace_target_modules),
+            statistics_budget_bytes=settings.nullspace_statistics_budget_bytes,
         )
     return estimate_gradient_subspace(
         model, batches, linears, selection, settings.nullspace_gradient_batches, show_progress

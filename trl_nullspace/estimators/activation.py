@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from trl_nullspace.experts import GATE_UP, routed_inputs, slice_name
+from trl_nullspace.experts import GATE_UP, hidden_size, is_fused_experts, routed_inputs, slice_name
 from trl_nullspace.modes import evaluating
+from trl_nullspace.projector import full_shape
 from trl_nullspace.rank import RankSelection
 from trl_nullspace.reference import ReferenceBatch
 from trl_nullspace.subspace import CapabilitySubspace
+from trl_nullspace.targets import is_transposed_linear
 
 
 class InputCovarianceCollector:
@@ -204,6 +210,95 @@ def contrastive_basis(
     return ordered[:, free:].float().contiguous(), kept
 
 
+FP64_BYTES = 8
+_FIRST_INDEX = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+def _unit(name: str) -> str:
+    """The decoder layer a target belongs to (its name up to the first index, `model.layers.11`):
+    the targets of one layer are always collected in the same pass, so the inputs they share are
+    grouped as in a single pass."""
+    match = _FIRST_INDEX.match(name)
+    return match.group(1) if match else name
+
+
+def statistic_bytes(name: str, module: nn.Module) -> int:
+    """An upper bound of the fp64 statistic a target needs (as if it shared its input with no other
+    target): d_in² values, per expert for a fused experts weight."""
+    if is_fused_experts(module):
+        gate_up = getattr(module, GATE_UP)
+        shape = full_shape(gate_up)
+        hidden = hidden_size(module)
+        size = hidden if name.endswith(GATE_UP) else math.prod(shape[1:]) // hidden // 2
+        return shape[0] * size * size * FP64_BYTES
+    shape = full_shape(module.weight)
+    size = shape[0] if is_transposed_linear(module) else shape[1]
+    return size * size * FP64_BYTES
+
+
+def plan_passes(
+    linears: dict[str, nn.Module], experts: dict[str, nn.Module], budget_bytes: int | None
+) -> list[tuple[dict[str, nn.Module], dict[str, nn.Module]]]:
+    """Split the targets into passes over the reference data whose statistics fit `budget_bytes`
+    together: whole decoder layers, in model order, as many per pass as fit (a layer larger than
+    the budget alone gets a pass of its own). `None`: one pass."""
+    if budget_bytes is None:
+        return [(linears, experts)]
+    units: dict[str, tuple[dict[str, nn.Module], dict[str, nn.Module], int]] = {}
+    for targets, index in ((linears, 0), (experts, 1)):
+        for name, module in targets.items():
+            unit = units.setdefault(_unit(name), ({}, {}, 0))
+            unit[index][name] = module
+            units[_unit(name)] = (unit[0], unit[1], unit[2] + statistic_bytes(name, module))
+    passes: list[tuple[dict[str, nn.Module], dict[str, nn.Module]]] = []
+    held = budget_bytes + 1  # start a new pass first
+    for unit_linears, unit_experts, size in units.values():
+        if held + size > budget_bytes:
+            passes.append(({}, {}))
+            held = 0
+        passes[-1][0].update(unit_linears)
+        passes[-1][1].update(unit_experts)
+        held += size
+    return passes
+
+
+def collect_in_passes(
+    model: nn.Module,
+    batches: list[ReferenceBatch],
+    linears: dict[str, nn.Module],
+    normalize_tokens: bool,
+    experts: dict[str, nn.Module] | None,
+    budget_bytes: int | None,
+    show_progress: bool,
+    description: str,
+) -> Iterator[InputCovarianceCollector]:
+    """One collector per pass of `plan_passes`, each filled by a forward pass over `batches`; the
+    caller uses a pass' statistics before the next one is collected, so at most one pass' are held."""
+    passes = plan_passes(linears, experts or {}, budget_bytes)
+    for index, (pass_linears, pass_experts) in enumerate(passes):
+        collector = InputCovarianceCollector(pass_linears, normalize_tokens, pass_experts)
+        label = description if len(passes) == 1 else f"{description} (pass {index + 1}/{len(passes)})"
+        collector.collect(model, batches, show_progress, label)
+        yield collector
+        collector.covariances.clear()  # the caller is done with this pass: free its statistics first
+
+
+def _add_bases(
+    collector: InputCovarianceCollector,
+    contrast: InputCovarianceCollector | None,
+    selection: RankSelection,
+    bases: dict[str, torch.Tensor],
+    eigenvalues: dict[str, torch.Tensor],
+    energy: dict[str, float],
+) -> None:
+    """The bases of one pass' statistics, added to `bases` (and `eigenvalues` or `energy`)."""
+    for leader, covariance in collector.covariances.items():
+        if contrast is None or covariance.trace() == 0:  # an expert no reference token reaches: nothing to keep
+            bases[leader], eigenvalues[leader] = top_eigenvectors(covariance, selection)
+        else:
+            bases[leader], energy[leader] = contrastive_basis(covariance, contrast.covariances[leader], selection)
+
+
 def estimate_activation_subspace(
     model: nn.Module,
     batches: list[ReferenceBatch],
@@ -213,32 +308,46 @@ def estimate_activation_subspace(
     normalize_tokens: bool = False,
     contrast_batches: list[ReferenceBatch] | None = None,
     experts: dict[str, nn.Module] | None = None,
+    statistics_budget_bytes: int | None = None,
 ) -> CapabilitySubspace:
     """Bases `U` (d_in×k) of the reference inputs of every target Linear, and of every expert of the
     fused `experts` weights (`trl_nullspace.targets.find_target_experts`).
 
     With `contrast_batches` (the training data), each basis is the `contrastive_basis` of the
     reference and contrast statistics instead of the reference statistic's top eigenvectors.
+
+    The fp64 statistics of a 7B model's layer inputs take 89 GB together, so with
+    `statistics_budget_bytes` the layers are estimated in passes whose statistics fit it (one
+    forward pass over the reference data each, `plan_passes`); every basis is the same as in one pass.
     """
-    collector = InputCovarianceCollector(linears, normalize_tokens, experts)
-    contrast = InputCovarianceCollector(linears, normalize_tokens, experts) if contrast_batches is not None else None
+    bases, eigenvalues, energy, targets, tokens = {}, {}, {}, {}, 0
+    reference_passes = collect_in_passes(
+        model,
+        batches,
+        linears,
+        normalize_tokens,
+        experts,
+        statistics_budget_bytes,
+        show_progress,
+        "nullspace: reference inputs",
+    )
     with evaluating(model):
-        collector.collect(model, batches, show_progress)
-        if contrast is not None:
-            contrast.collect(model, contrast_batches, show_progress, description="nullspace: training-data inputs")
-    bases, eigenvalues, energy = {}, {}, {}
-    for leader, covariance in collector.covariances.items():
-        if contrast is None or covariance.trace() == 0:  # an expert no reference token reaches: nothing to keep
-            bases[leader], eigenvalues[leader] = top_eigenvectors(covariance, selection)
-        else:
-            bases[leader], energy[leader] = contrastive_basis(covariance, contrast.covariances[leader], selection)
+        for collector in reference_passes:
+            contrast = None
+            if contrast_batches is not None:
+                contrast = InputCovarianceCollector(collector.linears, normalize_tokens, collector.experts)
+                contrast.collect(model, contrast_batches, show_progress, description="nullspace: training-data inputs")
+            _add_bases(collector, contrast, selection, bases, eigenvalues, energy)
+            targets.update(collector.group_of)
+            tokens = max([tokens, *collector.token_counts.values()])
+            contrast = None  # freed before the next pass collects
     return CapabilitySubspace(
         method="activation",
         bases=bases,
-        targets=dict(collector.group_of),
+        targets=targets,
         eigenvalues=eigenvalues,
         energy=energy,
-        settings={"reference_tokens": max(collector.token_counts.values())},
+        settings={"reference_tokens": tokens},
     )
 
 
@@ -251,15 +360,32 @@ def energy_in_span(
     normalize_tokens: bool,
     show_progress: bool = False,
     experts: dict[str, nn.Module] | None = None,
+    statistics_budget_bytes: int | None = None,
 ) -> dict[str, float]:
     """Share of the current model's reference-input energy that each basis of `subspace` holds.
 
     Used when a cache estimated on other weights is reused: if training since then moved the
     layer inputs out of the cached span, the cached bases no longer protect the reference outputs.
     """
-    collector = InputCovarianceCollector(linears, normalize_tokens, experts)
+    shares = {}
+    passes = collect_in_passes(
+        model,
+        batches,
+        linears,
+        normalize_tokens,
+        experts,
+        statistics_budget_bytes,
+        show_progress,
+        "nullspace: checking the cached subspace",
+    )
     with evaluating(model):
-        collector.collect(model, batches, show_progress, description="nullspace: checking the cached subspace")
+        for collector in passes:
+            shares.update(_shares_in_span(collector, subspace))
+    return shares
+
+
+def _shares_in_span(collector: InputCovarianceCollector, subspace: CapabilitySubspace) -> dict[str, float]:
+    """Per basis of `subspace`, the share of one pass' statistic it holds."""
     shares = {}
     for leader, covariance in collector.covariances.items():
         key = subspace.targets.get(leader)
