@@ -10,8 +10,9 @@ assumption, stated in the output: larger models' spectra may be more or less con
 
 What the code allocates per rank, in fp32 (the trainer's default; `nullspace_projection_dtype`
 does not change storage), counted from the shapes, not measured on an accelerator:
-- bases `Σ_inputs d·k` and anchors `Σ_weights d_out·k`, whole on every rank under every backend
-  (one basis per distinct input, shared by the weights that read it);
+- bases `Σ_inputs d·k`, whole on every rank under every backend (one basis per distinct input,
+  shared by the weights that read it), and anchors `Σ_weights d_out·k`, whole under DDP and
+  ZeRO-1/2, each rank's rows only under ZeRO-3 and FSDP2;
 - while projecting: DDP and FSDP2 one weight's residual at a time (its local rows × k); ZeRO-1/2
   all coefficients at once (the all-reduced buffer, anchor-sized); ZeRO-3 every weight's local
   rows of coefficients at once (the anchors / world); under DeepSpeed also the gradient hook's
@@ -138,8 +139,8 @@ def per_rank_bytes(
     constraint = {
         "DDP": bases + anchors + largest_residual,
         "ZeRO-1/2": bases + 2 * anchors + largest_hook,
-        "ZeRO-3": bases + anchors + anchors / world + largest_hook,
-        "FSDP2": bases + anchors + largest_local_residual,
+        "ZeRO-3": bases + 2 * anchors / world + largest_hook,
+        "FSDP2": bases + anchors / world + largest_local_residual,
         "ZeRO-3 + offload": cut_rows + largest_staged + largest_hook,
         "FSDP2 + offload": largest_staged,
     }
@@ -151,7 +152,7 @@ def per_rank_bytes(
     for backend, held in constraint.items():
         row[f"{backend}: GiB"] = held / 2**30
         row[f"{backend}: share"] = held / training[backend]
-    row["offload: host GiB"] = (bases + anchors) / 2**30
+    row["offload: host GiB"] = (bases + anchors / world) / 2**30
     row["offload: PCIe GiB per step"] = (2 * bases + anchors / world) / 2**30
     return row
 
@@ -220,11 +221,12 @@ def report(
             for name, row in estimation.items()
         ],
         "",
-        "Formula, per rank (bytes, fp32): bases `B = 4·Σ_inputs d·k` and anchors `A = 4·Σ_weights d_out·k` on "
-        "every backend; DDP `B + A + 4·max d_out·k`; ZeRO-1/2 `B + 2A + H`; ZeRO-3 `B + A + A/world + H` with "
-        "`H = 10·max d_out·d` (the gradient hook's copies); FSDP2 `B + A + 4·max (d_out/world)·k`; with offload "
+        "Formula, per rank (bytes, fp32), with bases `B = 4·Σ_inputs d·k` and anchors `A = 4·Σ_weights d_out·k`: "
+        "DDP `B + A + 4·max d_out·k`; ZeRO-1/2 `B + 2A + H`; ZeRO-3 `B + 2A/world + H` (its rows of the anchors "
+        "and of the coefficients) with `H = 10·max d_out·d` (the gradient hook's copies); FSDP2 "
+        "`B + A/world + 4·max (d_out/world)·k`; with offload "
         "`S = 4·max (d + 2·d_out/world)·k_b` on the accelerator under FSDP2 (`k_b` = the columns of one block) "
-        "and `S + H + 4·Σ_weights (world − 1)·d` (the split rows) under ZeRO-3, `B + A` in host memory and "
+        "and `S + H + 4·Σ_weights (world − 1)·d` (the split rows) under ZeRO-3, `B + A/world` in host memory and "
         "`2B + A/world` copied per step under the default `both` target. Training memory: 14 bytes per "
         "parameter under DDP, `2 + 12/world` under ZeRO-1/2, `14/world` under ZeRO-3 and FSDP2. The scale "
         "issue's target is at most 10% under ZeRO-3 on 8 ranks.",

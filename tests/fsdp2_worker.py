@@ -10,7 +10,8 @@ Prints one line from rank 0: the reference logits' drift and how far the weights
 With `--offload` the bases and anchors stay in host memory in blocks of 1 KiB (a few columns each),
 as `nullspace_offload` keeps them; the line says into how many blocks the largest basis was cut.
 The line also says whether the sharded model's weights fingerprint (what a checkpoint records) is
-the unsharded model's, and whether any parameter's rows split unevenly between the ranks.
+the unsharded model's, whether any parameter's rows split unevenly between the ranks, what share of
+the anchor rows rank 0 keeps, and whether the anchors gathered for a checkpoint are the whole ones.
 """
 
 import sys
@@ -55,6 +56,7 @@ def main() -> None:
             parameter.requires_grad_(False)
     before = logits_on(model, reference)
     initial = {item.name: item.parameter.detach().clone() for item in projector.constrained}
+    initial_anchors = {name: anchor.clone() for name, anchor in projector.anchors().items()}
 
     unsharded_fingerprint = weights_fingerprint(model)
     for layer in model.model.layers:
@@ -86,6 +88,15 @@ def main() -> None:
         if project:
             row_shards.enforce_anchors()
 
+    # Each rank keeps its rows' anchors only; a checkpoint gathers them whole again.
+    kept = sum(s.item.anchor_state.held().shape[0] for s in row_shards.shards) / sum(
+        s.item.matrix_shape[0] for s in row_shards.shards
+    )
+    gathered = row_shards.full_anchors()
+    anchors_whole = int(
+        gathered.keys() == initial_anchors.keys()
+        and all(torch.allclose(gathered[name], initial_anchors[name]) for name in gathered)
+    )
     drift = (logits_on(model, reference) - before).abs().max().item()
     parameters = dict(model.named_parameters())
     moved = max((parameters[name].full_tensor() - value).abs().max().item() for name, value in initial.items())
@@ -93,7 +104,8 @@ def main() -> None:
         print(
             f"RESULT drift={drift:.3e} moved={moved:.3e} "
             f"gradient_before={in_subspace['before']:.3e} gradient_after={in_subspace['after']:.3e} "
-            f"fingerprint_same={fingerprint_same} uneven_shards={uneven} blocks={blocks}",
+            f"fingerprint_same={fingerprint_same} uneven_shards={uneven} blocks={blocks} "
+            f"anchor_rows_kept={kept:.3f} anchors_whole={anchors_whole}",
             flush=True,
         )
     dist.destroy_process_group()

@@ -70,7 +70,8 @@ def test_memory_formula_on_a_shape_counted_by_hand():
     # anchors: (8+4+4)·2 + 4·4 + (6+6)·2 + 4·3 = 84 floats
     assert in_bytes["anchors_gib"] == 84 * 4
     # The gradient hook's copies of the largest weight (q and o, 32 values): 10 bytes each.
-    assert in_bytes["ZeRO-3: GiB"] == (66 + 84 + 84 / 2) * 4 + 320
+    # ZeRO-3 keeps its rows of the anchors and of the coefficients (half each on 2 ranks).
+    assert in_bytes["ZeRO-3: GiB"] == (66 + 84 / 2 + 84 / 2) * 4 + 320
     # Offloaded, 32-byte blocks: the largest staged block is q's, 2 columns of a 4-wide basis plus
     # 2 · 8/2 rows of anchor and residual: (4 + 8) · 2 floats.
     assert in_bytes["FSDP2 + offload: GiB"] == 96

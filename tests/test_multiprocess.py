@@ -202,6 +202,19 @@ def test_mixture_of_experts_under_zero2_freezes_the_experts_and_keeps_reference_
     assert _reference_logit_drift(assets, tmp_path / "moe", tmp_path / "mixtral") < 1e-4
 
 
+def _assert_checkpoint_anchors_are_the_base_models(assets, checkpoint) -> None:
+    """Each ZeRO-3 rank keeps only its rows' anchors; the checkpoint must hold them whole: `W₀ U`."""
+    from trl_nullspace import load_subspace
+    from trl_nullspace.mixin import CHECKPOINT_FILE
+
+    subspace, header = load_subspace(os.path.join(str(checkpoint), CHECKPOINT_FILE))
+    base = dict(AutoModelForCausalLM.from_pretrained(str(assets / "model")).named_parameters())
+    assert header["anchors"] and header["anchors"].keys() == {f"{t}.weight" for t in subspace.targets}
+    for name, anchor in header["anchors"].items():
+        expected = base[name].detach() @ subspace.basis_for(name.removesuffix(".weight"))
+        assert torch.allclose(anchor, expected, atol=1e-5), name
+
+
 @pytest.mark.parametrize("method", ["activation", "gradient", "offload"])
 def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_between_ranks(tmp_path, method):
     """ZeRO-3 with every weight partitioned (persistence threshold 0, unlike the shipped config on
@@ -246,12 +259,18 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     for name, batch_size in (("single", 8), ("zero3", 4)):
         configs[name] = tmp_path / f"{name}_{method}.yaml"
         settings = yaml.safe_load(open(_config(assets, tmp_path, name, batch_size, True)))
+        if name == "zero3" and method != "gradient":  # a checkpoint, to see the anchors gathered whole
+            settings |= {"save_strategy": "steps", "save_steps": 6}
         configs[name].write_text(yaml.safe_dump(settings | overrides))
     _train(recipe, str(configs["single"]))
     output = _train(recipe, str(configs["zero3"]), str(accelerate_path))
 
     trained = load_file(str(tmp_path / "zero3" / "model.safetensors"))
     assert _max_difference(trained, load_file(str(tmp_path / "single" / "model.safetensors"))) < 1e-4
+    if method != "gradient":
+        kept, rows = map(int, re.search(r"this rank keeps (\d+) of (\d+) anchor rows", output).groups())
+        assert 0.4 * rows < kept < 0.7 * rows, (kept, rows)  # about half of them, on each of 2 ranks
+        _assert_checkpoint_anchors_are_the_base_models(assets, tmp_path / "zero3" / "checkpoint-6")
     if method == "offload":
         exchanged, whole = map(int, re.search(r"all-reduces (\d+) of (\d+) weight values per step", output).groups())
         # One split row of 64 values in each of the 4 gate/up weights (97 rows, 2 partitions).
@@ -334,6 +353,9 @@ def test_fsdp2_row_shards_keep_reference_outputs():
     # the unsharded model's, so saving does not crash and resuming matches.
     assert results[""]["uneven_shards"] == "1"
     assert results[""]["fingerprint_same"] == "1"
+    # Each rank keeps about half the anchor rows, and a checkpoint gathers them whole.
+    for result in results.values():
+        assert 0.3 < float(result["anchor_rows_kept"]) < 0.7 and result["anchors_whole"] == "1", result
 
 
 def test_deepspeed_resume_restores_the_checkpoint_subspace(assets, tmp_path):

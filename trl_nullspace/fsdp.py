@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from trl_nullspace.basis import gather_anchors
 from trl_nullspace.projector import ConstrainedParameter, diverged_step_error, total_norm
 
 
@@ -37,6 +38,7 @@ class _RowShard:
             self.start = mesh.get_local_rank() * chunk
         else:
             self.start = 0
+        item.keep_anchor_rows(self.start, self.local_matrix().shape[0])  # each rank keeps its rows' anchors
 
     def local_matrix(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
         """This rank's rows of the weight (or of `tensor`, e.g. its gradient) as a d_rows×d_in view."""
@@ -64,6 +66,13 @@ class RowShardProjector:
         if missing:
             raise RuntimeError(f"FSDP renamed or dropped constrained parameters, e.g. {missing[:3]}.")
         self.shards = [_RowShard(item, parameters[item.name]) for item in constrained]
+
+    def full_anchors(self) -> dict[str, torch.Tensor]:
+        """The whole anchors from every rank's rows, for a checkpoint (a collective)."""
+        device = self.shards[0].local_matrix().device if self.shards else torch.device("cpu")
+        return gather_anchors(
+            {s.item.name: s.item.anchor_state for s in self.shards if s.item.anchor_state is not None}, device
+        )
 
     def project_gradients(self) -> torch.Tensor:
         """Remove every local gradient shard's component in the subspace; returns this rank's removed norm."""

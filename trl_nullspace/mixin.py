@@ -487,6 +487,9 @@ class NullSpaceTrainerMixin:
         """Save the subspace in use and its anchors next to the weights, so resuming is exact."""
         super()._save_checkpoint(model, trial)
         weights = weights_fingerprint(self.model)  # collective under ZeRO-3: every rank computes it
+        # Sharded backends keep each rank's anchor rows only, once their projector is built: gathered (collective).
+        sharded = self._sharded_master_projector
+        anchors = sharded.full_anchors() if sharded is not None else self.nullspace_projector.anchors()
         if not self.is_world_process_zero():
             return
         folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -494,7 +497,7 @@ class NullSpaceTrainerMixin:
             os.path.join(folder, CHECKPOINT_FILE),
             self.nullspace_subspace,
             saved_provenance(self.model, weights, self._expected_provenance(weights)),
-            anchors=self.nullspace_projector.anchors(),
+            anchors=anchors,
         )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):

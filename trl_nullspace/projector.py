@@ -18,12 +18,12 @@ Two ways to apply it (`nullspace_projection_target`):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from trl_nullspace.basis import Anchor, SharedBases, SharedBasis, _host_copy
 from trl_nullspace.experts import DOWN, GATE_UP, is_fused_experts, is_transposed_experts, slice_name
 from trl_nullspace.subspace import CapabilitySubspace
 from trl_nullspace.targets import canonical_name, is_lora_layer, is_transposed_linear
@@ -74,78 +74,6 @@ def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
 
 
-FP32_BYTES = 4
-
-
-def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` in host memory, page-locked where an accelerator can read it asynchronously."""
-    tensor = tensor.detach().to("cpu").contiguous()
-    return tensor.pin_memory() if torch.cuda.is_available() else tensor
-
-
-class SharedBasis:
-    """One distinct basis `U` (n×k) as the projections read it, shared by every weight whose input it
-    spans (q/k/v share one, gate/up share one): one copy per device and dtype, not one per weight.
-
-    Offloaded (`block_bytes` given), `U` stays in host memory as contiguous column blocks of at most
-    `block_bytes`, and `blocks` stages them to the accelerator one at a time. Block-wise projection
-    is exact: U's columns are orthonormal, so removing `(M U_b − A_b) U_bᵀ` leaves `M U_c` unchanged
-    for every other block `c`, and the blocks applied one after another equal the whole projection.
-    """
-
-    def __init__(self, basis: torch.Tensor, block_bytes: int | None = None):
-        basis = basis.detach().to(torch.float32)
-        self.dimension, self.rank = basis.shape
-        self.offloaded = block_bytes is not None
-        self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self._host_blocks: list[torch.Tensor] = []
-        if self.offloaded:
-            width = max(1, block_bytes // (FP32_BYTES * max(self.dimension, 1)))
-            self.columns = [slice(start, min(start + width, self.rank)) for start in range(0, self.rank, width)]
-            self._host_blocks = [_host_copy(basis[:, columns]) for columns in self.columns]
-        else:
-            self.columns = [slice(0, self.rank)]
-            self._copies[(basis.device, torch.float32)] = basis
-
-    def whole(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """All of `U` on `device` in `dtype`; made once and shared by every weight that uses it."""
-        if self.offloaded:
-            if torch.device(device).type != "cpu":
-                raise RuntimeError(
-                    "An offloaded basis is staged block by block; it is never whole on the accelerator."
-                )
-            return torch.cat(self._host_blocks, dim=1).to(dtype)
-        key = (torch.device(device), dtype)
-        if key not in self._copies:
-            source = next(iter(self._copies.values()))
-            self._copies[key] = source.to(device=device, dtype=dtype)
-        return self._copies[key]
-
-    def move(self, device: torch.device) -> None:
-        """Keep the copies on `device` only (the weights are now stepped there), freeing the others."""
-        if self.offloaded:
-            return
-        dtypes = {dtype for _, dtype in self._copies}
-        source = next(iter(self._copies.values()))
-        self._copies = {(torch.device(device), dtype): source.to(device=device, dtype=dtype) for dtype in dtypes}
-
-    def blocks(self, device: torch.device, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        """`U`'s column blocks on `device`, in the order of `columns`: the whole basis as one block,
-        or, offloaded, each block copied from host memory when it is reached (and freed after)."""
-        if not self.offloaded:
-            yield self.whole(device, dtype)
-            return
-        for block in self._host_blocks:
-            yield block.to(device=device, dtype=dtype, non_blocking=True)
-
-    def split(self, coefficients: torch.Tensor) -> list[torch.Tensor]:
-        """Coefficients on `U` (rows×k, e.g. an anchor) cut into the blocks' columns, stored where the
-        blocks are: host memory if offloaded, else where `coefficients` is."""
-        if not self.offloaded:
-            return [coefficients]
-        return [_host_copy(coefficients[:, columns]) for columns in self.columns]
-
-
 class ConstrainedParameter:
     """One trainable parameter, its matrix view, basis and (for `update` projection) anchor."""
 
@@ -190,8 +118,7 @@ class ConstrainedParameter:
         self.compute_dtype = compute_dtype
         self.flat = flat
         self.zero_anchor = zero_anchor
-        # `A = M₀ U` cut like the basis' column blocks (one block unless offloaded), or None.
-        self._anchor_blocks: list[torch.Tensor] | None = None
+        self.anchor_state: Anchor | None = None  # `A = M₀ U`, for the `update` projection
 
     @property
     def basis(self) -> torch.Tensor:
@@ -200,34 +127,35 @@ class ConstrainedParameter:
 
     @property
     def has_anchor(self) -> bool:
-        return self._anchor_blocks is not None
-
-    def anchor_blocks(self) -> list[torch.Tensor] | None:
-        """The anchor cut like the basis' column blocks (host memory if offloaded), or None."""
-        return self._anchor_blocks
+        return self.anchor_state is not None
 
     @property
     def anchor(self) -> torch.Tensor | None:
         """The whole anchor `A` (d_out×k), or None where none is recorded."""
-        if self._anchor_blocks is None:
+        if self.anchor_state is None:
             return None
-        blocks = self._anchor_blocks
-        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        return self.anchor_state.rows(0, self.anchor_state.total_rows)
 
     def set_anchor(self, anchor: torch.Tensor | None) -> None:
         """Record `anchor` (fp32, kept where the basis is: with the weights, or in host memory)."""
         if anchor is None:
-            self._anchor_blocks = None
+            self.anchor_state = None
             return
-        self._anchor_blocks = self.shared.split(anchor.to(device=self.device, dtype=torch.float32))
+        blocks = self.shared.split(anchor.to(device=self.device, dtype=torch.float32))
+        self.anchor_state = Anchor(blocks, self.shared.offloaded)
+
+    def keep_anchor_rows(self, first: int, count: int) -> None:
+        """Keep only the anchor rows a sharded backend's rank projects (`Anchor.keep_rows`)."""
+        if self.anchor_state is not None:
+            self.anchor_state.keep_rows(first, count)
 
     def move_to(self, device: torch.device) -> None:
         """Move basis and anchor to where the weights are stepped (DeepSpeed and FSDP place the model
         on the accelerator only when they shard it, after the subspace was bound)."""
         self.device = torch.device(device)
         self.shared.move(self.device)
-        if self._anchor_blocks is not None and not self.shared.offloaded:
-            self._anchor_blocks = [block.to(self.device) for block in self._anchor_blocks]
+        if self.anchor_state is not None:
+            self.anchor_state.move(self.device)
 
     @property
     def rank(self) -> int:
@@ -293,15 +221,16 @@ class ConstrainedParameter:
     def reset_anchor(self) -> None:
         """Record `A = M U` now (zero for LoRA `A`, which is first moved into the null space)."""
         if self.zero_anchor:
-            self._anchor_blocks = None
+            self.anchor_state = None
             self.enforce_anchor()
             return
         matrix = self._matrix(self.parameter.data)
         keep = _host_copy if self.shared.offloaded else torch.Tensor.contiguous
-        self._anchor_blocks = [
+        blocks = [
             keep((matrix.to(block.dtype) @ block).float())
             for block in self.shared.blocks(matrix.device, self.compute_dtype)
         ]
+        self.anchor_state = Anchor(blocks, self.shared.offloaded)
 
     @torch.no_grad()
     def enforce_anchor(self) -> torch.Tensor:
@@ -318,13 +247,12 @@ class ConstrainedParameter:
         For fp32 weights and products each block is two fused kernels (`addmm`), because per-step
         cost on a GPU is dominated by kernel launches at a few hundred parameters, not by the FLOPs.
         """
-        anchors = self._anchor_blocks if anchored else None
+        anchors = self.anchor_state if anchored else None
         norms = []
         for index, block in enumerate(self.shared.blocks(matrix.device, self.compute_dtype)):
             anchor = None
             if anchors is not None:
-                anchor = anchors[index] if rows is None else anchors[index][rows]
-                anchor = anchor.to(matrix.device, non_blocking=True)
+                anchor = anchors.block(index, rows).to(matrix.device, non_blocking=True)
             residual = _enforce_block(matrix, block, anchor)
             if not self.shared.offloaded:
                 return residual
@@ -346,21 +274,6 @@ def _enforce_block(matrix: torch.Tensor, block: torch.Tensor, anchor: torch.Tens
         residual -= anchor
     matrix.sub_((residual.to(block.dtype) @ block.T).to(matrix.dtype))
     return residual
-
-
-class SharedBases:
-    """The subspace's bases as `SharedBasis` objects: one per basis key, however many weights read it."""
-
-    def __init__(self, subspace: CapabilitySubspace, offload_block_bytes: int | None):
-        self.subspace = subspace
-        self.offload_block_bytes = offload_block_bytes
-        self._shared: dict[str, SharedBasis] = {}
-
-    def for_target(self, target: str) -> SharedBasis:
-        key = self.subspace.targets[target]
-        if key not in self._shared:
-            self._shared[key] = SharedBasis(self.subspace.bases[key], self.offload_block_bytes)
-        return self._shared[key]
 
 
 def _expert_slices(

@@ -17,7 +17,8 @@ orthonormal basis `U` n×k, anchor `A = M₀ U`):
  3. every rank subtracts its rows of `(M U − A) Uᵀ` from its own master fragment, copies the
     fragment into its low-precision partition and, where the full low-precision parameter is
     materialised, subtracts the same from it, so replicas match the masters before the next forward.
-The extra memory is the bases and anchors (held whole on every rank), the coefficients of the
+The extra memory is the bases (whole on every rank), the anchors (whole under ZeRO-1/2, the rows a
+rank holds under ZeRO-3, gathered whole again for checkpoints), the coefficients of the
 rows each rank covers and the buffer.
 """
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trl_nullspace.basis import gather_anchors
 from trl_nullspace.projector import ConstrainedParameter, diverged_step_error
 
 
@@ -168,6 +170,7 @@ class _MasterFragment:
             device = item.device
             self.exchanged_slots = torch.tensor([slot for slot, _ in covered], dtype=torch.long, device=device)
             self.exchanged_local = torch.tensor([row for _, row in covered], dtype=torch.long, device=device)
+            item.keep_anchor_rows(self.first_row, self.local_rows)  # the anchors split over the ranks too
         self.pieces = [
             dataclasses.replace(piece, row=piece.row - self.first_row)
             for piece in (fragment_pieces(start, numel, self.row_length) if numel else [])
@@ -190,7 +193,7 @@ class _MasterFragment:
         squares = torch.zeros((), dtype=torch.float32, device=master.device)
         if not self.pieces and not self.replicated:
             return squares
-        anchors = item.anchor_blocks()
+        anchor = item.anchor_state
         for index, block in enumerate(item.shared.blocks(master.device, torch.float32)):
             if self.replicated:
                 coefficients = exchanged @ block
@@ -203,9 +206,9 @@ class _MasterFragment:
                     else:  # a cut row, completed by the other ranks' pieces
                         rows = exchanged[slot : slot + 1]
                     coefficients[piece.row : piece.row + piece.rows] = rows @ block
-            if anchors is not None:
+            if anchor is not None:
                 rows = slice(self.first_row, self.first_row + self.local_rows)
-                coefficients -= anchors[index][rows].to(block.device, non_blocking=True)
+                coefficients -= anchor.block(index, rows).to(block.device, non_blocking=True)
             subtract_fragment_projection(self.pieces, master, block, coefficients)
             if self.replicated:
                 matrix = parameter.data.view(self.rows, self.row_length)
@@ -233,10 +236,10 @@ class _MasterFragment:
 
     def residual(self, coefficients: torch.Tensor) -> torch.Tensor:
         """`M U − A` on this fragment's rows."""
-        anchor = self.item.anchor
+        anchor = self.item.anchor_state
         if anchor is None:
             return coefficients
-        return coefficients - anchor[self.first_row : self.first_row + self.local_rows]
+        return coefficients - anchor.rows(self.first_row, self.local_rows)
 
     def subtract(self, master: torch.Tensor, residual: torch.Tensor) -> None:
         """Remove `(M U − A) Uᵀ` from the master fragment and make the module's copies agree."""
@@ -250,6 +253,19 @@ class _MasterFragment:
             # Same arithmetic on every rank, so the replicated copies stay identical to each other.
             matrix = parameter.data.view(self.rows, self.row_length)
             matrix.sub_((residual @ basis.T).to(device=matrix.device, dtype=matrix.dtype))
+
+
+def anchor_rows_kept(fragments: list[_MasterFragment]) -> str:
+    """How many of the anchors' rows this rank keeps, for the log."""
+    anchors = [f.item.anchor_state for f in fragments if f.item.anchor_state is not None]
+    kept = sum(anchor.blocks[0].shape[0] for anchor in anchors)
+    return f"this rank keeps {kept} of {sum(anchor.total_rows for anchor in anchors)} anchor rows"
+
+
+def fragments_anchors(fragments: list[_MasterFragment], device: torch.device) -> dict[str, torch.Tensor]:
+    """The whole anchors of the fragments' weights, gathered from the rows each rank keeps."""
+    anchors = {f.item.name: f.item.anchor_state for f in fragments if f.item.anchor_state is not None}
+    return gather_anchors(anchors, device)
 
 
 def _check_partition_group(group: dist.ProcessGroup | None, name: str) -> int:
@@ -279,12 +295,16 @@ class ZeroMasterProjector:
         self.exchanged_numel = total
         self.whole_numel = sum(fragment.rows * fragment.item.rank for fragment in self.fragments)
 
+    def full_anchors(self) -> dict[str, torch.Tensor]:
+        """The whole anchors from every rank's rows, for a checkpoint (a collective)."""
+        return fragments_anchors(self.fragments, self.communication_device)
+
     def summary(self) -> str:
         """What travels per step, for the log: the exchanged share of all coefficients."""
         partitioned = sum(not fragment.replicated for fragment in self.fragments)
         return (
             f"ZeRO projection all-reduces {self.exchanged_numel} of {self.whole_numel} coefficients per step "
-            f"({partitioned} of {len(self.fragments)} weights partitioned)"
+            f"({partitioned} of {len(self.fragments)} weights partitioned); {anchor_rows_kept(self.fragments)}"
         )
 
     def _completed_coefficients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -374,11 +394,16 @@ class OffloadedZeroProjector:
         self.exchanged_numel = total
         self.whole_numel = sum(fragment.rows * fragment.row_length for fragment in self.fragments)
 
+    def full_anchors(self) -> dict[str, torch.Tensor]:
+        """The whole anchors from every rank's rows, for a checkpoint (a collective)."""
+        return fragments_anchors(self.fragments, self.communication_device)
+
     def summary(self) -> str:
         """What travels per step, for the log."""
         return (
             f"ZeRO projection all-reduces {self.exchanged_numel} of {self.whole_numel} weight values per step "
-            "(the rows partitions split); bases and anchors stream from host memory"
+            "(the rows partitions split); bases and anchors stream from host memory; "
+            + anchor_rows_kept(self.fragments)
         )
 
     def _completed_rows(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -1,0 +1,180 @@
+"""Where the constraint's state lives: the bases and anchors, whole with the weights or offloaded.
+
+Every weight that reads one input shares that input's basis (`SharedBasis`), one copy per device.
+Offloaded, bases and anchors stay in host memory as column blocks that the projections stage to
+the accelerator one at a time; sharded backends keep only the anchor rows their rank projects
+(`Anchor.keep_rows`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from trl_nullspace.subspace import CapabilitySubspace
+
+FP32_BYTES = 4
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in host memory, page-locked where an accelerator can read it asynchronously."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    return tensor.pin_memory() if torch.cuda.is_available() else tensor
+
+
+class SharedBasis:
+    """One distinct basis `U` (n×k) as the projections read it, shared by every weight whose input it
+    spans (q/k/v share one, gate/up share one): one copy per device and dtype, not one per weight.
+
+    Offloaded (`block_bytes` given), `U` stays in host memory as contiguous column blocks of at most
+    `block_bytes`, and `blocks` stages them to the accelerator one at a time. Block-wise projection
+    is exact: U's columns are orthonormal, so removing `(M U_b − A_b) U_bᵀ` leaves `M U_c` unchanged
+    for every other block `c`, and the blocks applied one after another equal the whole projection.
+    """
+
+    def __init__(self, basis: torch.Tensor, block_bytes: int | None = None):
+        basis = basis.detach().to(torch.float32)
+        self.dimension, self.rank = basis.shape
+        self.offloaded = block_bytes is not None
+        self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._host_blocks: list[torch.Tensor] = []
+        if self.offloaded:
+            width = max(1, block_bytes // (FP32_BYTES * max(self.dimension, 1)))
+            self.columns = [slice(start, min(start + width, self.rank)) for start in range(0, self.rank, width)]
+            self._host_blocks = [_host_copy(basis[:, columns]) for columns in self.columns]
+        else:
+            self.columns = [slice(0, self.rank)]
+            self._copies[(basis.device, torch.float32)] = basis
+
+    def whole(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """All of `U` on `device` in `dtype`; made once and shared by every weight that uses it."""
+        if self.offloaded:
+            if torch.device(device).type != "cpu":
+                raise RuntimeError(
+                    "An offloaded basis is staged block by block; it is never whole on the accelerator."
+                )
+            return torch.cat(self._host_blocks, dim=1).to(dtype)
+        key = (torch.device(device), dtype)
+        if key not in self._copies:
+            source = next(iter(self._copies.values()))
+            self._copies[key] = source.to(device=device, dtype=dtype)
+        return self._copies[key]
+
+    def move(self, device: torch.device) -> None:
+        """Keep the copies on `device` only (the weights are now stepped there), freeing the others."""
+        if self.offloaded:
+            return
+        dtypes = {dtype for _, dtype in self._copies}
+        source = next(iter(self._copies.values()))
+        self._copies = {(torch.device(device), dtype): source.to(device=device, dtype=dtype) for dtype in dtypes}
+
+    def blocks(self, device: torch.device, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """`U`'s column blocks on `device`, in the order of `columns`: the whole basis as one block,
+        or, offloaded, each block copied from host memory when it is reached (and freed after)."""
+        if not self.offloaded:
+            yield self.whole(device, dtype)
+            return
+        for block in self._host_blocks:
+            yield block.to(device=device, dtype=dtype, non_blocking=True)
+
+    def split(self, coefficients: torch.Tensor) -> list[torch.Tensor]:
+        """Coefficients on `U` (rows×k, e.g. an anchor) cut into the blocks' columns, stored where the
+        blocks are: host memory if offloaded, else where `coefficients` is."""
+        if not self.offloaded:
+            return [coefficients]
+        return [_host_copy(coefficients[:, columns]) for columns in self.columns]
+
+
+class SharedBases:
+    """The subspace's bases as `SharedBasis` objects: one per basis key, however many weights read it."""
+
+    def __init__(self, subspace: CapabilitySubspace, offload_block_bytes: int | None):
+        self.subspace = subspace
+        self.offload_block_bytes = offload_block_bytes
+        self._shared: dict[str, SharedBasis] = {}
+
+    def for_target(self, target: str) -> SharedBasis:
+        key = self.subspace.targets[target]
+        if key not in self._shared:
+            self._shared[key] = SharedBasis(self.subspace.bases[key], self.offload_block_bytes)
+        return self._shared[key]
+
+
+class Anchor:
+    """`A = M₀ U` of one weight (d_out×k), cut like its basis' column blocks and stored where the
+    basis is; a sharded backend keeps only rows `[first_row, first_row + rows)`, those its rank
+    projects, so the anchors are split over the ranks instead of whole on each."""
+
+    def __init__(self, blocks: list[torch.Tensor], offloaded: bool):
+        self.blocks = blocks
+        self.offloaded = offloaded
+        self.total_rows = blocks[0].shape[0]
+        self.first_row = 0
+        self.sharded = False  # set on every rank of a sharded backend, whatever rows it holds
+
+    @property
+    def complete(self) -> bool:
+        return not self.sharded
+
+    def keep_rows(self, first: int, count: int) -> None:
+        """Keep rows `[first, first + count)` only (of the whole anchor), freeing the others."""
+        if not self.complete:
+            raise RuntimeError("An anchor already trimmed to a shard's rows cannot be trimmed again.")
+        keep = _host_copy if self.offloaded else torch.Tensor.clone
+        self.blocks = [keep(block[first : first + count]) for block in self.blocks]
+        self.first_row = first
+        self.sharded = True
+
+    def block(self, index: int, rows: slice | None = None) -> torch.Tensor:
+        """Column block `index`, for all rows or for the weight's rows `rows` (which this anchor holds)."""
+        block = self.blocks[index]
+        if rows is None:
+            if not self.complete:
+                raise RuntimeError("This anchor holds one shard's rows only; ask for the rows.")
+            return block
+        start, stop = rows.start - self.first_row, rows.stop - self.first_row
+        if start < 0 or stop > block.shape[0]:
+            raise RuntimeError(f"Anchor rows {rows.start}–{rows.stop} are not among the rows this rank holds.")
+        return block[start:stop]
+
+    def rows(self, first: int, count: int) -> torch.Tensor:
+        """Rows `[first, first + count)` of the whole anchor, all columns."""
+        blocks = [self.block(index, slice(first, first + count)) for index in range(len(self.blocks))]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+    def held(self) -> torch.Tensor:
+        """The rows this anchor holds, all columns (`first_row` says where they start)."""
+        return self.rows(self.first_row, self.blocks[0].shape[0])
+
+    def move(self, device: torch.device) -> None:
+        if not self.offloaded:
+            self.blocks = [block.to(device) for block in self.blocks]
+
+
+def gather_anchors(anchors: dict[str, Anchor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The whole anchors, on the CPU of every rank, from the rows each rank holds (a collective:
+    every rank passes the same names in the same order). For checkpoints, which store them whole."""
+    whole = {}
+    world = dist.get_world_size()
+    for name, anchor in anchors.items():
+        if not anchor.sharded:
+            whole[name] = anchor.held().cpu()
+            continue
+        held = anchor.held().to(device)
+        extent = torch.tensor([anchor.first_row, held.shape[0]], device=device)
+        extents = [torch.empty_like(extent) for _ in range(world)]
+        dist.all_gather(extents, extent)
+        longest = max(int(rows) for _, rows in extents)
+        padded = torch.zeros(longest, held.shape[1], dtype=held.dtype, device=device)
+        padded[: held.shape[0]] = held
+        pieces = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(pieces, padded)
+        result = torch.full((anchor.total_rows, held.shape[1]), float("nan"))
+        for (first, rows), piece in zip(extents, pieces, strict=True):
+            result[int(first) : int(first) + int(rows)] = piece[: int(rows)].cpu()
+        if not torch.isfinite(result).all():
+            raise RuntimeError(f"The ranks' anchor rows of {name} do not cover all its rows.")
+        whole[name] = result
+    return whole
