@@ -156,6 +156,16 @@ def test_offloaded_blocks_project_exactly_as_the_whole_basis(block_columns):
     assert torch.allclose(anchor, original @ basis, atol=1e-5)
 
 
+def test_an_offloaded_empty_basis_leaves_the_weight_alone():
+    """An expert no reference token reaches has a rank-0 basis: offloaded, it is one empty block."""
+    parameter = torch.nn.Parameter(torch.randn(3, 8))
+    original = parameter.detach().clone()
+    item = ConstrainedParameter("w", parameter, SharedBasis(torch.zeros(8, 0), block_bytes=64), False, False)
+    item.reset_anchor()
+    assert float(torch.linalg.vector_norm(item.enforce_anchor())) == 0.0
+    assert torch.equal(parameter.detach(), original) and item.anchor.shape == (3, 0)
+
+
 def test_weights_reading_one_input_share_one_copy_of_its_basis(model):
     """q/k/v (and gate/up) read one input and share one basis: when the weights move to the device
     they are stepped on, the basis is copied there once, not once per weight."""

@@ -42,7 +42,10 @@ class SharedBasis:
         self._host_blocks: list[torch.Tensor] = []
         if self.offloaded:
             width = max(1, block_bytes // (FP32_BYTES * max(self.dimension, 1)))
-            self.columns = [slice(start, min(start + width, self.rank)) for start in range(0, self.rank, width)]
+            # At least one block, empty for an expert no reference token reached (rank 0).
+            self.columns = [slice(start, min(start + width, self.rank)) for start in range(0, self.rank, width)] or [
+                slice(0, 0)
+            ]
             self._host_blocks = [_host_copy(basis[:, columns]) for columns in self.columns]
         else:
             self.columns = [slice(0, self.rank)]
