@@ -113,12 +113,29 @@ def per_rank_bytes(
     their share of that rank's training memory."""
     bases = anchors = cut_rows = 0.0
     largest_residual = largest_local_residual = largest_staged = largest_hook = 0.0
+    # `nullspace_basis_storage: smaller`: the complement where d − k < k, and instead of its weights'
+    # anchors their rows as last projected; per weight, the change and its kept part while projecting.
+    smaller_bases = smaller_state = smaller_transient = smaller_staged = previous_traffic = 0.0
     for kind, size, outputs in shape.inputs():
         rank = fractions[kind]["mean"] * size
         block_columns = min(rank, max(1, block_bytes // (FP32 * size)))
         bases += size * rank * FP32
         anchors += sum(outputs) * rank * FP32
+        complement = size - rank < rank
+        stored = size - rank if complement else rank
+        stored_block = min(stored, max(1, block_bytes // (FP32 * size)))
+        smaller_bases += size * stored * FP32
         for rows in outputs:
+            local = rows / world
+            if complement:
+                smaller_state += local * size * FP32
+                previous_traffic += 2 * local * size * FP32  # to the accelerator and back, offloaded
+                smaller_transient = max(smaller_transient, 2 * local * size * FP32)
+                smaller_staged = max(smaller_staged, (size * stored_block + 3 * local * size) * FP32)
+            else:
+                smaller_state += local * rank * FP32
+                smaller_transient = max(smaller_transient, local * rank * FP32)
+                smaller_staged = max(smaller_staged, (size + 2 * local) * stored_block * FP32)
             largest_residual = max(largest_residual, rows * rank * FP32)
             largest_local_residual = max(largest_local_residual, rows / world * rank * FP32)
             staged = (size + 2 * rows / world) * block_columns * FP32
@@ -135,6 +152,8 @@ def per_rank_bytes(
         "FSDP2": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "ZeRO-3 + offload": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "FSDP2 + offload": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "FSDP2, smaller": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "FSDP2, smaller + offload": parameters * TRAINING_BYTES_PER_PARAMETER / world,
     }
     constraint = {
         "DDP": bases + anchors + largest_residual,
@@ -143,6 +162,8 @@ def per_rank_bytes(
         "FSDP2": bases + anchors / world + largest_local_residual,
         "ZeRO-3 + offload": cut_rows + largest_staged + largest_hook,
         "FSDP2 + offload": largest_staged,
+        "FSDP2, smaller": smaller_bases + smaller_state + smaller_transient,
+        "FSDP2, smaller + offload": smaller_staged,
     }
     row = {
         "parameters_billions": parameters / 1e9,
@@ -154,7 +175,21 @@ def per_rank_bytes(
         row[f"{backend}: share"] = held / training[backend]
     row["offload: host GiB"] = (bases + anchors / world) / 2**30
     row["offload: PCIe GiB per step"] = (2 * bases + anchors / world) / 2**30
+    row["smaller + offload: host GiB"] = (smaller_bases + smaller_state) / 2**30
+    row["smaller + offload: PCIe GiB per step"] = (2 * smaller_bases + smaller_state + previous_traffic) / 2**30
     return row
+
+
+def projection_flops_share(shape: Shape, fractions: dict[str, dict[str, float]], tokens: int, smaller: bool) -> float:
+    """The default `both` target's projection FLOPs on one device (gradient, then update: 4·d_out·d·k'
+    each, k' the stored columns) over the training step's 6·parameters·tokens: the floor of the
+    projection's own share of a step, whatever the kernels."""
+    flops = 0.0
+    for kind, size, outputs in shape.inputs():
+        rank = fractions[kind]["mean"] * size
+        stored = min(rank, size - rank) if smaller else rank
+        flops += 2 * 4 * sum(outputs) * size * stored
+    return flops / (6 * shape.parameters() * tokens)
 
 
 def estimation_passes(shape: Shape, budget_bytes: int) -> dict[str, float]:
@@ -173,8 +208,18 @@ def estimation_passes(shape: Shape, budget_bytes: int) -> dict[str, float]:
     }
 
 
+FLOP_COLUMNS = [(False, 8192), (False, 32768), (True, 8192), (True, 32768)]
+
+
 def report(
-    fractions: dict, table: dict, world: int, cache: str, block_mib: float, estimation: dict, budget_gib: float
+    fractions: dict,
+    table: dict,
+    world: int,
+    cache: str,
+    block_mib: float,
+    estimation: dict,
+    budget_gib: float,
+    flop_shares: dict,
 ) -> str:
     lines = [
         "# What the constraint keeps per rank (`make bench-memory`)",
@@ -201,13 +246,26 @@ def report(
     lines += [
         "",
         "With `nullspace_offload`, what moves to the host instead, per rank (ZeRO-3 and FSDP2 alike; DeepSpeed "
-        "copies the bases once more per extra micro-batch of gradient accumulation):",
+        "copies the bases once more per extra micro-batch of gradient accumulation), and the same with "
+        "`nullspace_basis_storage: smaller` (FSDP2):",
         "",
-        "| shape | host memory GiB | copied to the accelerator per optimizer step, GiB |",
-        "|---|---|---|",
+        "| shape | host memory GiB | copied to the accelerator per optimizer step, GiB | smaller: host GiB | "
+        "smaller: copied per step, GiB |",
+        "|---|---|---|---|---|",
         *[
-            f"| {name} | {row['offload: host GiB']:.1f} | {row['offload: PCIe GiB per step']:.1f} |"
+            f"| {name} | {row['offload: host GiB']:.1f} | {row['offload: PCIe GiB per step']:.1f} | "
+            f"{row['smaller + offload: host GiB']:.1f} | {row['smaller + offload: PCIe GiB per step']:.1f} |"
             for name, row in table.items()
+        ],
+        "",
+        "The projection's FLOPs per optimizer step on one device, default `both` target, as a share of the "
+        "training step's 6·parameters·tokens (a floor on its own-work share, however fast the kernels):",
+        "",
+        "| shape | basis, 8k tokens | basis, 32k tokens | smaller, 8k tokens | smaller, 32k tokens |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {name} | " + " | ".join(f"{flops[key]:.1%}" for key in FLOP_COLUMNS) + " |"
+            for name, flops in flop_shares.items()
         ],
         "",
         f"Estimation (activation method) with the default `nullspace_statistics_budget_gib: {budget_gib:g}`: the "
@@ -252,7 +310,16 @@ def main(argv: list[str] | None = None) -> None:
     table = {shape.name: per_rank_bytes(shape, fractions, options.world, block_bytes) for shape in SHAPES}
     budget_gib = NullSpaceArguments.nullspace_statistics_budget_gib
     estimation = {shape.name: estimation_passes(shape, int(budget_gib * 2**30)) for shape in SHAPES}
-    text = report(fractions, table, options.world, options.cache, options.block_mib, estimation, budget_gib)
+    flop_shares = {
+        shape.name: {
+            (smaller, tokens): projection_flops_share(shape, fractions, tokens, smaller)
+            for smaller, tokens in FLOP_COLUMNS
+        }
+        for shape in SHAPES
+    }
+    text = report(
+        fractions, table, options.world, options.cache, options.block_mib, estimation, budget_gib, flop_shares
+    )
     os.makedirs(options.output_dir, exist_ok=True)
     with open(os.path.join(options.output_dir, "memory.json"), "w") as handle:
         json.dump(
@@ -264,6 +331,13 @@ def main(argv: list[str] | None = None) -> None:
                 "shapes": [asdict(s) for s in SHAPES],
                 "per_rank": table,
                 "estimation": estimation,
+                "projection_flops_share": {
+                    name: {
+                        f"{'smaller' if smaller else 'basis'}, {tokens} tokens": share
+                        for (smaller, tokens), share in shares.items()
+                    }
+                    for name, shares in flop_shares.items()
+                },
             },
             handle,
             indent=1,

@@ -9,6 +9,9 @@ Prints one line from rank 0: the reference logits' drift and how far the weights
 `gradient`/`both` targets) and the line adds the largest `G U` on the local rows before and after.
 With `--offload` the bases and anchors stay in host memory in blocks of 1 KiB (a few columns each),
 as `nullspace_offload` keeps them; the line says into how many blocks the largest basis was cut.
+With `--smaller` the reference set is large enough that some inputs keep over half their
+directions, and those bases are kept as complements (`nullspace_basis_storage="smaller"`); the
+line says how many, and the largest `(M − M₀) U` of any constrained weight.
 The line also says whether the sharded model's weights fingerprint (what a checkpoint records) is
 the unsharded model's, whether any parameter's rows split unevenly between the ranks, what share of
 the anchor rows rank 0 keeps, and whether the anchors gathered for a checkpoint are the whole ones.
@@ -30,25 +33,29 @@ from trl_nullspace.projector import SubspaceProjector
 from trl_nullspace.rank import RankSelection
 from trl_nullspace.reference import tokenize_reference
 from trl_nullspace.targets import find_target_linears
-from trl_nullspace.toy import build_char_tokenizer, build_tiny_qwen2
+from trl_nullspace.toy import as_text, build_char_tokenizer, build_tiny_qwen2, general_examples
 
 
 def main() -> None:
     project = "--no-projection" not in sys.argv
     project_gradient = "--gradient" in sys.argv
     offload_block_bytes = 1024 if "--offload" in sys.argv else None
+    smaller = "--smaller" in sys.argv
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     tokenizer = build_char_tokenizer()
     model = build_tiny_qwen2(tokenizer)
-    reference = tokenize_reference(
-        datasets.Dataset.from_dict({"text": ["12+7=19", "3*4=12", "9-5=4"]}), tokenizer, batch_size=8, max_length=64
-    )
+    texts = {"text": ["12+7=19", "3*4=12", "9-5=4"]}
+    selection = RankSelection(eigenvalue_threshold=1e-10)
+    if smaller:  # enough reference tokens that some inputs keep over half their directions
+        texts, selection = as_text(general_examples(40, seed=1)), RankSelection(energy=0.999)
+    reference = tokenize_reference(datasets.Dataset.from_dict(texts), tokenizer, batch_size=8, max_length=64)
     linears = find_target_linears(model, None)
-    subspace = estimate_activation_subspace(
-        model, reference, linears, RankSelection(eigenvalue_threshold=1e-10), False
+    subspace = estimate_activation_subspace(model, reference, linears, selection, False)
+    projector = SubspaceProjector.bind(
+        model, subspace, offload_block_bytes=offload_block_bytes, smaller_storage=smaller
     )
-    projector = SubspaceProjector.bind(model, subspace, offload_block_bytes=offload_block_bytes)
+    complements = sum(item.shared.complement for item in projector.constrained)
     blocks = max(len(item.shared.columns) for item in projector.constrained)
     projector.initialise_anchors(track_updates=True)
     for name, parameter in model.named_parameters():
@@ -66,13 +73,17 @@ def main() -> None:
     fingerprint_same = int(weights_fingerprint(model) == unsharded_fingerprint)
     uneven = int(any(parameter.shape[0] % dist.get_world_size() for parameter in model.parameters()))
     row_shards = RowShardProjector(model, projector.constrained)
+    row_shards.take_previous()  # the trainer does this when training begins
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     generator = torch.Generator().manual_seed(1 + dist.get_rank())
     in_subspace = {"before": 0.0, "after": 0.0}
 
     def largest_gradient_coefficient() -> float:
         return max(
-            (shard.local_matrix(shard.parameter.grad) @ shard.item.basis).abs().max().item()
+            (shard.local_matrix(shard.parameter.grad) @ subspace.basis_for(shard.item.name.removesuffix(".weight")))
+            .abs()
+            .max()
+            .item()
             for shard in row_shards.shards
         )
 
@@ -89,9 +100,9 @@ def main() -> None:
             row_shards.enforce_anchors()
 
     # Each rank keeps its rows' anchors only; a checkpoint gathers them whole again.
-    kept = sum(s.item.anchor_state.held().shape[0] for s in row_shards.shards) / sum(
-        s.item.matrix_shape[0] for s in row_shards.shards
-    )
+    # (With complements, the weights as last projected take the anchors' place, a shard's rows too.)
+    states = [s.item.anchor_state or s.item.previous_state for s in row_shards.shards]
+    kept = sum(state.held().shape[0] for state in states) / sum(s.item.matrix_shape[0] for s in row_shards.shards)
     gathered = row_shards.full_anchors()
     anchors_whole = int(
         gathered.keys() == initial_anchors.keys()
@@ -100,9 +111,17 @@ def main() -> None:
     drift = (logits_on(model, reference) - before).abs().max().item()
     parameters = dict(model.named_parameters())
     moved = max((parameters[name].full_tensor() - value).abs().max().item() for name, value in initial.items())
+    # The guarantee itself: every constrained weight's change is orthogonal to its basis.
+    invariant = max(
+        ((parameters[name].full_tensor() - value) @ subspace.basis_for(name.removesuffix(".weight")))
+        .abs()
+        .max()
+        .item()
+        for name, value in initial.items()
+    )
     if dist.get_rank() == 0:
         print(
-            f"RESULT drift={drift:.3e} moved={moved:.3e} "
+            f"RESULT drift={drift:.3e} moved={moved:.3e} invariant={invariant:.3e} complements={complements} "
             f"gradient_before={in_subspace['before']:.3e} gradient_after={in_subspace['after']:.3e} "
             f"fingerprint_same={fingerprint_same} uneven_shards={uneven} blocks={blocks} "
             f"anchor_rows_kept={kept:.3f} anchors_whole={anchors_whole}",

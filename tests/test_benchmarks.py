@@ -78,6 +78,11 @@ def test_memory_formula_on_a_shape_counted_by_hand():
     # ZeRO-3 adds one split row per weight (4+4+4+8+4+4+6 = 34 floats) and the hook's copies.
     assert in_bytes["ZeRO-3 + offload: GiB"] == 34 * 4 + 96 + 320
     assert in_bytes["offload: PCIe GiB per step"] == (2 * 66 + 84 / 2) * 4
+    # At k/d = 3/4 every complement is the smaller: bases 4·1 + 8·2 + 4·1 + 6·1.5 = 33 floats, and
+    # instead of anchors each rank's rows of the weights (4+2+2)·4 + 2·8 + (3+3)·4 + 2·6 = 84 floats.
+    three_quarters = {kind: {"mean": 0.75, "max": 0.75} for kind in half}
+    smaller = per_rank_bytes(shape, three_quarters, world=2, block_bytes=32)
+    assert smaller["smaller + offload: host GiB"] * 2**30 == (33 + 84) * 4
 
 
 def test_unseen_harm_proxy_reads_no_held_out_item_and_refuses_a_trained_area():

@@ -320,9 +320,10 @@ def test_fsdp2_row_shards_keep_reference_outputs():
     each rank projects its own rows after every AdamW step (and, with `--gradient`, its rows of the
     reduced gradient before it). Without the projection the same run moves the reference logits,
     so the first assertion can fail. With `--offload` the bases and anchors stay in host memory and
-    are applied in blocks of a few columns (`nullspace_offload`): the same guarantees must hold."""
+    are applied in blocks of a few columns (`nullspace_offload`), and with `--smaller` complements
+    replace the bases where smaller: the same guarantees must hold."""
     results = {}
-    for flag in ("", "--no-projection", "--gradient", "--gradient --offload"):
+    for flag in ("", "--no-projection", "--gradient", "--gradient --offload", "--gradient --smaller --offload"):
         completed = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545"]
             + [os.path.join(ROOT, "tests", "fsdp2_worker.py")]
@@ -349,6 +350,13 @@ def test_fsdp2_row_shards_keep_reference_outputs():
     assert int(offloaded["blocks"]) > 2 and results[""]["blocks"] == "1"
     assert float(offloaded["drift"]) < 1e-4 and float(offloaded["moved"]) > 1e-2
     assert float(offloaded["gradient_before"]) > 1e-3 and float(offloaded["gradient_after"]) < 1e-6
+    # Complements where smaller (`nullspace_basis_storage="smaller"`), offloaded: the change of every
+    # weight stays orthogonal to its basis on the rows each rank projects.
+    smaller = results["--gradient --smaller --offload"]
+    assert int(smaller["complements"]) > 0 and results[""]["complements"] == "0"
+    assert float(smaller["invariant"]) < 1e-5 and float(smaller["moved"]) > 1e-2, smaller
+    assert float(smaller["gradient_after"]) < 1e-5
+    assert float(results["--no-projection"]["invariant"]) > 1e-2
     # A checkpoint's weights fingerprint works on the DTensor shards (uneven ones included) and is
     # the unsharded model's, so saving does not crash and resuming matches.
     assert results[""]["uneven_shards"] == "1"

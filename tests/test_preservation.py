@@ -185,3 +185,43 @@ def test_offloaded_bases_train_as_the_resident_ones(model, tokenizer, safety_dat
     gap = max((p - weights[name]).abs().max().item() for name, p in trainer.model.named_parameters())
     moved = max((p - initial[name]).abs().max().item() for name, p in trainer.model.named_parameters())
     assert gap < 1e-4 and moved > 1e-2, (gap, moved)
+
+
+def test_smaller_storage_trains_as_the_basis(model, tokenizer, safety_dataset, tmp_path):
+    """`nullspace_basis_storage="smaller"`: with enough reference tokens that some inputs keep more
+    than half their directions, those bases are kept as their complements (the others as bases)
+    and projected with N Nᵀ and the weights as last projected. The run must end at the basis run's
+    weights, and every constrained weight's change must stay orthogonal to its basis."""
+    import copy
+
+    import datasets
+
+    from trl_nullspace import toy
+
+    reference = datasets.Dataset.from_dict(toy.as_text(toy.general_examples(40, seed=1)))
+    settings = dict(nullspace_eigenvalue_threshold=None, nullspace_energy=0.999)
+    basis_model, initial = copy.deepcopy(model), copy.deepcopy(model.state_dict())
+    trainer, _, _ = _train_null_space(
+        model,
+        tokenizer,
+        safety_dataset,
+        reference,
+        tmp_path / "smaller",
+        nullspace_basis_storage="smaller",
+        **settings,
+    )
+    complements = [item for item in trainer.nullspace_projector.constrained if item.shared.complement]
+    assert 0 < len(complements) < len(trainer.nullspace_projector.constrained)  # mixed: each basis decides
+    assert trainer.nullspace_projector.anchors().keys().isdisjoint(item.name for item in complements)
+    resident, _, _ = _train_null_space(
+        basis_model, tokenizer, safety_dataset, reference, tmp_path / "basis", **settings
+    )
+    weights = dict(resident.model.named_parameters())
+    gap = max((p - weights[name]).abs().max().item() for name, p in trainer.model.named_parameters())
+    moved = max((p - initial[name]).abs().max().item() for name, p in trainer.model.named_parameters())
+    assert gap < 1e-4 and moved > 1e-2, (gap, moved)
+    subspace = trainer.nullspace_subspace
+    for item in trainer.nullspace_projector.constrained:
+        change = item.parameter.detach() - initial[item.name]
+        basis = subspace.basis_for(item.name.removesuffix(".weight"))
+        assert (change @ basis).abs().max() < 1e-4, item.name

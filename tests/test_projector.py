@@ -187,3 +187,33 @@ def test_weights_reading_one_input_share_one_copy_of_its_basis(model):
     assert attention[0] is attention[1] is attention[2] and gate is up
     copies = {id(item.basis) for item in projector.constrained}
     assert len(copies) == len(subspace.bases)
+
+
+@pytest.mark.parametrize("block_bytes", [None, 16 * 4 * 1], ids=["resident", "offloaded"])
+def test_complement_storage_projects_as_the_basis(block_bytes):
+    """`nullspace_basis_storage="smaller"`: with k = 12 of 16 directions protected, the complement N
+    (16×4) is kept and the projections use N Nᵀ = I − U Uᵀ and the weights as last projected. Over
+    several steps the weights, the removed norms and the projected gradient must be the basis'."""
+    basis = _basis(16, 12)
+    original = torch.randn(5, 16)
+    steps = [torch.randn(5, 16) for _ in range(3)]
+    results = {}
+    for complement in (False, True):
+        shared = SharedBasis(basis, block_bytes=block_bytes if complement else None, complement=complement)
+        parameter = torch.nn.Parameter(original.clone())
+        item = ConstrainedParameter("w", parameter, shared, flat=False, zero_anchor=False)
+        item.reset_anchor()
+        item.take_previous()
+        removed = []
+        for step in steps:
+            with torch.no_grad():
+                parameter.add_(step)
+            removed.append(torch.linalg.vector_norm(item.enforce_anchor()))
+        parameter.grad = steps[0].clone()
+        removed_sq, _ = item.remove_from_gradient(apply=True)
+        results[complement] = (parameter.detach().clone(), torch.stack(removed), parameter.grad.clone(), removed_sq)
+        assert shared.stored_columns == (4 if complement else 12) and item.has_anchor != complement
+    for whole, complemented in zip(results[False], results[True], strict=True):
+        assert torch.allclose(whole, complemented, atol=1e-4), (whole, complemented)
+    weights = results[True][0]
+    assert (weights - original).norm() > 0.5 and ((weights - original) @ basis).abs().max() < 1e-5

@@ -19,14 +19,26 @@ FP32_BYTES = 4
 
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` in host memory, page-locked where an accelerator can read it asynchronously."""
-    tensor = tensor.detach().to("cpu").contiguous()
-    return tensor.pin_memory() if torch.cuda.is_available() else tensor
+    """A copy of `tensor` in host memory (never a view of it), page-locked where an accelerator can
+    read it asynchronously."""
+    copy = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+    return copy.copy_(tensor.detach())
+
+
+def orthonormal_complement(basis: torch.Tensor) -> torch.Tensor:
+    """`N` (n×(n−k)), orthonormal, spanning what `U` (n×k) does not: the last columns of U's complete QR."""
+    rank = basis.shape[1]
+    return torch.linalg.qr(basis.double(), mode="complete").Q[:, rank:].float().contiguous()
 
 
 class SharedBasis:
     """One distinct basis `U` (n×k) as the projections read it, shared by every weight whose input it
     spans (q/k/v share one, gate/up share one): one copy per device and dtype, not one per weight.
+
+    With `complement`, the orthonormal complement `N` (n×(n−k)) is kept instead, where it is the
+    smaller of the two (real layer inputs keep k of 70–90% of n at the default energy): the
+    projections then use `I − U Uᵀ = N Nᵀ`, which needs no anchors but the weights' last projected
+    values (`ConstrainedParameter`), and costs (n−k)/k of the FLOPs.
 
     Offloaded (`block_bytes` given), `U` stays in host memory as contiguous column blocks of at most
     `block_bytes`, and `blocks` stages them to the accelerator one at a time. Block-wise projection
@@ -34,25 +46,30 @@ class SharedBasis:
     for every other block `c`, and the blocks applied one after another equal the whole projection.
     """
 
-    def __init__(self, basis: torch.Tensor, block_bytes: int | None = None):
+    def __init__(self, basis: torch.Tensor, block_bytes: int | None = None, complement: bool = False):
         basis = basis.detach().to(torch.float32)
-        self.dimension, self.rank = basis.shape
+        self.dimension, self.rank = basis.shape  # `rank`: the protected directions, k, either way
+        self.complement = complement
+        if complement:
+            basis = orthonormal_complement(basis)
+        self.stored_columns = basis.shape[1]
         self.offloaded = block_bytes is not None
         self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._host_blocks: list[torch.Tensor] = []
         if self.offloaded:
             width = max(1, block_bytes // (FP32_BYTES * max(self.dimension, 1)))
             # At least one block, empty for an expert no reference token reached (rank 0).
-            self.columns = [slice(start, min(start + width, self.rank)) for start in range(0, self.rank, width)] or [
+            stored = self.stored_columns
+            self.columns = [slice(start, min(start + width, stored)) for start in range(0, stored, width)] or [
                 slice(0, 0)
             ]
             self._host_blocks = [_host_copy(basis[:, columns]) for columns in self.columns]
         else:
-            self.columns = [slice(0, self.rank)]
+            self.columns = [slice(0, self.stored_columns)]
             self._copies[(basis.device, torch.float32)] = basis
 
     def whole(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """All of `U` on `device` in `dtype`; made once and shared by every weight that uses it."""
+        """All of `U` (or `N`) on `device` in `dtype`; made once and shared by every weight that uses it."""
         if self.offloaded:
             if torch.device(device).type != "cpu":
                 raise RuntimeError(
@@ -93,29 +110,44 @@ class SharedBasis:
 class SharedBases:
     """The subspace's bases as `SharedBasis` objects: one per basis key, however many weights read it."""
 
-    def __init__(self, subspace: CapabilitySubspace, offload_block_bytes: int | None):
+    def __init__(
+        self,
+        subspace: CapabilitySubspace,
+        offload_block_bytes: int | None,
+        smaller: bool = False,
+        device: torch.device | None = None,
+    ):
         self.subspace = subspace
         self.offload_block_bytes = offload_block_bytes
+        self.smaller = smaller  # keep the complement where it is smaller than the basis
+        self.device = device  # where a complement is computed (a complete QR: the accelerator's job)
         self._shared: dict[str, SharedBasis] = {}
 
     def for_target(self, target: str) -> SharedBasis:
         key = self.subspace.targets[target]
         if key not in self._shared:
-            self._shared[key] = SharedBasis(self.subspace.bases[key], self.offload_block_bytes)
+            basis = self.subspace.bases[key]
+            dimension, rank = basis.shape
+            complement = self.smaller and dimension - rank < rank
+            if complement and self.device is not None:
+                basis = basis.to(self.device)
+            self._shared[key] = SharedBasis(basis, self.offload_block_bytes, complement)
         return self._shared[key]
 
 
 class Anchor:
     """`A = M₀ U` of one weight (d_out×k), cut like its basis' column blocks and stored where the
     basis is; a sharded backend keeps only rows `[first_row, first_row + rows)`, those its rank
-    projects, so the anchors are split over the ranks instead of whole on each."""
+    projects, so the anchors are split over the ranks instead of whole on each. With a complement
+    basis the same holds the weights as last projected instead (one block, d_out×d_in)."""
 
-    def __init__(self, blocks: list[torch.Tensor], offloaded: bool):
+    def __init__(self, blocks: list[torch.Tensor], offloaded: bool, first_row: int = 0, total_rows: int | None = None):
         self.blocks = blocks
         self.offloaded = offloaded
-        self.total_rows = blocks[0].shape[0]
-        self.first_row = 0
-        self.sharded = False  # set on every rank of a sharded backend, whatever rows it holds
+        self.first_row = first_row
+        self.total_rows = blocks[0].shape[0] if total_rows is None else total_rows
+        # Set on every rank of a sharded backend, whatever rows it holds.
+        self.sharded = first_row != 0 or blocks[0].shape[0] != self.total_rows
 
     @property
     def complete(self) -> bool:

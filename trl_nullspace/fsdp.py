@@ -67,6 +67,11 @@ class RowShardProjector:
             raise RuntimeError(f"FSDP renamed or dropped constrained parameters, e.g. {missing[:3]}.")
         self.shards = [_RowShard(item, parameters[item.name]) for item in constrained]
 
+    def take_previous(self) -> None:
+        """With complement bases: record each rank's rows of the weights before training."""
+        for shard in self.shards:
+            shard.item.take_previous(shard.local_matrix(), shard.start)
+
     def full_anchors(self) -> dict[str, torch.Tensor]:
         """The whole anchors from every rank's rows, for a checkpoint (a collective)."""
         device = self.shards[0].local_matrix().device if self.shards else torch.device("cpu")

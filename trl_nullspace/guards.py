@@ -43,6 +43,12 @@ def check_backend(
             "projection exchanges the weight rows that partitions split, which under ZeRO-1/2, or for the gradient "
             "method's single-row matrices, is every row. Use ZeRO-3 or FSDP2 with it, or turn nullspace_offload off."
         )
+    if deepspeed and args.nullspace_basis_storage != "basis":
+        raise NotImplementedError(
+            f"{trainer_name} does not support nullspace_basis_storage={args.nullspace_basis_storage!r} under "
+            "DeepSpeed yet: its projection of the partitioned master weights uses the bases and anchors. Use "
+            "FSDP2 or DDP with it, or nullspace_basis_storage='basis'."
+        )
     backend = "DeepSpeed" if deepspeed else "FSDP"
     conv1d = [name for name, module in model.named_modules() if is_transposed_linear(module)]
     if conv1d:

@@ -68,6 +68,7 @@ class _ProjectUpdateCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.trainer._check_optimizer(optimizer)
+        self.trainer._take_previous()
         if state.is_world_process_zero:
             print(self.trainer.nullspace_start_summary(), flush=True)
         if args.nullspace_log_per_layer:
@@ -323,6 +324,7 @@ class NullSpaceTrainerMixin:
             subspace,
             compute_dtype=getattr(torch, self.args.nullspace_projection_dtype),
             offload_block_bytes=self.args.nullspace_offload_block_bytes,
+            smaller_storage=self.args.nullspace_basis_storage == "smaller",
         )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             projector = projector.without_experts()  # frozen instead, with a warning (`_freeze_or_report`)
@@ -401,10 +403,21 @@ class NullSpaceTrainerMixin:
                 unconstrained[:8],
             )
 
+    def _take_previous(self) -> None:
+        """With complement bases, record the weights the first `update` projection keeps the change
+        from: once the model is sharded (each rank its rows) and a resumed checkpoint is loaded."""
+        if self.args.nullspace_projection_target == "gradient":
+            return
+        if self.is_fsdp_enabled:
+            self._sharded_projector().take_previous()
+        elif not self.is_deepspeed_enabled:
+            self.nullspace_projector.take_previous()
+
     def refresh_subspace(self) -> None:
         """Re-estimate from the current weights and re-anchor (`nullspace_refresh_steps`)."""
         self.nullspace_subspace = self.estimate_subspace()
         self.nullspace_projector = self._bind(self.nullspace_subspace)
+        self._take_previous()
 
     # -- what the run reports and saves ---------------------------------------------------------
 
@@ -422,6 +435,7 @@ class NullSpaceTrainerMixin:
             "projection_target": self.args.nullspace_projection_target,
             "projection_dtype": self.args.nullspace_projection_dtype,
             "offload": self.args.nullspace_offload,
+            "basis_storage": self.args.nullspace_basis_storage,
             "rank_selection": self.args.nullspace_rank_selection.to_dict(),
             "target_modules": self.args.nullspace_target_modules,
             "bases": len(ranks),

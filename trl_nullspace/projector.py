@@ -119,10 +119,14 @@ class ConstrainedParameter:
         self.flat = flat
         self.zero_anchor = zero_anchor
         self.anchor_state: Anchor | None = None  # `A = M₀ U`, for the `update` projection
+        # With a complement basis instead: the weights (or a shard's rows) as last projected.
+        self.previous_state: Anchor | None = None
 
     @property
     def basis(self) -> torch.Tensor:
-        """The whole fp32 basis where the weights are stepped (shared with the other weights reading it)."""
+        """The whole fp32 basis `U` where the weights are stepped (shared with the other weights reading it)."""
+        if self.shared.complement:
+            raise RuntimeError(f"{self.name} keeps the complement of its basis, not U (nullspace_basis_storage).")
         return self.shared.whole(self.device)
 
     @property
@@ -149,13 +153,23 @@ class ConstrainedParameter:
         if self.anchor_state is not None:
             self.anchor_state.keep_rows(first, count)
 
+    def take_previous(self, matrix: torch.Tensor | None = None, first_row: int = 0) -> None:
+        """With a complement basis: record the weights now (or the rows `matrix` of them from
+        `first_row` on, a shard's), the point the next `update` projection keeps the change from."""
+        if not self.shared.complement:
+            return
+        matrix = self._matrix(self.parameter.data) if matrix is None else matrix
+        keep = _host_copy if self.shared.offloaded else torch.Tensor.clone
+        self.previous_state = Anchor([keep(matrix.detach())], self.shared.offloaded, first_row, self.matrix_shape[0])
+
     def move_to(self, device: torch.device) -> None:
         """Move basis and anchor to where the weights are stepped (DeepSpeed and FSDP place the model
         on the accelerator only when they shard it, after the subspace was bound)."""
         self.device = torch.device(device)
         self.shared.move(self.device)
-        if self.anchor_state is not None:
-            self.anchor_state.move(self.device)
+        for state in (self.anchor_state, self.previous_state):
+            if state is not None:
+                state.move(self.device)
 
     @property
     def rank(self) -> int:
@@ -184,6 +198,11 @@ class ConstrainedParameter:
         # orthogonal, so `G U_b` is the same before and after another block is removed.
         as_float = gradient.float()
         total_sq = as_float.square().sum()
+        if self.shared.complement:
+            kept = self._in_complement(as_float)
+            if apply:
+                gradient.copy_(kept)
+            return (total_sq - kept.square().sum()).clamp_min(0), total_sq
         removed_sq = torch.zeros((), dtype=torch.float32, device=gradient.device)
         for block in self.shared.blocks(gradient.device, torch.float32):
             coefficients = as_float @ block
@@ -212,14 +231,30 @@ class ConstrainedParameter:
 
     def _without_subspace(self, matrix: torch.Tensor) -> torch.Tensor:
         """`matrix − (matrix U) Uᵀ` in fp32, as a new tensor (block by block if offloaded)."""
+        if self.shared.complement:
+            return self._in_complement(matrix)
         result = matrix.clone()
         for block in self.shared.blocks(matrix.device, torch.float32):
             result.addmm_(matrix @ block, block.T, alpha=-1)
         return result
 
+    def _in_complement(self, matrix: torch.Tensor) -> torch.Tensor:
+        """`matrix N Nᵀ` in fp32 (= `matrix − matrix U Uᵀ`), as a new tensor, from a complement basis."""
+        kept = torch.zeros(matrix.shape, dtype=torch.float32, device=matrix.device)
+        for block in self.shared.blocks(matrix.device, torch.float32):
+            kept.addmm_(matrix.float() @ block, block.T)
+        return kept
+
     @torch.no_grad()
     def reset_anchor(self) -> None:
-        """Record `A = M U` now (zero for LoRA `A`, which is first moved into the null space)."""
+        """Record `A = M U` now (zero for LoRA `A`, which is first moved into the null space). With a
+        complement basis there is no anchor: the weights are recorded before training instead
+        (`take_previous`), and a LoRA `A` is moved into the null space here."""
+        if self.shared.complement:
+            if self.zero_anchor:
+                matrix = self._matrix(self.parameter.data)
+                matrix.copy_(self._in_complement(matrix))
+            return
         if self.zero_anchor:
             self.anchor_state = None
             self.enforce_anchor()
@@ -247,6 +282,8 @@ class ConstrainedParameter:
         For fp32 weights and products each block is two fused kernels (`addmm`), because per-step
         cost on a GPU is dominated by kernel launches at a few hundred parameters, not by the FLOPs.
         """
+        if self.shared.complement:
+            return self._enforce_with_complement(matrix, rows, anchored)
         anchors = self.anchor_state if anchored else None
         norms = []
         for index, block in enumerate(self.shared.blocks(matrix.device, self.compute_dtype)):
@@ -260,6 +297,27 @@ class ConstrainedParameter:
         if not norms:  # nothing protected for this weight
             return torch.zeros((), dtype=torch.float32, device=matrix.device)
         return torch.linalg.vector_norm(torch.stack(norms))
+
+    def _enforce_with_complement(self, matrix: torch.Tensor, rows: slice | None, anchored: bool) -> torch.Tensor:
+        """`M ← P + (M − P) N Nᵀ` in place, `P` the weights as last projected (`take_previous`; zero
+        for a gradient, `anchored=False`, and for a LoRA `A` trained without tracking): the change
+        since then keeps only its part outside span(U), so `M U = P U = M₀ U`. Records `M` as the
+        next `P` and returns the norm of what was removed, `‖(M − P) U Uᵀ‖`."""
+        previous = None
+        if anchored and self.previous_state is not None:
+            held = self.previous_state.block(0, rows)
+            previous = held.to(matrix.device, non_blocking=True)
+        elif anchored and not self.zero_anchor:
+            raise RuntimeError(f"{self.name}: no weights recorded before the step (take_previous was not called).")
+        change = matrix.float() if previous is None else matrix.float() - previous.float()
+        kept = self._in_complement(change)
+        removed_sq = (change.square().sum() - kept.square().sum()).clamp_min(0)
+        if previous is None:
+            matrix.copy_(kept)
+        else:
+            matrix.copy_(previous.float() + kept)
+            held.copy_(matrix, non_blocking=True)
+        return removed_sq.sqrt()
 
 
 def _enforce_block(matrix: torch.Tensor, block: torch.Tensor, anchor: torch.Tensor | None) -> torch.Tensor:
@@ -339,13 +397,16 @@ class SubspaceProjector:
         subspace: CapabilitySubspace,
         compute_dtype: torch.dtype = torch.float32,
         offload_block_bytes: int | None = None,
+        smaller_storage: bool = False,
     ) -> SubspaceProjector:
         """Match the subspace's targets to the model's trainable parameters (PEFT-aware).
 
         With `offload_block_bytes`, bases and anchors stay in host memory and are staged to the
-        accelerator in column blocks of at most that size (`SharedBasis`).
+        accelerator in column blocks of at most that size (`SharedBasis`). With `smaller_storage`,
+        each basis' complement is kept instead where it is smaller (computed on the model's device).
         """
-        bases = SharedBases(subspace, offload_block_bytes)
+        device = next(model.parameters()).device
+        bases = SharedBases(subspace, offload_block_bytes, smaller_storage, device)
         constrained: list[ConstrainedParameter] = []
         free: set[str] = set()
         found: set[str] = set()
@@ -447,6 +508,11 @@ class SubspaceProjector:
         if not items or bool(torch.isfinite(total_norm([item.parameter.grad for item in items]))):
             return []
         return [item.name for item in items if not torch.isfinite(item.parameter.grad).all()]
+
+    def take_previous(self) -> None:
+        """With complement bases: record every constrained weight before training (`take_previous`)."""
+        for item in self.constrained:
+            item.take_previous()
 
     def initialise_anchors(self, track_updates: bool) -> None:
         """Move LoRA `A` matrices into the null space; with `track_updates`, anchor every parameter."""
