@@ -217,3 +217,18 @@ def test_complement_storage_projects_as_the_basis(block_bytes):
         assert torch.allclose(whole, complemented, atol=1e-4), (whole, complemented)
     weights = results[True][0]
     assert (weights - original).norm() > 0.5 and ((weights - original) @ basis).abs().max() < 1e-5
+
+
+def test_complement_storage_moves_lora_a_into_the_null_space_and_keeps_it_there():
+    """LoRA `A` with a complement basis: moved into the null space when bound, and kept there by the
+    update projection from its values as last projected (`B A U = 0` for any `B`)."""
+    basis = _basis(16, 12)
+    lora_a = torch.nn.Parameter(torch.randn(4, 16))
+    item = ConstrainedParameter("lora_A", lora_a, SharedBasis(basis, complement=True), flat=False, zero_anchor=True)
+    item.reset_anchor()
+    assert (lora_a.detach() @ basis).abs().max() < 1e-5
+    item.take_previous()
+    with torch.no_grad():
+        lora_a.add_(torch.randn(4, 16))
+    item.enforce_anchor()
+    assert (lora_a.detach() @ basis).abs().max() < 1e-5 and not item.has_anchor
