@@ -53,6 +53,7 @@ PRESETS = {
         "batch_size": 4,
         "rank_fractions": [0.25, 0.5],
         "projection_dtypes": ["float32"],
+        "basis_storages": ["basis"],
         "steps": 4,
         "warmup": 1,
         "rounds": 2,
@@ -65,6 +66,7 @@ PRESETS = {
         "batch_size": 8,
         "rank_fractions": [0.25, 0.5],
         "projection_dtypes": ["float32", "bfloat16"],
+        "basis_storages": ["basis"],
         "steps": 6,
         "warmup": 2,
         "rounds": 2,
@@ -181,12 +183,13 @@ def matmul_parameters(model: torch.nn.Module) -> int:
 
 
 def projection_flops(trainer: NullSpaceSFTTrainer) -> int:
-    """Per optimizer step under the update target: `W U` and `(W U − A) Uᵀ`, 2·rows·columns·k each.
-
-    The removed-fraction metric (`G U`) runs only on logged steps, which the benchmark never logs.
-    """
+    """Per optimizer step: two products of 2·rows·columns·k' each (k' the stored columns: k, or d − k
+    for a complement), once for the update projection and once more for the gradient projection of
+    the default `both` target. (The speed_h100-* files were written when this counted the update
+    projection only.)"""
+    passes = 2 if trainer.args.nullspace_projection_target == "both" else 1
     return sum(
-        4 * rows * columns * item.rank
+        passes * 4 * rows * columns * item.shared.stored_columns
         for item in trainer.nullspace_projector.constrained
         for rows, columns in [item.matrix_shape]
     )
@@ -215,6 +218,7 @@ def bench_case(
     sequence_length: int,
     rank_fraction: float,
     projection_dtype: str,
+    basis_storage: str,
     preset: dict,
     device: torch.device,
     workdir: str,
@@ -226,7 +230,9 @@ def bench_case(
     train = random_tokens(batch_size * steps, sequence_length, size.vocab, seed=1)
     reference = random_text(64, min(sequence_length, 512), seed=2)
     max_rank = int(rank_fraction * size.hidden)
-    cache_path = os.path.join(workdir, f"{size.name}-{sequence_length}-{rank_fraction}-{projection_dtype}.safetensors")
+    cache_path = os.path.join(
+        workdir, f"{size.name}-{sequence_length}-{rank_fraction}-{projection_dtype}-{basis_storage}.safetensors"
+    )
 
     common = common_arguments(workdir, sequence_length, batch_size, steps, device)
     timers = {name: StepTimer(device) for name in RUNS}
@@ -240,6 +246,7 @@ def bench_case(
             nullspace_eigenvalue_threshold=0.0,
             nullspace_max_rank=max_rank,
             nullspace_projection_dtype=projection_dtype,
+            nullspace_basis_storage=basis_storage,
             nullspace_reference_batch_size=8,
             nullspace_cache_path=cache_path,
         ),
@@ -287,6 +294,7 @@ def bench_case(
         "rank_fraction": rank_fraction,
         "max_rank": max_rank,
         "projection_dtype": projection_dtype,
+        "basis_storage": basis_storage,
         "mean_rank": round(sum(ranks) / len(ranks), 1),
         **{f"{name}_step_ms": round(value, 2) for name, value in medians.items()},
         "ratio_vs_plain": round(medians["nullspace"] / medians["plain"], 4),
@@ -365,6 +373,7 @@ TABLE_KEYS = [
     "tokens_per_step",
     "rank",
     "projection_dtype",
+    "basis_storage",
     "plain_step_ms",
     "plain_same_parameters_step_ms",
     "nullspace_step_ms",
@@ -395,7 +404,8 @@ def write_report(results: dict, directory: str, tag: str) -> None:
         "(device-synchronised, in a separate round, median per step); its share is that time over the plain "
         "same-parameters step: the projection's cost where step noise hides it in the end-to-end ratios.",
         "",
-        "| model | params (M) | tokens/step | rank (max / mean) | projection dtype | plain ms | plain, same params ms "
+        "| model | params (M) | tokens/step | rank (max / mean) | projection dtype | storage | plain ms "
+        "| plain, same params ms "
         "| null-space ms | ratio vs plain | ratio vs same params | FLOP floor | own work ms | own work share "
         "| plain peak GiB | null-space peak GiB "
         "| estimation+setup s | cache MiB |",
@@ -422,12 +432,13 @@ def main() -> None:
     parser.add_argument("--sequence-lengths", nargs="*", type=int, help="override the preset's")
     parser.add_argument("--rank-fractions", nargs="*", type=float, help="override the preset's")
     parser.add_argument("--projection-dtypes", nargs="*", help="override the preset's")
+    parser.add_argument("--basis-storages", nargs="*", choices=["basis", "smaller"], help="override the preset's")
     parser.add_argument("--rounds", type=int, help="override the preset's number of alternating rounds")
     arguments = parser.parse_args()
     preset = dict(PRESETS[arguments.preset])
     if arguments.sizes:
         preset["sizes"] = [size for size in preset["sizes"] if size.name in arguments.sizes]
-    for key in ("sequence_lengths", "rank_fractions", "projection_dtypes", "rounds"):
+    for key in ("sequence_lengths", "rank_fractions", "projection_dtypes", "basis_storages", "rounds"):
         if getattr(arguments, key):
             preset[key] = getattr(arguments, key)
     device = torch.device("cuda" if arguments.preset == "gpu" else "cpu")
@@ -444,10 +455,13 @@ def main() -> None:
             for sequence_length in preset["sequence_lengths"]:
                 for rank_fraction in preset["rank_fractions"]:
                     for dtype in preset["projection_dtypes"]:
-                        row = bench_case(size, sequence_length, rank_fraction, dtype, preset, device, workdir)
-                        print(json.dumps({k: v for k, v in row.items() if not k.startswith("raw_")}), flush=True)
-                        results["cases"].append(row)
-                        write_report(results, arguments.output_dir, tag)  # a later failure keeps these
+                        for storage in preset["basis_storages"]:
+                            row = bench_case(
+                                size, sequence_length, rank_fraction, dtype, storage, preset, device, workdir
+                            )
+                            print(json.dumps({k: v for k, v in row.items() if not k.startswith("raw_")}), flush=True)
+                            results["cases"].append(row)
+                            write_report(results, arguments.output_dir, tag)  # a later failure keeps these
         if preset["estimation_samples"] and not arguments.skip_estimation:
             results["estimation"] = bench_estimation(
                 device, preset["estimation_samples"], preset["estimation_length"], workdir
