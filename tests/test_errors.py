@@ -154,7 +154,7 @@ def test_fsdp1_is_refused_not_silently_ignored(model, tokenizer, safety_dataset,
         ("fsdp2", {"nullspace_method": "gradient"}, "only nullspace_method='activation'"),
         ("deepspeed", {"nullspace_refresh_steps": 4}, "nullspace_refresh_steps is not supported under DeepSpeed"),
         ("deepspeed", {"nullspace_offload": True}, "nullspace_offload under DeepSpeed with ZeRO stage 3.*stage 2"),
-        ("deepspeed", {"nullspace_basis_storage": "smaller"}, "nullspace_basis_storage='smaller' under DeepSpeed"),
+        ("deepspeed", {"nullspace_basis_storage": "smaller"}, "'smaller' under DeepSpeed with ZeRO stage 3.*stage 2"),
     ],
 )
 def test_sharded_backends_refuse_options_they_cannot_honour(

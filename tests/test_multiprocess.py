@@ -202,6 +202,21 @@ def test_mixture_of_experts_under_zero2_freezes_the_experts_and_keeps_reference_
     assert _reference_logit_drift(assets, tmp_path / "moe", tmp_path / "mixtral") < 1e-4
 
 
+def _assert_changes_are_orthogonal_to_the_bases(assets, output_dir) -> None:
+    """The guarantee itself: every constrained weight's change is orthogonal to its basis."""
+    from trl_nullspace import load_subspace
+
+    subspace, _ = load_subspace(str(output_dir / "subspace.safetensors"))
+    base = dict(AutoModelForCausalLM.from_pretrained(str(assets / "model")).named_parameters())
+    trained = load_file(str(output_dir / "model.safetensors"))
+    moved = 0.0
+    for target in subspace.targets:
+        change = trained[f"{target}.weight"] - base[f"{target}.weight"].detach()
+        moved = max(moved, change.abs().max().item())
+        assert (change @ subspace.basis_for(target)).abs().max() < 1e-4, target
+    assert moved > 1e-2
+
+
 def _assert_checkpoint_anchors_are_the_base_models(assets, checkpoint) -> None:
     """Each ZeRO-3 rank keeps only its rows' anchors; the checkpoint must hold them whole: `W₀ U`."""
     from trl_nullspace import load_subspace
@@ -215,7 +230,7 @@ def _assert_checkpoint_anchors_are_the_base_models(assets, checkpoint) -> None:
         assert torch.allclose(anchor, expected, atol=1e-5), name
 
 
-@pytest.mark.parametrize("method", ["activation", "gradient", "offload"])
+@pytest.mark.parametrize("method", ["activation", "gradient", "offload", "smaller"])
 def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_between_ranks(tmp_path, method):
     """ZeRO-3 with every weight partitioned (persistence threshold 0, unlike the shipped config on
     this tiny model) and an odd intermediate size, so the 2 partitions of each gate/up weight split
@@ -223,7 +238,9 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     single-process one (and, for the activation method, keeps the reference outputs). The gradient
     method's matrices are single rows that both partitions split, so all of them travel. With
     `nullspace_offload` (bases in host memory, applied 4 columns at a time) those split rows' weight
-    values travel instead, and the run must match the single-process one all the same."""
+    values travel instead, and the run must match the single-process one all the same. So must it with
+    complements kept where smaller (`nullspace_basis_storage: smaller`, on enough reference tokens that
+    some inputs keep over half their directions), whose changes stay orthogonal to every basis."""
     assets = tmp_path / "assets"
     write_toy_assets(str(assets))
     tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
@@ -253,13 +270,20 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     overrides = {"nullspace_method": "gradient" if method == "gradient" else "activation"}
     if method == "offload":
         overrides |= {"nullspace_offload": True, "nullspace_offload_block_mib": 2**-10}
+    if method == "smaller":
+        overrides |= {
+            "nullspace_basis_storage": "smaller",
+            "nullspace_eigenvalue_threshold": None,
+            "nullspace_energy": 0.999,
+            "nullspace_reference_num_samples": 64,
+        }
     if method == "gradient":
         overrides |= {"nullspace_eigenvalue_threshold": None, "nullspace_max_rank": 4}
     configs = {}
     for name, batch_size in (("single", 8), ("zero3", 4)):
         configs[name] = tmp_path / f"{name}_{method}.yaml"
         settings = yaml.safe_load(open(_config(assets, tmp_path, name, batch_size, True)))
-        if name == "zero3" and method != "gradient":  # a checkpoint, to see the anchors gathered whole
+        if name == "zero3" and method in ("activation", "offload"):  # a checkpoint: anchors gathered whole
             settings |= {"save_strategy": "steps", "save_steps": 6}
         configs[name].write_text(yaml.safe_dump(settings | overrides))
     _train(recipe, str(configs["single"]))
@@ -267,6 +291,11 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
 
     trained = load_file(str(tmp_path / "zero3" / "model.safetensors"))
     assert _max_difference(trained, load_file(str(tmp_path / "single" / "model.safetensors"))) < 1e-4
+    if method == "smaller":
+        complements, weights = map(int, re.search(r"(\d+) of (\d+) as complements", output).groups())
+        assert 0 < complements < weights, (complements, weights)
+        _assert_changes_are_orthogonal_to_the_bases(assets, tmp_path / "zero3")
+        return
     if method != "gradient":
         kept, rows = map(int, re.search(r"this rank keeps (\d+) of (\d+) anchor rows", output).groups())
         assert 0.4 * rows < kept < 0.7 * rows, (kept, rows)  # about half of them, on each of 2 ranks

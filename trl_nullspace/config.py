@@ -65,7 +65,7 @@ class NullSpaceArguments:
             "help": "'basis': keep each basis U (d×k) and the anchors M₀U. 'smaller': where the complement N "
             "(d×(d−k)) is smaller, keep it instead and project with N Nᵀ = I − U Uᵀ, which needs no anchors but "
             "a copy of the weights as last projected, and (d−k)/k of the FLOPs (at the default energy real "
-            "models keep k of 70–90% of d). Single device, DDP and FSDP2.",
+            "models keep k of 70–90% of d). Single device, DDP, FSDP2 and DeepSpeed ZeRO-3.",
             "choices": list(BASIS_STORAGES),
         },
     )
@@ -74,8 +74,8 @@ class NullSpaceArguments:
         metadata={
             "help": "Keep the bases and anchors in host memory and copy them to the accelerator one block at a time "
             "when projecting (exact: the blocks are orthonormal). The constraint then holds almost no accelerator "
-            "memory, at the price of copying every basis over PCIe at each optimizer step. Single device, DDP and "
-            "FSDP2; not DeepSpeed yet."
+            "memory, at the price of copying every basis over PCIe at each optimizer step. Single device, DDP, "
+            "FSDP2 and DeepSpeed ZeRO-3."
         },
     )
     nullspace_offload_block_mib: float = field(

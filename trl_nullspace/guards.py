@@ -36,18 +36,14 @@ def check_backend(
     """
     if not (deepspeed or fsdp):
         return
-    if deepspeed and args.nullspace_offload and (zero_stage != 3 or args.nullspace_method != "activation"):
+    row_exchange = args.nullspace_offload or args.nullspace_basis_storage != "basis"
+    if deepspeed and row_exchange and (zero_stage != 3 or args.nullspace_method != "activation"):
+        option = "nullspace_offload" if args.nullspace_offload else "nullspace_basis_storage='smaller'"
         raise NotImplementedError(
-            f"{trainer_name} supports nullspace_offload under DeepSpeed with ZeRO stage 3 and the activation method "
-            f"only (this run: stage {zero_stage}, nullspace_method={args.nullspace_method!r}): the offloaded "
-            "projection exchanges the weight rows that partitions split, which under ZeRO-1/2, or for the gradient "
-            "method's single-row matrices, is every row. Use ZeRO-3 or FSDP2 with it, or turn nullspace_offload off."
-        )
-    if deepspeed and args.nullspace_basis_storage != "basis":
-        raise NotImplementedError(
-            f"{trainer_name} does not support nullspace_basis_storage={args.nullspace_basis_storage!r} under "
-            "DeepSpeed yet: its projection of the partitioned master weights uses the bases and anchors. Use "
-            "FSDP2 or DDP with it, or nullspace_basis_storage='basis'."
+            f"{trainer_name} supports {option} under DeepSpeed with ZeRO stage 3 and the activation method only "
+            f"(this run: stage {zero_stage}, nullspace_method={args.nullspace_method!r}): its projection exchanges "
+            "the weight rows that partitions split, which under ZeRO-1/2, or for the gradient method's single-row "
+            "matrices, is every row. Use ZeRO-3 or FSDP2 with it, or turn it off."
         )
     backend = "DeepSpeed" if deepspeed else "FSDP"
     conv1d = [name for name, module in model.named_modules() if is_transposed_linear(module)]

@@ -50,7 +50,7 @@ from trl_nullspace.projector import SubspaceProjector
 from trl_nullspace.reference import ReferenceBatch, tokenize_reference
 from trl_nullspace.subspace import CapabilitySubspace
 from trl_nullspace.targets import find_target_experts, find_target_linears
-from trl_nullspace.zero import OffloadedZeroProjector, ZeroMasterProjector, gathered
+from trl_nullspace.zero import RowExchangeZeroProjector, ZeroMasterProjector, gathered
 
 logger = logging.get_logger(__name__)
 
@@ -333,7 +333,9 @@ class NullSpaceTrainerMixin:
         target = self.args.nullspace_projection_target
         with gathered([item.parameter for item in projector.constrained], modifier_rank=0):
             projector.initialise_anchors(track_updates=target in ("update", "both"))
-        self._sharded_master_projector: ZeroMasterProjector | OffloadedZeroProjector | RowShardProjector | None = None
+        self._sharded_master_projector: ZeroMasterProjector | RowExchangeZeroProjector | RowShardProjector | None = (
+            None
+        )
         # DeepSpeed reduces gradients in its own hooks and steps inside backward: the gradient target
         # projects each micro-batch's gradient as autograd produces it, before those hooks read it.
         for handle in getattr(self, "_gradient_hooks", []):
@@ -343,12 +345,13 @@ class NullSpaceTrainerMixin:
             self._gradient_hooks = projector.project_gradients_in_backward()
         return projector
 
-    def _sharded_projector(self) -> ZeroMasterProjector | OffloadedZeroProjector | RowShardProjector:
+    def _sharded_projector(self) -> ZeroMasterProjector | RowExchangeZeroProjector | RowShardProjector:
         """The projector of sharded master weights, built once DeepSpeed or FSDP2 has sharded them."""
         if self._sharded_master_projector is None:
             constrained = self.nullspace_projector.constrained
-            if self.is_deepspeed_enabled and self.args.nullspace_offload:
-                self._sharded_master_projector = OffloadedZeroProjector(constrained, self.accelerator.device)
+            row_exchange = self.args.nullspace_offload or self.args.nullspace_basis_storage == "smaller"
+            if self.is_deepspeed_enabled and row_exchange:
+                self._sharded_master_projector = RowExchangeZeroProjector(constrained, self.accelerator.device)
             elif self.is_deepspeed_enabled:
                 self._sharded_master_projector = ZeroMasterProjector(constrained, self.accelerator.device)
             else:
@@ -408,9 +411,11 @@ class NullSpaceTrainerMixin:
         from: once the model is sharded (each rank its rows) and a resumed checkpoint is loaded."""
         if self.args.nullspace_projection_target == "gradient":
             return
-        if self.is_fsdp_enabled:
-            self._sharded_projector().take_previous()
-        elif not self.is_deepspeed_enabled:
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            sharded = self._sharded_projector()
+            if isinstance(sharded, RowShardProjector | RowExchangeZeroProjector):
+                sharded.take_previous()
+        else:
             self.nullspace_projector.take_previous()
 
     def refresh_subspace(self) -> None:

@@ -20,6 +20,10 @@ orthonormal basis `U` n×k, anchor `A = M₀ U`):
 The extra memory is the bases (whole on every rank), the anchors (whole under ZeRO-1/2, the rows a
 rank holds under ZeRO-3, gathered whole again for checkpoints), the coefficients of the
 rows each rank covers and the buffer.
+
+`RowExchangeZeroProjector` is the ZeRO-3 variant for offloaded bases and complement bases: the
+split rows' values (or changes) travel instead of coefficients, and each rank then projects its
+fragment alone.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trl_nullspace.basis import gather_anchors
+from trl_nullspace.basis import _host_copy, gather_anchors
 from trl_nullspace.projector import ConstrainedParameter, diverged_step_error
 
 
@@ -185,6 +189,68 @@ class _MasterFragment:
             return None  # whole rows: no boundary inside them
         return self.exchanged_rows.index(self.first_row + piece.row)
 
+    def take_previous(self) -> None:
+        """With a complement basis: record this fragment's master values now (`ConstrainedParameter.take_previous`)."""
+        if self.item.shared.complement:
+            master = self.master()
+            self.previous = _host_copy(master) if self.item.shared.offloaded else master.clone()
+
+    def exchange_values(self, master: torch.Tensor) -> torch.Tensor:
+        """What the cut rows' pieces exchange: the weights, or with a complement basis their change
+        since last projected (the projection needs `(M − P) N`, from whole rows)."""
+        if not self.item.shared.complement:
+            return master
+        previous = getattr(self, "previous", None)
+        if previous is None:
+            raise RuntimeError(
+                f"{self.item.name}: no weights recorded before the step (take_previous was not called)."
+            )
+        return master - previous.to(master.device, non_blocking=True)
+
+    def enforce_with_complement(
+        self, master: torch.Tensor, change: torch.Tensor, exchanged: torch.Tensor
+    ) -> torch.Tensor:
+        """`M ← P + (M − P) N Nᵀ` on this fragment (and the module's whole copy, if kept), block by
+        block of `N`; cut rows' changes come whole from `exchanged`. Returns the squared norm removed."""
+        item, parameter = self.item, self.item.parameter
+        if not self.pieces and not self.replicated:
+            return torch.zeros((), dtype=torch.float32, device=master.device)
+        kept = torch.zeros_like(change)
+        kept_whole = torch.zeros_like(exchanged) if self.replicated else None
+        for block in item.shared.blocks(master.device, torch.float32):
+            coefficients = self._row_products(change, exchanged, block)
+            for piece in self.pieces:
+                view = kept[piece.offset : piece.offset + piece.numel].view(piece.rows, -1)
+                rows = coefficients[piece.row : piece.row + piece.rows]
+                view.addmm_(rows, block[piece.column_start : piece.column_end].T)
+            if kept_whole is not None:
+                kept_whole.addmm_(coefficients, block.T)
+        removed_sq = (change - kept).square().sum()
+        previous = self.previous.to(master.device, non_blocking=True)
+        master.copy_(previous + kept)
+        self.previous.copy_(master, non_blocking=True)
+        if kept_whole is not None:
+            matrix = parameter.data.view(self.rows, self.row_length)
+            matrix.sub_((exchanged - kept_whole).to(device=matrix.device, dtype=matrix.dtype))
+        parameter._z3_optimizer.set_local_hp_param(master, parameter)
+        parameter.ds_tensor.data.copy_(master.view_as(parameter.ds_tensor))
+        return removed_sq
+
+    def _row_products(self, values: torch.Tensor, exchanged: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """`rows @ block` for this fragment's rows of the matrix `values` holds a fragment of: whole
+        rows from `values` itself, cut rows from their completed copies in `exchanged`."""
+        if self.replicated:
+            return exchanged @ block
+        products = torch.empty(self.local_rows, block.shape[1], dtype=torch.float32, device=block.device)
+        for piece in self.pieces:
+            slot = self.exchanged_slot(piece)
+            if slot is None:  # whole rows of this fragment
+                rows = values[piece.offset : piece.offset + piece.numel].view(piece.rows, -1)
+            else:  # a cut row, completed by the other ranks' pieces
+                rows = exchanged[slot : slot + 1]
+            products[piece.row : piece.row + piece.rows] = rows @ block
+        return products
+
     def enforce_streamed(self, master: torch.Tensor, exchanged: torch.Tensor) -> torch.Tensor:
         """`M ← M − (M U − A) Uᵀ` on this fragment (and the module's whole copy, if kept), one
         column block of `U` at a time; cut rows' coefficients come from their completed copies in
@@ -195,17 +261,7 @@ class _MasterFragment:
             return squares
         anchor = item.anchor_state
         for index, block in enumerate(item.shared.blocks(master.device, torch.float32)):
-            if self.replicated:
-                coefficients = exchanged @ block
-            else:
-                coefficients = torch.empty(self.local_rows, block.shape[1], dtype=torch.float32, device=block.device)
-                for piece in self.pieces:
-                    slot = self.exchanged_slot(piece)
-                    if slot is None:  # whole rows of this fragment
-                        rows = master[piece.offset : piece.offset + piece.numel].view(piece.rows, -1)
-                    else:  # a cut row, completed by the other ranks' pieces
-                        rows = exchanged[slot : slot + 1]
-                    coefficients[piece.row : piece.row + piece.rows] = rows @ block
+            coefficients = self._row_products(master, exchanged, block)
             if anchor is not None:
                 rows = slice(self.first_row, self.first_row + self.local_rows)
                 coefficients -= anchor.block(index, rows).to(block.device, non_blocking=True)
@@ -365,9 +421,10 @@ class ZeroMasterProjector:
         return torch.stack(squares).sum().sqrt()
 
 
-class OffloadedZeroProjector:
-    """ZeRO-3 with `nullspace_offload`: the bases and anchors stay in host memory and each weight is
-    projected block by block (`SharedBasis`), so no rank ever holds a whole basis on the accelerator.
+class RowExchangeZeroProjector:
+    """ZeRO-3 with `nullspace_offload` or complement bases (`nullspace_basis_storage: smaller`): each
+    weight is projected block by block (`SharedBasis`), so no rank ever holds a whole offloaded basis
+    on the accelerator, and a complement needs whole rows of the change rather than coefficients.
 
     Coefficients cannot be exchanged per block without one collective per block, so the rows that
     partition boundaries cut travel instead: each rank writes its pieces of those rows into one fp32
@@ -383,9 +440,9 @@ class OffloadedZeroProjector:
         stage12 = [fragment.item.name for fragment in self.fragments if not fragment.stage3]
         if stage12:
             raise NotImplementedError(
-                f"nullspace_offload under DeepSpeed needs ZeRO stage 3 ({stage12[0]} is a ZeRO-1/2 weight, whose "
-                "projection would exchange every row). Use ZeRO-3 or FSDP2 with nullspace_offload, or ZeRO-1/2 "
-                "without it."
+                f"nullspace_offload and nullspace_basis_storage='smaller' under DeepSpeed need ZeRO stage 3 "
+                f"({stage12[0]} is a ZeRO-1/2 weight, whose projection would exchange every row). Use ZeRO-3 or "
+                "FSDP2 with them, or ZeRO-1/2 without."
             )
         self.offsets, total = [], 0
         for fragment in self.fragments:
@@ -398,30 +455,41 @@ class OffloadedZeroProjector:
         """The whole anchors from every rank's rows, for a checkpoint (a collective)."""
         return fragments_anchors(self.fragments, self.communication_device)
 
+    def take_previous(self) -> None:
+        """With complement bases: record every fragment's master values before training."""
+        for fragment in self.fragments:
+            fragment.take_previous()
+
     def summary(self) -> str:
         """What travels per step, for the log."""
+        complements = sum(fragment.item.shared.complement for fragment in self.fragments)
+        where = "host memory" if any(f.item.shared.offloaded for f in self.fragments) else "the accelerator"
         return (
             f"ZeRO projection all-reduces {self.exchanged_numel} of {self.whole_numel} weight values per step "
-            "(the rows partitions split); bases and anchors stream from host memory; "
-            + anchor_rows_kept(self.fragments)
+            f"(the rows partitions split); bases from {where}, {complements} of {len(self.fragments)} as "
+            f"complements; {anchor_rows_kept(self.fragments)}"
         )
 
     def _completed_rows(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Every fragment's master and its exchanged rows made whole by one all-reduce (last value:
         the ranks whose masters hold NaN or inf, so that all ranks raise together)."""
         buffer = torch.zeros(self.exchanged_numel + 1, dtype=torch.float32, device=self.communication_device)
-        masters, rows, sums = [], [], []
+        masters, changes, rows, sums = [], [], [], []
         for fragment, offset in zip(self.fragments, self.offsets, strict=True):
             master = fragment.master()
+            values = fragment.exchange_values(master)
             block = buffer[offset : offset + len(fragment.exchanged_rows) * fragment.row_length]
             block = block.view(-1, fragment.row_length)
             for piece in fragment.pieces:
                 slot = fragment.exchanged_slot(piece)
                 if slot is not None:
-                    values = master[piece.offset : piece.offset + piece.numel].view(piece.rows, -1)
-                    block[slot : slot + piece.rows, piece.column_start : piece.column_end] = values.to(block.device)
+                    piece_values = values[piece.offset : piece.offset + piece.numel].view(piece.rows, -1)
+                    block[slot : slot + piece.rows, piece.column_start : piece.column_end] = piece_values.to(
+                        block.device
+                    )
             sums.append(master.sum().to(self.communication_device))
             masters.append(master)
+            changes.append(values)
             rows.append(block)
         if sums:
             buffer[-1] = (~torch.isfinite(torch.stack(sums).sum())).float()
@@ -433,14 +501,20 @@ class OffloadedZeroProjector:
                 if not total.isfinite()
             ]
             raise diverged_step_error(bad)
-        return masters, rows
+        return masters, changes, rows
 
     @torch.no_grad()
     def enforce_anchors(self) -> torch.Tensor:
-        """`M ← M − (M U − A) Uᵀ` on the master weights, block by block; returns ‖M U − A‖ over this
-        rank's rows (a device tensor, read only when the trainer logs)."""
-        masters, completed = self._completed_rows()
+        """`M ← M − (M U − A) Uᵀ` on the master weights (with a complement, `M ← P + (M − P) N Nᵀ`),
+        block by block; returns the norm removed over this rank's rows (a device tensor, read only
+        when the trainer logs)."""
+        masters, changes, completed = self._completed_rows()
         squares = [torch.zeros((), dtype=torch.float32, device=self.communication_device)]
-        for fragment, master, rows in zip(self.fragments, masters, completed, strict=True):
-            squares.append(fragment.enforce_streamed(master, rows.to(master.device)).to(self.communication_device))
+        for fragment, master, change, rows in zip(self.fragments, masters, changes, completed, strict=True):
+            rows = rows.to(master.device)
+            if fragment.item.shared.complement:
+                removed = fragment.enforce_with_complement(master, change, rows)
+            else:
+                removed = fragment.enforce_streamed(master, rows)
+            squares.append(removed.to(self.communication_device))
         return torch.stack(squares).sum().sqrt()
