@@ -1,9 +1,10 @@
 """Where the constraint's state lives: the bases and anchors, whole with the weights or offloaded.
 
-Every weight that reads one input shares that input's basis (`SharedBasis`), one copy per device.
-Offloaded, bases and anchors stay in host memory as column blocks that the projections stage to
-the accelerator one at a time; sharded backends keep only the anchor rows their rank projects
-(`Anchor.keep_rows`).
+Every weight that reads one input shares that input's basis (`SharedBasis`), one copy per device,
+or its orthonormal complement where that is smaller. Offloaded, bases and anchors stay in host
+memory as column blocks that the projections stage to the accelerator one at a time; sharded
+backends keep only the anchor rows their rank projects (`Anchor.keep_rows`) and gather them whole
+for checkpoints (`gather_anchors`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from trl_nullspace.subspace import CapabilitySubspace
 FP32_BYTES = 4
 
 
-def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of `tensor` in host memory (never a view of it), page-locked where an accelerator can
     read it asynchronously."""
     copy = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=torch.cuda.is_available())
@@ -63,7 +64,7 @@ class SharedBasis:
             self.columns = [slice(start, min(start + width, stored)) for start in range(0, stored, width)] or [
                 slice(0, 0)
             ]
-            self._host_blocks = [_host_copy(basis[:, columns]) for columns in self.columns]
+            self._host_blocks = [host_copy(basis[:, columns]) for columns in self.columns]
         else:
             self.columns = [slice(0, self.stored_columns)]
             self._copies[(basis.device, torch.float32)] = basis
@@ -104,7 +105,7 @@ class SharedBasis:
         blocks are: host memory if offloaded, else where `coefficients` is."""
         if not self.offloaded:
             return [coefficients]
-        return [_host_copy(coefficients[:, columns]) for columns in self.columns]
+        return [host_copy(coefficients[:, columns]) for columns in self.columns]
 
 
 class SharedBases:
@@ -157,7 +158,7 @@ class Anchor:
         """Keep rows `[first, first + count)` only (of the whole anchor), freeing the others."""
         if not self.complete:
             raise RuntimeError("An anchor already trimmed to a shard's rows cannot be trimmed again.")
-        keep = _host_copy if self.offloaded else torch.Tensor.clone
+        keep = host_copy if self.offloaded else torch.Tensor.clone
         self.blocks = [keep(block[first : first + count]) for block in self.blocks]
         self.first_row = first
         self.sharded = True

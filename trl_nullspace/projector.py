@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from trl_nullspace.basis import Anchor, SharedBases, SharedBasis, _host_copy
+from trl_nullspace.basis import Anchor, SharedBases, SharedBasis, host_copy
 from trl_nullspace.experts import DOWN, GATE_UP, is_fused_experts, is_transposed_experts, slice_name
 from trl_nullspace.subspace import CapabilitySubspace
 from trl_nullspace.targets import canonical_name, is_lora_layer, is_transposed_linear
@@ -159,7 +159,7 @@ class ConstrainedParameter:
         if not self.shared.complement:
             return
         matrix = self._matrix(self.parameter.data) if matrix is None else matrix
-        keep = _host_copy if self.shared.offloaded else torch.Tensor.clone
+        keep = host_copy if self.shared.offloaded else torch.Tensor.clone
         self.previous_state = Anchor([keep(matrix.detach())], self.shared.offloaded, first_row, self.matrix_shape[0])
 
     def move_to(self, device: torch.device) -> None:
@@ -260,7 +260,7 @@ class ConstrainedParameter:
             self.enforce_anchor()
             return
         matrix = self._matrix(self.parameter.data)
-        keep = _host_copy if self.shared.offloaded else torch.Tensor.contiguous
+        keep = host_copy if self.shared.offloaded else torch.Tensor.contiguous
         blocks = [
             keep((matrix.to(block.dtype) @ block).float())
             for block in self.shared.blocks(matrix.device, self.compute_dtype)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trl_nullspace.basis import _host_copy, gather_anchors
+from trl_nullspace.basis import gather_anchors, host_copy
 from trl_nullspace.projector import ConstrainedParameter, diverged_step_error
 
 
@@ -193,7 +193,7 @@ class _MasterFragment:
         """With a complement basis: record this fragment's master values now (`ConstrainedParameter.take_previous`)."""
         if self.item.shared.complement:
             master = self.master()
-            self.previous = _host_copy(master) if self.item.shared.offloaded else master.clone()
+            self.previous = host_copy(master) if self.item.shared.offloaded else master.clone()
 
     def exchange_values(self, master: torch.Tensor) -> torch.Tensor:
         """What the cut rows' pieces exchange: the weights, or with a complement basis their change
