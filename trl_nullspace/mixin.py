@@ -409,7 +409,7 @@ class NullSpaceTrainerMixin:
     def _take_previous(self) -> None:
         """With complement bases, record the weights the first `update` projection keeps the change
         from: once the model is sharded (each rank its rows) and a resumed checkpoint is loaded."""
-        if self.args.nullspace_projection_target == "gradient":
+        if self.args.nullspace_projection_target == "gradient" or self.args.nullspace_basis_storage == "basis":
             return
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             sharded = self._sharded_projector()
