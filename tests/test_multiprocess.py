@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import logits_on
 from tests.test_architectures import MIXTURE_OF_EXPERTS, build
+from trl_nullspace.cache import load_subspace
 from trl_nullspace.loading import load_dataset_from
 from trl_nullspace.reference import tokenize_reference
 from trl_nullspace.toy import build_tiny_qwen2
@@ -295,6 +296,15 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
         complements, weights = map(int, re.search(r"(\d+) of (\d+) as complements", output).groups())
         assert 0 < complements < weights, (complements, weights)
         _assert_changes_are_orthogonal_to_the_bases(assets, tmp_path / "zero3")
+        # 64 reference examples, 8 batches: each process estimated from 4, statistics summed, and
+        # the bases are the single process' (which read all 8).
+        shared, _ = load_subspace(str(tmp_path / "zero3" / "subspace.safetensors"))
+        alone, _ = load_subspace(str(tmp_path / "single" / "subspace.safetensors"))
+        assert shared.settings["processes"] == 2 and alone.settings["processes"] == 1
+        assert shared.settings["reference_tokens"] == alone.settings["reference_tokens"]
+        for key, basis in alone.bases.items():
+            assert basis.shape == shared.bases[key].shape, key
+            assert torch.allclose(basis @ basis.T, shared.bases[key] @ shared.bases[key].T, atol=1e-4), key
         return
     if method != "gradient":
         kept, rows = map(int, re.search(r"this rank keeps (\d+) of (\d+) anchor rows", output).groups())

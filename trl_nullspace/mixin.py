@@ -311,10 +311,28 @@ class NullSpaceTrainerMixin:
             )
 
     def estimate_subspace(self) -> CapabilitySubspace:
-        """Estimate the subspace from the reference batches with the current weights."""
-        return estimate_subspace(
-            self.model, self._reference_batches, self.args, not self.args.disable_tqdm, self._contrast_batches
+        """Estimate the subspace from the reference batches with the current weights.
+
+        With several processes and the activation method, each process reads its share of the
+        batches and the statistics are summed over the processes: the same bases on every process,
+        from 1/world of the forward passes each (`settings["processes"]` records how many shared).
+        """
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        batches, contrast = self._reference_batches, self._contrast_batches
+        shared = (
+            world > 1
+            and self.args.nullspace_method == "activation"
+            and len(batches) >= world
+            and (contrast is None or len(contrast) >= world)
         )
+        if shared:
+            batches = batches[rank::world]
+            contrast = None if contrast is None else contrast[rank::world]
+        subspace = estimate_subspace(
+            self.model, batches, self.args, not self.args.disable_tqdm, contrast, across_processes=shared
+        )
+        subspace.settings["processes"] = world if shared else 1
+        return subspace
 
     def _bind(self, subspace: CapabilitySubspace) -> SubspaceProjector:
         if self.args.nullspace_offload:  # an estimate made on the accelerator would otherwise stay there

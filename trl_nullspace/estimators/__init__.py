@@ -18,9 +18,11 @@ def estimate_subspace(
     settings: NullSpaceArguments,
     show_progress: bool = True,
     contrast_batches: list[ReferenceBatch] | None = None,
+    across_processes: bool = False,
 ) -> CapabilitySubspace:
     """The subspace `settings` asks for (method, target modules, rank rule), from `batches`; the
-    contrastive rule also needs `contrast_batches` (the training data)."""
+    contrastive rule also needs `contrast_batches` (the training data). With `across_processes`
+    (activation method only), the batches are this process' share and the statistics are summed."""
     linears = find_target_linears(model, settings.nullspace_target_modules)
     selection = settings.nullspace_rank_selection
     if settings.nullspace_contrastive and contrast_batches is None:
@@ -36,6 +38,7 @@ def estimate_subspace(
             contrast_batches=contrast_batches if settings.nullspace_contrastive else None,
             experts=find_target_experts(model, settings.nullspace_target_modules),
             statistics_budget_bytes=settings.nullspace_statistics_budget_bytes,
+            across_processes=across_processes,
         )
     return estimate_gradient_subspace(
         model, batches, linears, selection, settings.nullspace_gradient_batches, show_progress

@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -86,6 +87,18 @@ class InputCovarianceCollector:
         else:
             self.covariances[name] = covariance
         self.token_counts[name] = self.token_counts.get(name, 0) + tokens.shape[0]
+
+    def sum_over_processes(self) -> None:
+        """Add up every process' statistics and token counts (all processes collected the same
+        targets, each from its own share of the data), so all hold the whole data's, bit for bit."""
+        for name in sorted(self.covariances):
+            dist.all_reduce(self.covariances[name])
+        names = sorted(self.token_counts)
+        if names:
+            device = self.covariances[names[0]].device  # where the statistics are: the collective's device
+            counts = torch.tensor([self.token_counts[name] for name in names], dtype=torch.int64, device=device)
+            dist.all_reduce(counts)
+            self.token_counts = dict(zip(names, counts.tolist(), strict=True))
 
     def _experts_hook(self, weights: list[str]):
         """Per expert, the statistics of the tokens routed to it (`trl_nullspace.experts`); every
@@ -271,14 +284,18 @@ def collect_in_passes(
     budget_bytes: int | None,
     show_progress: bool,
     description: str,
+    across_processes: bool = False,
 ) -> Iterator[InputCovarianceCollector]:
     """One collector per pass of `plan_passes`, each filled by a forward pass over `batches`; the
-    caller uses a pass' statistics before the next one is collected, so at most one pass' are held."""
+    caller uses a pass' statistics before the next one is collected, so at most one pass' are held.
+    With `across_processes`, `batches` is this process' share and the statistics are summed."""
     passes = plan_passes(linears, experts or {}, budget_bytes)
     for index, (pass_linears, pass_experts) in enumerate(passes):
         collector = InputCovarianceCollector(pass_linears, normalize_tokens, pass_experts)
         label = description if len(passes) == 1 else f"{description} (pass {index + 1}/{len(passes)})"
         collector.collect(model, batches, show_progress, label)
+        if across_processes:
+            collector.sum_over_processes()
         yield collector
         collector.covariances.clear()  # the caller is done with this pass: free its statistics first
 
@@ -309,9 +326,14 @@ def estimate_activation_subspace(
     contrast_batches: list[ReferenceBatch] | None = None,
     experts: dict[str, nn.Module] | None = None,
     statistics_budget_bytes: int | None = None,
+    across_processes: bool = False,
 ) -> CapabilitySubspace:
     """Bases `U` (d_in×k) of the reference inputs of every target Linear, and of every expert of the
     fused `experts` weights (`trl_nullspace.targets.find_target_experts`).
+
+    With `across_processes` (every process calls this), `batches` and `contrast_batches` are this
+    process' shares of the data and the statistics are summed over the processes before the bases
+    are taken: each process reads 1/world of the data, and all get the same bases.
 
     With `contrast_batches` (the training data), each basis is the `contrastive_basis` of the
     reference and contrast statistics instead of the reference statistic's top eigenvectors.
@@ -330,6 +352,7 @@ def estimate_activation_subspace(
         statistics_budget_bytes,
         show_progress,
         "nullspace: reference inputs",
+        across_processes,
     )
     with evaluating(model):
         for collector in reference_passes:
@@ -337,6 +360,8 @@ def estimate_activation_subspace(
             if contrast_batches is not None:
                 contrast = InputCovarianceCollector(collector.linears, normalize_tokens, collector.experts)
                 contrast.collect(model, contrast_batches, show_progress, description="nullspace: training-data inputs")
+                if across_processes:
+                    contrast.sum_over_processes()
             _add_bases(collector, contrast, selection, bases, eigenvalues, energy)
             targets.update(collector.group_of)
             tokens = max([tokens, *collector.token_counts.values()])
