@@ -15,7 +15,6 @@ safety SFT of `make bench-real` (harmful → refusal, benign look-alike → the 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import torch
 from benchmarks.real import (
     PRESETS,
     Method,
+    driver_parser,
     held_out_reference,
     load_model_and_data,
     machine_name,
@@ -38,7 +38,6 @@ from benchmarks.real import (
     write_results,
 )
 from trl_nullspace.evaluation.evaluate import describe, evaluate_model
-from trl_nullspace.gguf import SMOLLM2_DIR
 
 PLAIN_LEARNING_RATES = (1e-5, 2e-5, 4e-5)
 PLAIN_AT_TARGETS = 2e-5  # the plain TRL row the frontier issue's targets are measured against
@@ -195,11 +194,8 @@ def save_plot(result: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("cpu", "gpu"), default="gpu" if torch.cuda.is_available() else "cpu")
+    parser = driver_parser(__doc__, ("cpu", "gpu"), "gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sweep", choices=sorted(SWEEPS), default="energies")
-    parser.add_argument("--output-dir", default="docs/results")
-    parser.add_argument("--model-dir", default=SMOLLM2_DIR)
     options = parser.parse_args(argv)
     preset = PRESETS[options.preset]
     started = quiet_start()

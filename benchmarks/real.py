@@ -28,7 +28,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -664,14 +664,20 @@ def load_model_and_data(preset: Preset, model_dir: str) -> tuple[PreTrainedModel
     return base, tokenizer, build_real_data(base, tokenizer, BASE_ANSWERS_CACHE, preset.harmful_examples)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+def driver_parser(description: str, presets: Iterable[str], default_preset: str) -> argparse.ArgumentParser:
+    """The arguments every SmolLM2 benchmark driver takes: `--preset`, `--output-dir`, `--model-dir`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(presets), default=default_preset)
     parser.add_argument("--output-dir", default="docs/results")
+    parser.add_argument("--model-dir", default=SMOLLM2_DIR)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = driver_parser(__doc__, PRESETS, "cpu")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--tune", action="store_true", help="choose the learning rates (development sets) and exit")
     parser.add_argument("--levers", action="store_true", help="with --tune: also measure the levers (~25 minutes)")
-    parser.add_argument("--model-dir", default=SMOLLM2_DIR)
     options = parser.parse_args(argv)
     preset = PRESETS[options.preset]
     started = quiet_start()

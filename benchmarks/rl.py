@@ -22,7 +22,6 @@ model's own reference outputs, as `make bench-real`'s DPO stage does).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -40,6 +39,7 @@ from benchmarks.real import (
     LEARNING_RATES_FILE,
     Preset,
     aggregate,
+    driver_parser,
     gain_and_drift_checks,
     held_out_description,
     held_out_reference,
@@ -59,7 +59,6 @@ from trl_nullspace import NullSpaceGRPOConfig, NullSpaceGRPOTrainer, NullSpaceRL
 from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings, describe, evaluate_model
 from trl_nullspace.evaluation.splits import development_sets
 from trl_nullspace.evaluation.training_data import RealData
-from trl_nullspace.gguf import SMOLLM2_DIR
 from trl_nullspace.progress import quiet_progress
 from trl_nullspace.rewards import refusal_reward
 
@@ -282,12 +281,9 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser = driver_parser(__doc__, PRESETS, "cpu")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--output-dir", default="docs/results")
     parser.add_argument("--tune", action="store_true", help="choose the null-space learning rate and exit")
-    parser.add_argument("--model-dir", default=SMOLLM2_DIR)
     options = parser.parse_args(argv)
     preset = PRESETS[options.preset]
     started = quiet_start()

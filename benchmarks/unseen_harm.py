@@ -26,7 +26,6 @@ then confirmed on the held-out sets by `make bench-real`/`make bench-frontier`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -48,6 +47,7 @@ from benchmarks.real import (
     BASE_ANSWERS_CACHE,
     PRESETS,
     Method,
+    driver_parser,
     load_model_and_data,
     machine_name,
     quiet_start,
@@ -59,7 +59,6 @@ from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings,
 from trl_nullspace.evaluation.sources import Prompt, do_not_answer
 from trl_nullspace.evaluation.splits import EvaluationSets, development_sets, in_range, stable_fraction, training_side
 from trl_nullspace.evaluation.training_data import build_real_data
-from trl_nullspace.gguf import SMOLLM2_DIR
 
 HELD_OUT_AREA = "malicious_uses"
 SEEN, UNSEEN = "seen areas", f"unseen area ({HELD_OUT_AREA})"
@@ -277,11 +276,8 @@ def save_plot(result: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("cpu", "gpu"), default="gpu" if torch.cuda.is_available() else "cpu")
+    parser = driver_parser(__doc__, ("cpu", "gpu"), "gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sweep", choices=sorted(SWEEPS), default="levers")
-    parser.add_argument("--output-dir", default="docs/results")
-    parser.add_argument("--model-dir", default=SMOLLM2_DIR)
     options = parser.parse_args(argv)
     preset = PRESETS[options.preset]
     started = quiet_start()

@@ -181,9 +181,7 @@ def test_offloaded_bases_train_as_the_resident_ones(model, tokenizer, safety_dat
     resident, _, _ = _train_null_space(
         resident_model, tokenizer, safety_dataset, reference_dataset, tmp_path / "whole"
     )
-    weights = dict(resident.model.named_parameters())
-    gap = max((p - weights[name]).abs().max().item() for name, p in trainer.model.named_parameters())
-    moved = max((p - initial[name]).abs().max().item() for name, p in trainer.model.named_parameters())
+    gap, moved = _gap_and_move(trainer.model, resident.model, initial)
     assert gap < 1e-4 and moved > 1e-2, (gap, moved)
 
 
@@ -191,7 +189,8 @@ def test_smaller_storage_trains_as_the_basis(model, tokenizer, safety_dataset, t
     """`nullspace_basis_storage="smaller"`: with enough reference tokens that some inputs keep more
     than half their directions, those bases are kept as their complements (the others as bases)
     and projected with N Nᵀ and the weights as last projected. The run must end at the basis run's
-    weights, and every constrained weight's change must stay orthogonal to its basis."""
+    weights, and every constrained weight's change must stay orthogonal to its basis, where plain TRL's
+    is not."""
     import copy
 
     import datasets
@@ -200,7 +199,7 @@ def test_smaller_storage_trains_as_the_basis(model, tokenizer, safety_dataset, t
 
     reference = datasets.Dataset.from_dict(toy.as_text(toy.general_examples(40, seed=1)))
     settings = dict(nullspace_eigenvalue_threshold=None, nullspace_energy=0.999)
-    basis_model, initial = copy.deepcopy(model), copy.deepcopy(model.state_dict())
+    basis_model, plain_model, initial = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model.state_dict())
     trainer, _, _ = _train_null_space(
         model,
         tokenizer,
@@ -216,12 +215,36 @@ def test_smaller_storage_trains_as_the_basis(model, tokenizer, safety_dataset, t
     resident, _, _ = _train_null_space(
         basis_model, tokenizer, safety_dataset, reference, tmp_path / "basis", **settings
     )
-    weights = dict(resident.model.named_parameters())
-    gap = max((p - weights[name]).abs().max().item() for name, p in trainer.model.named_parameters())
-    moved = max((p - initial[name]).abs().max().item() for name, p in trainer.model.named_parameters())
+    gap, moved = _gap_and_move(trainer.model, resident.model, initial)
     assert gap < 1e-4 and moved > 1e-2, (gap, moved)
-    subspace = trainer.nullspace_subspace
-    for item in trainer.nullspace_projector.constrained:
-        change = item.parameter.detach() - initial[item.name]
-        basis = subspace.basis_for(item.name.removesuffix(".weight"))
-        assert (change @ basis).abs().max() < 1e-4, item.name
+    subspace, names = trainer.nullspace_subspace, [item.name for item in trainer.nullspace_projector.constrained]
+    assert _largest_change_in_subspace(trainer.model, initial, subspace, names) < 1e-4
+    # The control: plain TRL under the same settings moves the same weights inside their subspaces.
+    plain = SFTTrainer(
+        model=plain_model,
+        args=SFTConfig(**training_kwargs(tmp_path / "plain")),
+        train_dataset=safety_dataset,
+        processing_class=tokenizer,
+    )
+    plain.train()
+    assert _largest_change_in_subspace(plain.model, initial, subspace, names) > 1e-2
+
+
+def _gap_and_move(trained, other, initial: dict) -> tuple[float, float]:
+    """The largest weight difference between two trained models, and how far the first moved."""
+    weights = dict(other.named_parameters())
+    gap = max((p - weights[name]).abs().max().item() for name, p in trained.named_parameters())
+    moved = max((p - initial[name]).abs().max().item() for name, p in trained.named_parameters())
+    return gap, moved
+
+
+def _largest_change_in_subspace(model, initial: dict, subspace, names: list[str]) -> float:
+    """max |(W − W₀) U| over the weights `names`: zero is the constraint's guarantee."""
+    weights = dict(model.named_parameters())
+    return max(
+        ((weights[name].detach() - initial[name]) @ subspace.basis_for(name.removesuffix(".weight")))
+        .abs()
+        .max()
+        .item()
+        for name in names
+    )

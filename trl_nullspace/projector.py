@@ -240,9 +240,10 @@ class ConstrainedParameter:
 
     def _in_complement(self, matrix: torch.Tensor) -> torch.Tensor:
         """`matrix N Nᵀ` in fp32 (= `matrix − matrix U Uᵀ`), as a new tensor, from a complement basis."""
+        as_float = matrix.float()  # once, not per block: a copy for low-precision matrices
         kept = torch.zeros(matrix.shape, dtype=torch.float32, device=matrix.device)
         for block in self.shared.blocks(matrix.device, torch.float32):
-            kept.addmm_(matrix.float() @ block, block.T)
+            kept.addmm_(as_float @ block, block.T)
         return kept
 
     @torch.no_grad()

@@ -311,6 +311,20 @@ class _MasterFragment:
             matrix.sub_((residual @ basis.T).to(device=matrix.device, dtype=matrix.dtype))
 
 
+def all_reduce_or_raise_together(
+    buffer: torch.Tensor, fragments: list[_MasterFragment], checks: list[torch.Tensor]
+) -> None:
+    """Sum `buffer` over the ranks, its last value first set to whether any of this rank's `checks`
+    (one per fragment) is NaN or inf, and raise on every rank if any rank's was: one rank raising
+    alone would leave the others waiting in the next collective."""
+    if checks:
+        buffer[-1] = (~torch.isfinite(torch.stack(checks).sum())).float()
+    dist.all_reduce(buffer)
+    if buffer[-1] > 0:
+        bad = [fragment.item.name for fragment, check in zip(fragments, checks, strict=True) if not check.isfinite()]
+        raise diverged_step_error(bad)
+
+
 def anchor_rows_kept(fragments: list[_MasterFragment]) -> str:
     """How many of the anchors' rows this rank keeps, for the log."""
     anchors = [f.item.anchor_state for f in fragments if f.item.anchor_state is not None]
@@ -391,12 +405,7 @@ class ZeroMasterProjector:
             masters.append(master)
             coefficients.append(local)
             exchanged_blocks.append(exchanged)
-        if norms:
-            buffer[-1] = (~torch.isfinite(torch.stack(norms).sum())).float()
-        dist.all_reduce(buffer)
-        if buffer[-1] > 0:
-            bad = [f.item.name for f, norm in zip(self.fragments, norms, strict=True) if not norm.isfinite()]
-            raise diverged_step_error(bad)
+        all_reduce_or_raise_together(buffer, self.fragments, norms)
         for fragment, local, exchanged in zip(self.fragments, coefficients, exchanged_blocks, strict=True):
             if not fragment.replicated:
                 completed = exchanged.index_select(0, fragment.exchanged_slots.to(exchanged.device))
@@ -491,16 +500,7 @@ class RowExchangeZeroProjector:
             masters.append(master)
             changes.append(values)
             rows.append(block)
-        if sums:
-            buffer[-1] = (~torch.isfinite(torch.stack(sums).sum())).float()
-        dist.all_reduce(buffer)
-        if buffer[-1] > 0:
-            bad = [
-                fragment.item.name
-                for fragment, total in zip(self.fragments, sums, strict=True)
-                if not total.isfinite()
-            ]
-            raise diverged_step_error(bad)
+        all_reduce_or_raise_together(buffer, self.fragments, sums)
         return masters, changes, rows
 
     @torch.no_grad()
