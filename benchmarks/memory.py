@@ -201,10 +201,13 @@ def estimation_passes(shape: Shape, budget_bytes: int) -> dict[str, float]:
     exact = sum(size * size * FP64 for _, size, _ in layer)
     bound = sum(len(outputs) * size * size * FP64 for _, size, outputs in layer)
     per_pass = max(1, budget_bytes // bound)  # whole layers per pass; one if a layer exceeds the budget
+    passes = -(-shape.layers // per_pass)
     return {
         "statistics_gib": exact * shape.layers / 2**30,
-        "passes": -(-shape.layers // per_pass),
+        "passes": passes,
         "largest_pass_gib": exact * min(per_pass, shape.layers) / 2**30,
+        # Each forward ends after its pass' last layer: pass p runs its first p·per_pass layers.
+        "decoder_forwards": sum(min((p + 1) * per_pass, shape.layers) for p in range(passes)) / shape.layers,
     }
 
 
@@ -269,13 +272,15 @@ def report(
         ],
         "",
         f"Estimation (activation method) with the default `nullspace_statistics_budget_gib: {budget_gib:g}`: the "
-        "fp64 statistics of every layer input, and the passes over the reference data (one forward pass each) "
-        "that keep the statistics held at once within the budget:",
+        "fp64 statistics of every layer input, the passes over the reference data that keep the statistics "
+        "held at once within the budget, and the decoder-layer work of all passes in whole forward passes (each "
+        "forward ends after its pass' last layer; `make bench-estimation` measures it on SmolLM2):",
         "",
-        "| shape | statistics of all layers GiB | passes | statistics held at once GiB |",
-        "|---|---|---|---|",
+        "| shape | statistics of all layers GiB | passes | statistics held at once GiB | forward work |",
+        "|---|---|---|---|---|",
         *[
-            f"| {name} | {row['statistics_gib']:.1f} | {row['passes']} | {row['largest_pass_gib']:.1f} |"
+            f"| {name} | {row['statistics_gib']:.1f} | {row['passes']} | {row['largest_pass_gib']:.1f} | "
+            f"{row['decoder_forwards']:.1f} |"
             for name, row in estimation.items()
         ],
         "",

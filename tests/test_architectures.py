@@ -325,3 +325,32 @@ def test_estimation_in_passes_is_the_single_pass_estimate_within_its_budget(
     one, passes = estimates["one pass"], estimates["passes"]
     assert one.targets == passes.targets and one.bases.keys() == passes.bases.keys()
     assert all(torch.allclose(one.bases[key], passes.bases[key], atol=1e-6) for key in one.bases)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mixtral"])
+def test_each_estimation_forward_ends_after_the_last_target_layer(model_type, tokenizer, reference_dataset):
+    """With the first decoder layer's targets only, the later layer and the LM head run in the first
+    forward pass alone (which finds where the targets end); the statistics are the whole passes'."""
+    from trl_nullspace.estimators import activation
+    from trl_nullspace.reference import tokenize_reference
+    from trl_nullspace.targets import find_target_experts, find_target_linears
+
+    model = build(model_type, tokenizer, MIXTURE_OF_EXPERTS.get(model_type, {}))
+    batches = tokenize_reference(reference_dataset, tokenizer, batch_size=1, max_length=64)
+    assert len(batches) == 3
+    linears = {name: module for name, module in find_target_linears(model).items() if ".layers.0." in name}
+    experts = {name: module for name, module in find_target_experts(model).items() if ".layers.0." in name}
+    calls = {"layer 1": 0, "lm_head": 0}
+    model.model.layers[1].register_forward_hook(lambda *_: calls.__setitem__("layer 1", calls["layer 1"] + 1))
+    model.lm_head.register_forward_hook(lambda *_: calls.__setitem__("lm_head", calls["lm_head"] + 1))
+
+    statistics = {}
+    for name in ("ended", "whole"):
+        collector = activation.InputCovarianceCollector(linears, True, experts, end_early=name == "ended")
+        collector.collect(model, batches, False)
+        statistics[name] = collector.covariances
+        if name == "ended":
+            assert calls == {"layer 1": 1, "lm_head": 1}, calls
+    assert calls == {"layer 1": 4, "lm_head": 4}, calls
+    assert statistics["ended"].keys() == statistics["whole"].keys() and statistics["ended"]
+    assert all(torch.equal(statistics["ended"][key], statistics["whole"][key]) for key in statistics["whole"])

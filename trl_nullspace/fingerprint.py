@@ -10,7 +10,7 @@ from torch.distributed.tensor import DTensor
 
 from trl_nullspace.projector import full_shape
 from trl_nullspace.targets import canonical_name
-from trl_nullspace.zero import gathered
+from trl_nullspace.zero_gather import gathered
 
 _SAMPLES_PER_PARAMETER = 1024
 

@@ -50,7 +50,8 @@ from trl_nullspace.projector import SubspaceProjector
 from trl_nullspace.reference import ReferenceBatch, tokenize_reference
 from trl_nullspace.subspace import CapabilitySubspace
 from trl_nullspace.targets import find_target_experts, find_target_linears
-from trl_nullspace.zero import RowExchangeZeroProjector, ZeroMasterProjector, gathered
+from trl_nullspace.zero import RowExchangeZeroProjector, ZeroMasterProjector
+from trl_nullspace.zero_gather import GatherPeak, gathered, gathered_layer_by_layer
 
 logger = logging.get_logger(__name__)
 
@@ -132,6 +133,7 @@ class NullSpaceTrainerMixin:
         # Per-step values since the last log; device tensors are read only when logging.
         self._nullspace_metrics: dict[str, list[float | torch.Tensor]] = defaultdict(list)
         self._nullspace_frozen: list[str] = []
+        self._nullspace_gather_peak: GatherPeak | None = None  # set where a ZeRO-3 estimate gathered layers
         self._reference_batches = self._load_reference_batches(reference_dataset)
         self._contrast_batches = self._load_contrast_batches()
         self.nullspace_subspace = self._load_or_estimate_subspace()
@@ -209,8 +211,7 @@ class NullSpaceTrainerMixin:
             subspace, header = load_subspace(path)
             check_cache_matches(path, header, expected)
             if header.get("weights_fingerprint") != weights:  # reused on other weights (a later stage)
-                with gathered(self.model.parameters()):
-                    self._check_reused_cache_still_fits(path, subspace)
+                self._check_reused_cache_still_fits(path, subspace)
             logger.info("trl-nullspace: loaded the capability subspace from %s", path)
             return subspace
         if self._reference_batches is None:
@@ -218,14 +219,23 @@ class NullSpaceTrainerMixin:
                 "No reference data for the capability subspace: pass reference_dataset=..., set "
                 "nullspace_reference_dataset, or point nullspace_cache_path at an existing cache."
             )
-        # Every process estimates from the same full reference set and weights, so all hold the same
-        # subspace without communication; only the main process writes the cache.
-        with gathered(self.model.parameters()):
-            subspace = self.estimate_subspace()
+        subspace = self._estimate_with_weights_gathered()
         self._warn_if_reference_is_tiny(subspace)
         if path is not None and self.is_world_process_zero():
             save_subspace(path, subspace, saved_provenance(self.model, weights, expected))
             logger.info("trl-nullspace: saved the capability subspace to %s", path)
+        return subspace
+
+    def _estimate_with_weights_gathered(self) -> CapabilitySubspace:
+        """Under ZeRO-3 the activation estimate gathers one decoder layer at a time while it runs
+        (`gathered_layer_by_layer`); the gradient method's backward needs the whole model gathered.
+        Every process ends with the same subspace; only the main process writes the cache."""
+        if self.args.nullspace_method == "gradient":
+            with gathered(self.model.parameters()):
+                return self.estimate_subspace()
+        with gathered_layer_by_layer(self.model) as peak:
+            subspace = self.estimate_subspace()
+        self._nullspace_gather_peak = peak
         return subspace
 
     def _check_reused_cache_still_fits(self, path: str, subspace: CapabilitySubspace) -> None:
@@ -249,15 +259,16 @@ class NullSpaceTrainerMixin:
                 "inputs."
             )
         linears = find_target_linears(self.model, self.args.nullspace_target_modules)
-        shares = energy_in_span(
-            self.model,
-            self._reference_batches,
-            linears,
-            subspace,
-            self.args.nullspace_normalize_tokens,
-            experts=find_target_experts(self.model, self.args.nullspace_target_modules),
-            statistics_budget_bytes=self.args.nullspace_statistics_budget_bytes,
-        )
+        with gathered_layer_by_layer(self.model):
+            shares = energy_in_span(
+                self.model,
+                self._reference_batches,
+                linears,
+                subspace,
+                self.args.nullspace_normalize_tokens,
+                experts=find_target_experts(self.model, self.args.nullspace_target_modules),
+                statistics_budget_bytes=self.args.nullspace_statistics_budget_bytes,
+            )
         worn = []
         for key, share in shares.items():
             estimated = subspace.energy_kept(key)
@@ -317,7 +328,7 @@ class NullSpaceTrainerMixin:
         batches and the statistics are summed over the processes: the same bases on every process,
         from 1/world of the forward passes each (`settings["processes"]` records how many shared).
         """
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        world = self.accelerator.num_processes
         batches, contrast = self._reference_batches, self._contrast_batches
         shared = (
             world > 1
@@ -325,9 +336,6 @@ class NullSpaceTrainerMixin:
             and len(batches) >= world
             and (contrast is None or len(contrast) >= world)
         )
-        if shared:
-            batches = batches[rank::world]
-            contrast = None if contrast is None else contrast[rank::world]
         subspace = estimate_subspace(
             self.model, batches, self.args, not self.args.disable_tqdm, contrast, across_processes=shared
         )
@@ -496,6 +504,12 @@ class NullSpaceTrainerMixin:
                 f"{'gradient' if settings['method'] == 'gradient' else 'layer-input'} energy on average "
                 f"(least {settings['energy_protected_least']:.2%}, {settings['energy_protected_least_basis']}); "
                 "updates may move reference outputs only through the rest."
+            )
+        peak = self._nullspace_gather_peak
+        if peak is not None:
+            summary += (
+                f" The estimate gathered at most {peak.peak} of {peak.total} weight values at once "
+                f"({peak.peak / peak.total:.0%}, ZeRO-3, layer by layer)."
             )
         if self.is_deepspeed_enabled:  # the engine exists once training begins
             summary += f" {self._sharded_projector().summary()}."

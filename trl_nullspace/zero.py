@@ -28,9 +28,8 @@ fragment alone.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -38,28 +37,7 @@ import torch.distributed as dist
 
 from trl_nullspace.basis import gather_anchors, host_copy
 from trl_nullspace.projector import ConstrainedParameter, diverged_step_error
-
-
-def is_partitioned(parameter: torch.Tensor) -> bool:
-    """Whether DeepSpeed ZeRO-3 holds this parameter (possibly partitioned away from the module)."""
-    return hasattr(parameter, "ds_id")
-
-
-@contextlib.contextmanager
-def gathered(parameters: Iterable[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
-    """Materialise ZeRO-3-partitioned parameters for the block (a collective: every rank must enter).
-
-    With `modifier_rank`, that rank's in-place changes are re-partitioned on exit. Without ZeRO-3
-    parameters this does nothing.
-    """
-    partitioned = [parameter for parameter in parameters if is_partitioned(parameter)]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
-        yield
+from trl_nullspace.zero_gather import is_partitioned
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ def estimate_subspace(
 ) -> CapabilitySubspace:
     """The subspace `settings` asks for (method, target modules, rank rule), from `batches`; the
     contrastive rule also needs `contrast_batches` (the training data). With `across_processes`
-    (activation method only), the batches are this process' share and the statistics are summed."""
+    (activation method only), each process reads its share of the batches and the statistics are summed."""
     linears = find_target_linears(model, settings.nullspace_target_modules)
     selection = settings.nullspace_rank_selection
     if settings.nullspace_contrastive and contrast_batches is None:

@@ -44,8 +44,10 @@ class InputCovarianceCollector:
         linears: dict[str, nn.Module],
         normalize_tokens: bool = False,
         experts: dict[str, nn.Module] | None = None,
+        end_early: bool = True,
     ):
         self.linears = linears
+        self.end_early = end_early  # `_EndAfterTargets`; off only to measure what it saves
         self.experts = experts or {}  # `<experts>.gate_up_proj`/`.down_proj` → the fused experts module
         self.normalize_tokens = normalize_tokens
         self.group_of: dict[str, str] = {}
@@ -54,6 +56,7 @@ class InputCovarianceCollector:
         self._mask: torch.Tensor | None = None
         self._last_input: torch.Tensor | None = None
         self._last_leader: str | None = None
+        self._counting = True
 
     def _hook(self, name: str):
         def accumulate(module: nn.Module, args: tuple) -> None:
@@ -78,6 +81,8 @@ class InputCovarianceCollector:
         return accumulate
 
     def _accumulate(self, name: str, tokens: torch.Tensor) -> None:
+        if not self._counting:  # a forward run only to keep step with the other processes
+            return
         tokens = tokens.double()
         if self.normalize_tokens:
             tokens = tokens / tokens.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
@@ -136,7 +141,22 @@ class InputCovarianceCollector:
         batches: list[ReferenceBatch],
         show_progress: bool,
         description: str = "nullspace: reference inputs",
+        across_processes: bool = False,
     ) -> None:
+        """One forward pass per batch, each ended where the last target's decoder layer ends (`_EndAfterTargets`).
+
+        With `across_processes` (every process calls this with the same `batches`), this process
+        reads `batches[rank::world]` and the statistics are summed over the processes. Every process
+        runs as many forward passes as the busiest one, the extra one re-reading its last batch
+        without counting it: under ZeRO-3 each forward gathers the layers collectively.
+        """
+        forwards = len(batches)
+        if across_processes:
+            world, rank = dist.get_world_size(), dist.get_rank()
+            if len(batches) < world:
+                raise ValueError(f"{len(batches)} reference batches cannot be shared by {world} processes.")
+            forwards = math.ceil(len(batches) / world)
+            batches = batches[rank::world]
         device = next(model.parameters()).device
         handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in self.linears.items()]
         weights_of: dict[nn.Module, list[str]] = {}
@@ -146,16 +166,28 @@ class InputCovarianceCollector:
             module.register_forward_pre_hook(self._experts_hook(weights), with_kwargs=True)
             for module, weights in weights_of.items()
         ]
+        end = _EndAfterTargets(model, [*self.linears, *self.experts], self.end_early)
+        handles += end.handles
         try:
-            for batch in tqdm(batches, desc=description, disable=not show_progress):
-                batch = batch.to(device)
+            for index in tqdm(range(forwards), desc=description, disable=not show_progress):
+                self._counting = index < len(batches)
+                batch = batches[min(index, len(batches) - 1)].to(device)
                 self._mask = batch.attention_mask.bool()
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                try:
+                    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                except _TargetsCollected:
+                    pass
+                end.forward_done()
                 self._last_input = self._last_leader = None
         finally:
             for handle in handles:
                 handle.remove()
             self._mask = None
+        self._check_every_target_was_called(model)
+        if across_processes:
+            self.sum_over_processes()
+
+    def _check_every_target_was_called(self, model: nn.Module) -> None:
         expected = set(self.linears) | {
             slice_name(weight, expert)
             for weight, module in self.experts.items()
@@ -172,6 +204,47 @@ class InputCovarianceCollector:
                     "copying it (e.g. for the next stage or DPO's ref_model)."
                 )
             raise RuntimeError(f"Target layers {missing[:5]} were never called on the reference data.{hint}")
+
+
+class _TargetsCollected(Exception):
+    """Raised to end a forward pass once every target's input has been read."""
+
+
+class _EndAfterTargets:
+    """Ends each forward pass after the last decoder layer holding a target: the layers after it,
+    and the LM head (a fifth of SmolLM2-135M's forward FLOPs), feed nothing to the statistics, and
+    an estimate in passes (`plan_passes`) reads the early layers' inputs without running the rest.
+
+    The first forward runs whole and records which target layer finishes last; later ones stop
+    there. Decoder layers run in every forward, so every process stops at the same layer (ZeRO-3
+    gathers layers collectively). A target layer run twice in one forward (weights shared across
+    depth), or a target outside a module of its own, keeps every forward whole.
+    """
+
+    def __init__(self, model: nn.Module, targets: list[str], enabled: bool = True):
+        self._order: list[nn.Module] = []
+        self._last: nn.Module | None = None
+        self.handles = []
+        modules = dict(model.named_modules())
+        layers = {_unit(name) for name in targets}
+        self._whole = not enabled or not layers <= set(modules)
+        if self._whole:
+            return
+        for layer in layers:
+            self.handles.append(modules[layer].register_forward_hook(self._finished))
+
+    def _finished(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self._last is module:
+            raise _TargetsCollected
+        if self._last is None and not self._whole:
+            self._order.append(module)
+
+    def forward_done(self) -> None:
+        if self._last is not None or self._whole:
+            return
+        self._whole = len(set(self._order)) != len(self._order)  # a layer ran twice in one forward
+        if self._order and not self._whole:
+            self._last = self._order[-1]
 
 
 def top_eigenvectors(covariance: torch.Tensor, selection: RankSelection) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,14 +361,12 @@ def collect_in_passes(
 ) -> Iterator[InputCovarianceCollector]:
     """One collector per pass of `plan_passes`, each filled by a forward pass over `batches`; the
     caller uses a pass' statistics before the next one is collected, so at most one pass' are held.
-    With `across_processes`, `batches` is this process' share and the statistics are summed."""
+    With `across_processes`, each process reads its share of `batches` and the statistics are summed."""
     passes = plan_passes(linears, experts or {}, budget_bytes)
     for index, (pass_linears, pass_experts) in enumerate(passes):
         collector = InputCovarianceCollector(pass_linears, normalize_tokens, pass_experts)
         label = description if len(passes) == 1 else f"{description} (pass {index + 1}/{len(passes)})"
-        collector.collect(model, batches, show_progress, label)
-        if across_processes:
-            collector.sum_over_processes()
+        collector.collect(model, batches, show_progress, label, across_processes)
         yield collector
         collector.covariances.clear()  # the caller is done with this pass: free its statistics first
 
@@ -331,9 +402,9 @@ def estimate_activation_subspace(
     """Bases `U` (d_in×k) of the reference inputs of every target Linear, and of every expert of the
     fused `experts` weights (`trl_nullspace.targets.find_target_experts`).
 
-    With `across_processes` (every process calls this), `batches` and `contrast_batches` are this
-    process' shares of the data and the statistics are summed over the processes before the bases
-    are taken: each process reads 1/world of the data, and all get the same bases.
+    With `across_processes` (every process calls this with the same data), each process reads
+    1/world of `batches` and `contrast_batches` and the statistics are summed over the processes
+    before the bases are taken, so all get the same bases.
 
     With `contrast_batches` (the training data), each basis is the `contrastive_basis` of the
     reference and contrast statistics instead of the reference statistic's top eigenvectors.
@@ -359,9 +430,8 @@ def estimate_activation_subspace(
             contrast = None
             if contrast_batches is not None:
                 contrast = InputCovarianceCollector(collector.linears, normalize_tokens, collector.experts)
-                contrast.collect(model, contrast_batches, show_progress, description="nullspace: training-data inputs")
-                if across_processes:
-                    contrast.sum_over_processes()
+                label = "nullspace: training-data inputs"
+                contrast.collect(model, contrast_batches, show_progress, label, across_processes)
             _add_bases(collector, contrast, selection, bases, eigenvalues, energy)
             targets.update(collector.group_of)
             tokens = max([tokens, *collector.token_counts.values()])

@@ -1,0 +1,118 @@
+"""Materialising DeepSpeed ZeRO-3-partitioned parameters where the trainer needs them whole.
+
+Before DeepSpeed's engine exists (the subspace is estimated while the trainer is built), nothing
+fetches partitioned weights for a forward pass. `gathered` materialises a list at once: right for
+a few weights, but the whole model's would be 131 GiB at 70B in bf16 on every rank.
+`gathered_layer_by_layer` instead gathers each decoder layer (and each module outside the layers)
+only while it runs, as DeepSpeed's own forward does: a forward pass then holds one layer at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def is_partitioned(parameter: torch.Tensor) -> bool:
+    """Whether DeepSpeed ZeRO-3 holds this parameter (possibly partitioned away from the module)."""
+    return hasattr(parameter, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(parameters: Iterable[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+    """Materialise ZeRO-3-partitioned parameters for the block (a collective: every rank must enter).
+
+    With `modifier_rank`, that rank's in-place changes are re-partitioned on exit. Without ZeRO-3
+    parameters this does nothing.
+    """
+    partitioned = [parameter for parameter in parameters if is_partitioned(parameter)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield
+
+
+_INDEXED = re.compile(r"\.\d+$")
+
+
+def gather_units(model: nn.Module) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+    """The modules gathered as one while they run: every outermost indexed module (a decoder layer,
+    `model.layers.11`, with all its parameters; experts inside it included, so the tokens' routing
+    never decides what is gathered) and, outside those, every module with parameters of its own."""
+    units = []
+
+    def visit(name: str, module: nn.Module) -> None:
+        if _INDEXED.search(name):
+            units.append((module, list(module.parameters())))
+            return
+        own = list(module.parameters(recurse=False))
+        if own:
+            units.append((module, own))
+        for child_name, child in module.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", model)
+    return units
+
+
+@dataclass
+class GatherPeak:
+    """The most parameter values materialised at once while gathering layer by layer, read from
+    DeepSpeed's own status of every parameter (persistent small ones included), of `total`."""
+
+    total: int
+    peak: int = 0
+
+
+@contextlib.contextmanager
+def gathered_layer_by_layer(model: nn.Module) -> Iterator[GatherPeak | None]:
+    """Within the block, each forward pass of `model` gathers each of its `gather_units` only while
+    it runs: a collective per unit, so every rank must run the same forward passes through the same
+    layers. The unit is released even when its forward, or a hook after it, raises (a pass ended
+    early), so no gathered weights outlive it. Yields the peak it measured; None (and nothing is
+    gathered) without ZeRO-3 parameters."""
+    parameters = list({id(parameter): parameter for parameter in model.parameters()}.values())
+    if not any(is_partitioned(parameter) for parameter in parameters):
+        yield None
+        return
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    peak = GatherPeak(total=sum(_numel(parameter) for parameter in parameters))
+    open_units: list[deepspeed.zero.GatheredParameters] = []
+
+    def gather(module: nn.Module, args: tuple, own: list[nn.Parameter]) -> None:
+        unit = deepspeed.zero.GatheredParameters(own)
+        unit.__enter__()
+        open_units.append(unit)
+        held = sum(
+            _numel(parameter)
+            for parameter in parameters
+            if not is_partitioned(parameter) or parameter.ds_status == ZeroParamStatus.AVAILABLE
+        )
+        peak.peak = max(peak.peak, held)
+
+    def release(module: nn.Module, args: tuple, output: object) -> None:
+        open_units.pop().__exit__(None, None, None)
+
+    handles = []
+    for module, own in gather_units(model):
+        handles.append(module.register_forward_pre_hook(lambda module, args, own=own: gather(module, args, own)))
+        handles.append(module.register_forward_hook(release, always_call=True))
+    try:
+        yield peak
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _numel(parameter: torch.Tensor) -> int:
+    return parameter.ds_numel if is_partitioned(parameter) else parameter.numel()
