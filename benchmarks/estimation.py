@@ -24,12 +24,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.real import BASE_ANSWERS_CACHE, machine_name
-from trl_nullspace.estimators.activation import (
-    InputCovarianceCollector,
-    plan_passes,
-    statistic_bytes,
-    top_eigenvectors,
-)
+from trl_nullspace.config import NullSpaceArguments
+from trl_nullspace.estimators.activation import LayerOrder, collect_in_passes, statistic_bytes, top_eigenvectors
 from trl_nullspace.evaluation.training_data import build_real_data
 from trl_nullspace.gguf import SMOLLM2_DIR, materialise_smollm2
 from trl_nullspace.modes import evaluating
@@ -47,22 +43,24 @@ def estimate(model, batches, linears, layers_per_pass: int | None, end_early: bo
         sum(statistic_bytes(name, module) for name, module in linears.items() if f".layers.{index}." in name)
         for index in range(model.config.num_hidden_layers)
     )
-    passes = plan_passes(linears, {}, None if layers_per_pass is None else layers_per_pass * per_layer)
-    bases, forward_s, eigh_s, held = {}, 0.0, 0.0, 0
+    budget = None if layers_per_pass is None else layers_per_pass * per_layer
+    order = LayerOrder(model, list(linears), enabled=end_early)
+    passes = collect_in_passes(model, batches, linears, True, None, budget, False, "", layer_order=order)
+    bases, forward_s, eigh_s, held, count = {}, 0.0, 0.0, 0, 0
     selection = RankSelection(energy=0.99)
     with evaluating(model):
-        for pass_linears, _ in passes:
-            collector = InputCovarianceCollector(pass_linears, normalize_tokens=True, end_early=end_early)
-            started = time.perf_counter()
-            collector.collect(model, batches, show_progress=False)
+        started = time.perf_counter()
+        for collector in passes:  # each step of the generator is one pass' forwards
             forward_s += time.perf_counter() - started
+            count += 1
             held = max(held, sum(c.numel() * c.element_size() for c in collector.covariances.values()))
             started = time.perf_counter()
             for leader, covariance in collector.covariances.items():
                 bases[leader] = top_eigenvectors(covariance, selection)[0]
             eigh_s += time.perf_counter() - started
+            started = time.perf_counter()
     return {
-        "passes": len(passes),
+        "passes": count,
         "forwards_ended_early": end_early,
         "forward_s": round(forward_s, 2),
         "eigh_s": round(eigh_s, 2),
@@ -111,7 +109,14 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     data = build_real_data(model, tokenizer, BASE_ANSWERS_CACHE, show_progress=False)
-    batches = tokenize_reference(data.references["general"], tokenizer, num_samples=args.samples)
+    defaults = NullSpaceArguments()
+    batches = tokenize_reference(
+        data.references["general"],
+        tokenizer,
+        batch_size=defaults.nullspace_reference_batch_size,
+        max_length=defaults.nullspace_reference_max_length,
+        num_samples=args.samples,
+    )
     linears = find_target_linears(model, None)
     rows = []
     runs = [(layers, end_early) for layers in LAYERS_PER_PASS for end_early in (False, True)]

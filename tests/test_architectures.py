@@ -330,7 +330,8 @@ def test_estimation_in_passes_is_the_single_pass_estimate_within_its_budget(
 @pytest.mark.parametrize("model_type", ["qwen2", "mixtral"])
 def test_each_estimation_forward_ends_after_the_last_target_layer(model_type, tokenizer, reference_dataset):
     """With the first decoder layer's targets only, the later layer and the LM head run in the first
-    forward pass alone (which finds where the targets end); the statistics are the whole passes'."""
+    forward pass alone (which learns where the targets end); the statistics are the whole passes'.
+    An estimate in one pass per layer learns the order once: the LM head runs in one forward of all."""
     from trl_nullspace.estimators import activation
     from trl_nullspace.reference import tokenize_reference
     from trl_nullspace.targets import find_target_experts, find_target_linears
@@ -346,11 +347,23 @@ def test_each_estimation_forward_ends_after_the_last_target_layer(model_type, to
 
     statistics = {}
     for name in ("ended", "whole"):
-        collector = activation.InputCovarianceCollector(linears, True, experts, end_early=name == "ended")
-        collector.collect(model, batches, False)
+        collector = activation.InputCovarianceCollector(linears, True, experts)
+        order = activation.LayerOrder(model, [*linears, *experts], enabled=name == "ended")
+        collector.collect(model, batches, False, layer_order=order)
         statistics[name] = collector.covariances
         if name == "ended":
             assert calls == {"layer 1": 1, "lm_head": 1}, calls
     assert calls == {"layer 1": 4, "lm_head": 4}, calls
     assert statistics["ended"].keys() == statistics["whole"].keys() and statistics["ended"]
     assert all(torch.equal(statistics["ended"][key], statistics["whole"][key]) for key in statistics["whole"])
+
+    calls.update({"layer 1": 0, "lm_head": 0})
+    linears, experts = find_target_linears(model), find_target_experts(model)
+    budget = sum(  # one layer's statistics: a pass per layer
+        activation.statistic_bytes(name, module)
+        for name, module in {**linears, **experts}.items()
+        if ".layers.0." in name
+    )
+    passes = activation.collect_in_passes(model, batches, linears, True, experts, budget, False, "")
+    assert len([collector.covariances for collector in passes]) == 2
+    assert calls == {"layer 1": 1 + 3, "lm_head": 1}, calls  # pass 1's first forward; pass 2's three

@@ -165,6 +165,48 @@ def test_ddp_preserves_reference_outputs_and_adds_no_drift(assets, tmp_path, sin
     assert _reference_logit_drift(assets, tmp_path / "plain-2proc") > 1e-2
 
 
+def test_ddp_with_offloaded_or_complement_bases_keeps_the_constraint(assets, tmp_path):
+    """Under DDP every process projects its own replica, with the bases in host memory
+    (`nullspace_offload`, 4-column blocks) or kept as complements where smaller. Offloaded, with
+    the strict threshold, the reference outputs stay the base model's; with complements (an energy
+    rule and enough reference tokens that some inputs keep over half their directions) every
+    constrained weight's change stays orthogonal to its basis. Plain TRL under the same DDP launch
+    moves both."""
+    plain_recipe = tmp_path / "plain_sft.py"
+    plain_recipe.write_text(PLAIN_SFT_RECIPE)
+    ddp = _cpu_accelerate_config(tmp_path, "cpu_ddp_2proc.yaml", 29549)
+    recipe = os.path.join(ROOT, "recipes", "sft.py")
+    storages = {
+        "offload": {"nullspace_offload": True, "nullspace_offload_block_mib": 2**-10},
+        "smaller": {
+            "nullspace_basis_storage": "smaller",
+            "nullspace_eigenvalue_threshold": None,
+            "nullspace_energy": 0.999,
+            "nullspace_reference_num_samples": 56,
+        },
+    }
+    for name, overrides in storages.items():
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(yaml.safe_load(open(_config(assets, tmp_path, name, 4, True))) | overrides))
+        output = _train(recipe, str(config), ddp)
+        if name == "smaller":
+            weights, complements = map(int, re.search(r"constrain (\d+) weights \((\d+) through", output).groups())
+            assert 0 < complements < weights, (complements, weights)
+    _train(str(plain_recipe), _config(assets, tmp_path, "plain", 4, False), ddp)
+
+    assert _reference_logit_drift(assets, tmp_path / "offload") < 1e-4
+    assert _reference_logit_drift(assets, tmp_path / "plain") > 1e-2
+    _assert_changes_are_orthogonal_to_the_bases(assets, tmp_path / "smaller")
+    subspace, _ = load_subspace(str(tmp_path / "smaller" / "subspace.safetensors"))
+    base = dict(AutoModelForCausalLM.from_pretrained(str(assets / "model")).named_parameters())
+    plain = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    plain_in_subspace = max(
+        ((plain[f"{target}.weight"] - base[f"{target}.weight"].detach()) @ subspace.basis_for(target)).abs().max()
+        for target in subspace.targets
+    )
+    assert plain_in_subspace > 1e-2, plain_in_subspace
+
+
 @pytest.mark.parametrize("shipped, port", [("zero1.yaml", 29541), ("zero2.yaml", 29542), ("zero3.yaml", 29543)])
 def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
     assets, tmp_path, single_process_run, shipped, port

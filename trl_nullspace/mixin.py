@@ -467,6 +467,7 @@ class NullSpaceTrainerMixin:
             "projection_dtype": self.args.nullspace_projection_dtype,
             "offload": self.args.nullspace_offload,
             "basis_storage": self.args.nullspace_basis_storage,
+            "weights_with_complements": sum(item.shared.complement for item in self.nullspace_projector.constrained),
             "rank_selection": self.args.nullspace_rank_selection.to_dict(),
             "target_modules": self.args.nullspace_target_modules,
             "bases": len(ranks),
@@ -491,11 +492,15 @@ class NullSpaceTrainerMixin:
         """One line printed when training starts, so the constraint is visible in every run's log."""
         settings = self.nullspace_settings()
         others = "frozen" if settings["unconstrained_frozen"] else "train UNCONSTRAINED"
+        complements = ""
+        if settings["basis_storage"] == "smaller":
+            complements = f" ({settings['weights_with_complements']} through their bases' complements)"
         summary = (
             f"trl-nullspace: {settings['method']} subspace, {settings['projection_target']} projection; "
             f"{settings['bases']} bases of rank {settings['rank_min']}–{settings['rank_max']} "
             f"({settings['subspace_mib']} MiB{', in host memory' if settings['offload'] else ''}) "
-            f"constrain {settings['constrained_parameters']} weights; "
+            f"constrain {settings['constrained_parameters']} weights"
+            f"{complements}; "
             f"{settings['unconstrained_parameters']} other parameters {others}."
         )
         if settings["energy_protected_mean"] is not None:

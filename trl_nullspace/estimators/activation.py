@@ -44,10 +44,8 @@ class InputCovarianceCollector:
         linears: dict[str, nn.Module],
         normalize_tokens: bool = False,
         experts: dict[str, nn.Module] | None = None,
-        end_early: bool = True,
     ):
         self.linears = linears
-        self.end_early = end_early  # `_EndAfterTargets`; off only to measure what it saves
         self.experts = experts or {}  # `<experts>.gate_up_proj`/`.down_proj` → the fused experts module
         self.normalize_tokens = normalize_tokens
         self.group_of: dict[str, str] = {}
@@ -142,8 +140,10 @@ class InputCovarianceCollector:
         show_progress: bool,
         description: str = "nullspace: reference inputs",
         across_processes: bool = False,
+        layer_order: LayerOrder | None = None,
     ) -> None:
-        """One forward pass per batch, each ended where the last target's decoder layer ends (`_EndAfterTargets`).
+        """One forward pass per batch, each ended after the last decoder layer holding a target
+        (`layer_order`, learned in this collection's first forward if not given).
 
         With `across_processes` (every process calls this with the same `batches`), this process
         reads `batches[rank::world]` and the statistics are summed over the processes. Every process
@@ -166,8 +166,8 @@ class InputCovarianceCollector:
             module.register_forward_pre_hook(self._experts_hook(weights), with_kwargs=True)
             for module, weights in weights_of.items()
         ]
-        end = _EndAfterTargets(model, [*self.linears, *self.experts], self.end_early)
-        handles += end.handles
+        targets = [*self.linears, *self.experts]
+        end = _EndAfterTargets(layer_order or LayerOrder(model, targets), targets)
         try:
             for index in tqdm(range(forwards), desc=description, disable=not show_progress):
                 self._counting = index < len(batches)
@@ -182,6 +182,7 @@ class InputCovarianceCollector:
         finally:
             for handle in handles:
                 handle.remove()
+            end.remove()
             self._mask = None
         self._check_every_target_was_called(model)
         if across_processes:
@@ -210,41 +211,69 @@ class _TargetsCollected(Exception):
     """Raised to end a forward pass once every target's input has been read."""
 
 
-class _EndAfterTargets:
-    """Ends each forward pass after the last decoder layer holding a target: the layers after it,
-    and the LM head (a fifth of SmolLM2-135M's forward FLOPs), feed nothing to the statistics, and
-    an estimate in passes (`plan_passes`) reads the early layers' inputs without running the rest.
+class LayerOrder:
+    """The order in which the decoder layers holding targets finish a forward pass. Learned in an
+    estimate's first forward (run whole), then used by every pass of it to end each forward after
+    the pass' own last layer: the layers after it, and the LM head (a fifth of SmolLM2-135M's
+    forward FLOPs), feed nothing to its statistics, so pass p of P runs about p/P of the layers.
 
-    The first forward runs whole and records which target layer finishes last; later ones stop
-    there. Decoder layers run in every forward, so every process stops at the same layer (ZeRO-3
-    gathers layers collectively). A target layer run twice in one forward (weights shared across
-    depth), or a target outside a module of its own, keeps every forward whole.
+    Decoder layers run in every forward, so every process learns the same order and ends at the
+    same layer (ZeRO-3 gathers layers collectively). Forwards stay whole (`usable` false) when a
+    target sits outside a module of its own, when a layer runs twice in one forward (weights shared
+    across depth), or when `enabled` is false (to measure what ending early saves).
     """
 
     def __init__(self, model: nn.Module, targets: list[str], enabled: bool = True):
-        self._order: list[nn.Module] = []
-        self._last: nn.Module | None = None
-        self.handles = []
         modules = dict(model.named_modules())
-        layers = {_unit(name) for name in targets}
-        self._whole = not enabled or not layers <= set(modules)
-        if self._whole:
-            return
-        for layer in layers:
-            self.handles.append(modules[layer].register_forward_hook(self._finished))
+        names = {_unit(name) for name in targets}
+        self.usable = enabled and names <= set(modules)
+        self.layers: dict[str, nn.Module] = {name: modules[name] for name in names} if self.usable else {}
+        self.finished: list[nn.Module] | None = None  # in the order they finished, once learned
 
-    def _finished(self, module: nn.Module, args: tuple, output: object) -> None:
-        if self._last is module:
-            raise _TargetsCollected
-        if self._last is None and not self._whole:
-            self._order.append(module)
+
+class _EndAfterTargets:
+    """Ends one collection's forwards after the last of its targets' layers in `order` (which its
+    first forward learns, if no earlier collection has)."""
+
+    def __init__(self, order: LayerOrder, targets: list[str]):
+        self.order = order
+        self.layers = {order.layers[_unit(name)] for name in targets} if order.usable else set()
+        self._recorded: list[nn.Module] = []
+        self._handles = []
+        if order.usable and order.finished is None:
+            self._handles = [layer.register_forward_hook(self._record) for layer in order.layers.values()]
+        elif order.usable:
+            self._arm()
+
+    def _record(self, module: nn.Module, args: tuple, output: object) -> None:
+        self._recorded.append(module)
+
+    @staticmethod
+    def _end(module: nn.Module, args: tuple, output: object) -> None:
+        raise _TargetsCollected
+
+    def _arm(self) -> None:
+        position = {layer: index for index, layer in enumerate(self.order.finished)}
+        if not self.layers <= set(position):  # a target layer did not run: the missing-target check says so
+            return
+        last = max(self.layers, key=position.__getitem__)
+        self._handles.append(last.register_forward_hook(self._end))
 
     def forward_done(self) -> None:
-        if self._last is not None or self._whole:
+        """After each forward: the first one's record becomes the order (if no earlier one's did)."""
+        if not self.order.usable or self.order.finished is not None:
             return
-        self._whole = len(set(self._order)) != len(self._order)  # a layer ran twice in one forward
-        if self._order and not self._whole:
-            self._last = self._order[-1]
+        self.remove()
+        if len(set(self._recorded)) != len(self._recorded):
+            self.order.usable = False
+            return
+        self.order.finished = self._recorded
+        self._arm()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def top_eigenvectors(covariance: torch.Tensor, selection: RankSelection) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,15 +387,17 @@ def collect_in_passes(
     show_progress: bool,
     description: str,
     across_processes: bool = False,
+    layer_order: LayerOrder | None = None,
 ) -> Iterator[InputCovarianceCollector]:
     """One collector per pass of `plan_passes`, each filled by a forward pass over `batches`; the
     caller uses a pass' statistics before the next one is collected, so at most one pass' are held.
     With `across_processes`, each process reads its share of `batches` and the statistics are summed."""
     passes = plan_passes(linears, experts or {}, budget_bytes)
+    layer_order = layer_order or LayerOrder(model, [*linears, *(experts or {})])
     for index, (pass_linears, pass_experts) in enumerate(passes):
         collector = InputCovarianceCollector(pass_linears, normalize_tokens, pass_experts)
         label = description if len(passes) == 1 else f"{description} (pass {index + 1}/{len(passes)})"
-        collector.collect(model, batches, show_progress, label, across_processes)
+        collector.collect(model, batches, show_progress, label, across_processes, layer_order)
         yield collector
         collector.covariances.clear()  # the caller is done with this pass: free its statistics first
 
@@ -414,6 +445,7 @@ def estimate_activation_subspace(
     forward pass over the reference data each, `plan_passes`); every basis is the same as in one pass.
     """
     bases, eigenvalues, energy, targets, tokens = {}, {}, {}, {}, 0
+    layer_order = LayerOrder(model, [*linears, *(experts or {})])
     reference_passes = collect_in_passes(
         model,
         batches,
@@ -424,6 +456,7 @@ def estimate_activation_subspace(
         show_progress,
         "nullspace: reference inputs",
         across_processes,
+        layer_order,
     )
     with evaluating(model):
         for collector in reference_passes:
@@ -431,7 +464,7 @@ def estimate_activation_subspace(
             if contrast_batches is not None:
                 contrast = InputCovarianceCollector(collector.linears, normalize_tokens, collector.experts)
                 label = "nullspace: training-data inputs"
-                contrast.collect(model, contrast_batches, show_progress, label, across_processes)
+                contrast.collect(model, contrast_batches, show_progress, label, across_processes, layer_order)
             _add_bases(collector, contrast, selection, bases, eigenvalues, energy)
             targets.update(collector.group_of)
             tokens = max([tokens, *collector.token_counts.values()])
