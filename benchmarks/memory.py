@@ -174,6 +174,9 @@ def per_rank_bytes(
         row[f"{backend}: GiB"] = held / 2**30
         row[f"{backend}: share"] = held / training[backend]
     row["offload: host GiB"] = (bases + anchors / world) / 2**30
+    # One node of `world` processes sharing one host copy of the bases (`nullspace_offload_share_node`).
+    row["offload: node host GiB"] = (bases + anchors) / 2**30
+    row["smaller + offload: node host GiB"] = (smaller_bases + world * smaller_state) / 2**30
     row["offload: PCIe GiB per step"] = (2 * bases + anchors / world) / 2**30
     row["smaller + offload: host GiB"] = (smaller_bases + smaller_state) / 2**30
     row["smaller + offload: PCIe GiB per step"] = (2 * smaller_bases + smaller_state + previous_traffic) / 2**30
@@ -250,14 +253,17 @@ def report(
         "",
         "With `nullspace_offload`, what moves to the host instead, per rank (ZeRO-3 and FSDP2 alike; DeepSpeed "
         "copies the bases once more per extra micro-batch of gradient accumulation), and the same with "
-        "`nullspace_basis_storage: smaller` (FSDP2):",
+        "`nullspace_basis_storage: smaller` (FSDP2). Host memory is also given per node of "
+        f"{world} processes, which by default (`nullspace_offload_share_node`) read one copy of the bases "
+        "(each keeps its own anchor rows or weights):",
         "",
-        "| shape | host memory GiB | copied to the accelerator per optimizer step, GiB | smaller: host GiB | "
-        "smaller: copied per step, GiB |",
-        "|---|---|---|---|---|",
+        "| shape | host GiB per rank | per node | copied to the accelerator per step, GiB | smaller: host GiB per "
+        "rank | per node | smaller: copied per step, GiB |",
+        "|---|---|---|---|---|---|---|",
         *[
-            f"| {name} | {row['offload: host GiB']:.1f} | {row['offload: PCIe GiB per step']:.1f} | "
-            f"{row['smaller + offload: host GiB']:.1f} | {row['smaller + offload: PCIe GiB per step']:.1f} |"
+            f"| {name} | {row['offload: host GiB']:.1f} | {row['offload: node host GiB']:.1f} | "
+            f"{row['offload: PCIe GiB per step']:.1f} | {row['smaller + offload: host GiB']:.1f} | "
+            f"{row['smaller + offload: node host GiB']:.1f} | {row['smaller + offload: PCIe GiB per step']:.1f} |"
             for name, row in table.items()
         ],
         "",

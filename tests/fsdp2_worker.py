@@ -8,7 +8,8 @@ Prints one line from rank 0: the reference logits' drift and how far the weights
 `--gradient` each rank also projects its rows of the reduced gradient before the step (the
 `gradient`/`both` targets) and the line adds the largest `G U` on the local rows before and after.
 With `--offload` the bases and anchors stay in host memory in blocks of 1 KiB (a few columns each),
-as `nullspace_offload` keeps them; the line says into how many blocks the largest basis was cut.
+as `nullspace_offload` keeps them, the bases in one copy both processes read; the line says into
+how many blocks the largest basis was cut, and whether the copy was shared.
 With `--smaller` the reference set is large enough that some inputs keep over half their
 directions, and those bases are kept as complements (`nullspace_basis_storage="smaller"`); the
 line says how many, and the largest `(M − M₀) U` of any constrained weight.
@@ -29,6 +30,7 @@ from tests.conftest import logits_on
 from trl_nullspace.estimators import estimate_activation_subspace
 from trl_nullspace.fingerprint import weights_fingerprint
 from trl_nullspace.fsdp import RowShardProjector
+from trl_nullspace.node_memory import share_on_node
 from trl_nullspace.projector import SubspaceProjector
 from trl_nullspace.rank import RankSelection
 from trl_nullspace.reference import tokenize_reference
@@ -53,9 +55,10 @@ def main() -> None:
     linears = find_target_linears(model, None)
     subspace = estimate_activation_subspace(model, reference, linears, selection, False)
     projector = SubspaceProjector.bind(
-        model, subspace, offload_block_bytes=offload_block_bytes, smaller_storage=smaller
+        model, subspace, offload_block_bytes=offload_block_bytes, smaller_storage=smaller, share_host=share_on_node
     )
     complements = sum(item.shared.complement for item in projector.constrained)
+    node_shared = int(all(item.shared.node_shared for item in projector.constrained))
     blocks = max(len(item.shared.columns) for item in projector.constrained)
     projector.initialise_anchors(track_updates=True)
     for name, parameter in model.named_parameters():
@@ -124,7 +127,7 @@ def main() -> None:
             f"RESULT drift={drift:.3e} moved={moved:.3e} invariant={invariant:.3e} complements={complements} "
             f"gradient_before={in_subspace['before']:.3e} gradient_after={in_subspace['after']:.3e} "
             f"fingerprint_same={fingerprint_same} uneven_shards={uneven} blocks={blocks} "
-            f"anchor_rows_kept={kept:.3f} anchors_whole={anchors_whole}",
+            f"anchor_rows_kept={kept:.3f} anchors_whole={anchors_whole} node_shared={node_shared}",
             flush=True,
         )
     dist.destroy_process_group()

@@ -1,11 +1,13 @@
-"""Real multi-process runs: `accelerate launch` with 2 CPU processes (gloo) vs 1 process.
+"""Real multi-process runs: 2 CPU processes (gloo) vs 1 process.
 
 Every run uses the same recipe (`recipes/sft.py`) and YAML; a 2-process run splits each batch of 8
 into two of 4. Reference outputs must stay the base model's under DDP and DeepSpeed ZeRO-1/2/3.
 DDP must not drift from the single-process run more than plain TRL's `SFTTrainer` does under the
-same two launches (TRL itself differs by ~0.06 here after 6 steps at lr 1e-2; that gap is not the
-projection's); DeepSpeed runs match the single-process run to round-off. The DeepSpeed runs use the
-shipped `recipes/accelerate/zero*.yaml`, changed only to 2 CPU processes without mixed precision.
+same two launches (that gap is TRL's, not the projection's); DeepSpeed runs match the
+single-process run to round-off. The DeepSpeed runs use the shipped `recipes/accelerate/zero*.yaml`
+under `accelerate launch`, changed only to 2 CPU processes without mixed precision. DDP runs use
+`torchrun`: on CPU `accelerate launch` starts a single process for a DDP config (until that was
+found, the DDP tests here ran one process).
 """
 
 import json
@@ -106,7 +108,11 @@ def _train(recipe: str, config: str, accelerate_config: str | None = None, cwd: 
 
     Returns what the run printed (stdout, then stderr)."""
     launcher = [sys.executable]
-    if accelerate_config is not None:
+    launch = yaml.safe_load(open(accelerate_config)) if accelerate_config is not None else {}
+    if launch.get("distributed_type") == "MULTI_GPU":  # on CPU `accelerate launch` would start one process
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(launch["num_processes"])]
+        launcher += ["--master_port", str(launch["main_process_port"])]
+    elif accelerate_config is not None:
         launcher += ["-m", "accelerate.commands.launch", "--config_file", accelerate_config]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
     completed = subprocess.run(
@@ -145,7 +151,7 @@ def single_process_run(assets, tmp_path_factory):
 def test_ddp_preserves_reference_outputs_and_adds_no_drift(assets, tmp_path, single_process_run):
     plain_recipe = tmp_path / "plain_sft.py"
     plain_recipe.write_text(PLAIN_SFT_RECIPE)
-    ddp = _cpu_accelerate_config(tmp_path, "cpu_ddp_2proc.yaml", 29533)
+    ddp = _cpu_accelerate_config(tmp_path, "multi_gpu.yaml", 29533)
     _train(os.path.join(ROOT, "recipes", "sft.py"), _config(assets, tmp_path, "nullspace-2proc", 4, True), ddp)
     _train(str(plain_recipe), _config(assets, tmp_path, "plain-1proc", 8, False))
     _train(str(plain_recipe), _config(assets, tmp_path, "plain-2proc", 4, False), ddp)
@@ -167,14 +173,15 @@ def test_ddp_preserves_reference_outputs_and_adds_no_drift(assets, tmp_path, sin
 
 def test_ddp_with_offloaded_or_complement_bases_keeps_the_constraint(assets, tmp_path):
     """Under DDP every process projects its own replica, with the bases in host memory
-    (`nullspace_offload`, 4-column blocks) or kept as complements where smaller. Offloaded, with
+    (`nullspace_offload`, 4-column blocks, one copy shared by both processes) or kept as complements
+    where smaller. Offloaded, with
     the strict threshold, the reference outputs stay the base model's; with complements (an energy
     rule and enough reference tokens that some inputs keep over half their directions) every
     constrained weight's change stays orthogonal to its basis. Plain TRL under the same DDP launch
     moves both."""
     plain_recipe = tmp_path / "plain_sft.py"
     plain_recipe.write_text(PLAIN_SFT_RECIPE)
-    ddp = _cpu_accelerate_config(tmp_path, "cpu_ddp_2proc.yaml", 29549)
+    ddp = _cpu_accelerate_config(tmp_path, "multi_gpu.yaml", 29549)
     recipe = os.path.join(ROOT, "recipes", "sft.py")
     storages = {
         "offload": {"nullspace_offload": True, "nullspace_offload_block_mib": 2**-10},
@@ -189,6 +196,8 @@ def test_ddp_with_offloaded_or_complement_bases_keeps_the_constraint(assets, tmp
         config = tmp_path / f"{name}.yaml"
         config.write_text(yaml.safe_dump(yaml.safe_load(open(_config(assets, tmp_path, name, 4, True))) | overrides))
         output = _train(recipe, str(config), ddp)
+        if name == "offload":  # the two processes read the bases from one host copy (test_node_memory.py)
+            assert "in host memory, one copy per node" in output, output[-3000:]
         if name == "smaller":
             weights, complements = map(int, re.search(r"constrain (\d+) weights \((\d+) through", output).groups())
             assert 0 < complements < weights, (complements, weights)
@@ -359,6 +368,7 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
         assert 0.4 * rows < kept < 0.7 * rows, (kept, rows)  # about half of them, on each of 2 ranks
         _assert_checkpoint_anchors_are_the_base_models(assets, tmp_path / "zero3" / "checkpoint-6")
     if method == "offload":
+        assert "in host memory, one copy per node" in output  # both processes read one host copy
         exchanged, whole = map(int, re.search(r"all-reduces (\d+) of (\d+) weight values per step", output).groups())
         # One split row of 64 values in each of the 4 gate/up weights (97 rows, 2 partitions).
         assert exchanged == 4 * 64 and whole > 100 * exchanged, (exchanged, whole)
@@ -435,6 +445,7 @@ def test_fsdp2_row_shards_keep_reference_outputs():
     assert float(results["--gradient"]["drift"]) < 1e-4
     offloaded = results["--gradient --offload"]
     assert int(offloaded["blocks"]) > 2 and results[""]["blocks"] == "1"
+    assert offloaded["node_shared"] == "1" and results[""]["node_shared"] == "0"  # one host copy for both
     assert float(offloaded["drift"]) < 1e-4 and float(offloaded["moved"]) > 1e-2
     assert float(offloaded["gradient_before"]) > 1e-3 and float(offloaded["gradient_after"]) < 1e-6
     # Complements where smaller (`nullspace_basis_storage="smaller"`), offloaded: the change of every

@@ -9,7 +9,7 @@ for checkpoints (`gather_anchors`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -17,6 +17,8 @@ import torch.distributed as dist
 from trl_nullspace.subspace import CapabilitySubspace
 
 FP32_BYTES = 4
+# Host copies of a basis' blocks, and whether the node's processes share them (`node_memory.share_on_node`).
+ShareHost = Callable[[list[torch.Tensor]], tuple[list[torch.Tensor], bool]]
 
 
 def host_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -47,7 +49,13 @@ class SharedBasis:
     for every other block `c`, and the blocks applied one after another equal the whole projection.
     """
 
-    def __init__(self, basis: torch.Tensor, block_bytes: int | None = None, complement: bool = False):
+    def __init__(
+        self,
+        basis: torch.Tensor,
+        block_bytes: int | None = None,
+        complement: bool = False,
+        share_host: ShareHost | None = None,
+    ):
         basis = basis.detach().to(torch.float32)
         self.dimension, self.rank = basis.shape  # `rank`: the protected directions, k, either way
         self.complement = complement
@@ -57,6 +65,7 @@ class SharedBasis:
         self.offloaded = block_bytes is not None
         self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._host_blocks: list[torch.Tensor] = []
+        self.node_shared = False  # offloaded blocks read from one host copy per node (`node_memory`)
         if self.offloaded:
             width = max(1, block_bytes // (FP32_BYTES * max(self.dimension, 1)))
             # At least one block, empty for an expert no reference token reached (rank 0).
@@ -64,7 +73,11 @@ class SharedBasis:
             self.columns = [slice(start, min(start + width, stored)) for start in range(0, stored, width)] or [
                 slice(0, 0)
             ]
-            self._host_blocks = [host_copy(basis[:, columns]) for columns in self.columns]
+            blocks = [basis[:, columns] for columns in self.columns]
+            if share_host is None:
+                self._host_blocks = [host_copy(block) for block in blocks]
+            else:
+                self._host_blocks, self.node_shared = share_host(blocks)
         else:
             self.columns = [slice(0, self.stored_columns)]
             self._copies[(basis.device, torch.float32)] = basis
@@ -117,9 +130,11 @@ class SharedBases:
         offload_block_bytes: int | None,
         smaller: bool = False,
         device: torch.device | None = None,
+        share_host: ShareHost | None = None,
     ):
         self.subspace = subspace
         self.offload_block_bytes = offload_block_bytes
+        self.share_host = share_host
         self.smaller = smaller  # keep the complement where it is smaller than the basis
         self.device = device  # where a complement is computed (a complete QR: the accelerator's job)
         self._shared: dict[str, SharedBasis] = {}
@@ -132,7 +147,7 @@ class SharedBases:
             complement = self.smaller and dimension - rank < rank
             if complement and self.device is not None:
                 basis = basis.to(self.device)
-            self._shared[key] = SharedBasis(basis, self.offload_block_bytes, complement)
+            self._shared[key] = SharedBasis(basis, self.offload_block_bytes, complement, self.share_host)
         return self._shared[key]
 
 

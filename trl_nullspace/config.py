@@ -84,6 +84,13 @@ class NullSpaceArguments:
             "help": "With nullspace_offload: the largest block of a basis copied to the accelerator at once (MiB)."
         },
     )
+    nullspace_offload_share_node: bool = field(
+        default=True,
+        metadata={
+            "help": "With nullspace_offload and several processes on one node: keep one host copy of the bases "
+            "per node, in shared memory (/dev/shm), instead of one per process."
+        },
+    )
     nullspace_target_modules: list[str] | None = field(
         default=None,
         metadata={

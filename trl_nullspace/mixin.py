@@ -46,6 +46,7 @@ from trl_nullspace.fingerprint import architecture_fingerprint, model_name, weig
 from trl_nullspace.fsdp import RowShardProjector
 from trl_nullspace.loading import load_dataset_from
 from trl_nullspace.monitor import CapabilityDriftMonitor
+from trl_nullspace.node_memory import share_on_node
 from trl_nullspace.projector import SubspaceProjector
 from trl_nullspace.reference import ReferenceBatch, tokenize_reference
 from trl_nullspace.subspace import CapabilitySubspace
@@ -351,6 +352,7 @@ class NullSpaceTrainerMixin:
             compute_dtype=getattr(torch, self.args.nullspace_projection_dtype),
             offload_block_bytes=self.args.nullspace_offload_block_bytes,
             smaller_storage=self.args.nullspace_basis_storage == "smaller",
+            share_host=share_on_node if self.args.nullspace_offload_share_node else None,
         )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             projector = projector.without_experts()  # frozen instead, with a warning (`_freeze_or_report`)
@@ -466,6 +468,7 @@ class NullSpaceTrainerMixin:
             "projection_target": self.args.nullspace_projection_target,
             "projection_dtype": self.args.nullspace_projection_dtype,
             "offload": self.args.nullspace_offload,
+            "offload_shared_on_node": any(item.shared.node_shared for item in self.nullspace_projector.constrained),
             "basis_storage": self.args.nullspace_basis_storage,
             "weights_with_complements": sum(item.shared.complement for item in self.nullspace_projector.constrained),
             "rank_selection": self.args.nullspace_rank_selection.to_dict(),
@@ -492,13 +495,16 @@ class NullSpaceTrainerMixin:
         """One line printed when training starts, so the constraint is visible in every run's log."""
         settings = self.nullspace_settings()
         others = "frozen" if settings["unconstrained_frozen"] else "train UNCONSTRAINED"
+        where = ""
+        if settings["offload"]:
+            where = ", in host memory" + (", one copy per node" if settings["offload_shared_on_node"] else "")
         complements = ""
         if settings["basis_storage"] == "smaller":
             complements = f" ({settings['weights_with_complements']} through their bases' complements)"
         summary = (
             f"trl-nullspace: {settings['method']} subspace, {settings['projection_target']} projection; "
             f"{settings['bases']} bases of rank {settings['rank_min']}–{settings['rank_max']} "
-            f"({settings['subspace_mib']} MiB{', in host memory' if settings['offload'] else ''}) "
+            f"({settings['subspace_mib']} MiB{where}) "
             f"constrain {settings['constrained_parameters']} weights"
             f"{complements}; "
             f"{settings['unconstrained_parameters']} other parameters {others}."

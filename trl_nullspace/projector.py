@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from trl_nullspace.basis import Anchor, SharedBases, SharedBasis, host_copy
+from trl_nullspace.basis import Anchor, SharedBases, SharedBasis, ShareHost, host_copy
 from trl_nullspace.experts import DOWN, GATE_UP, is_fused_experts, is_transposed_experts, slice_name
 from trl_nullspace.subspace import CapabilitySubspace
 from trl_nullspace.targets import canonical_name, is_lora_layer, is_transposed_linear
@@ -399,15 +399,17 @@ class SubspaceProjector:
         compute_dtype: torch.dtype = torch.float32,
         offload_block_bytes: int | None = None,
         smaller_storage: bool = False,
+        share_host: ShareHost | None = None,
     ) -> SubspaceProjector:
         """Match the subspace's targets to the model's trainable parameters (PEFT-aware).
 
         With `offload_block_bytes`, bases and anchors stay in host memory and are staged to the
         accelerator in column blocks of at most that size (`SharedBasis`). With `smaller_storage`,
         each basis' complement is kept instead where it is smaller (computed on the model's device).
+        `share_host` makes the offloaded host copies (one per node: `node_memory.share_on_node`).
         """
         device = next(model.parameters()).device
-        bases = SharedBases(subspace, offload_block_bytes, smaller_storage, device)
+        bases = SharedBases(subspace, offload_block_bytes, smaller_storage, device, share_host)
         constrained: list[ConstrainedParameter] = []
         free: set[str] = set()
         found: set[str] = set()
