@@ -357,7 +357,7 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
         for key, basis in alone.bases.items():
             assert basis.shape == shared.bases[key].shape, key
             assert torch.allclose(basis @ basis.T, shared.bases[key] @ shared.bases[key].T, atol=1e-4), key
-        # The estimate gathered one decoder layer at a time, never the whole model.
+        # The set-up gathered one decoder layer (estimate) or weight (anchors) at a time, never the model.
         peak, total = map(int, re.search(r"gathered at most (\d+) of (\d+) weight values", output).groups())
         model = AutoModelForCausalLM.from_pretrained(str(assets / "model"))
         layer = sum(parameter.numel() for parameter in model.model.layers[0].parameters())

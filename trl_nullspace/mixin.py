@@ -52,7 +52,7 @@ from trl_nullspace.reference import ReferenceBatch, tokenize_reference
 from trl_nullspace.subspace import CapabilitySubspace
 from trl_nullspace.targets import find_target_experts, find_target_linears
 from trl_nullspace.zero import RowExchangeZeroProjector, ZeroMasterProjector
-from trl_nullspace.zero_gather import GatherPeak, gathered, gathered_layer_by_layer
+from trl_nullspace.zero_gather import GatherPeak, each_gathered, gathered, gathered_layer_by_layer
 
 logger = logging.get_logger(__name__)
 
@@ -134,7 +134,8 @@ class NullSpaceTrainerMixin:
         # Per-step values since the last log; device tensors are read only when logging.
         self._nullspace_metrics: dict[str, list[float | torch.Tensor]] = defaultdict(list)
         self._nullspace_frozen: list[str] = []
-        self._nullspace_gather_peak: GatherPeak | None = None  # set where a ZeRO-3 estimate gathered layers
+        # What the set-up gathers under ZeRO-3 (estimate, anchors), at most, at once; None otherwise.
+        self._nullspace_gather_peak = GatherPeak.of(self.model)
         self._reference_batches = self._load_reference_batches(reference_dataset)
         self._contrast_batches = self._load_contrast_batches()
         self.nullspace_subspace = self._load_or_estimate_subspace()
@@ -234,10 +235,8 @@ class NullSpaceTrainerMixin:
         if self.args.nullspace_method == "gradient":
             with gathered(self.model.parameters()):
                 return self.estimate_subspace()
-        with gathered_layer_by_layer(self.model) as peak:
-            subspace = self.estimate_subspace()
-        self._nullspace_gather_peak = peak
-        return subspace
+        with gathered_layer_by_layer(self.model, self._nullspace_gather_peak):
+            return self.estimate_subspace()
 
     def _check_reused_cache_still_fits(self, path: str, subspace: CapabilitySubspace) -> None:
         """A cache reused on weights it was not estimated from (`nullspace_cache_match_weights=False`)
@@ -260,7 +259,7 @@ class NullSpaceTrainerMixin:
                 "inputs."
             )
         linears = find_target_linears(self.model, self.args.nullspace_target_modules)
-        with gathered_layer_by_layer(self.model):
+        with gathered_layer_by_layer(self.model, self._nullspace_gather_peak):
             shares = energy_in_span(
                 self.model,
                 self._reference_batches,
@@ -357,10 +356,13 @@ class NullSpaceTrainerMixin:
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             projector = projector.without_experts()  # frozen instead, with a warning (`_freeze_or_report`)
         projector.check_trainable_directions()
-        # ZeRO-3 may have partitioned the weights already (zero.Init): anchors need them whole once.
+        # ZeRO-3 may have partitioned the weights already (zero.Init): each is gathered in turn.
         target = self.args.nullspace_projection_target
-        with gathered([item.parameter for item in projector.constrained], modifier_rank=0):
-            projector.initialise_anchors(track_updates=target in ("update", "both"))
+        peak = self._nullspace_gather_peak
+        projector.initialise_anchors(
+            track_updates=target in ("update", "both"),
+            each=lambda parameters: each_gathered(parameters, peak, modifier_rank=0),
+        )
         self._sharded_master_projector: ZeroMasterProjector | RowExchangeZeroProjector | RowShardProjector | None = (
             None
         )
@@ -519,8 +521,8 @@ class NullSpaceTrainerMixin:
         peak = self._nullspace_gather_peak
         if peak is not None:
             summary += (
-                f" The estimate gathered at most {peak.peak} of {peak.total} weight values at once "
-                f"({peak.peak / peak.total:.0%}, ZeRO-3, layer by layer)."
+                f" The set-up gathered at most {peak.peak} of {peak.total} weight values at once "
+                f"({peak.peak / peak.total:.0%}; ZeRO-3: the estimate layer by layer, the anchors weight by weight)."
             )
         if self.is_deepspeed_enabled:  # the engine exists once training begins
             summary += f" {self._sharded_projector().summary()}."

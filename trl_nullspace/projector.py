@@ -18,6 +18,7 @@ Two ways to apply it (`nullspace_projection_target`):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -517,11 +518,13 @@ class SubspaceProjector:
         for item in self.constrained:
             item.take_previous()
 
-    def initialise_anchors(self, track_updates: bool) -> None:
-        """Move LoRA `A` matrices into the null space; with `track_updates`, anchor every parameter."""
-        for item in self.constrained:
-            if item.zero_anchor or track_updates:
-                item.reset_anchor()
+    def initialise_anchors(self, track_updates: bool, each: Callable[[list], Iterable[int]] | None = None) -> None:
+        """Move LoRA `A` matrices into the null space; with `track_updates`, anchor every parameter.
+        `each` walks the parameters (ZeRO-3: gathering one at a time, `zero_gather.each_gathered`)."""
+        items = [item for item in self.constrained if item.zero_anchor or track_updates]
+        walk = each or (lambda parameters: range(len(parameters)))
+        for index in walk([item.parameter for item in items]):
+            items[index].reset_anchor()
 
     def anchors(self) -> dict[str, torch.Tensor]:
         """The recorded anchors by parameter name (empty where none is recorded)."""

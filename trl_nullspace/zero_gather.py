@@ -65,53 +65,75 @@ def gather_units(model: nn.Module) -> list[tuple[nn.Module, list[nn.Parameter]]]
 
 @dataclass
 class GatherPeak:
-    """The most parameter values materialised at once while gathering layer by layer, read from
-    DeepSpeed's own status of every parameter (persistent small ones included), of `total`."""
+    """The most parameter values materialised at once while the trainer gathered them itself (an
+    estimate layer by layer, anchors weight by weight), of `total`: read from DeepSpeed's own status
+    of every parameter, persistent small ones included."""
 
+    parameters: list[nn.Parameter]
     total: int
     peak: int = 0
 
+    @classmethod
+    def of(cls, model: nn.Module) -> GatherPeak | None:
+        """A tracker for `model`'s ZeRO-3 parameters; None without them (nothing is gathered)."""
+        parameters = list({id(parameter): parameter for parameter in model.parameters()}.values())
+        if not any(is_partitioned(parameter) for parameter in parameters):
+            return None
+        return cls(parameters, sum(_numel(parameter) for parameter in parameters))
+
+    def observe(self) -> None:
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        held = sum(
+            _numel(parameter)
+            for parameter in self.parameters
+            if not is_partitioned(parameter) or parameter.ds_status == ZeroParamStatus.AVAILABLE
+        )
+        self.peak = max(self.peak, held)
+
 
 @contextlib.contextmanager
-def gathered_layer_by_layer(model: nn.Module) -> Iterator[GatherPeak | None]:
+def gathered_layer_by_layer(model: nn.Module, peak: GatherPeak | None) -> Iterator[None]:
     """Within the block, each forward pass of `model` gathers each of its `gather_units` only while
     it runs: a collective per unit, so every rank must run the same forward passes through the same
     layers. The unit is released even when its forward, or a hook after it, raises (a pass ended
-    early), so no gathered weights outlive it. Yields the peak it measured; None (and nothing is
-    gathered) without ZeRO-3 parameters."""
-    parameters = list({id(parameter): parameter for parameter in model.parameters()}.values())
-    if not any(is_partitioned(parameter) for parameter in parameters):
-        yield None
+    early), so no gathered weights outlive it. `peak` (from `GatherPeak.of(model)`; None without
+    ZeRO-3 parameters, and then nothing is gathered) records the most held at once."""
+    if peak is None:
+        yield
         return
     import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    peak = GatherPeak(total=sum(_numel(parameter) for parameter in parameters))
     open_units: list[deepspeed.zero.GatheredParameters] = []
 
-    def gather(module: nn.Module, args: tuple, own: list[nn.Parameter]) -> None:
+    def gather(own: list[nn.Parameter]) -> None:
         unit = deepspeed.zero.GatheredParameters(own)
         unit.__enter__()
         open_units.append(unit)
-        held = sum(
-            _numel(parameter)
-            for parameter in parameters
-            if not is_partitioned(parameter) or parameter.ds_status == ZeroParamStatus.AVAILABLE
-        )
-        peak.peak = max(peak.peak, held)
+        peak.observe()
 
     def release(module: nn.Module, args: tuple, output: object) -> None:
         open_units.pop().__exit__(None, None, None)
 
     handles = []
     for module, own in gather_units(model):
-        handles.append(module.register_forward_pre_hook(lambda module, args, own=own: gather(module, args, own)))
+        handles.append(module.register_forward_pre_hook(lambda module, args, own=own: gather(own)))
         handles.append(module.register_forward_hook(release, always_call=True))
     try:
-        yield peak
+        yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def each_gathered(parameters: list[nn.Parameter], peak: GatherPeak | None, modifier_rank: int) -> Iterator[int]:
+    """Yields the index of each parameter while it alone is gathered (a collective per parameter;
+    `modifier_rank`'s in-place changes are kept), so no more than one weight is whole at a time."""
+    for index, parameter in enumerate(parameters):
+        with gathered([parameter], modifier_rank=modifier_rank):
+            if peak is not None:
+                peak.observe()
+            yield index
 
 
 def _numel(parameter: torch.Tensor) -> int:
