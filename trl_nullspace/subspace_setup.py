@@ -1,0 +1,228 @@
+"""Where a null-space trainer's capability subspace comes from: a cache, or an estimate.
+
+`SubspaceSetupMixin` is the part of `NullSpaceTrainerMixin` that runs before anything is bound:
+it tokenizes the reference data (and the training data, for the contrastive rule), loads a cache
+and checks that it still describes this model, or estimates the subspace (the data shared over
+the processes; under ZeRO-3 one decoder layer gathered at a time), and checks that every process
+holds the same bases. Binding, projecting, reporting and checkpoints stay in `trl_nullspace.mixin`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging
+
+from trl_nullspace.cache import (
+    CacheMismatchError,
+    check_cache_matches,
+    expected_provenance,
+    load_subspace,
+    save_subspace,
+    saved_provenance,
+)
+from trl_nullspace.config import NullSpaceArguments
+from trl_nullspace.estimators import estimate_subspace
+from trl_nullspace.estimators.activation import energy_in_span
+from trl_nullspace.fingerprint import weights_fingerprint
+from trl_nullspace.loading import load_dataset_from
+from trl_nullspace.reference import ReferenceBatch, tokenize_reference
+from trl_nullspace.subspace import CapabilitySubspace
+from trl_nullspace.targets import find_target_experts, find_target_linears
+from trl_nullspace.zero_gather import GatherPeak, gathered, gathered_layer_by_layer
+
+logger = logging.get_logger(__name__)
+
+# A reused cache may miss at most this much more of the reference energy (a share) than at estimation.
+REUSE_TOLERANCE = 0.10
+
+
+class SubspaceSetupMixin:
+    """Loads or estimates the trainer's subspace (`_load_or_estimate_subspace`); see the module."""
+
+    args: NullSpaceArguments
+    _reference_batches: list[ReferenceBatch] | None
+    _contrast_batches: list[ReferenceBatch] | None
+    _nullspace_gather_peak: GatherPeak | None
+
+    def _reference_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The text tokenizer, also when the processing class is a multimodal processor."""
+        if isinstance(self.processing_class, PreTrainedTokenizerBase):
+            return self.processing_class
+        return self.processing_class.tokenizer
+
+    def _load_reference_batches(self, reference_dataset: datasets.Dataset | None) -> list[ReferenceBatch] | None:
+        if reference_dataset is None and self.args.nullspace_reference_dataset is not None:
+            reference_dataset = load_dataset_from(
+                self.args.nullspace_reference_dataset, self.args.nullspace_reference_split
+            )
+        if reference_dataset is None:
+            return None
+        return self._tokenize(reference_dataset)
+
+    def _tokenize(self, dataset: datasets.Dataset) -> list[ReferenceBatch]:
+        return tokenize_reference(
+            dataset,
+            self._reference_tokenizer(),
+            batch_size=self.args.nullspace_reference_batch_size,
+            max_length=self.args.nullspace_reference_max_length,
+            num_samples=self.args.nullspace_reference_num_samples,
+        )
+
+    def _load_contrast_batches(self) -> list[ReferenceBatch] | None:
+        """The training data's batches, for `nullspace_contrastive` (None otherwise)."""
+        if not self.args.nullspace_contrastive:
+            return None
+        if not isinstance(self._raw_train_dataset, datasets.Dataset):
+            raise ValueError(
+                "nullspace_contrastive needs train_dataset as a datasets.Dataset (its inputs shape the subspace); "
+                f"got {type(self._raw_train_dataset).__name__}."
+            )
+        return self._tokenize(self._raw_train_dataset)
+
+    def _expected_provenance(self, weights: str) -> dict[str, Any]:
+        return expected_provenance(self.model, self.args, self._reference_batches, weights, self._contrast_batches)
+
+    def _load_or_estimate_subspace(self) -> CapabilitySubspace:
+        if self.args.nullspace_refresh_steps is not None and self._reference_batches is None:
+            raise ValueError("nullspace_refresh_steps needs reference data to re-estimate the subspace from.")
+        path = self.args.nullspace_cache_path
+        weights = weights_fingerprint(self.model)
+        expected = self._expected_provenance(weights)
+        if path is not None and os.path.exists(path):
+            subspace, header = load_subspace(path)
+            check_cache_matches(path, header, expected)
+            if header.get("weights_fingerprint") != weights:  # reused on other weights (a later stage)
+                self._check_reused_cache_still_fits(path, subspace)
+            logger.info("trl-nullspace: loaded the capability subspace from %s", path)
+            return subspace
+        if self._reference_batches is None:
+            raise ValueError(
+                "No reference data for the capability subspace: pass reference_dataset=..., set "
+                "nullspace_reference_dataset, or point nullspace_cache_path at an existing cache."
+            )
+        subspace = self._estimate_with_weights_gathered()
+        self._warn_if_reference_is_tiny(subspace)
+        if path is not None and self.is_world_process_zero():
+            save_subspace(path, subspace, saved_provenance(self.model, weights, expected))
+            logger.info("trl-nullspace: saved the capability subspace to %s", path)
+        return subspace
+
+    def _estimate_with_weights_gathered(self) -> CapabilitySubspace:
+        """Under ZeRO-3 the activation estimate gathers one decoder layer at a time while it runs
+        (`gathered_layer_by_layer`); the gradient method's backward needs the whole model gathered.
+        Every process ends with the same subspace; only the main process writes the cache."""
+        if self.args.nullspace_method == "gradient":
+            with gathered(self.model.parameters()):
+                return self.estimate_subspace()
+        with gathered_layer_by_layer(self.model, self._nullspace_gather_peak):
+            return self.estimate_subspace()
+
+    def _check_reused_cache_still_fits(self, path: str, subspace: CapabilitySubspace) -> None:
+        """A cache reused on weights it was not estimated from (`nullspace_cache_match_weights=False`)
+        protects this model only if its bases still hold the current reference inputs: after an
+        unconstrained stage they need not (measured on a tiny model: reference logits moved 3.0 with
+        the old cache, 1e-5 with a fresh one). Refuse when a basis now misses more of the reference
+        energy than it did when estimated by over `REUSE_TOLERANCE` (an absolute share). Measured on the
+        demo's tiny model: after a null-space stage at energy 0.99 the worst layer misses 5.4% (1% at
+        estimation); after a plain stage, 55–78%."""
+        if subspace.method != "activation":
+            raise CacheMismatchError(
+                f"{path} holds a gradient-method subspace estimated from other weights; it cannot be checked against "
+                "this model's reference gradients. Re-estimate it: delete the file or point nullspace_cache_path "
+                "elsewhere."
+            )
+        if self._reference_batches is None:
+            raise CacheMismatchError(
+                f"{path} was estimated from other weights (nullspace_cache_match_weights=False): pass the reference "
+                "data too, so the trainer can check that the cached subspace still holds this model's reference "
+                "inputs."
+            )
+        linears = find_target_linears(self.model, self.args.nullspace_target_modules)
+        with gathered_layer_by_layer(self.model, self._nullspace_gather_peak):
+            shares = energy_in_span(
+                self.model,
+                self._reference_batches,
+                linears,
+                subspace,
+                self.args.nullspace_normalize_tokens,
+                experts=find_target_experts(self.model, self.args.nullspace_target_modules),
+                statistics_budget_bytes=self.args.nullspace_statistics_budget_bytes,
+            )
+        worn = []
+        for key, share in shares.items():
+            estimated = subspace.energy_kept(key)
+            missed_at_estimation = 1.0 - (estimated if estimated is not None else 1.0)
+            if 1.0 - share > missed_at_estimation + REUSE_TOLERANCE:
+                worn.append(f"{key}: holds {share:.4%} of the reference energy (estimated: {estimated:.4%})")
+        if worn:
+            raise CacheMismatchError(
+                f"The cached subspace {path} no longer describes this model: the reference inputs moved out of it "
+                f"since it was estimated (a stage trained without the constraint?), in {len(worn)} layer input(s), "
+                f"e.g.\n  " + "\n  ".join(worn[:3]) + "\nRe-estimate it from this model: delete the file or point "
+                "nullspace_cache_path elsewhere."
+            )
+
+    def _warn_if_reference_is_tiny(self, subspace: CapabilitySubspace) -> None:
+        """Few reference tokens cap every activation basis' rank: the constraint then protects only
+        what those tokens exercise, and the general skill may still move."""
+        tokens = subspace.settings.get("reference_tokens")
+        if tokens is None:
+            return
+        capped = [key for key, basis in subspace.bases.items() if basis.shape[0] > tokens]
+        if capped:
+            logger.warning(
+                "trl-nullspace: the reference set has only %d tokens, fewer than the input size of %d layer input(s) "
+                "(e.g. %s): their subspaces are capped at rank %d and protect only what these tokens exercise. Use "
+                "more general reference data (nullspace_reference_num_samples, longer examples).",
+                tokens,
+                len(capped),
+                capped[0],
+                tokens,
+            )
+
+    def _check_same_subspace_on_every_process(self) -> None:
+        """Every process projects its own replica, so all must hold the same bases, bit for bit."""
+        if self.accelerator.num_processes == 1:
+            return
+        digest = hashlib.sha256()
+        for key, basis in sorted(self.nullspace_subspace.bases.items()):
+            digest.update(key.encode())
+            digest.update(basis.detach().cpu().contiguous().numpy().tobytes())
+        checksum = torch.tensor(
+            [int.from_bytes(digest.digest()[:8], "little", signed=True)],
+            dtype=torch.int64,
+            device=self.accelerator.device,
+        )
+        gathered = self.accelerator.gather(checksum)
+        if not torch.all(gathered == gathered[0]):
+            raise RuntimeError(
+                f"Processes hold different capability subspaces (checksums {gathered.tolist()}); their replicas "
+                "would drift apart. Use one cache file for all processes (nullspace_cache_path)."
+            )
+
+    def estimate_subspace(self) -> CapabilitySubspace:
+        """Estimate the subspace from the reference batches with the current weights.
+
+        With several processes and the activation method, each process reads its share of the
+        batches and the statistics are summed over the processes: the same bases on every process,
+        from 1/world of the forward passes each (`settings["processes"]` records how many shared).
+        """
+        world = self.accelerator.num_processes
+        batches, contrast = self._reference_batches, self._contrast_batches
+        shared = (
+            world > 1
+            and self.args.nullspace_method == "activation"
+            and len(batches) >= world
+            and (contrast is None or len(contrast) >= world)
+        )
+        subspace = estimate_subspace(
+            self.model, batches, self.args, not self.args.disable_tqdm, contrast, across_processes=shared
+        )
+        subspace.settings["processes"] = world if shared else 1
+        return subspace
