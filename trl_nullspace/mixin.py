@@ -47,7 +47,7 @@ from trl_nullspace.reference import tokenize_reference
 from trl_nullspace.subspace import CapabilitySubspace
 from trl_nullspace.subspace_setup import SubspaceSetupMixin
 from trl_nullspace.zero import RowExchangeZeroProjector, ZeroMasterProjector
-from trl_nullspace.zero_gather import GatherPeak, each_gathered
+from trl_nullspace.zero_gather import GatherPeak, gathered_alone
 
 logger = logging.get_logger(__name__)
 
@@ -177,7 +177,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
         peak = self._nullspace_gather_peak
         projector.initialise_anchors(
             track_updates=target in ("update", "both"),
-            each=lambda parameters: each_gathered(parameters, peak, modifier_rank=0),
+            around=lambda parameter: gathered_alone(parameter, peak, modifier_rank=0),
         )
         self._sharded_master_projector: ZeroMasterProjector | RowExchangeZeroProjector | RowShardProjector | None = (
             None

@@ -14,6 +14,7 @@ is raised on all of them, with the fix, instead of leaving the others waiting.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import uuid
@@ -43,20 +44,17 @@ def share_on_node(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool
     read by every process of a node from one shared mapping. Returns the copies and whether they
     are shared (False, and private page-locked copies, where a process is alone on its node).
 
-    The node's processes are found from `node_identity`, whatever the launcher. Every process
-    checks that the mapping holds its own tensors, so processes wrongly taken for one node's
+    The node's processes are found from `node_identity`, whatever the launcher. Every process but
+    the writer checks that the mapping holds its own tensors, so processes wrongly taken for one node's
     (machines with one name, containers with their own `/dev/shm`) fail instead of reading zeros.
     """
     if not dist.is_initialized():
         return [host_copy(tensor) for tensor in tensors], False
-    identities: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(identities, node_identity())
-    node = [rank for rank, identity in enumerate(identities) if identity == identities[dist.get_rank()]]
+    node = _node_ranks(dist.get_world_size(), dist.get_rank())
     if len(node) == 1:
         return [host_copy(tensor) for tensor in tensors], False
     leader = dist.get_rank() == node[0]
-    sizes = [tensor.numel() for tensor in tensors]
-    total = max(1, sum(sizes))
+    total = max(1, sum(tensor.numel() for tensor in tensors))
     token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(token, src=0)
     path = os.path.join(SHARED_MEMORY, f"trl-nullspace-bases-{token[0]}")
@@ -68,10 +66,8 @@ def share_on_node(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool
             return
         _check_room(total * 4)
         flat = torch.from_file(path, shared=True, size=total, dtype=torch.float32)
-        offset = 0
-        for tensor, size in zip(tensors, sizes, strict=True):
-            flat[offset : offset + size].copy_(tensor.detach().reshape(-1))
-            offset += size
+        for view, tensor in zip(_views(flat, tensors), tensors, strict=True):
+            view.copy_(tensor.detach())
 
     def read() -> None:
         nonlocal flat
@@ -82,11 +78,7 @@ def share_on_node(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool
                     f"but not its {SHARED_MEMORY} (another container?); {FIX}"
                 )
             flat = torch.from_file(path, shared=True, size=total, dtype=torch.float32)
-        offset = 0
-        for tensor, size in zip(tensors, sizes, strict=True):
-            if not torch.equal(flat[offset : offset + size], tensor.detach().reshape(-1).to(flat.device)):
-                raise RuntimeError(f"The shared copy of the bases in {path} differs from this process' bases; {FIX}")
-            offset += size
+            _check_holds(flat, tensors, path)
         if torch.cuda.is_available():
             _page_lock(flat)
 
@@ -100,11 +92,31 @@ def share_on_node(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool
     finally:  # never leave the name behind, even when a step failed
         if leader and os.path.exists(path):
             os.unlink(path)
+    return _views(flat, tensors), True
+
+
+@functools.cache
+def _node_ranks(world: int, rank: int) -> tuple[int, ...]:
+    """The ranks on this process' node (a collective, run once per process: every basis asks)."""
+    identities: list[str | None] = [None] * world
+    dist.all_gather_object(identities, node_identity())
+    return tuple(other for other, identity in enumerate(identities) if identity == identities[rank])
+
+
+def _views(flat: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`tensors`' places in the flat mapping, one after another, each in its own shape."""
     views, offset = [], 0
-    for tensor, size in zip(tensors, sizes, strict=True):
-        views.append(flat[offset : offset + size].view(tensor.shape))
-        offset += size
-    return views, True
+    for tensor in tensors:
+        views.append(flat[offset : offset + tensor.numel()].view(tensor.shape))
+        offset += tensor.numel()
+    return views
+
+
+def _check_holds(flat: torch.Tensor, tensors: list[torch.Tensor], path: str) -> None:
+    """A reader's mapping must hold its own bases (the first process wrote its own there)."""
+    for view, tensor in zip(_views(flat, tensors), tensors, strict=True):
+        if not torch.equal(view, tensor.detach().to(flat.device)):
+            raise RuntimeError(f"The shared copy of the bases in {path} differs from this process' bases; {FIX}")
 
 
 def _check_room(size: int) -> None:

@@ -17,8 +17,10 @@ Two ways to apply it (`nullspace_projection_target`):
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -518,13 +520,17 @@ class SubspaceProjector:
         for item in self.constrained:
             item.take_previous()
 
-    def initialise_anchors(self, track_updates: bool, each: Callable[[list], Iterable[int]] | None = None) -> None:
+    def initialise_anchors(
+        self,
+        track_updates: bool,
+        around: Callable[[nn.Parameter], AbstractContextManager] = lambda parameter: contextlib.nullcontext(),
+    ) -> None:
         """Move LoRA `A` matrices into the null space; with `track_updates`, anchor every parameter.
-        `each` walks the parameters (ZeRO-3: gathering one at a time, `zero_gather.each_gathered`)."""
-        items = [item for item in self.constrained if item.zero_anchor or track_updates]
-        walk = each or (lambda parameters: range(len(parameters)))
-        for index in walk([item.parameter for item in items]):
-            items[index].reset_anchor()
+        Each is set inside `around(parameter)` (ZeRO-3: gathered alone, `zero_gather.gathered_alone`)."""
+        for item in self.constrained:
+            if item.zero_anchor or track_updates:
+                with around(item.parameter):
+                    item.reset_anchor()
 
     def anchors(self) -> dict[str, torch.Tensor]:
         """The recorded anchors by parameter name (empty where none is recorded)."""

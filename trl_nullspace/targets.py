@@ -19,6 +19,16 @@ def canonical_name(name: str) -> str:
     return re.sub(r"\.base_layer(?=\.|$)", "", name)
 
 
+_FIRST_INDEX = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+def decoder_layer_of(name: str) -> str | None:
+    """The decoder layer a module or parameter name sits in: the name up to its first index
+    (`model.layers.11`), or None if it has no index (embeddings, final norm, LM head)."""
+    match = _FIRST_INDEX.match(name)
+    return match.group(1) if match else None
+
+
 def is_lora_layer(module: nn.Module) -> bool:
     """A PEFT LoRA layer: a wrapper holding `base_layer` and per-adapter `lora_A`/`lora_B`."""
     return hasattr(module, "base_layer") and isinstance(getattr(module, "lora_A", None), nn.ModuleDict)

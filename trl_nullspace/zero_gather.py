@@ -10,12 +10,13 @@ only while it runs, as DeepSpeed's own forward does: a forward pass then holds o
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from trl_nullspace.targets import decoder_layer_of
 
 
 def is_partitioned(parameter: torch.Tensor) -> bool:
@@ -40,9 +41,6 @@ def gathered(parameters: Iterable[torch.Tensor], modifier_rank: int | None = Non
         yield
 
 
-_INDEXED = re.compile(r"\.\d+$")
-
-
 def gather_units(model: nn.Module) -> list[tuple[nn.Module, list[nn.Parameter]]]:
     """The modules gathered as one while they run: every outermost indexed module (a decoder layer,
     `model.layers.11`, with all its parameters; experts inside it included, so the tokens' routing
@@ -50,7 +48,7 @@ def gather_units(model: nn.Module) -> list[tuple[nn.Module, list[nn.Parameter]]]
     units = []
 
     def visit(name: str, module: nn.Module) -> None:
-        if _INDEXED.search(name):
+        if decoder_layer_of(name) == name:
             units.append((module, list(module.parameters())))
             return
         own = list(module.parameters(recurse=False))
@@ -126,14 +124,15 @@ def gathered_layer_by_layer(model: nn.Module, peak: GatherPeak | None) -> Iterat
             handle.remove()
 
 
-def each_gathered(parameters: list[nn.Parameter], peak: GatherPeak | None, modifier_rank: int) -> Iterator[int]:
-    """Yields the index of each parameter while it alone is gathered (a collective per parameter;
-    `modifier_rank`'s in-place changes are kept), so no more than one weight is whole at a time."""
-    for index, parameter in enumerate(parameters):
-        with gathered([parameter], modifier_rank=modifier_rank):
-            if peak is not None:
-                peak.observe()
-            yield index
+@contextlib.contextmanager
+def gathered_alone(parameter: nn.Parameter, peak: GatherPeak | None, modifier_rank: int) -> Iterator[None]:
+    """`gathered` for one parameter, recording what is held then in `peak`: used weight by weight,
+    no more than one weight is whole at a time (a collective per parameter; `modifier_rank`'s
+    in-place changes are kept)."""
+    with gathered([parameter], modifier_rank=modifier_rank):
+        if peak is not None:
+            peak.observe()
+        yield
 
 
 def _numel(parameter: torch.Tensor) -> int:

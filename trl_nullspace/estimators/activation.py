@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator
 
 import torch
@@ -17,7 +16,7 @@ from trl_nullspace.projector import full_shape
 from trl_nullspace.rank import RankSelection
 from trl_nullspace.reference import ReferenceBatch
 from trl_nullspace.subspace import CapabilitySubspace
-from trl_nullspace.targets import is_transposed_linear
+from trl_nullspace.targets import decoder_layer_of, is_transposed_linear
 
 
 class InputCovarianceCollector:
@@ -326,15 +325,13 @@ def contrastive_basis(
 
 
 FP64_BYTES = 8
-_FIRST_INDEX = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 
 
 def _unit(name: str) -> str:
-    """The decoder layer a target belongs to (its name up to the first index, `model.layers.11`):
-    the targets of one layer are always collected in the same pass, so the inputs they share are
-    grouped as in a single pass."""
-    match = _FIRST_INDEX.match(name)
-    return match.group(1) if match else name
+    """The decoder layer a target belongs to (`decoder_layer_of`), or the target itself outside
+    the layers: the targets of one layer are always collected in the same pass, so the inputs they
+    share are grouped as in a single pass."""
+    return decoder_layer_of(name) or name
 
 
 def statistic_bytes(name: str, module: nn.Module) -> int:
