@@ -11,16 +11,17 @@ assumption, stated in the output: larger models' spectra may be more or less con
 What the code allocates per rank, in fp32 (the trainer's default; `nullspace_projection_dtype`
 does not change storage), counted from the shapes, not measured on an accelerator:
 - bases `Σ_inputs d·k`, whole on every rank under every backend (one basis per distinct input,
-  shared by the weights that read it), and anchors `Σ_weights d_out·k`, whole under DDP and
-  ZeRO-1/2, each rank's rows only under ZeRO-3 and FSDP2;
-- while projecting: DDP and FSDP2 one weight's residual at a time (its local rows × k); ZeRO-1/2
-  all coefficients at once (the all-reduced buffer, anchor-sized); ZeRO-3 every weight's local
-  rows of coefficients at once (the anchors / world); under DeepSpeed also the gradient hook's
-  copies of one whole weight's gradient (the default `both` target);
+  shared by the weights that read it), and anchors `Σ_weights d_out·k`, whole under DDP,
+  each rank's rows only under ZeRO and FSDP2 (ZeRO-1/2 project inside DeepSpeed's step, each rank
+  its own master fragment);
+- while projecting: DDP and FSDP2 one weight's residual at a time (its local rows × k); ZeRO every
+  weight's local rows of coefficients at once (the anchors / world); under DeepSpeed also the
+  gradient hook's copies of one whole weight's gradient (the default `both` target);
 - with `nullspace_offload`: bases and anchors in host memory instead, and on the accelerator one
   staged block at a time: the basis block (d × k_b, at most the block size), its anchor rows and
-  residual (2 · local rows × k_b); under ZeRO-3 also the buffer of rows that partition boundaries
-  cut (at most world − 1 rows per weight) and the gradient hook's copies. Over PCIe per optimizer
+  residual (2 · local rows × k_b); under ZeRO also the buffer of rows that partition boundaries
+  cut (ZeRO-3: at most world − 1 rows per weight; ZeRO-1/2: at most world − 1 in all) and the
+  gradient hook's copies. Over PCIe per optimizer
   step: the bases twice under the default `both` target (gradient, then update; under DeepSpeed
   once more per extra micro-batch, whose gradients are projected as backward produces them) and
   the local anchor rows once.
@@ -111,7 +112,7 @@ def per_rank_bytes(
 ) -> dict[str, float]:
     """The constraint's bytes per rank under each backend (see the module's docstring), in GiB, and
     their share of that rank's training memory."""
-    bases = anchors = cut_rows = 0.0
+    bases = anchors = cut_rows = longest_row = 0.0
     largest_residual = largest_local_residual = largest_staged = largest_hook = 0.0
     # `nullspace_basis_storage: smaller`: the complement where d − k < k, and instead of its weights'
     # anchors their rows as last projected; per weight, the change and its kept part while projecting.
@@ -143,13 +144,15 @@ def per_rank_bytes(
             # DeepSpeed's gradient hook, one weight at a time: its bf16 gradient in fp32, the projected
             # fp32 result and that result in bf16 (4 + 4 + 2 bytes per element).
             largest_hook = max(largest_hook, rows * size * (2 * FP32 + WEIGHT_BYTES))
-            cut_rows += min(rows, world - 1) * size * FP32  # at most one row per partition boundary
+            cut_rows += min(rows, world - 1) * size * FP32  # ZeRO-3: at most one row per boundary per weight
+            longest_row = max(longest_row, size * FP32)
     parameters = shape.parameters()
     training = {
         "DDP": parameters * TRAINING_BYTES_PER_PARAMETER,
         "ZeRO-1/2": parameters * (WEIGHT_BYTES + (TRAINING_BYTES_PER_PARAMETER - WEIGHT_BYTES) / world),
         "ZeRO-3": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "FSDP2": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "ZeRO-1/2 + offload": parameters * (WEIGHT_BYTES + (TRAINING_BYTES_PER_PARAMETER - WEIGHT_BYTES) / world),
         "ZeRO-3 + offload": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "FSDP2 + offload": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "FSDP2, smaller": parameters * TRAINING_BYTES_PER_PARAMETER / world,
@@ -157,9 +160,12 @@ def per_rank_bytes(
     }
     constraint = {
         "DDP": bases + anchors + largest_residual,
-        "ZeRO-1/2": bases + 2 * anchors + largest_hook,
+        # Projected inside DeepSpeed's step, each rank its own fragment's rows (`zero_in_step`).
+        "ZeRO-1/2": bases + 2 * anchors / world + largest_hook,
         "ZeRO-3": bases + 2 * anchors / world + largest_hook,
         "FSDP2": bases + anchors / world + largest_local_residual,
+        # ZeRO-1/2 cut the flat weights into `world` slices: at most world − 1 cut rows in all.
+        "ZeRO-1/2 + offload": (world - 1) * longest_row + largest_staged + largest_hook,
         "ZeRO-3 + offload": cut_rows + largest_staged + largest_hook,
         "FSDP2 + offload": largest_staged,
         "FSDP2, smaller": smaller_bases + smaller_state + smaller_transient,
@@ -251,7 +257,7 @@ def report(
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "With `nullspace_offload`, what moves to the host instead, per rank (ZeRO-3 and FSDP2 alike; DeepSpeed "
+        "With `nullspace_offload`, what moves to the host instead, per rank (ZeRO and FSDP2 alike; DeepSpeed "
         "copies the bases once more per extra micro-batch of gradient accumulation), and the same with "
         "`nullspace_basis_storage: smaller` (FSDP2). Host memory is also given per node of "
         f"{world} processes, which by default (`nullspace_offload_share_node`) read one copy of the bases "
@@ -291,11 +297,13 @@ def report(
         ],
         "",
         "Formula, per rank (bytes, fp32), with bases `B = 4·Σ_inputs d·k` and anchors `A = 4·Σ_weights d_out·k`: "
-        "DDP `B + A + 4·max d_out·k`; ZeRO-1/2 `B + 2A + H`; ZeRO-3 `B + 2A/world + H` (its rows of the anchors "
-        "and of the coefficients) with `H = 10·max d_out·d` (the gradient hook's copies); FSDP2 "
+        "DDP `B + A + 4·max d_out·k`; ZeRO-1/2 and ZeRO-3 `B + 2A/world + H` (each rank's rows of the anchors "
+        "and of the coefficients, projected inside DeepSpeed's step under ZeRO-1/2) with `H = 10·max d_out·d` "
+        "(the gradient hook's copies); FSDP2 "
         "`B + A/world + 4·max (d_out/world)·k`; with offload "
         "`S = 4·max (d + 2·d_out/world)·k_b` on the accelerator under FSDP2 (`k_b` = the columns of one block) "
-        "and `S + H + 4·Σ_weights (world − 1)·d` (the split rows) under ZeRO-3, `B + A/world` in host memory and "
+        "and `S + H + 4·Σ_weights (world − 1)·d` (the split rows) under ZeRO-3, `S + H + 4·(world − 1)·max d` "
+        "under ZeRO-1/2 (whose `world` flat slices cut at most world − 1 rows), `B + A/world` in host memory and "
         "`2B + A/world` copied per step under the default `both` target. Training memory: 14 bytes per "
         "parameter under DDP, `2 + 12/world` under ZeRO-1/2, `14/world` under ZeRO-3 and FSDP2. The scale "
         "issue's target is at most 10% under ZeRO-3 on 8 ranks.",

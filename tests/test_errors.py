@@ -153,8 +153,16 @@ def test_fsdp1_is_refused_not_silently_ignored(model, tokenizer, safety_dataset,
     [
         ("fsdp2", {"nullspace_method": "gradient"}, "only nullspace_method='activation'"),
         ("deepspeed", {"nullspace_refresh_steps": 4}, "nullspace_refresh_steps is not supported under DeepSpeed"),
-        ("deepspeed", {"nullspace_offload": True}, "nullspace_offload under DeepSpeed with ZeRO stage 3.*stage 2"),
-        ("deepspeed", {"nullspace_basis_storage": "smaller"}, "'smaller' under DeepSpeed with ZeRO stage 3.*stage 2"),
+        (
+            "deepspeed",
+            {"nullspace_offload": True, "nullspace_method": "gradient"},
+            "nullspace_offload under DeepSpeed with the activation method only",
+        ),
+        (
+            "deepspeed",
+            {"nullspace_basis_storage": "smaller", "nullspace_method": "gradient"},
+            "'smaller' under DeepSpeed with the activation method only",
+        ),
     ],
 )
 def test_sharded_backends_refuse_options_they_cannot_honour(
@@ -172,7 +180,6 @@ def test_sharded_backends_refuse_options_they_cannot_honour(
             fsdp=not deepspeed,
             fsdp2=not deepspeed,
             trainer_name="T",
-            zero_stage=2 if deepspeed else None,
         )
 
 

@@ -210,17 +210,92 @@ def test_ddp_with_offloaded_or_complement_bases_keeps_the_constraint(assets, tmp
     assert max(plain_in_subspace.values()) > 1e-2, plain_in_subspace
 
 
-@pytest.mark.parametrize("shipped, port", [("zero1.yaml", 29541), ("zero2.yaml", 29542), ("zero3.yaml", 29543)])
+@pytest.mark.parametrize(
+    "shipped, port, offload_optimizer",
+    [
+        ("zero1.yaml", 29541, False),
+        ("zero2.yaml", 29542, False),
+        ("zero2.yaml", 29551, True),
+        ("zero3.yaml", 29543, False),
+    ],
+)
 def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
-    assets, tmp_path, single_process_run, shipped, port
+    assets, tmp_path, single_process_run, shipped, port, offload_optimizer
 ):
-    """ZeRO-1/2 project fp32 master fragments of full module weights; the shipped ZeRO-3 config also
-    partitions the module's weights at load (zero3_init_flag), so estimation and anchors gather them."""
+    """ZeRO-1/2 project each rank's fp32 master fragment inside DeepSpeed's step, before DeepSpeed
+    all-gathers the masters into every rank's full module copy: only the coefficients of rows that
+    the two partitions cut travel (none here: the cut falls between weights; the next test cuts a
+    row), and each rank keeps about half the anchor rows. With the optimizer offloaded, the masters
+    and their projection are in host memory. The shipped ZeRO-3 config also partitions the module's
+    weights at load (zero3_init_flag), so estimation and anchors gather them."""
     accelerate_config = _cpu_accelerate_config(tmp_path, shipped, port)
-    _train(os.path.join(ROOT, "recipes", "sft.py"), _config(assets, tmp_path, "zero", 4, True), accelerate_config)
+    if offload_optimizer:
+        launch = yaml.safe_load(open(accelerate_config))
+        launch["deepspeed_config"]["offload_optimizer_device"] = "cpu"
+        with open(accelerate_config, "w") as file:
+            yaml.safe_dump(launch, file)
+    recipe = os.path.join(ROOT, "recipes", "sft.py")
+    output = _train(recipe, _config(assets, tmp_path, "zero", 4, True), accelerate_config)
     trained = load_file(str(tmp_path / "zero" / "model.safetensors"))
     assert _max_difference(trained, single_process_run) < 1e-4
     assert _reference_logit_drift(assets, tmp_path / "zero") < 1e-4
+    if shipped != "zero3.yaml":
+        found = re.search(r"inside DeepSpeed's step: .*all-reduces (\d+) of (\d+) coefficients", output)
+        assert found, output[-3000:]
+        exchanged, whole = map(int, found.groups())
+        assert exchanged < whole / 10, (exchanged, whole)
+        kept, rows = map(int, re.search(r"this rank keeps (\d+) of (\d+) anchor rows", output).groups())
+        assert 0.2 * rows < kept < 0.8 * rows, (kept, rows)
+
+
+# The bases' storage options, on the toy model: offloaded in blocks of 4 columns; complements where
+# smaller, on enough reference tokens that some inputs keep over half their directions.
+STORAGE_SETTINGS = {
+    "offload": {"nullspace_offload": True, "nullspace_offload_block_mib": 2**-10},
+    "smaller": {
+        "nullspace_basis_storage": "smaller",
+        "nullspace_eigenvalue_threshold": None,
+        "nullspace_energy": 0.999,
+        "nullspace_reference_num_samples": 56,
+    },
+}
+
+
+@pytest.mark.parametrize("storage", ["basis", "offload", "smaller"])
+def test_deepspeed_zero2_projects_inside_its_step_and_completes_the_row_two_ranks_share(tmp_path, storage):
+    """Three layers with 97-row gate/up weights: ZeRO-2's two flat partitions meet inside a row of a
+    gate weight. Each rank projects its own master fragment inside DeepSpeed's step; that row's
+    coefficients (offloaded or complement bases: its values) are the only ones that travel, summed
+    from both ranks' pieces, and the run matches the single-process one and keeps the reference
+    outputs (complements: every change stays orthogonal to its basis)."""
+    assets = tmp_path / "assets"
+    write_toy_assets(str(assets))
+    tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
+    build_tiny_qwen2(tokenizer, num_layers=3, intermediate_size=97).save_pretrained(str(assets / "model"))
+    recipe = os.path.join(ROOT, "recipes", "sft.py")
+    for name, batch_size in (("single", 8), ("zero2", 4)):
+        settings = yaml.safe_load(open(_config(assets, tmp_path, name, batch_size, True)))
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(settings | STORAGE_SETTINGS.get(storage, {})))
+    _train(recipe, str(tmp_path / "single.yaml"))
+    output = _train(recipe, str(tmp_path / "zero2.yaml"), _cpu_accelerate_config(tmp_path, "zero2.yaml", 29550))
+
+    single = load_file(str(tmp_path / "single" / "model.safetensors"))
+    assert _max_difference(load_file(str(tmp_path / "zero2" / "model.safetensors")), single) < 1e-4
+    assert "inside DeepSpeed's step" in output, output[-3000:]
+    if storage == "smaller":
+        complements, weights = map(int, re.search(r"(\d+) of (\d+) as complements", output).groups())
+        assert 0 < complements < weights, (complements, weights)
+        _assert_changes_are_orthogonal_to_the_bases(assets, tmp_path / "zero2")
+        return
+    # This deeper model's logits move by about 1e-4 on one process too (round-off through 3 layers).
+    assert _reference_logit_drift(assets, tmp_path / "zero2") < 5e-4
+    if storage == "offload":
+        exchanged, whole = map(int, re.search(r"all-reduces (\d+) of (\d+) weight values", output).groups())
+        assert exchanged == 64 and whole > 100 * exchanged, (exchanged, whole)  # the one cut row of 64 values
+        return
+    exchanged, whole = map(int, re.search(r"all-reduces (\d+) of (\d+) coefficients", output).groups())
+    rank = load_subspace(str(tmp_path / "zero2" / "subspace.safetensors"))[0].basis_for("model.layers.1.mlp.gate_proj")
+    assert exchanged == rank.shape[1] > 0 and whole > 100 * exchanged, (exchanged, whole)
 
 
 def test_mixture_of_experts_under_zero2_freezes_the_experts_and_keeps_reference_outputs(assets, tmp_path):
@@ -323,15 +398,7 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     recipe = os.path.join(ROOT, "recipes", "sft.py")
 
     overrides = {"nullspace_method": "gradient" if method == "gradient" else "activation"}
-    if method == "offload":
-        overrides |= {"nullspace_offload": True, "nullspace_offload_block_mib": 2**-10}
-    if method == "smaller":
-        overrides |= {
-            "nullspace_basis_storage": "smaller",
-            "nullspace_eigenvalue_threshold": None,
-            "nullspace_energy": 0.999,
-            "nullspace_reference_num_samples": 56,
-        }
+    overrides |= STORAGE_SETTINGS.get(method, {})
     if method == "gradient":
         overrides |= {"nullspace_eigenvalue_threshold": None, "nullspace_max_rank": 4}
     configs = {}

@@ -25,7 +25,6 @@ def check_backend(
     fsdp: bool,
     fsdp2: bool,
     trainer_name: str,
-    zero_stage: int | None = None,
 ) -> None:
     """Refuse the backends and options whose projection would silently not apply.
 
@@ -37,13 +36,13 @@ def check_backend(
     if not (deepspeed or fsdp):
         return
     row_exchange = args.nullspace_offload or args.nullspace_basis_storage != "basis"
-    if deepspeed and row_exchange and (zero_stage != 3 or args.nullspace_method != "activation"):
+    if deepspeed and row_exchange and args.nullspace_method != "activation":
         option = "nullspace_offload" if args.nullspace_offload else "nullspace_basis_storage='smaller'"
         raise NotImplementedError(
-            f"{trainer_name} supports {option} under DeepSpeed with ZeRO stage 3 and the activation method only "
-            f"(this run: stage {zero_stage}, nullspace_method={args.nullspace_method!r}): its projection exchanges "
-            "the weight rows that partitions split, which under ZeRO-1/2, or for the gradient method's single-row "
-            "matrices, is every row. Use ZeRO-3 or FSDP2 with it, or turn it off."
+            f"{trainer_name} supports {option} under DeepSpeed with the activation method only (this run: "
+            f"nullspace_method={args.nullspace_method!r}): its projection exchanges the weight rows that partitions "
+            "split, which for the gradient method's single-row matrices is every row. Use the activation method "
+            "with it, or turn it off."
         )
     backend = "DeepSpeed" if deepspeed else "FSDP"
     conv1d = [name for name, module in model.named_modules() if is_transposed_linear(module)]

@@ -48,11 +48,13 @@ from trl_nullspace.subspace import CapabilitySubspace
 from trl_nullspace.subspace_setup import SubspaceSetupMixin
 from trl_nullspace.zero import RowExchangeZeroProjector, ZeroMasterProjector
 from trl_nullspace.zero_gather import GatherPeak, gathered_alone
+from trl_nullspace.zero_in_step import InStepZeroProjector, supports_in_step_projection
 
 logger = logging.get_logger(__name__)
 
 CHECKPOINT_FILE = "nullspace_subspace.safetensors"
 SETTINGS_FILE = "nullspace_config.json"
+ShardedProjector = ZeroMasterProjector | InStepZeroProjector | RowExchangeZeroProjector | RowShardProjector
 
 
 class _ProjectUpdateCallback(TrainerCallback):
@@ -63,6 +65,7 @@ class _ProjectUpdateCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.trainer._check_optimizer(optimizer)
+        self.trainer._build_zero_projector()
         self.trainer._take_previous()
         if state.is_world_process_zero:
             print(self.trainer.nullspace_start_summary(), flush=True)
@@ -119,7 +122,6 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
             fsdp=self.is_fsdp_enabled,
             fsdp2=self.is_fsdp_enabled and self.accelerator.is_fsdp2,
             trainer_name=type(self).__name__,
-            zero_stage=self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None,
         )
         guards.check_optimizer_name(self.args)
         guards.check_quantized(self.model, self.args)
@@ -179,9 +181,9 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
             track_updates=target in ("update", "both"),
             around=lambda parameter: gathered_alone(parameter, peak, modifier_rank=0),
         )
-        self._sharded_master_projector: ZeroMasterProjector | RowExchangeZeroProjector | RowShardProjector | None = (
-            None
-        )
+        if isinstance(getattr(self, "_sharded_master_projector", None), InStepZeroProjector):
+            self._sharded_master_projector.remove()  # its hook would project with the old anchors
+        self._sharded_master_projector: ShardedProjector | None = None
         # DeepSpeed reduces gradients in its own hooks and steps inside backward: the gradient target
         # projects each micro-batch's gradient as autograd produces it, before those hooks read it.
         for handle in getattr(self, "_gradient_hooks", []):
@@ -191,18 +193,36 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
             self._gradient_hooks = projector.project_gradients_in_backward()
         return projector
 
-    def _sharded_projector(self) -> ZeroMasterProjector | RowExchangeZeroProjector | RowShardProjector:
-        """The projector of sharded master weights, built once DeepSpeed or FSDP2 has sharded them."""
+    def _sharded_projector(self) -> ShardedProjector:
+        """The projector of sharded master weights, built once DeepSpeed or FSDP2 has sharded them
+        (at the latest when training begins: under ZeRO-1/2 it projects inside DeepSpeed's step)."""
         if self._sharded_master_projector is None:
             constrained = self.nullspace_projector.constrained
+            device = self.accelerator.device
             row_exchange = self.args.nullspace_offload or self.args.nullspace_basis_storage == "smaller"
-            if self.is_deepspeed_enabled and row_exchange:
-                self._sharded_master_projector = RowExchangeZeroProjector(constrained, self.accelerator.device)
+            zero_optimizer = self._zero_optimizer()
+            if zero_optimizer is not None and supports_in_step_projection(zero_optimizer):
+                self._sharded_master_projector = InStepZeroProjector(constrained, device, zero_optimizer, row_exchange)
+            elif self.is_deepspeed_enabled and row_exchange:  # refuses ZeRO-1/2 weights: every row would travel
+                self._sharded_master_projector = RowExchangeZeroProjector(constrained, device)
             elif self.is_deepspeed_enabled:
-                self._sharded_master_projector = ZeroMasterProjector(constrained, self.accelerator.device)
+                self._sharded_master_projector = ZeroMasterProjector(constrained, device)
             else:
                 self._sharded_master_projector = RowShardProjector(self.model, constrained)
         return self._sharded_master_projector
+
+    def _build_zero_projector(self) -> None:
+        """Under DeepSpeed, build the `update` projection's projector as training begins, on every
+        process alike: under ZeRO-1/2 it must hook into DeepSpeed's step before the first one, and
+        finding the ranks' partitions is a collective."""
+        if self.is_deepspeed_enabled and self.args.nullspace_projection_target != "gradient":
+            self._sharded_projector()
+
+    def _zero_optimizer(self) -> Any | None:
+        """DeepSpeed's ZeRO-1/2 optimizer, where this run has one."""
+        if not self.is_deepspeed_enabled or self.accelerator.state.deepspeed_plugin.zero_stage not in (1, 2):
+            return None
+        return self.accelerator.deepspeed_engine_wrapped.engine.optimizer
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         """The optimizer must step what is projected (`guards.check_optimizer_steps_what_is_constrained`).
@@ -259,7 +279,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
             return
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             sharded = self._sharded_projector()
-            if isinstance(sharded, RowShardProjector | RowExchangeZeroProjector):
+            if isinstance(sharded, RowShardProjector | RowExchangeZeroProjector | InStepZeroProjector):
                 sharded.take_previous()
         else:
             self.nullspace_projector.take_previous()
@@ -340,8 +360,8 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
                 f" The set-up gathered at most {peak.peak} of {peak.total} weight values at once "
                 f"({peak.peak / peak.total:.0%}; ZeRO-3: the estimate layer by layer, the anchors weight by weight)."
             )
-        if self.is_deepspeed_enabled:  # the engine exists once training begins
-            summary += f" {self._sharded_projector().summary()}."
+        if self.is_deepspeed_enabled and self._sharded_master_projector is not None:  # built as training begins
+            summary += f" {self._sharded_master_projector.summary()}."
         return summary
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -9,21 +9,23 @@ Per optimizer step, for every constrained parameter seen as a matrix `M` (rows o
 orthonormal basis `U` n×k, anchor `A = M₀ U`):
  1. each rank computes its fragment's share of `M U` for the rows the fragment covers (a row
     the fragment covers only in part gets a partial sum, completed by the other ranks' shares);
- 2. one all-reduce (sum) of one fp32 buffer completes the rows that need it. Where the full module
-    weight is replicated (ZeRO-1/2, ZeRO-3 persistent parameters) every rank must correct the whole
-    copy, so all d_out×k coefficients travel. Where ZeRO-3 partitions the weight, only the rows
-    that partition boundaries cut in two travel (at most one per boundary), and every other row is
-    complete on the one rank that holds it. The weights and gradients themselves never travel;
- 3. every rank subtracts its rows of `(M U − A) Uᵀ` from its own master fragment, copies the
-    fragment into its low-precision partition and, where the full low-precision parameter is
-    materialised, subtracts the same from it, so replicas match the masters before the next forward.
-The extra memory is the bases (whole on every rank), the anchors (whole under ZeRO-1/2, the rows a
-rank holds under ZeRO-3, gathered whole again for checkpoints), the coefficients of the
-rows each rank covers and the buffer.
+ 2. one all-reduce (sum) of one fp32 buffer completes the rows that need it. Where a rank must
+    correct a whole module copy after the step (ZeRO-3's persistent parameters; ZeRO-1/2 when the
+    projection cannot run inside DeepSpeed's step, `zero_in_step`) all d_out×k coefficients travel.
+    Otherwise only the rows that partition boundaries cut in two travel (at most one per boundary),
+    and every other row is complete on the one rank that holds it. The weights and gradients
+    themselves never travel;
+ 3. every rank subtracts its rows of `(M U − A) Uᵀ` from its own master fragment, copies it into
+    its ZeRO-3 low-precision partition and, where it corrects a whole module copy, subtracts the
+    same from it, so replicas match the masters before the next forward. Inside ZeRO-1/2's step,
+    DeepSpeed's own copy and all-gather carry the projected masters to every module copy.
+The extra memory is the bases (whole on every rank), the anchors (the rows a rank holds, gathered
+whole again for checkpoints; whole where a module copy is corrected), the coefficients of the rows
+each rank covers and the buffer.
 
-`RowExchangeZeroProjector` is the ZeRO-3 variant for offloaded bases and complement bases: the
-split rows' values (or changes) travel instead of coefficients, and each rank then projects its
-fragment alone.
+`RowExchangeZeroProjector` is the variant for offloaded bases and complement bases (ZeRO-3, and
+ZeRO-1/2 inside DeepSpeed's step): the split rows' values (or changes) travel instead of
+coefficients, and each rank then projects its fragment alone.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ def subtract_fragment_projection(
         block -= residual[piece.row : piece.row + piece.rows] @ basis[piece.column_start : piece.column_end].T
 
 
-class _MasterFragment:
+class MasterFragment:
     """One constrained parameter's fp32 master fragment on this rank, and how to write it back.
 
     Its coefficients cover rows `[first_row, first_row + local_rows)` of `M U`; `pieces` index them from
@@ -106,7 +108,7 @@ class _MasterFragment:
     the module weight is replicated, else those cut by partition boundaries (the same on every rank).
     """
 
-    def __init__(self, item: ConstrainedParameter):
+    def __init__(self, item: ConstrainedParameter, stage12_boundaries: list[int] | None = None):
         self.item = item
         self.rows, self.row_length = item.matrix_shape
         size = self.rows * self.row_length
@@ -124,11 +126,13 @@ class _MasterFragment:
             boundaries = [rank * partition_numel for rank in range(1, group_size) if rank * partition_numel < size]
         elif hasattr(parameter, "_hp_mapping"):
             self.stage3 = False
-            mapping = parameter._hp_mapping
             _check_partition_group(parameter._dp_group, item.name)
-            start = mapping.lp_fragment_address.start if mapping is not None else 0
-            numel = mapping.lp_fragment_address.numel if mapping is not None else 0
-            self.replicated = True
+            start, numel = stage12_fragment(parameter)
+            # Projected inside DeepSpeed's step (`zero_in_step`), before it copies and all-gathers the
+            # masters into the module's copies, each rank needs its own rows only; projected after the
+            # step, every rank must correct its whole module copy.
+            self.replicated = stage12_boundaries is None
+            boundaries = stage12_boundaries or []
         else:
             raise RuntimeError(
                 f"{item.name} has no DeepSpeed ZeRO master weights (no ds_id or _hp_mapping): the DeepSpeed "
@@ -210,8 +214,7 @@ class _MasterFragment:
         if kept_whole is not None:
             matrix = parameter.data.view(self.rows, self.row_length)
             matrix.sub_((exchanged - kept_whole).to(device=matrix.device, dtype=matrix.dtype))
-        parameter._z3_optimizer.set_local_hp_param(master, parameter)
-        parameter.ds_tensor.data.copy_(master.view_as(parameter.ds_tensor))
+        self.write_back(master)
         return removed_sq
 
     def _row_products(self, values: torch.Tensor, exchanged: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
@@ -248,9 +251,17 @@ class _MasterFragment:
                 matrix = parameter.data.view(self.rows, self.row_length)
                 matrix.sub_((coefficients @ block.T).to(device=matrix.device, dtype=matrix.dtype))
             squares += coefficients.square().sum()
-        parameter._z3_optimizer.set_local_hp_param(master, parameter)
-        parameter.ds_tensor.data.copy_(master.view_as(parameter.ds_tensor))
+        self.write_back(master)
         return squares
+
+    def write_back(self, master: torch.Tensor) -> None:
+        """Store the projected master: ZeRO-3's may be a copy (offloaded) and has a low-precision
+        partition of its own to update; ZeRO-1/2's is a view of the flat partition, which DeepSpeed
+        copies into the module itself."""
+        if self.stage3:
+            parameter = self.item.parameter
+            parameter._z3_optimizer.set_local_hp_param(master, parameter)
+            parameter.ds_tensor.data.copy_(master.view_as(parameter.ds_tensor))
 
     def master(self) -> torch.Tensor:
         """The fp32 master values this rank owns (ZeRO-3: its padded partition, a copy if offloaded)."""
@@ -279,10 +290,8 @@ class _MasterFragment:
         """Remove `(M U − A) Uᵀ` from the master fragment and make the module's copies agree."""
         basis = self.item.basis
         subtract_fragment_projection(self.pieces, master, basis, residual)
+        self.write_back(master)
         parameter = self.item.parameter
-        if self.stage3:
-            parameter._z3_optimizer.set_local_hp_param(master, parameter)
-            parameter.ds_tensor.data.copy_(master.view_as(parameter.ds_tensor))
         if self.replicated:
             # Same arithmetic on every rank, so the replicated copies stay identical to each other.
             matrix = parameter.data.view(self.rows, self.row_length)
@@ -290,7 +299,7 @@ class _MasterFragment:
 
 
 def all_reduce_or_raise_together(
-    buffer: torch.Tensor, fragments: list[_MasterFragment], checks: list[torch.Tensor]
+    buffer: torch.Tensor, fragments: list[MasterFragment], checks: list[torch.Tensor]
 ) -> None:
     """Sum `buffer` over the ranks, its last value first set to whether any of this rank's `checks`
     (one per fragment) is NaN or inf, and raise on every rank if any rank's was: one rank raising
@@ -303,17 +312,26 @@ def all_reduce_or_raise_together(
         raise diverged_step_error(bad)
 
 
-def anchor_rows_kept(fragments: list[_MasterFragment]) -> str:
+def anchor_rows_kept(fragments: list[MasterFragment]) -> str:
     """How many of the anchors' rows this rank keeps, for the log."""
     anchors = [f.item.anchor_state for f in fragments if f.item.anchor_state is not None]
     kept = sum(anchor.blocks[0].shape[0] for anchor in anchors)
     return f"this rank keeps {kept} of {sum(anchor.total_rows for anchor in anchors)} anchor rows"
 
 
-def fragments_anchors(fragments: list[_MasterFragment], device: torch.device) -> dict[str, torch.Tensor]:
+def fragments_anchors(fragments: list[MasterFragment], device: torch.device) -> dict[str, torch.Tensor]:
     """The whole anchors of the fragments' weights, gathered from the rows each rank keeps."""
     anchors = {f.item.name: f.item.anchor_state for f in fragments if f.item.anchor_state is not None}
     return gather_anchors(anchors, device)
+
+
+def stage12_fragment(parameter: torch.nn.Parameter) -> tuple[int, int]:
+    """Where this rank's ZeRO-1/2 master fragment starts in the flattened parameter, and its length
+    (0, 0 for a parameter outside this rank's partition)."""
+    mapping = parameter._hp_mapping
+    if mapping is None:
+        return 0, 0
+    return mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
 
 
 def _check_partition_group(group: dist.ProcessGroup | None, name: str) -> int:
@@ -333,9 +351,15 @@ def _check_partition_group(group: dist.ProcessGroup | None, name: str) -> int:
 class ZeroMasterProjector:
     """Enforces `M U = A` on ZeRO master weights with one all-reduce of coefficients per step."""
 
-    def __init__(self, constrained: list[ConstrainedParameter], communication_device: torch.device):
+    def __init__(
+        self,
+        constrained: list[ConstrainedParameter],
+        communication_device: torch.device,
+        stage12_boundaries: dict[str, list[int]] | None = None,
+    ):
         self.communication_device = communication_device
-        self.fragments = [_MasterFragment(item) for item in constrained]
+        boundaries = stage12_boundaries or {}
+        self.fragments = [MasterFragment(item, boundaries.get(item.name)) for item in constrained]
         self.offsets, total = [], 0
         for fragment in self.fragments:
             self.offsets.append(total)
@@ -409,7 +433,7 @@ class ZeroMasterProjector:
 
 
 class RowExchangeZeroProjector:
-    """ZeRO-3 with `nullspace_offload` or complement bases (`nullspace_basis_storage: smaller`): each
+    """ZeRO with `nullspace_offload` or complement bases (`nullspace_basis_storage: smaller`): each
     weight is projected block by block (`SharedBasis`), so no rank ever holds a whole offloaded basis
     on the accelerator, and a complement needs whole rows of the change rather than coefficients.
 
@@ -421,15 +445,22 @@ class RowExchangeZeroProjector:
     cut row computes the same coefficients from the same values, so the pieces stay consistent.
     """
 
-    def __init__(self, constrained: list[ConstrainedParameter], communication_device: torch.device):
+    def __init__(
+        self,
+        constrained: list[ConstrainedParameter],
+        communication_device: torch.device,
+        stage12_boundaries: dict[str, list[int]] | None = None,
+    ):
         self.communication_device = communication_device
-        self.fragments = [_MasterFragment(item) for item in constrained]
-        stage12 = [fragment.item.name for fragment in self.fragments if not fragment.stage3]
-        if stage12:
+        boundaries = stage12_boundaries or {}
+        self.fragments = [MasterFragment(item, boundaries.get(item.name)) for item in constrained]
+        replicated = [fragment.item.name for fragment in self.fragments if fragment.replicated and not fragment.stage3]
+        if replicated:
             raise NotImplementedError(
-                f"nullspace_offload and nullspace_basis_storage='smaller' under DeepSpeed need ZeRO stage 3 "
-                f"({stage12[0]} is a ZeRO-1/2 weight, whose projection would exchange every row). Use ZeRO-3 or "
-                "FSDP2 with them, or ZeRO-1/2 without."
+                f"nullspace_offload and nullspace_basis_storage='smaller' under ZeRO-1/2 need the projection inside "
+                f"DeepSpeed's step ({replicated[0]} would exchange every row after it), which this DeepSpeed "
+                "optimizer does not allow (a torch autocast GradScaler or ZenFlow steps it). Use ZeRO-3 or FSDP2 "
+                "with them, turn those DeepSpeed options off, or turn them off."
             )
         self.offsets, total = [], 0
         for fragment in self.fragments:
