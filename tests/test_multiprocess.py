@@ -40,6 +40,19 @@ run_recipe(SFTTrainer, SFTConfig)
 """
 
 
+# The bases' storage options, on the toy model: offloaded in blocks of 4 columns; complements where
+# smaller, on enough reference tokens that some inputs keep over half their directions.
+STORAGE_SETTINGS = {
+    "offload": {"nullspace_offload": True, "nullspace_offload_block_mib": 2**-10},
+    "smaller": {
+        "nullspace_basis_storage": "smaller",
+        "nullspace_eigenvalue_threshold": None,
+        "nullspace_energy": 0.999,
+        "nullspace_reference_num_samples": 56,
+    },
+}
+
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     directory = tmp_path_factory.mktemp("toy")
@@ -119,7 +132,9 @@ def _train(recipe: str, config: str, accelerate_config: str | None = None, cwd: 
         launcher + [recipe, "--config", config], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600
     )
     output_dir = os.path.join(cwd, yaml.safe_load(open(config))["output_dir"])
-    saved = os.path.exists(os.path.join(output_dir, "model.safetensors"))
+    saved = any(
+        os.path.exists(os.path.join(output_dir, f)) for f in ("model.safetensors", "adapter_model.safetensors")
+    )
     ok = completed.returncode == 0 or _finished_before_teardown_abort(completed, saved)
     assert ok, completed.stdout[-3000:] + completed.stderr[-3000:]
     return completed.stdout + completed.stderr
@@ -183,16 +198,7 @@ def test_ddp_with_offloaded_or_complement_bases_keeps_the_constraint(assets, tmp
     plain_recipe.write_text(PLAIN_SFT_RECIPE)
     ddp = _cpu_accelerate_config(tmp_path, "multi_gpu.yaml", 29549)
     recipe = os.path.join(ROOT, "recipes", "sft.py")
-    storages = {
-        "offload": {"nullspace_offload": True, "nullspace_offload_block_mib": 2**-10},
-        "smaller": {
-            "nullspace_basis_storage": "smaller",
-            "nullspace_eigenvalue_threshold": None,
-            "nullspace_energy": 0.999,
-            "nullspace_reference_num_samples": 56,
-        },
-    }
-    for name, overrides in storages.items():
+    for name, overrides in STORAGE_SETTINGS.items():
         config = tmp_path / f"{name}.yaml"
         config.write_text(yaml.safe_dump(yaml.safe_load(open(_config(assets, tmp_path, name, 4, True))) | overrides))
         output = _train(recipe, str(config), ddp)
@@ -248,19 +254,6 @@ def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
         assert 0.2 * rows < kept < 0.8 * rows, (kept, rows)
 
 
-# The bases' storage options, on the toy model: offloaded in blocks of 4 columns; complements where
-# smaller, on enough reference tokens that some inputs keep over half their directions.
-STORAGE_SETTINGS = {
-    "offload": {"nullspace_offload": True, "nullspace_offload_block_mib": 2**-10},
-    "smaller": {
-        "nullspace_basis_storage": "smaller",
-        "nullspace_eigenvalue_threshold": None,
-        "nullspace_energy": 0.999,
-        "nullspace_reference_num_samples": 56,
-    },
-}
-
-
 @pytest.mark.parametrize("storage", ["basis", "offload", "smaller"])
 def test_deepspeed_zero2_projects_inside_its_step_and_completes_the_row_two_ranks_share(tmp_path, storage):
     """Three layers with 97-row gate/up weights: ZeRO-2's two flat partitions meet inside a row of a
@@ -296,6 +289,32 @@ def test_deepspeed_zero2_projects_inside_its_step_and_completes_the_row_two_rank
     exchanged, whole = map(int, re.search(r"all-reduces (\d+) of (\d+) coefficients", output).groups())
     rank = load_subspace(str(tmp_path / "zero2" / "subspace.safetensors"))[0].basis_for("model.layers.1.mlp.gate_proj")
     assert exchanged == rank.shape[1] > 0 and whole > 100 * exchanged, (exchanged, whole)
+
+
+def test_lora_under_zero2_keeps_reference_outputs_where_plain_lora_moves_them(assets, tmp_path):
+    """LoRA on every linear layer under ZeRO-2, 2 processes: each rank projects its fragment of the
+    LoRA A matrices inside DeepSpeed's step, so B·A stays zero on the reference inputs and the
+    adapted model keeps the base model's reference logits; plain TRL LoRA under the same launch moves them."""
+    plain_recipe = tmp_path / "plain_sft.py"
+    plain_recipe.write_text(PLAIN_SFT_RECIPE)
+    zero2 = _cpu_accelerate_config(tmp_path, "zero2.yaml", 29552)
+    lora = {
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    }
+    runs = {"nullspace": (os.path.join(ROOT, "recipes", "sft.py"), True), "plain": (str(plain_recipe), False)}
+    outputs = {}
+    for name, (recipe, null_space) in runs.items():
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(yaml.safe_load(open(_config(assets, tmp_path, name, 4, null_space))) | lora))
+        outputs[name] = _train(recipe, str(config), zero2)
+    assert "inside DeepSpeed's step" in outputs["nullspace"], outputs["nullspace"][-3000:]
+    adapters = load_file(str(tmp_path / "nullspace" / "adapter_model.safetensors"))
+    assert max(tensor.abs().max().item() for name, tensor in adapters.items() if "lora_B" in name) > 1e-3
+    assert _reference_logit_drift(assets, tmp_path / "nullspace") < 1e-4
+    assert _reference_logit_drift(assets, tmp_path / "plain") > 1e-2
 
 
 def test_mixture_of_experts_under_zero2_freezes_the_experts_and_keeps_reference_outputs(assets, tmp_path):

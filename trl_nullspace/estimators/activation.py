@@ -183,9 +183,27 @@ class InputCovarianceCollector:
                 handle.remove()
             end.remove()
             self._mask = None
+        if across_processes:
+            self._agree_on_the_targets_seen(device)
         self._check_every_target_was_called(model)
         if across_processes:
             self.sum_over_processes()
+
+    def _agree_on_the_targets_seen(self, device: torch.device) -> None:
+        """Make every process hold the targets any process saw: a module that the tokens' routing
+        never reaches on one process' share (an expert kept as its own Linear) still has statistics
+        there, empty, so that all processes check the same targets, raise together if one was never
+        called anywhere, and all-reduce the same statistics (a process missing one would leave the
+        others waiting in the collective)."""
+        everyone: list[dict[str, str] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, self.group_of)
+        for group_of in everyone:
+            for name, leader in group_of.items():
+                self._assign(name, leader)
+        for leader in set(self.group_of.values()) - set(self.covariances):
+            size = linear_input_size(self.linears[leader])
+            self.covariances[leader] = torch.zeros(size, size, dtype=torch.float64, device=device)
+            self.token_counts[leader] = 0
 
     def _check_every_target_was_called(self, model: nn.Module) -> None:
         expected = set(self.linears) | {
@@ -343,9 +361,13 @@ def statistic_bytes(name: str, module: nn.Module) -> int:
         hidden = hidden_size(module)
         size = hidden if name.endswith(GATE_UP) else math.prod(shape[1:]) // hidden // 2
         return shape[0] * size * size * FP64_BYTES
+    return linear_input_size(module) ** 2 * FP64_BYTES
+
+
+def linear_input_size(module: nn.Module) -> int:
+    """A Linear's (or transformers' transposed Conv1D's) input size, also under ZeRO-3 partitioning."""
     shape = full_shape(module.weight)
-    size = shape[0] if is_transposed_linear(module) else shape[1]
-    return size * size * FP64_BYTES
+    return shape[0] if is_transposed_linear(module) else shape[1]
 
 
 def plan_passes(
