@@ -189,16 +189,39 @@ def per_rank_bytes(
     return row
 
 
-def projection_flops_share(shape: Shape, fractions: dict[str, dict[str, float]], tokens: int, smaller: bool) -> float:
-    """The default `both` target's projection FLOPs on one device (gradient, then update: 4·d_out·d·k'
-    each, k' the stored columns) over the training step's 6·parameters·tokens: the floor of the
-    projection's own share of a step, whatever the kernels."""
+def one_projection_flops(shape: Shape, fractions: dict[str, dict[str, float]], smaller: bool = False) -> float:
+    """One projection of every constrained weight (or gradient): 4·d_out·d·k' FLOPs each, k' the stored columns."""
     flops = 0.0
     for kind, size, outputs in shape.inputs():
         rank = fractions[kind]["mean"] * size
         stored = min(rank, size - rank) if smaller else rank
-        flops += 2 * 4 * sum(outputs) * size * stored
-    return flops / (6 * shape.parameters() * tokens)
+        flops += 4 * sum(outputs) * size * stored
+    return flops
+
+
+def projection_flops_share(shape: Shape, fractions: dict[str, dict[str, float]], tokens: int, smaller: bool) -> float:
+    """The default `both` target's projection FLOPs on one device (gradient, then update) over the
+    training step's 6·parameters·tokens: the floor of the projection's own share of a step, whatever
+    the kernels."""
+    return 2 * one_projection_flops(shape, fractions, smaller) / (6 * shape.parameters() * tokens)
+
+
+ZERO_TOKENS_PER_RANK = 8192
+ZERO_FLOP_COLUMNS = [("update", 1), ("both", 1), ("both", 8), ("FSDP2 both", 8)]
+
+
+def zero_flops_share(
+    shape: Shape, fractions: dict[str, dict[str, float]], world: int, target: str, micro_batches: int
+) -> float:
+    """Under ZeRO, per rank and optimizer step of `ZERO_TOKENS_PER_RANK` tokens on each rank: the
+    `update` projection is divided over the ranks (each its own rows), while the gradient hook of the
+    `both` target projects the whole gradient on every rank at every micro-batch (before ZeRO reduces
+    it). FSDP2 projects each rank's rows of the reduced gradient once per step. As a share of the
+    rank's training FLOPs, 6·parameters·its tokens."""
+    one = one_projection_flops(shape, fractions)
+    gradient = {"update": 0.0, "both": one * micro_batches, "FSDP2 both": one / world}[target]
+    flops = one / world + gradient
+    return flops / (6 * shape.parameters() * ZERO_TOKENS_PER_RANK)
 
 
 def estimation_passes(shape: Shape, budget_bytes: int) -> dict[str, float]:
@@ -232,6 +255,7 @@ def report(
     estimation: dict,
     budget_gib: float,
     flop_shares: dict,
+    zero_shares: dict,
 ) -> str:
     lines = [
         "# What the constraint keeps per rank (`make bench-memory`)",
@@ -281,6 +305,20 @@ def report(
         *[
             f"| {name} | " + " | ".join(f"{flops[key]:.1%}" for key in FLOP_COLUMNS) + " |"
             for name, flops in flop_shares.items()
+        ],
+        "",
+        f"Under ZeRO on {world} ranks, per rank and optimizer step of {ZERO_TOKENS_PER_RANK} tokens on each rank, "
+        "as a share of its training FLOPs: the `update` projection is divided over the ranks, but the `both` "
+        "target's gradient hook projects the whole gradient on every rank at every micro-batch (the one-device "
+        "table above projects the gradient once per step), so gradient accumulation multiplies it. FSDP2 "
+        "projects each rank's rows of the reduced gradient once per step:",
+        "",
+        "| shape | ZeRO, `update` target | ZeRO, `both`, 1 micro-batch | ZeRO, `both`, 8 micro-batches | FSDP2, "
+        "`both`, any micro-batches |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {name} | " + " | ".join(f"{zero[key]:.1%}" for key in ZERO_FLOP_COLUMNS) + " |"
+            for name, zero in zero_shares.items()
         ],
         "",
         f"Estimation (activation method) with the default `nullspace_statistics_budget_gib: {budget_gib:g}`: the "
@@ -336,8 +374,23 @@ def main(argv: list[str] | None = None) -> None:
         }
         for shape in SHAPES
     }
+    zero_shares = {
+        shape.name: {
+            (target, micro): zero_flops_share(shape, fractions, options.world, target, micro)
+            for target, micro in ZERO_FLOP_COLUMNS
+        }
+        for shape in SHAPES
+    }
     text = report(
-        fractions, table, options.world, options.cache, options.block_mib, estimation, budget_gib, flop_shares
+        fractions,
+        table,
+        options.world,
+        options.cache,
+        options.block_mib,
+        estimation,
+        budget_gib,
+        flop_shares,
+        zero_shares,
     )
     os.makedirs(options.output_dir, exist_ok=True)
     with open(os.path.join(options.output_dir, "memory.json"), "w") as handle:
@@ -356,6 +409,10 @@ def main(argv: list[str] | None = None) -> None:
                         for (smaller, tokens), share in shares.items()
                     }
                     for name, shares in flop_shares.items()
+                },
+                "zero_flops_share": {
+                    name: {f"{target}, {micro} micro-batches": share for (target, micro), share in shares.items()}
+                    for name, shares in zero_shares.items()
                 },
             },
             handle,

@@ -191,6 +191,17 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
         self._gradient_hooks = []
         if self.is_deepspeed_enabled and target in ("gradient", "both"):
             self._gradient_hooks = projector.project_gradients_in_backward()
+            micro_batches = self.args.gradient_accumulation_steps
+            if micro_batches > 1:
+                logger.warning(
+                    "trl-nullspace: under DeepSpeed the gradient projection (nullspace_projection_target=%r) runs on "
+                    "every rank's whole gradient at each of the %d micro-batches of a step, before ZeRO divides "
+                    "anything: that many times one device's gradient projection per step, per rank (counted for 7B "
+                    "in docs/results/memory.md). The 'update' target projects once per step, each rank its own "
+                    "rows; FSDP2 projects the gradient once per step too.",
+                    target,
+                    micro_batches,
+                )
         return projector
 
     def _sharded_projector(self) -> ShardedProjector:
