@@ -160,8 +160,9 @@ def per_rank_bytes(
     }
     constraint = {
         "DDP": bases + anchors + largest_residual,
-        # Projected inside DeepSpeed's step, each rank its own fragment's rows (`zero_in_step`).
-        "ZeRO-1/2": bases + 2 * anchors / world + largest_hook,
+        # Projected inside DeepSpeed's step, each rank its own fragment's rows (`zero_in_step`), the
+        # gradient too (no hook in backward).
+        "ZeRO-1/2": bases + 2 * anchors / world,
         "ZeRO-3": bases + 2 * anchors / world + largest_hook,
         "FSDP2": bases + anchors / world + largest_local_residual,
         # ZeRO-1/2 cut the flat weights into `world` slices: at most world − 1 cut rows in all.
@@ -207,19 +208,20 @@ def projection_flops_share(shape: Shape, fractions: dict[str, dict[str, float]],
 
 
 ZERO_TOKENS_PER_RANK = 8192
-ZERO_FLOP_COLUMNS = [("update", 1), ("both", 1), ("both", 8), ("FSDP2 both", 8)]
+ZERO_FLOP_COLUMNS = [("update", 1), ("in-step both", 8), ("hooked both", 1), ("hooked both", 8)]
 
 
 def zero_flops_share(
     shape: Shape, fractions: dict[str, dict[str, float]], world: int, target: str, micro_batches: int
 ) -> float:
-    """Under ZeRO, per rank and optimizer step of `ZERO_TOKENS_PER_RANK` tokens on each rank: the
-    `update` projection is divided over the ranks (each its own rows), while the gradient hook of the
-    `both` target projects the whole gradient on every rank at every micro-batch (before ZeRO reduces
-    it). FSDP2 projects each rank's rows of the reduced gradient once per step. As a share of the
-    rank's training FLOPs, 6·parameters·its tokens."""
+    """Per rank and optimizer step of `ZERO_TOKENS_PER_RANK` tokens on each rank, sharded over `world`
+    ranks: the `update` projection is divided over the ranks (each its own rows). The `both` target's
+    gradient projection is too where it runs once per step on each rank's share (ZeRO-1/2 inside
+    DeepSpeed's step, FSDP2), but ZeRO-3's hook projects the whole gradient on every rank at every
+    micro-batch (before ZeRO reduces it). As a share of the rank's training FLOPs, 6·parameters·its
+    tokens."""
     one = one_projection_flops(shape, fractions)
-    gradient = {"update": 0.0, "both": one * micro_batches, "FSDP2 both": one / world}[target]
+    gradient = {"update": 0.0, "in-step both": one / world, "hooked both": one * micro_batches}[target]
     flops = one / world + gradient
     return flops / (6 * shape.parameters() * ZERO_TOKENS_PER_RANK)
 
@@ -307,14 +309,14 @@ def report(
             for name, flops in flop_shares.items()
         ],
         "",
-        f"Under ZeRO on {world} ranks, per rank and optimizer step of {ZERO_TOKENS_PER_RANK} tokens on each rank, "
-        "as a share of its training FLOPs: the `update` projection is divided over the ranks, but the `both` "
-        "target's gradient hook projects the whole gradient on every rank at every micro-batch (the one-device "
-        "table above projects the gradient once per step), so gradient accumulation multiplies it. FSDP2 "
-        "projects each rank's rows of the reduced gradient once per step:",
+        f"Sharded over {world} ranks, per rank and optimizer step of {ZERO_TOKENS_PER_RANK} tokens on each rank, as "
+        "a share of its training FLOPs: the `update` projection is divided over the ranks, and so is the `both` "
+        "target's gradient projection under ZeRO-1/2 (inside DeepSpeed's step, bf16 or fp32) and FSDP2, once "
+        "per step. Under ZeRO-3 (and ZeRO-1/2 in fp16, or with offloaded or complement bases) a hook projects the "
+        "whole gradient on every rank at every micro-batch, so gradient accumulation multiplies it:",
         "",
-        "| shape | ZeRO, `update` target | ZeRO, `both`, 1 micro-batch | ZeRO, `both`, 8 micro-batches | FSDP2, "
-        "`both`, any micro-batches |",
+        "| shape | `update` target | `both`, ZeRO-1/2 or FSDP2, any micro-batches | `both`, ZeRO-3, 1 micro-batch "
+        "| `both`, ZeRO-3, 8 micro-batches |",
         "|---|---|---|---|---|",
         *[
             f"| {name} | " + " | ".join(f"{zero[key]:.1%}" for key in ZERO_FLOP_COLUMNS) + " |"
@@ -335,9 +337,9 @@ def report(
         ],
         "",
         "Formula, per rank (bytes, fp32), with bases `B = 4·Σ_inputs d·k` and anchors `A = 4·Σ_weights d_out·k`: "
-        "DDP `B + A + 4·max d_out·k`; ZeRO-1/2 and ZeRO-3 `B + 2A/world + H` (each rank's rows of the anchors "
-        "and of the coefficients, projected inside DeepSpeed's step under ZeRO-1/2) with `H = 10·max d_out·d` "
-        "(the gradient hook's copies); FSDP2 "
+        "DDP `B + A + 4·max d_out·k`; ZeRO-1/2 `B + 2A/world` (each rank's rows of the anchors and of the "
+        "coefficients, gradient and masters projected inside DeepSpeed's step); ZeRO-3 `B + 2A/world + H` with "
+        "`H = 10·max d_out·d` (the gradient hook's copies); FSDP2 "
         "`B + A/world + 4·max (d_out/world)·k`; with offload "
         "`S = 4·max (d + 2·d_out/world)·k_b` on the accelerator under FSDP2 (`k_b` = the columns of one block) "
         "and `S + H + 4·Σ_weights (world − 1)·d` (the split rows) under ZeRO-3, `S + H + 4·(world − 1)·max d` "

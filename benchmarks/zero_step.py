@@ -1,12 +1,14 @@
-"""`make bench-zero`: the ZeRO-2 `update` projection per optimizer step, inside DeepSpeed's step or after it.
+"""`make bench-zero`: the ZeRO-2 projections per optimizer step, inside DeepSpeed's step or around it.
 
-After the step every rank must also correct its whole low-precision module copy (`2·d_out·d·k`
-more FLOPs per weight on every rank, and all `d_out × k` coefficients all-reduced); inside the step
-(`trl_nullspace.zero_in_step`, the default) each rank projects only its own master fragment and
-DeepSpeed's all-gather carries the result. This trains SmolLM2-135M-Instruct with the real-model
-recipe's subspace cache (default settings, real ranks) under ZeRO-2 on 2 CPU processes, both ways,
-same data and steps, and times on each process the projection's own work per optimizer step
-(device-synchronised; the all-reduce included). The two runs must end at the same weights.
+Around the step, the gradient is projected by a hook in backward (every rank its whole gradient, at
+every micro-batch) and the masters after the step (every rank also correcting its whole
+low-precision module copy, with all `d_out × k` coefficients all-reduced). Inside the step
+(`trl_nullspace.zero_in_step`, the default) each rank projects only its own fragment of the reduced
+gradient and of the masters, once per step, and DeepSpeed's all-gather carries the result. This
+trains SmolLM2-135M-Instruct with the real-model recipe's subspace cache (default settings, real
+ranks) under ZeRO-2 on 2 CPU processes, both ways, same data and steps, and times on each process
+each projection's own work per optimizer step (the all-reduces included). The two runs must end
+at nearly the same weights.
 
     python -m benchmarks.zero_step [--steps 6] [--output-dir docs/results]
 """
@@ -29,41 +31,49 @@ from tqdm.auto import tqdm
 
 CONFIG = os.path.join("recipes", "configs", "smollm2-135m_sft.yaml")
 DATA = os.path.join("data", "smollm2")
-MODES = ("after the step", "inside the step")
+MODES = ("around the step", "inside the step")
+MICRO_BATCHES = 2
 WORKER_MODE = "TRL_NULLSPACE_BENCH_ZERO_MODE"
 WORKER_OUTPUT = "TRL_NULLSPACE_BENCH_ZERO_OUTPUT"
 
 
+def _timed(pending: dict[str, float], kind: str, function):
+    """`function`, adding its time to `pending[kind]` (CPU processes: no device to wait for)."""
+
+    def run(*args, **kwargs):
+        started = time.perf_counter()
+        result = function(*args, **kwargs)
+        pending[kind] += time.perf_counter() - started
+        return result
+
+    return run
+
+
 def _worker() -> None:
-    """One process of the 2-process run: the SFT recipe with the projection timed per optimizer step."""
+    """One process of the 2-process run: the SFT recipe with both projections timed per optimizer step."""
     from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, mixin
+    from trl_nullspace.projector import ConstrainedParameter
     from trl_nullspace.recipe_utils import run_recipe
     from trl_nullspace.zero import ZeroMasterProjector
 
-    if os.environ[WORKER_MODE] == "after the step":
+    if os.environ[WORKER_MODE] == "around the step":
         mixin.supports_in_step_projection = lambda zero_optimizer: False
-    pending, per_step = [0.0], []
-    project = ZeroMasterProjector.enforce_anchors
-
-    def timed_projection(self):
-        started = time.perf_counter()
-        removed = project(self)
-        float(removed)  # wait for the work (a no-op on the CPU, a synchronisation on an accelerator)
-        pending[0] += time.perf_counter() - started
-        return removed
-
+    pending, per_step = {"gradient": 0.0, "update": 0.0}, []
+    # The gradient: in DeepSpeed's step, or by the hook in backward at every micro-batch.
+    ZeroMasterProjector.project_gradients = _timed(pending, "gradient", ZeroMasterProjector.project_gradients)
+    ConstrainedParameter.projected = _timed(pending, "gradient", ConstrainedParameter.projected)
+    ZeroMasterProjector.enforce_anchors = _timed(pending, "update", ZeroMasterProjector.enforce_anchors)
     after_step = mixin.NullSpaceTrainerMixin._nullspace_after_optimizer_step
 
     def step_ends(self):
         after_step(self)
-        per_step.append(1e3 * pending[0])
-        pending[0] = 0.0
+        per_step.append({kind: 1e3 * seconds for kind, seconds in pending.items()})
+        pending.update(gradient=0.0, update=0.0)
 
-    ZeroMasterProjector.enforce_anchors = timed_projection
     mixin.NullSpaceTrainerMixin._nullspace_after_optimizer_step = step_ends
     started = time.perf_counter()
     run_recipe(NullSpaceSFTTrainer, NullSpaceSFTConfig, sys.argv[1:])
-    report = {"projection_ms": per_step, "train_s": time.perf_counter() - started}
+    report = {"per_step_ms": per_step, "train_s": time.perf_counter() - started}
     rank = int(os.environ["RANK"])
     with open(os.path.join(os.environ[WORKER_OUTPUT], f"rank{rank}.json"), "w") as handle:
         json.dump(report, handle)
@@ -85,7 +95,8 @@ def _run(mode: str, directory: str, steps: int, port: int) -> dict:
     settings |= {
         "output_dir": output_dir,
         "max_steps": steps,
-        "per_device_train_batch_size": 4,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": MICRO_BATCHES,
         "logging_steps": steps,
         "disable_tqdm": True,
     }
@@ -105,8 +116,13 @@ def _run(mode: str, directory: str, steps: int, port: int) -> dict:
     ranks = [json.load(open(os.path.join(directory, f"rank{rank}.json"))) for rank in range(2)]
     return {
         "mode": mode,
-        # The first step also builds DeepSpeed's optimizer state: left out.
-        "projection_ms_per_rank": [round(statistics.median(rank["projection_ms"][1:]), 1) for rank in ranks],
+        # Medians over the steps after the first, which also builds DeepSpeed's optimizer state.
+        **{
+            f"{kind}_ms_per_rank": [
+                round(statistics.median(s[kind] for s in rank["per_step_ms"][1:]), 1) for rank in ranks
+            ]
+            for kind in ("gradient", "update")
+        },
         "train_s": round(max(rank["train_s"] for rank in ranks), 1),
         "coefficients_all_reduced": exchanged,
         "coefficients_total": whole,
@@ -117,33 +133,41 @@ def _run(mode: str, directory: str, steps: int, port: int) -> dict:
 def format_report(result: dict) -> str:
     rows = result["rows"]
     lines = [
-        "# ZeRO-2: the update projection inside DeepSpeed's step or after it (`make bench-zero`)",
+        "# ZeRO-2: the projections inside DeepSpeed's step or around it (`make bench-zero`)",
         "",
-        f"SmolLM2-135M-Instruct, the real-model recipe's subspace cache (default settings), ZeRO-2 on 2 CPU "
-        f"processes over gloo ({result['machine']}), {result['steps']} optimizer steps of 8 examples, fp32. "
-        "The projection's own work per optimizer step on each process (median over the steps after the first; "
-        "its all-reduce included), the coefficients it all-reduces per step, and the whole run's time:",
+        f"SmolLM2-135M-Instruct, the real-model recipe's subspace cache (default settings, `both` target), ZeRO-2 "
+        f"on 2 CPU processes over gloo ({result['machine']}), {result['steps']} optimizer steps of 8 examples in "
+        f"{result['micro_batches']} micro-batches, fp32. Around the step: the gradient projected by a hook in "
+        "backward (each process its whole gradient, every micro-batch) and the masters after the step (each "
+        "process also correcting its whole module copy). Inside it: both once per step, each process its own "
+        "fragment. Each projection's own work per optimizer step on each process (median over the steps after "
+        "the first; its all-reduces included), the update's coefficients all-reduced per step, and the whole "
+        "run's time:",
         "",
-        "| projected | rank 0 ms/step | rank 1 ms/step | coefficients all-reduced per step | run s |",
+        "| projected | gradient ms/step (rank 0, 1) | update ms/step (rank 0, 1) | update coefficients all-reduced "
+        "per step | run s |",
         "|---|---|---|---|---|",
     ]
     for row in rows:
-        ranks = row["projection_ms_per_rank"]
+        gradient, update = row["gradient_ms_per_rank"], row["update_ms_per_rank"]
         lines.append(
-            f"| {row['mode']} | {ranks[0]} | {ranks[1]} | {row['coefficients_all_reduced']:,} of "
-            f"{row['coefficients_total']:,} | {row['train_s']} |"
+            f"| {row['mode']} | {gradient[0]}, {gradient[1]} | {update[0]}, {update[1]} | "
+            f"{row['coefficients_all_reduced']:,} of {row['coefficients_total']:,} | {row['train_s']} |"
         )
-    after, inside = (statistics.mean(row["projection_ms_per_rank"]) for row in rows)
-    apart = result["weights_apart"]
+    around, inside = rows
+    ratio = {
+        kind: statistics.mean(around[f"{kind}_ms_per_rank"]) / statistics.mean(inside[f"{kind}_ms_per_rank"])
+        for kind in ("gradient", "update")
+    }
     lines += [
         "",
-        f"Inside the step the projection took {after / inside:.1f}× less time per step, and all-reduced "
-        f"{rows[1]['coefficients_all_reduced'] * 4 / 2**20:.1f} MiB instead of "
-        f"{rows[0]['coefficients_all_reduced'] * 4 / 2**20:.1f}. The two runs end "
-        + ("bit for bit equal" if apart == 0 else f"{apart:.1e} apart (largest weight difference)")
-        + ". Inside the step each process projects its own half of the weights; after it, each also corrects its "
-        "whole module copy: counted, 4·P·k/world against 4·P·k/world + 2·P·k FLOPs (P·k = Σ d_out·d·k), 2× less "
-        "on these 2 processes and 5× less on 8.",
+        f"Inside the step the gradient projection took {ratio['gradient']:.1f}× less time per step and the update "
+        f"projection {ratio['update']:.1f}× less, and the update all-reduced "
+        f"{inside['coefficients_all_reduced'] * 4 / 2**20:.1f} MiB instead of "
+        f"{around['coefficients_all_reduced'] * 4 / 2**20:.1f}. Counted (P·k = Σ d_out·d·k): the gradient "
+        f"4·P·k·micro-batches against 4·P·k/world, the update 4·P·k/world + 2·P·k against 4·P·k/world. The two "
+        f"runs end {result['weights_apart']:.1e} apart (largest weight difference): the gradient is projected "
+        "once, summed, instead of per micro-batch, and clipped by the same rule.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -170,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "machine": machine_name("cpu"),
         "steps": args.steps,
+        "micro_batches": MICRO_BATCHES,
         "rows": rows,
         "weights_apart": max((first[name] - second[name]).abs().max().item() for name in first),
     }

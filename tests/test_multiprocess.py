@@ -217,36 +217,42 @@ def test_ddp_with_offloaded_or_complement_bases_keeps_the_constraint(assets, tmp
 
 
 @pytest.mark.parametrize(
-    "shipped, port, offload_optimizer",
+    "shipped, port, offload_optimizer, micro_batches",
     [
-        ("zero1.yaml", 29541, False),
-        ("zero2.yaml", 29542, False),
-        ("zero2.yaml", 29551, True),
-        ("zero3.yaml", 29543, False),
+        ("zero1.yaml", 29541, False, 1),
+        ("zero2.yaml", 29542, False, 1),
+        ("zero2.yaml", 29551, True, 1),
+        ("zero2.yaml", 29553, False, 2),
+        ("zero3.yaml", 29543, False, 1),
     ],
 )
 def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
-    assets, tmp_path, single_process_run, shipped, port, offload_optimizer
+    assets, tmp_path, single_process_run, shipped, port, offload_optimizer, micro_batches
 ):
-    """ZeRO-1/2 project each rank's fp32 master fragment inside DeepSpeed's step, before DeepSpeed
-    all-gathers the masters into every rank's full module copy: only the coefficients of rows that
-    the two partitions cut travel (none here: the cut falls between weights; the next test cuts a
-    row), and each rank keeps about half the anchor rows. With the optimizer offloaded, the masters
-    and their projection are in host memory. The shipped ZeRO-3 config also partitions the module's
-    weights at load (zero3_init_flag), so estimation and anchors gather them."""
+    """ZeRO-1/2 project each rank's fp32 fragment inside DeepSpeed's step: the gradient once per step
+    (whatever the micro-batches; DeepSpeed's clipping redone by the projected gradient's norm, as the
+    single process clips) and the masters after the optimizer, before DeepSpeed all-gathers them
+    into every rank's full module copy. Only the coefficients of rows that the two partitions cut
+    travel (none here: the cut falls between weights; the next test cuts a row), and each rank keeps
+    about half the anchor rows. With the optimizer offloaded, the masters and their projection are
+    in host memory. The shipped ZeRO-3 config also partitions the module's weights at load
+    (zero3_init_flag), so estimation and anchors gather them."""
     accelerate_config = _cpu_accelerate_config(tmp_path, shipped, port)
     if offload_optimizer:
         launch = yaml.safe_load(open(accelerate_config))
         launch["deepspeed_config"]["offload_optimizer_device"] = "cpu"
         with open(accelerate_config, "w") as file:
             yaml.safe_dump(launch, file)
-    recipe = os.path.join(ROOT, "recipes", "sft.py")
-    output = _train(recipe, _config(assets, tmp_path, "zero", 4, True), accelerate_config)
+    settings = yaml.safe_load(open(_config(assets, tmp_path, "zero", 4 // micro_batches, True)))
+    (tmp_path / "zero.yaml").write_text(yaml.safe_dump(settings | {"gradient_accumulation_steps": micro_batches}))
+    output = _train(os.path.join(ROOT, "recipes", "sft.py"), str(tmp_path / "zero.yaml"), accelerate_config)
     trained = load_file(str(tmp_path / "zero" / "model.safetensors"))
     assert _max_difference(trained, single_process_run) < 1e-4
     assert _reference_logit_drift(assets, tmp_path / "zero") < 1e-4
     if shipped != "zero3.yaml":
-        found = re.search(r"inside DeepSpeed's step: .*all-reduces (\d+) of (\d+) coefficients", output)
+        found = re.search(
+            r"inside DeepSpeed's step \(the gradient once per step.*all-reduces (\d+) of (\d+) coeff", output
+        )
         assert found, output[-3000:]
         exchanged, whole = map(int, found.groups())
         assert exchanged < whole / 10, (exchanged, whole)
@@ -254,13 +260,14 @@ def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
         assert 0.2 * rows < kept < 0.8 * rows, (kept, rows)
 
 
-@pytest.mark.parametrize("storage", ["basis", "offload", "smaller"])
+@pytest.mark.parametrize("storage", ["basis", "offload", "smaller", "gradient target"])
 def test_deepspeed_zero2_projects_inside_its_step_and_completes_the_row_two_ranks_share(tmp_path, storage):
     """Three layers with 97-row gate/up weights: ZeRO-2's two flat partitions meet inside a row of a
     gate weight. Each rank projects its own master fragment inside DeepSpeed's step; that row's
     coefficients (offloaded or complement bases: its values) are the only ones that travel, summed
     from both ranks' pieces, and the run matches the single-process one and keeps the reference
-    outputs (complements: every change stays orthogonal to its basis)."""
+    outputs (complements: every change stays orthogonal to its basis). With the `gradient` target
+    only the gradient is projected there, and the run matches the single process' too."""
     assets = tmp_path / "assets"
     write_toy_assets(str(assets))
     tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
@@ -268,13 +275,17 @@ def test_deepspeed_zero2_projects_inside_its_step_and_completes_the_row_two_rank
     recipe = os.path.join(ROOT, "recipes", "sft.py")
     for name, batch_size in (("single", 8), ("zero2", 4)):
         settings = yaml.safe_load(open(_config(assets, tmp_path, name, batch_size, True)))
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(settings | STORAGE_SETTINGS.get(storage, {})))
+        overrides = {**STORAGE_SETTINGS, "gradient target": {"nullspace_projection_target": "gradient"}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(settings | overrides.get(storage, {})))
     _train(recipe, str(tmp_path / "single.yaml"))
     output = _train(recipe, str(tmp_path / "zero2.yaml"), _cpu_accelerate_config(tmp_path, "zero2.yaml", 29550))
 
     single = load_file(str(tmp_path / "single" / "model.safetensors"))
     assert _max_difference(load_file(str(tmp_path / "zero2" / "model.safetensors")), single) < 1e-4
     assert "inside DeepSpeed's step" in output, output[-3000:]
+    if storage == "gradient target":
+        assert "step (the gradient once per step before the optimizer):" in output, output[-3000:]
+        return
     if storage == "smaller":
         complements, weights = map(int, re.search(r"(\d+) of (\d+) as complements", output).groups())
         assert 0 < complements < weights, (complements, weights)

@@ -191,17 +191,6 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
         self._gradient_hooks = []
         if self.is_deepspeed_enabled and target in ("gradient", "both"):
             self._gradient_hooks = projector.project_gradients_in_backward()
-            micro_batches = self.args.gradient_accumulation_steps
-            if micro_batches > 1:
-                logger.warning(
-                    "trl-nullspace: under DeepSpeed the gradient projection (nullspace_projection_target=%r) runs on "
-                    "every rank's whole gradient at each of the %d micro-batches of a step, before ZeRO divides "
-                    "anything: that many times one device's gradient projection per step, per rank (counted for 7B "
-                    "in docs/results/memory.md). The 'update' target projects once per step, each rank its own "
-                    "rows; FSDP2 projects the gradient once per step too.",
-                    target,
-                    micro_batches,
-                )
         return projector
 
     def _sharded_projector(self) -> ShardedProjector:
@@ -213,7 +202,15 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
             row_exchange = self.args.nullspace_offload or self.args.nullspace_basis_storage == "smaller"
             zero_optimizer = self._zero_optimizer()
             if zero_optimizer is not None and supports_in_step_projection(zero_optimizer):
-                self._sharded_master_projector = InStepZeroProjector(constrained, device, zero_optimizer, row_exchange)
+                target = self.args.nullspace_projection_target
+                self._sharded_master_projector = InStepZeroProjector(
+                    constrained,
+                    device,
+                    zero_optimizer,
+                    row_exchange,
+                    update=target != "gradient",
+                    gradient=target != "update",
+                )
             elif self.is_deepspeed_enabled and row_exchange:  # refuses ZeRO-1/2 weights: every row would travel
                 self._sharded_master_projector = RowExchangeZeroProjector(constrained, device)
             elif self.is_deepspeed_enabled:
@@ -223,11 +220,29 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
         return self._sharded_master_projector
 
     def _build_zero_projector(self) -> None:
-        """Under DeepSpeed, build the `update` projection's projector as training begins, on every
+        """Under DeepSpeed, build the projector of the master weights as training begins, on every
         process alike: under ZeRO-1/2 it must hook into DeepSpeed's step before the first one, and
-        finding the ranks' partitions is a collective."""
-        if self.is_deepspeed_enabled and self.args.nullspace_projection_target != "gradient":
-            self._sharded_projector()
+        finding the ranks' partitions is a collective. Where it projects the gradient inside the step
+        too (once per step, each rank its fragment), the hooks in backward are removed."""
+        if not self.is_deepspeed_enabled:
+            return
+        target = self.args.nullspace_projection_target
+        sharded = self._sharded_projector() if target != "gradient" or self._zero_optimizer() is not None else None
+        if isinstance(sharded, InStepZeroProjector) and sharded.projects_gradients:
+            for handle in self._gradient_hooks:
+                handle.remove()
+            self._gradient_hooks = []
+        micro_batches = self.args.gradient_accumulation_steps
+        if self._gradient_hooks and micro_batches > 1:
+            logger.warning(
+                "trl-nullspace: the gradient projection (nullspace_projection_target=%r) runs on every rank's whole "
+                "gradient at each of the %d micro-batches of a step, before ZeRO divides anything: that many times "
+                "one device's gradient projection per step, per rank (counted for 7B in docs/results/memory.md). "
+                "Under ZeRO-1/2 in bf16 or fp32 it runs once per step inside DeepSpeed's step instead; the 'update' "
+                "target projects once per step, each rank its own rows; FSDP2 projects the gradient once per step.",
+                target,
+                micro_batches,
+            )
 
     def _zero_optimizer(self) -> Any | None:
         """DeepSpeed's ZeRO-1/2 optimizer, where this run has one."""
@@ -493,6 +508,8 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
 
     def _nullspace_after_optimizer_step(self) -> None:
         if self.args.nullspace_projection_target == "gradient":
+            if isinstance(self._sharded_master_projector, InStepZeroProjector):
+                self._sharded_master_projector.enforce_anchors()  # checks the gradient was projected in the step
             return
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             removed = self._sharded_projector().enforce_anchors()

@@ -263,6 +263,14 @@ class MasterFragment:
             parameter._z3_optimizer.set_local_hp_param(master, parameter)
             parameter.ds_tensor.data.copy_(master.view_as(parameter.ds_tensor))
 
+    def gradient(self, flat_gradient: torch.Tensor) -> torch.Tensor:
+        """This rank's fp32 gradient of its fragment: ZeRO-1/2's flat gradient partition of the
+        group, where the master fragment sits in its flat master partition (empty outside it)."""
+        mapping = self.item.parameter._hp_mapping
+        if mapping is None:
+            return torch.empty(0, dtype=torch.float32, device=flat_gradient.device)
+        return flat_gradient.narrow(0, mapping.hp_fragment_address.start, mapping.hp_fragment_address.numel)
+
     def master(self) -> torch.Tensor:
         """The fp32 master values this rank owns (ZeRO-3: its padded partition, a copy if offloaded)."""
         parameter = self.item.parameter
@@ -379,8 +387,9 @@ class ZeroMasterProjector:
             f"({partitioned} of {len(self.fragments)} weights partitioned); {anchor_rows_kept(self.fragments)}"
         )
 
-    def _completed_coefficients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every fragment's master and its rows of `M U`, completed by one all-reduce.
+    def _completed_coefficients(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every fragment's rows of `M U` (`values`: each fragment's master, or its gradient),
+        completed by one all-reduce.
 
         Coefficients are computed where each master fragment lives; the buffer is reduced on the
         communication device (the accelerator; both are the CPU in CPU runs). Its last value counts
@@ -388,11 +397,10 @@ class ZeroMasterProjector:
         alone would leave the others waiting in the next collective.
         """
         buffer = torch.zeros(self.exchanged_numel + 1, dtype=torch.float32, device=self.communication_device)
-        masters, coefficients, exchanged_blocks, norms = [], [], [], []
-        for fragment, offset in zip(self.fragments, self.offsets, strict=True):
+        coefficients, exchanged_blocks, norms = [], [], []
+        for fragment, offset, master in zip(self.fragments, self.offsets, values, strict=True):
             k = fragment.item.rank
             exchanged = buffer[offset : offset + len(fragment.exchanged_rows) * k].view(-1, k)
-            master = fragment.master()
             local = fragment.local_coefficients(master)
             norms.append(torch.linalg.vector_norm(local).to(self.communication_device))
             if fragment.replicated:  # every row travels: the reduced buffer block is the result
@@ -404,7 +412,6 @@ class ZeroMasterProjector:
                     fragment.exchanged_slots.to(exchanged.device),
                     local.index_select(0, fragment.exchanged_local).to(exchanged.device),
                 )
-            masters.append(master)
             coefficients.append(local)
             exchanged_blocks.append(exchanged)
         all_reduce_or_raise_together(buffer, self.fragments, norms)
@@ -412,7 +419,7 @@ class ZeroMasterProjector:
             if not fragment.replicated:
                 completed = exchanged.index_select(0, fragment.exchanged_slots.to(exchanged.device))
                 local.index_copy_(0, fragment.exchanged_local, completed.to(local.device))
-        return masters, coefficients
+        return coefficients
 
     @torch.no_grad()
     def enforce_anchors(self) -> torch.Tensor:
@@ -422,7 +429,8 @@ class ZeroMasterProjector:
         synchronisation per step is the divergence check after the all-reduce. Rows of ZeRO-3
         partitioned weights count on the ranks that hold them, so the main process logs its share.
         """
-        masters, coefficients = self._completed_coefficients()
+        masters = [fragment.master() for fragment in self.fragments]
+        coefficients = self._completed_coefficients(masters)
         squares = []
         for fragment, master, local in zip(self.fragments, masters, coefficients, strict=True):
             residual = fragment.residual(local.to(fragment.item.basis.device))
@@ -430,6 +438,21 @@ class ZeroMasterProjector:
             # Fragments live where their masters do (the CPU under optimizer offload): sum on one device.
             squares.append(residual.square().sum().to(self.communication_device))
         return torch.stack(squares).sum().sqrt()
+
+    @torch.no_grad()
+    def project_gradients(self, flat_gradient: torch.Tensor) -> torch.Tensor:
+        """`G ← G − (G U) Uᵀ` on this rank's fragments of a ZeRO-1/2 group's flat fp32 gradient
+        partition (inside DeepSpeed's step, `zero_in_step`); returns the squared norm removed, summed
+        over the ranks (a second collective), which the clipping must account for."""
+        gradients = [fragment.gradient(flat_gradient) for fragment in self.fragments]
+        coefficients = self._completed_coefficients(gradients)
+        removed = torch.zeros((), dtype=torch.float32, device=self.communication_device)
+        for fragment, gradient, local in zip(self.fragments, gradients, coefficients, strict=True):
+            before = gradient.square().sum()
+            fragment.subtract(gradient, local.to(fragment.item.basis.device))
+            removed += (before - gradient.square().sum()).to(self.communication_device)
+        dist.all_reduce(removed)
+        return removed
 
 
 class RowExchangeZeroProjector:

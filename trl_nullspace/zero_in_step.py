@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2: the `update` projection runs inside DeepSpeed's optimizer step.
+"""DeepSpeed ZeRO-1/2: the projections run inside DeepSpeed's optimizer step.
 
 ZeRO-1/2 keep a full low-precision copy of every weight on every rank, and DeepSpeed refreshes it at
 the end of its step: each rank copies its fp32 master partition into its low-precision partition,
@@ -9,11 +9,17 @@ stepped a group's fp32 partition, before that copy, DeepSpeed's own all-gather c
 values to every rank: each rank projects its own rows only (1/world of the work and of the
 anchors), and only the rows that partition boundaries cut travel, as under ZeRO-3.
 
-The hook is a public PyTorch one (`Optimizer.register_step_post_hook`) on the optimizer DeepSpeed
-steps; DeepSpeed steps it once per parameter group. After each optimizer step the trainer checks
-that every group holding constrained weights was projected (or that DeepSpeed skipped the step on
-overflow), so a DeepSpeed version that steps another way fails loudly instead of training without
-the constraint.
+The gradient projection likewise runs once per optimizer step, on each rank's fragment of the
+reduced fp32 gradient, right before the inner optimizer steps it, instead of on every rank's whole
+gradient at every micro-batch (a hook in backward, as under ZeRO-3). DeepSpeed has clipped that
+gradient by its norm before the projection; the other backends clip the projected gradient, so the
+clipping is redone from the energy the projection removed (`_clip_correction`).
+
+The hooks are public PyTorch ones (`Optimizer.register_step_pre_hook`/`register_step_post_hook`) on
+the optimizer DeepSpeed steps; DeepSpeed steps it once per parameter group. After each optimizer
+step the trainer checks that the projections ran (or that DeepSpeed skipped the step on overflow),
+so a DeepSpeed version that steps another way fails loudly instead of training without the
+constraint.
 """
 
 from __future__ import annotations
@@ -76,9 +82,13 @@ class InStepZeroProjector:
         communication_device: torch.device,
         zero_optimizer: Any,
         row_exchange: bool = False,
+        update: bool = True,
+        gradient: bool = False,
     ):
         """`row_exchange`: offloaded or complement bases (`RowExchangeZeroProjector`), else
-        `ZeroMasterProjector`; either projects only this rank's rows, given the partitions' boundaries."""
+        `ZeroMasterProjector`; either projects only this rank's rows, given the partitions' boundaries.
+        `update`: project the masters after the inner step; `gradient`: project the gradient before
+        it, where `projects_gradients` says that is possible (else the trainer's hooks in backward do)."""
         self.communication_device = communication_device
         self.zero_optimizer = zero_optimizer
         groups = zero_optimizer.bit16_groups
@@ -102,7 +112,30 @@ class InStepZeroProjector:
         }
         self._projected: set[int] = set()
         self._squares: list[torch.Tensor] = []
-        self._hook = zero_optimizer.optimizer.register_step_post_hook(self._after_inner_step)
+        inner = zero_optimizer.optimizer
+        self.update = update
+        self._hooks = [inner.register_step_post_hook(self._after_inner_step)] if update else []
+        first_group = id(partitions[0])
+        self.projects_gradients = (
+            gradient and not row_exchange and set(self.groups) == {first_group} and _clips_as_expected(zero_optimizer)
+        )
+        self._gradient_scale: torch.Tensor | None = None
+        self._gradient_projected = False
+        if self.projects_gradients:
+            self._hooks.append(inner.register_step_pre_hook(self._before_inner_step))
+
+    def _before_inner_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Project the constrained group's gradient (the first group DeepSpeed steps) and redo the
+        clipping DeepSpeed did by the unprojected gradient's norm, for every group of this step."""
+        for group in optimizer.param_groups:
+            partition = group["params"][0]
+            projector = self.groups.get(id(partition))
+            if projector is not None:
+                removed = projector.project_gradients(partition.grad)
+                self._gradient_scale = _clip_correction(self.zero_optimizer, removed)
+                self._gradient_projected = True
+            if self._gradient_scale is not None:
+                partition.grad.mul_(self._gradient_scale.to(partition.grad.device))
 
     def _after_inner_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         for group in optimizer.param_groups:
@@ -117,14 +150,17 @@ class InStepZeroProjector:
         """Called after DeepSpeed's step: the projection already ran inside it. Checks that it ran
         for every group (unless DeepSpeed skipped the step on overflow) and returns ‖M U − A‖ over
         this rank's rows."""
-        projected, squares = self._projected, self._squares
-        self._projected, self._squares = set(), []
-        if projected != set(self.groups) and not getattr(self.zero_optimizer, "overflow", False):
+        projected, squares, gradient_projected = self._projected, self._squares, self._gradient_projected
+        self._projected, self._squares, self._gradient_projected = set(), [], False
+        self._gradient_scale = None
+        skipped = getattr(self.zero_optimizer, "overflow", False)
+        missed_update = self.update and projected != set(self.groups)
+        if (missed_update or (self.projects_gradients and not gradient_projected)) and not skipped:
             raise RuntimeError(
                 "DeepSpeed stepped without the trl-nullspace projection running inside its step (projected "
-                f"{len(projected)} of {len(self.groups)} parameter groups): this DeepSpeed version steps its "
-                "optimizer another way, and the constraint would not hold. Please report it with your DeepSpeed "
-                "version; ZeRO-3 or FSDP2 work meanwhile."
+                f"{len(projected)} of {len(self.groups)} parameter groups, gradient projected: {gradient_projected}): "
+                "this DeepSpeed version steps its optimizer another way, and the constraint would not hold. Please "
+                "report it with your DeepSpeed version; ZeRO-3 or FSDP2 work meanwhile."
             )
         if not squares:
             return torch.zeros((), dtype=torch.float32, device=self.communication_device)
@@ -145,10 +181,37 @@ class InStepZeroProjector:
 
     def summary(self) -> str:
         """Where the projection runs and what travels per step (per DeepSpeed parameter group), for the log."""
-        return "ZeRO-1/2 projection inside DeepSpeed's step: " + " | ".join(
+        where = "the gradient once per step before the optimizer, " if self.projects_gradients else ""
+        where += "the masters after it" if self.update else ""
+        return f"ZeRO-1/2 projection inside DeepSpeed's step ({where.removesuffix(', ')}): " + " | ".join(
             projector.summary() for projector in self.groups.values()
         )
 
     def remove(self) -> None:
         """Stop projecting inside DeepSpeed's step (the trainer bound a new subspace)."""
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
+
+
+def _clips_as_expected(zero_optimizer: Any) -> bool:
+    """Whether `_clip_correction` can redo this optimizer's clipping: no loss scaling (bf16 or fp32;
+    fp16's dynamic scale changes between the norm and the clip) and the global norm at hand."""
+    if float(getattr(zero_optimizer, "loss_scale", 0.0)) != 1.0 or not hasattr(zero_optimizer, "clip_grad"):
+        return False
+    return bool(getattr(zero_optimizer, "compute_grad_norm", False)) or float(zero_optimizer.clip_grad) <= 0
+
+
+def _clip_correction(zero_optimizer: Any, removed_squared: torch.Tensor) -> torch.Tensor | None:
+    """The factor that turns DeepSpeed's clipping by the unprojected gradient's norm into clipping by
+    the projected one's (as the Trainer clips the projected gradient on the other backends).
+
+    DeepSpeed divided every gradient by `max(1, (‖g‖ + 1e-6) / clip)`; the projection removed
+    `removed_squared` of the clipped gradient's squared norm, so the projected gradient's norm is
+    `√(‖g‖² − old² · removed)`. None when DeepSpeed does not clip."""
+    clip = float(zero_optimizer.clip_grad)
+    if clip <= 0:
+        return None
+    norm = torch.as_tensor(zero_optimizer._global_grad_norm, dtype=torch.float32, device=removed_squared.device)
+    old = torch.clamp((norm + 1e-6) / clip, min=1.0)
+    projected = torch.sqrt(torch.clamp(norm.square() - old.square() * removed_squared, min=0.0))
+    return old / torch.clamp((projected + 1e-6) / clip, min=1.0)
