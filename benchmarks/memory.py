@@ -20,11 +20,10 @@ does not change storage), counted from the shapes, not measured on an accelerato
 - with `nullspace_offload`: bases and anchors in host memory instead, and on the accelerator one
   staged block at a time: the basis block (d × k_b, at most the block size), its anchor rows and
   residual (2 · local rows × k_b); under ZeRO also the buffer of rows that partition boundaries
-  cut (ZeRO-3: at most world − 1 rows per weight; ZeRO-1/2: at most world − 1 in all) and the
-  gradient hook's copies. Over PCIe per optimizer
-  step: the bases twice under the default `both` target (gradient, then update; under DeepSpeed
-  once more per extra micro-batch, whose gradients are projected as backward produces them) and
-  the local anchor rows once.
+  cut (ZeRO-3: at most world − 1 rows per weight; ZeRO-1/2: at most world − 1 in all) and, under
+  ZeRO-3, the gradient hook's copies. Over PCIe per optimizer step: the bases twice under the
+  default `both` target (gradient, then update; under ZeRO-3 once more per extra micro-batch, whose
+  gradients are projected as backward produces them) and the local anchor rows once.
 Training memory per rank: bf16 weights 2 + fp32 master 4 + Adam's moments 8 bytes per parameter,
 replicated under DDP, the 12 optimizer bytes partitioned under ZeRO-1/2, all 14 under ZeRO-3/FSDP2
 (the scale issue's target: the constraint at most 10% of it under ZeRO-3 on 8 ranks).
@@ -165,8 +164,9 @@ def per_rank_bytes(
         "ZeRO-1/2": bases + 2 * anchors / world,
         "ZeRO-3": bases + 2 * anchors / world + largest_hook,
         "FSDP2": bases + anchors / world + largest_local_residual,
-        # ZeRO-1/2 cut the flat weights into `world` slices: at most world − 1 cut rows in all.
-        "ZeRO-1/2 + offload": (world - 1) * longest_row + largest_staged + largest_hook,
+        # ZeRO-1/2 cut the flat weights into `world` slices: at most world − 1 cut rows in all; the
+        # gradient is projected in the step too (no hook's copies).
+        "ZeRO-1/2 + offload": (world - 1) * longest_row + largest_staged,
         "ZeRO-3 + offload": cut_rows + largest_staged + largest_hook,
         "FSDP2 + offload": largest_staged,
         "FSDP2, smaller": smaller_bases + smaller_state + smaller_transient,
@@ -283,7 +283,7 @@ def report(
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "With `nullspace_offload`, what moves to the host instead, per rank (ZeRO and FSDP2 alike; DeepSpeed "
+        "With `nullspace_offload`, what moves to the host instead, per rank (ZeRO and FSDP2 alike; ZeRO-3 "
         "copies the bases once more per extra micro-batch of gradient accumulation), and the same with "
         "`nullspace_basis_storage: smaller` (FSDP2). Host memory is also given per node of "
         f"{world} processes, which by default (`nullspace_offload_share_node`) read one copy of the bases "
@@ -312,8 +312,8 @@ def report(
         f"Sharded over {world} ranks, per rank and optimizer step of {ZERO_TOKENS_PER_RANK} tokens on each rank, as "
         "a share of its training FLOPs: the `update` projection is divided over the ranks, and so is the `both` "
         "target's gradient projection under ZeRO-1/2 (inside DeepSpeed's step, bf16 or fp32) and FSDP2, once "
-        "per step. Under ZeRO-3 (and ZeRO-1/2 in fp16, or with offloaded or complement bases) a hook projects the "
-        "whole gradient on every rank at every micro-batch, so gradient accumulation multiplies it:",
+        "per step. Under ZeRO-3 (and ZeRO-1/2 in fp16) a hook projects the whole gradient on every rank at every "
+        "micro-batch, so gradient accumulation multiplies it:",
         "",
         "| shape | `update` target | `both`, ZeRO-1/2 or FSDP2, any micro-batches | `both`, ZeRO-3, 1 micro-batch "
         "| `both`, ZeRO-3, 8 micro-batches |",
@@ -342,7 +342,7 @@ def report(
         "`H = 10·max d_out·d` (the gradient hook's copies); FSDP2 "
         "`B + A/world + 4·max (d_out/world)·k`; with offload "
         "`S = 4·max (d + 2·d_out/world)·k_b` on the accelerator under FSDP2 (`k_b` = the columns of one block) "
-        "and `S + H + 4·Σ_weights (world − 1)·d` (the split rows) under ZeRO-3, `S + H + 4·(world − 1)·max d` "
+        "and `S + H + 4·Σ_weights (world − 1)·d` (the split rows) under ZeRO-3, `S + 4·(world − 1)·max d` "
         "under ZeRO-1/2 (whose `world` flat slices cut at most world − 1 rows), `B + A/world` in host memory and "
         "`2B + A/world` copied per step under the default `both` target. Training memory: 14 bytes per "
         "parameter under DDP, `2 + 12/world` under ZeRO-1/2, `14/world` under ZeRO-3 and FSDP2. The scale "

@@ -31,7 +31,7 @@ coefficients, and each rank then projects its fragment alone.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +89,35 @@ def add_fragment_coefficients(
     for piece in pieces:
         block = fragment[piece.offset : piece.offset + piece.numel].view(piece.rows, -1)
         coefficients[piece.row : piece.row + piece.rows] += block @ basis[piece.column_start : piece.column_end]
+
+
+def add_fragment_products(
+    pieces: list[_Piece], target: torch.Tensor, coefficients: torch.Tensor, block: torch.Tensor
+) -> None:
+    """`target += (its elements of) coefficients @ blockᵀ`, in place: a fragment's part of a
+    complement's `(·) N_b N_bᵀ`."""
+    for piece in pieces:
+        view = target[piece.offset : piece.offset + piece.numel].view(piece.rows, -1)
+        view.addmm_(coefficients[piece.row : piece.row + piece.rows], block[piece.column_start : piece.column_end].T)
+
+
+def projected_in_place(
+    fragments: list[MasterFragment],
+    gradients: list[torch.Tensor],
+    completed: list[torch.Tensor],
+    project: Callable[[MasterFragment, torch.Tensor, torch.Tensor], None],
+    device: torch.device,
+) -> torch.Tensor:
+    """Apply `project(fragment, gradient, its completed rows or coefficients)` to every fragment's
+    gradient in place; returns the squared norm it removed, summed over the ranks (a collective),
+    which the clipping must account for."""
+    removed = torch.zeros((), dtype=torch.float32, device=device)
+    for fragment, gradient, exchanged in zip(fragments, gradients, completed, strict=True):
+        before = gradient.square().sum()
+        project(fragment, gradient, exchanged.to(gradient.device))
+        removed += (before - gradient.square().sum()).to(device)
+    dist.all_reduce(removed)
+    return removed
 
 
 def subtract_fragment_projection(
@@ -201,10 +230,7 @@ class MasterFragment:
         kept_whole = torch.zeros_like(exchanged) if self.replicated else None
         for block in item.shared.blocks(master.device, torch.float32):
             coefficients = self._row_products(change, exchanged, block)
-            for piece in self.pieces:
-                view = kept[piece.offset : piece.offset + piece.numel].view(piece.rows, -1)
-                rows = coefficients[piece.row : piece.row + piece.rows]
-                view.addmm_(rows, block[piece.column_start : piece.column_end].T)
+            add_fragment_products(self.pieces, kept, coefficients, block)
             if kept_whole is not None:
                 kept_whole.addmm_(coefficients, block.T)
         removed_sq = (change - kept).square().sum()
@@ -253,6 +279,21 @@ class MasterFragment:
             squares += coefficients.square().sum()
         self.write_back(master)
         return squares
+
+    def project_gradient_in_blocks(self, gradient: torch.Tensor, exchanged: torch.Tensor) -> None:
+        """`G ← G − (G U) Uᵀ` on this fragment's gradient one column block of `U` at a time (the
+        blocks are orthonormal, so each leaves the others' products unchanged), or `G ← G N Nᵀ` with
+        a complement `N`; cut rows' products come from their completed copies in `exchanged`."""
+        shared = self.item.shared
+        kept = torch.zeros_like(gradient) if shared.complement else None
+        for block in shared.blocks(gradient.device, torch.float32):
+            coefficients = self._row_products(gradient, exchanged, block)
+            if kept is None:
+                subtract_fragment_projection(self.pieces, gradient, block, coefficients)
+            else:
+                add_fragment_products(self.pieces, kept, coefficients, block)
+        if kept is not None:
+            gradient.copy_(kept)
 
     def write_back(self, master: torch.Tensor) -> None:
         """Store the projected master: ZeRO-3's may be a copy (offloaded) and has a low-precision
@@ -446,13 +487,9 @@ class ZeroMasterProjector:
         over the ranks (a second collective), which the clipping must account for."""
         gradients = [fragment.gradient(flat_gradient) for fragment in self.fragments]
         coefficients = self._completed_coefficients(gradients)
-        removed = torch.zeros((), dtype=torch.float32, device=self.communication_device)
-        for fragment, gradient, local in zip(self.fragments, gradients, coefficients, strict=True):
-            before = gradient.square().sum()
-            fragment.subtract(gradient, local.to(fragment.item.basis.device))
-            removed += (before - gradient.square().sum()).to(self.communication_device)
-        dist.all_reduce(removed)
-        return removed
+        return projected_in_place(
+            self.fragments, gradients, coefficients, MasterFragment.subtract, self.communication_device
+        )
 
 
 class RowExchangeZeroProjector:
@@ -511,14 +548,14 @@ class RowExchangeZeroProjector:
             f"complements; {anchor_rows_kept(self.fragments)}"
         )
 
-    def _completed_rows(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Every fragment's master and its exchanged rows made whole by one all-reduce (last value:
-        the ranks whose masters hold NaN or inf, so that all ranks raise together)."""
+    def _completed_rows(self, exchanged_values: list[torch.Tensor], checked: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every fragment's exchanged rows of `exchanged_values` made whole by one all-reduce (last
+        value: the ranks where one of `checked` holds NaN or inf, so that all ranks raise together)."""
         buffer = torch.zeros(self.exchanged_numel + 1, dtype=torch.float32, device=self.communication_device)
-        masters, changes, rows, sums = [], [], [], []
-        for fragment, offset in zip(self.fragments, self.offsets, strict=True):
-            master = fragment.master()
-            values = fragment.exchange_values(master)
+        rows, sums = [], []
+        for fragment, offset, values, check in zip(
+            self.fragments, self.offsets, exchanged_values, checked, strict=True
+        ):
             block = buffer[offset : offset + len(fragment.exchanged_rows) * fragment.row_length]
             block = block.view(-1, fragment.row_length)
             for piece in fragment.pieces:
@@ -528,19 +565,30 @@ class RowExchangeZeroProjector:
                     block[slot : slot + piece.rows, piece.column_start : piece.column_end] = piece_values.to(
                         block.device
                     )
-            sums.append(master.sum().to(self.communication_device))
-            masters.append(master)
-            changes.append(values)
+            sums.append(check.sum().to(self.communication_device))
             rows.append(block)
         all_reduce_or_raise_together(buffer, self.fragments, sums)
-        return masters, changes, rows
+        return rows
+
+    @torch.no_grad()
+    def project_gradients(self, flat_gradient: torch.Tensor) -> torch.Tensor:
+        """`G ← G − (G U) Uᵀ` (a complement: `G ← G N Nᵀ`) on this rank's fragments of a ZeRO-1/2
+        group's flat fp32 gradient partition, block by block, the cut rows exchanged whole first;
+        returns the squared norm removed, summed over the ranks."""
+        gradients = [fragment.gradient(flat_gradient) for fragment in self.fragments]
+        rows = self._completed_rows(gradients, gradients)
+        return projected_in_place(
+            self.fragments, gradients, rows, MasterFragment.project_gradient_in_blocks, self.communication_device
+        )
 
     @torch.no_grad()
     def enforce_anchors(self) -> torch.Tensor:
         """`M ← M − (M U − A) Uᵀ` on the master weights (with a complement, `M ← P + (M − P) N Nᵀ`),
         block by block; returns the norm removed over this rank's rows (a device tensor, read only
         when the trainer logs)."""
-        masters, changes, completed = self._completed_rows()
+        masters = [fragment.master() for fragment in self.fragments]
+        changes = [fragment.exchange_values(master) for fragment, master in zip(self.fragments, masters, strict=True)]
+        completed = self._completed_rows(changes, masters)
         squares = [torch.zeros((), dtype=torch.float32, device=self.communication_device)]
         for fragment, master, change, rows in zip(self.fragments, masters, changes, completed, strict=True):
             rows = rows.to(master.device)

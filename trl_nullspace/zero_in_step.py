@@ -116,9 +116,7 @@ class InStepZeroProjector:
         self.update = update
         self._hooks = [inner.register_step_post_hook(self._after_inner_step)] if update else []
         first_group = id(partitions[0])
-        self.projects_gradients = (
-            gradient and not row_exchange and set(self.groups) == {first_group} and _clips_as_expected(zero_optimizer)
-        )
+        self.projects_gradients = gradient and set(self.groups) == {first_group} and _clips_as_expected(zero_optimizer)
         self._gradient_scale: torch.Tensor | None = None
         self._gradient_projected = False
         if self.projects_gradients:
