@@ -519,8 +519,9 @@ class RowExchangeZeroProjector:
             raise NotImplementedError(
                 f"nullspace_offload and nullspace_basis_storage='smaller' under ZeRO-1/2 need the projection inside "
                 f"DeepSpeed's step ({replicated[0]} would exchange every row after it), which this DeepSpeed "
-                "optimizer does not allow (a torch autocast GradScaler or ZenFlow steps it). Use ZeRO-3 or FSDP2 "
-                "with them, turn those DeepSpeed options off, or turn them off."
+                "optimizer does not allow (a torch autocast GradScaler or ZenFlow steps it, or it is the BF16 "
+                "optimizer of ZeRO-1 with fp32 gradient accumulation). Use ZeRO-3 or FSDP2 with them, turn those "
+                "DeepSpeed options off, or turn them off."
             )
         self.offsets, total = [], 0
         for fragment in self.fragments:

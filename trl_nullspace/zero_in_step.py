@@ -63,7 +63,8 @@ def stage12_partition_boundaries(
 def supports_in_step_projection(zero_optimizer: Any) -> bool:
     """Whether this ZeRO-1/2 optimizer steps its groups through the inner optimizer's `step`
     on every rank alike. A torch autocast GradScaler can skip the step on one rank and not another
-    (each checks its own gradients), and ZenFlow steps on its own: both keep the after-step path."""
+    (each checks its own gradients), ZenFlow steps on its own, and DeepSpeed's BF16_Optimizer (ZeRO-1
+    with fp32 gradient accumulation) keeps other partitions: all keep the after-step path."""
     return (
         hasattr(zero_optimizer, "single_partition_of_fp32_groups")
         and hasattr(zero_optimizer, "bit16_groups")
