@@ -294,6 +294,12 @@ def test_deepspeed_zero2_projects_inside_its_step_and_completes_the_row_two_rank
         return
     # This deeper model's logits move by about 1e-4 on one process too (round-off through 3 layers).
     assert _reference_logit_drift(assets, tmp_path / "zero2") < 5e-4
+    if storage == "basis":  # plain TRL under the same ZeRO-2 launch moves them
+        plain_recipe = tmp_path / "plain_sft.py"
+        plain_recipe.write_text(PLAIN_SFT_RECIPE)
+        zero2 = _cpu_accelerate_config(tmp_path, "zero2.yaml", 29550)
+        _train(str(plain_recipe), _config(assets, tmp_path, "plain", 4, False), zero2)
+        assert _reference_logit_drift(assets, tmp_path / "plain") > 1e-2
     if storage == "offload":
         exchanged, whole = map(int, re.search(r"all-reduces (\d+) of (\d+) weight values", output).groups())
         assert exchanged == 64 and whole > 100 * exchanged, (exchanged, whole)  # the one cut row of 64 values
@@ -485,6 +491,10 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     # One split row in each of the 4 gate/up weights (97 rows, 2 partitions), k ≤ 64 coefficients each.
     assert 0 < exchanged <= 4 * 64 and whole > 20 * exchanged, (exchanged, whole)
     assert _reference_logit_drift(assets, tmp_path / "zero3") < 1e-4
+    plain_recipe = tmp_path / "plain_sft.py"  # plain TRL under the same ZeRO-3 launch moves them
+    plain_recipe.write_text(PLAIN_SFT_RECIPE)
+    _train(str(plain_recipe), _config(assets, tmp_path, "plain", 4, False), str(accelerate_path))
+    assert _reference_logit_drift(assets, tmp_path / "plain") > 1e-2
 
 
 @pytest.mark.parametrize("shipped_accelerate", [None, "zero3.yaml"])

@@ -1,11 +1,16 @@
-"""The arithmetic of `trl_nullspace.zero` on fragments, without DeepSpeed: any split of a flattened
+"""The arithmetic of `trl_nullspace.zero_fragments`, without DeepSpeed: any split of a flattened
 matrix into contiguous fragments (as ZeRO partitions it) must give back exactly `M U` when the
 fragments' shares are summed, and `M − R Uᵀ` when each fragment subtracts its part."""
 
 import pytest
 import torch
 
-from trl_nullspace.zero import add_fragment_coefficients, fragment_pieces, rows_cut_by, subtract_fragment_projection
+from trl_nullspace.zero_fragments import (
+    add_fragment_coefficients,
+    fragment_pieces,
+    rows_cut_by,
+    subtract_fragment_projection,
+)
 
 
 @pytest.mark.parametrize(

@@ -30,13 +30,8 @@ import torch
 import torch.distributed as dist
 
 from trl_nullspace.projector import ConstrainedParameter
-from trl_nullspace.zero import (
-    MasterFragment,
-    RowExchangeZeroProjector,
-    ZeroMasterProjector,
-    fragments_anchors,
-    stage12_fragment,
-)
+from trl_nullspace.zero import RowExchangeZeroProjector, ZeroMasterProjector, fragments_anchors
+from trl_nullspace.zero_fragments import MasterFragment, stage12_fragment
 
 
 def stage12_partition_boundaries(
