@@ -15,7 +15,6 @@ same in every run; the table says how far apart they are.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -23,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks.real import BASE_ANSWERS_CACHE, machine_name
+from benchmarks.real import BASE_ANSWERS_CACHE, machine_name, write_results
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.estimators.activation import LayerOrder, collect_in_passes, statistic_bytes, top_eigenvectors
 from trl_nullspace.evaluation.training_data import build_real_data
@@ -132,13 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         "reference_tokens": sum(int(batch.attention_mask.sum()) for batch in batches),
         "rows": rows,
     }
-    os.makedirs(args.output_dir, exist_ok=True)
-    report = format_report(result)
-    with open(os.path.join(args.output_dir, "estimation_cpu.json"), "w") as handle:
-        json.dump(result, handle, indent=2)
-    with open(os.path.join(args.output_dir, "estimation_cpu.md"), "w") as handle:
-        handle.write(report)
-    print(report)
+    write_results(result, os.path.join(args.output_dir, "estimation_cpu"), format_report)
 
 
 if __name__ == "__main__":

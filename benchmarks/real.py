@@ -727,16 +727,21 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write_results(
-    result: dict, stem: str, report: Callable[[dict], str], plot: Callable[[dict, str], None], echo: bool = True
+    result: dict,
+    stem: str,
+    report: Callable[[dict], str],
+    plot: Callable[[dict, str], None] | None = None,
+    echo: bool = True,
 ) -> None:
-    """`stem`.json (the raw result), .md (the report, printed with `echo`) and .png (the plot)."""
+    """`stem`.json (the raw result), .md (the report, printed with `echo`) and .png (the plot, if any)."""
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     with open(stem + ".json", "w") as handle:
         json.dump(result, handle, indent=1)
     text = report(result)
     with open(stem + ".md", "w") as handle:
         handle.write(text)
-    plot(result, stem + ".png")
+    if plot is not None:
+        plot(result, stem + ".png")
     if echo:
         print(text)
 

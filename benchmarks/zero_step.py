@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=29563)
     parser.add_argument("--output-dir", default="docs/results")
     args = parser.parse_args(argv)
-    from benchmarks.real import machine_name
+    from benchmarks.real import machine_name, write_results
     from trl_nullspace.gguf import materialise_smollm2
     from trl_nullspace.prepare import smollm2_sets
 
@@ -198,13 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
         "weights_apart": max((first[name] - second[name]).abs().max().item() for name in first),
     }
-    os.makedirs(args.output_dir, exist_ok=True)
-    report = format_report(result)
-    with open(os.path.join(args.output_dir, "zero_cpu.json"), "w") as handle:
-        json.dump(result, handle, indent=2)
-    with open(os.path.join(args.output_dir, "zero_cpu.md"), "w") as handle:
-        handle.write(report)
-    print(report)
+    write_results(result, os.path.join(args.output_dir, "zero_cpu"), format_report)
 
 
 if __name__ == "__main__":

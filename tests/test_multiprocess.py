@@ -40,6 +40,13 @@ run_recipe(SFTTrainer, SFTConfig)
 """
 
 
+def _plain_recipe(tmp_path) -> str:
+    """TRL's own SFTTrainer through the same recipe code: the control every preservation test compares with."""
+    path = tmp_path / "plain_sft.py"
+    path.write_text(PLAIN_SFT_RECIPE)
+    return str(path)
+
+
 # The bases' storage options, on the toy model: offloaded in blocks of 4 columns; complements where
 # smaller, on enough reference tokens that some inputs keep over half their directions.
 STORAGE_SETTINGS = {
@@ -164,12 +171,11 @@ def single_process_run(assets, tmp_path_factory):
 
 
 def test_ddp_preserves_reference_outputs_and_adds_no_drift(assets, tmp_path, single_process_run):
-    plain_recipe = tmp_path / "plain_sft.py"
-    plain_recipe.write_text(PLAIN_SFT_RECIPE)
+    plain_recipe = _plain_recipe(tmp_path)
     ddp = _cpu_accelerate_config(tmp_path, "multi_gpu.yaml", 29533)
     _train(os.path.join(ROOT, "recipes", "sft.py"), _config(assets, tmp_path, "nullspace-2proc", 4, True), ddp)
-    _train(str(plain_recipe), _config(assets, tmp_path, "plain-1proc", 8, False))
-    _train(str(plain_recipe), _config(assets, tmp_path, "plain-2proc", 4, False), ddp)
+    _train(plain_recipe, _config(assets, tmp_path, "plain-1proc", 8, False))
+    _train(plain_recipe, _config(assets, tmp_path, "plain-2proc", 4, False), ddp)
     runs = {
         run: load_file(str(tmp_path / run / "model.safetensors"))
         for run in ("nullspace-2proc", "plain-1proc", "plain-2proc")
@@ -194,8 +200,7 @@ def test_ddp_with_offloaded_or_complement_bases_keeps_the_constraint(assets, tmp
     rule and enough reference tokens that some inputs keep over half their directions) every
     constrained weight's change stays orthogonal to its basis. Plain TRL under the same DDP launch
     moves both."""
-    plain_recipe = tmp_path / "plain_sft.py"
-    plain_recipe.write_text(PLAIN_SFT_RECIPE)
+    plain_recipe = _plain_recipe(tmp_path)
     ddp = _cpu_accelerate_config(tmp_path, "multi_gpu.yaml", 29549)
     recipe = os.path.join(ROOT, "recipes", "sft.py")
     for name, overrides in STORAGE_SETTINGS.items():
@@ -207,7 +212,7 @@ def test_ddp_with_offloaded_or_complement_bases_keeps_the_constraint(assets, tmp
         if name == "smaller":
             weights, complements = map(int, re.search(r"constrain (\d+) weights \((\d+) through", output).groups())
             assert 0 < complements < weights, (complements, weights)
-    _train(str(plain_recipe), _config(assets, tmp_path, "plain", 4, False), ddp)
+    _train(plain_recipe, _config(assets, tmp_path, "plain", 4, False), ddp)
 
     assert _reference_logit_drift(assets, tmp_path / "offload") < 1e-4
     assert _reference_logit_drift(assets, tmp_path / "plain") > 1e-2
@@ -295,10 +300,9 @@ def test_deepspeed_zero2_projects_inside_its_step_and_completes_the_row_two_rank
     # This deeper model's logits move by about 1e-4 on one process too (round-off through 3 layers).
     assert _reference_logit_drift(assets, tmp_path / "zero2") < 5e-4
     if storage == "basis":  # plain TRL under the same ZeRO-2 launch moves them
-        plain_recipe = tmp_path / "plain_sft.py"
-        plain_recipe.write_text(PLAIN_SFT_RECIPE)
+        plain_recipe = _plain_recipe(tmp_path)
         zero2 = _cpu_accelerate_config(tmp_path, "zero2.yaml", 29550)
-        _train(str(plain_recipe), _config(assets, tmp_path, "plain", 4, False), zero2)
+        _train(plain_recipe, _config(assets, tmp_path, "plain", 4, False), zero2)
         assert _reference_logit_drift(assets, tmp_path / "plain") > 1e-2
     if storage == "offload":
         exchanged, whole = map(int, re.search(r"all-reduces (\d+) of (\d+) weight values", output).groups())
@@ -313,8 +317,7 @@ def test_lora_under_zero2_keeps_reference_outputs_where_plain_lora_moves_them(as
     """LoRA on every linear layer under ZeRO-2, 2 processes: each rank projects its fragment of the
     LoRA A matrices inside DeepSpeed's step, so B·A stays zero on the reference inputs and the
     adapted model keeps the base model's reference logits; plain TRL LoRA under the same launch moves them."""
-    plain_recipe = tmp_path / "plain_sft.py"
-    plain_recipe.write_text(PLAIN_SFT_RECIPE)
+    plain_recipe = _plain_recipe(tmp_path)
     zero2 = _cpu_accelerate_config(tmp_path, "zero2.yaml", 29552)
     lora = {
         "use_peft": True,
@@ -322,7 +325,7 @@ def test_lora_under_zero2_keeps_reference_outputs_where_plain_lora_moves_them(as
         "lora_alpha": 8,
         "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     }
-    runs = {"nullspace": (os.path.join(ROOT, "recipes", "sft.py"), True), "plain": (str(plain_recipe), False)}
+    runs = {"nullspace": (os.path.join(ROOT, "recipes", "sft.py"), True), "plain": (plain_recipe, False)}
     outputs = {}
     for name, (recipe, null_space) in runs.items():
         config = tmp_path / f"{name}.yaml"
@@ -491,9 +494,8 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     # One split row in each of the 4 gate/up weights (97 rows, 2 partitions), k ≤ 64 coefficients each.
     assert 0 < exchanged <= 4 * 64 and whole > 20 * exchanged, (exchanged, whole)
     assert _reference_logit_drift(assets, tmp_path / "zero3") < 1e-4
-    plain_recipe = tmp_path / "plain_sft.py"  # plain TRL under the same ZeRO-3 launch moves them
-    plain_recipe.write_text(PLAIN_SFT_RECIPE)
-    _train(str(plain_recipe), _config(assets, tmp_path, "plain", 4, False), str(accelerate_path))
+    plain_recipe = _plain_recipe(tmp_path)  # plain TRL under the same ZeRO-3 launch moves them
+    _train(plain_recipe, _config(assets, tmp_path, "plain", 4, False), str(accelerate_path))
     assert _reference_logit_drift(assets, tmp_path / "plain") > 1e-2
 
 

@@ -185,10 +185,9 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
             self._sharded_master_projector.remove()  # its hook would project with the old anchors
         self._sharded_master_projector: ShardedProjector | None = None
         # DeepSpeed reduces gradients in its own hooks and steps inside backward: the gradient target
-        # projects each micro-batch's gradient as autograd produces it, before those hooks read it.
-        for handle in getattr(self, "_gradient_hooks", []):
-            handle.remove()
-        self._gradient_hooks = []
+        # projects each micro-batch's gradient as autograd produces it, before those hooks read it
+        # (unless ZeRO-1/2 project it inside their step: `_build_zero_projector`).
+        self._remove_gradient_hooks()
         if self.is_deepspeed_enabled and target in ("gradient", "both"):
             self._gradient_hooks = projector.project_gradients_in_backward()
         return projector
@@ -229,9 +228,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
         target = self.args.nullspace_projection_target
         sharded = self._sharded_projector() if target != "gradient" or self._zero_optimizer() is not None else None
         if isinstance(sharded, InStepZeroProjector) and sharded.projects_gradients:
-            for handle in self._gradient_hooks:
-                handle.remove()
-            self._gradient_hooks = []
+            self._remove_gradient_hooks()
         micro_batches = self.args.gradient_accumulation_steps
         if self._gradient_hooks and micro_batches > 1:
             logger.warning(
@@ -243,6 +240,12 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
                 target,
                 micro_batches,
             )
+
+    def _remove_gradient_hooks(self) -> None:
+        """Remove the gradient projection's hooks in backward (`project_gradients_in_backward`), if any."""
+        for handle in getattr(self, "_gradient_hooks", []):
+            handle.remove()
+        self._gradient_hooks = []
 
     def _zero_optimizer(self) -> Any | None:
         """DeepSpeed's ZeRO-1/2 optimizer, where this run has one."""
