@@ -15,15 +15,16 @@ does not change storage), counted from the shapes, not measured on an accelerato
   each rank's rows only under ZeRO and FSDP2 (ZeRO-1/2 project inside DeepSpeed's step, each rank
   its own master fragment);
 - while projecting: DDP and FSDP2 one weight's residual at a time (its local rows × k); ZeRO every
-  weight's local rows of coefficients at once (the anchors / world); under DeepSpeed also the
-  gradient hook's copies of one whole weight's gradient (the default `both` target);
+  weight's local rows of coefficients at once (the anchors / world); under ZeRO-3 also an fp32 copy
+  of one weight's gradient partition at a time (DeepSpeed accumulates bf16 gradients by default;
+  the default `both` target projects them at the start of DeepSpeed's step, `zero3_step`);
 - with `nullspace_offload`: bases and anchors in host memory instead, and on the accelerator one
   staged block at a time: the basis block (d × k_b, at most the block size), its anchor rows and
   residual (2 · local rows × k_b); under ZeRO also the buffer of rows that partition boundaries
   cut (ZeRO-3: at most world − 1 rows per weight; ZeRO-1/2: at most world − 1 in all) and, under
-  ZeRO-3, the gradient hook's copies. Over PCIe per optimizer step: the bases twice under the
-  default `both` target (gradient, then update; under ZeRO-3 once more per extra micro-batch, whose
-  gradients are projected as backward produces them) and the local anchor rows once.
+  ZeRO-3, that gradient copy. Over PCIe per optimizer step: the bases twice under the default `both`
+  target (gradient, then update, each once per step whatever the accumulation) and the local anchor
+  rows once.
 Training memory per rank: bf16 weights 2 + fp32 master 4 + Adam's moments 8 bytes per parameter,
 replicated under DDP, the 12 optimizer bytes partitioned under ZeRO-1/2, all 14 under ZeRO-3/FSDP2
 (the scale issue's target: the constraint at most 10% of it under ZeRO-3 on 8 ranks).
@@ -112,7 +113,7 @@ def per_rank_bytes(
     """The constraint's bytes per rank under each backend (see the module's docstring), in GiB, and
     their share of that rank's training memory."""
     bases = anchors = cut_rows = longest_row = 0.0
-    largest_residual = largest_local_residual = largest_staged = largest_hook = 0.0
+    largest_residual = largest_local_residual = largest_staged = largest_local_gradient = 0.0
     # `nullspace_basis_storage: smaller`: the complement where d − k < k, and instead of its weights'
     # anchors their rows as last projected; per weight, the change and its kept part while projecting.
     smaller_bases = smaller_state = smaller_transient = smaller_staged = previous_traffic = 0.0
@@ -140,9 +141,8 @@ def per_rank_bytes(
             largest_local_residual = max(largest_local_residual, rows / world * rank * FP32)
             staged = (size + 2 * rows / world) * block_columns * FP32
             largest_staged = max(largest_staged, staged)
-            # DeepSpeed's gradient hook, one weight at a time: its bf16 gradient in fp32, the projected
-            # fp32 result and that result in bf16 (4 + 4 + 2 bytes per element).
-            largest_hook = max(largest_hook, rows * size * (2 * FP32 + WEIGHT_BYTES))
+            # ZeRO-3 at the start of its step: one weight's bf16 gradient partition read in fp32.
+            largest_local_gradient = max(largest_local_gradient, rows / world * size * FP32)
             cut_rows += min(rows, world - 1) * size * FP32  # ZeRO-3: at most one row per boundary per weight
             longest_row = max(longest_row, size * FP32)
     parameters = shape.parameters()
@@ -160,14 +160,14 @@ def per_rank_bytes(
     constraint = {
         "DDP": bases + anchors + largest_residual,
         # Projected inside DeepSpeed's step, each rank its own fragment's rows (`zero_in_step`), the
-        # gradient too (no hook in backward).
+        # gradient too (no hook in backward); ZeRO-3 projects the gradient at its step's start.
         "ZeRO-1/2": bases + 2 * anchors / world,
-        "ZeRO-3": bases + 2 * anchors / world + largest_hook,
+        "ZeRO-3": bases + 2 * anchors / world + largest_local_gradient,
         "FSDP2": bases + anchors / world + largest_local_residual,
         # ZeRO-1/2 cut the flat weights into `world` slices: at most world − 1 cut rows in all; the
         # gradient is projected in the step too (no hook's copies).
         "ZeRO-1/2 + offload": (world - 1) * longest_row + largest_staged,
-        "ZeRO-3 + offload": cut_rows + largest_staged + largest_hook,
+        "ZeRO-3 + offload": cut_rows + largest_staged + largest_local_gradient,
         "FSDP2 + offload": largest_staged,
         "FSDP2, smaller": smaller_bases + smaller_state + smaller_transient,
         "FSDP2, smaller + offload": smaller_staged,
@@ -208,7 +208,7 @@ def projection_flops_share(shape: Shape, fractions: dict[str, dict[str, float]],
 
 
 ZERO_TOKENS_PER_RANK = 8192
-ZERO_FLOP_COLUMNS = [("update", 1), ("in-step both", 8), ("hooked both", 1), ("hooked both", 8)]
+ZERO_FLOP_COLUMNS = [("update", 1), ("once-per-step both", 8), ("hooked both", 1), ("hooked both", 8)]
 
 
 def zero_flops_share(
@@ -217,11 +217,11 @@ def zero_flops_share(
     """Per rank and optimizer step of `ZERO_TOKENS_PER_RANK` tokens on each rank, sharded over `world`
     ranks: the `update` projection is divided over the ranks (each its own rows). The `both` target's
     gradient projection is too where it runs once per step on each rank's share (ZeRO-1/2 inside
-    DeepSpeed's step, FSDP2), but ZeRO-3's hook projects the whole gradient on every rank at every
-    micro-batch (before ZeRO reduces it). As a share of the rank's training FLOPs, 6·parameters·its
-    tokens."""
+    DeepSpeed's step, ZeRO-3 at its start, FSDP2), but where DeepSpeed's step cannot take it (ZeRO-1/2
+    in fp16, `zero_in_step`) a hook projects the whole gradient on every rank at every micro-batch
+    (before ZeRO reduces it). As a share of the rank's training FLOPs, 6·parameters·its tokens."""
     one = one_projection_flops(shape, fractions)
-    gradient = {"update": 0.0, "in-step both": one / world, "hooked both": one * micro_batches}[target]
+    gradient = {"update": 0.0, "once-per-step both": one / world, "hooked both": one * micro_batches}[target]
     flops = one / world + gradient
     return flops / (6 * shape.parameters() * ZERO_TOKENS_PER_RANK)
 
@@ -283,8 +283,8 @@ def report(
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "With `nullspace_offload`, what moves to the host instead, per rank (ZeRO and FSDP2 alike; ZeRO-3 "
-        "copies the bases once more per extra micro-batch of gradient accumulation), and the same with "
+        "With `nullspace_offload`, what moves to the host instead, per rank (ZeRO and FSDP2 alike, once per "
+        "optimizer step whatever the gradient accumulation), and the same with "
         "`nullspace_basis_storage: smaller` (FSDP2). Host memory is also given per node of "
         f"{world} processes, which by default (`nullspace_offload_share_node`) read one copy of the bases "
         "(each keeps its own anchor rows or weights):",
@@ -311,12 +311,13 @@ def report(
         "",
         f"Sharded over {world} ranks, per rank and optimizer step of {ZERO_TOKENS_PER_RANK} tokens on each rank, as "
         "a share of its training FLOPs: the `update` projection is divided over the ranks, and so is the `both` "
-        "target's gradient projection under ZeRO-1/2 (inside DeepSpeed's step, bf16 or fp32) and FSDP2, once "
-        "per step. Under ZeRO-3 (and ZeRO-1/2 in fp16) a hook projects the whole gradient on every rank at every "
-        "micro-batch, so gradient accumulation multiplies it:",
+        "target's gradient projection, once per step, under ZeRO-1/2 (inside DeepSpeed's step, bf16 or fp32), "
+        "ZeRO-3 (at the start of DeepSpeed's step) and FSDP2. Where DeepSpeed's step cannot take it (ZeRO-1/2 "
+        "in fp16, or the constrained weights outside DeepSpeed's first parameter group) a hook projects the "
+        "whole gradient on every rank at every micro-batch, so gradient accumulation multiplies it:",
         "",
-        "| shape | `update` target | `both`, ZeRO-1/2 or FSDP2, any micro-batches | `both`, ZeRO-3, 1 micro-batch "
-        "| `both`, ZeRO-3, 8 micro-batches |",
+        "| shape | `update` target | `both`, ZeRO-1/2/3 or FSDP2, any micro-batches | `both`, hook in backward, "
+        "1 micro-batch | `both`, hook in backward, 8 micro-batches |",
         "|---|---|---|---|---|",
         *[
             f"| {name} | " + " | ".join(f"{zero[key]:.1%}" for key in ZERO_FLOP_COLUMNS) + " |"
@@ -338,11 +339,11 @@ def report(
         "",
         "Formula, per rank (bytes, fp32), with bases `B = 4·Σ_inputs d·k` and anchors `A = 4·Σ_weights d_out·k`: "
         "DDP `B + A + 4·max d_out·k`; ZeRO-1/2 `B + 2A/world` (each rank's rows of the anchors and of the "
-        "coefficients, gradient and masters projected inside DeepSpeed's step); ZeRO-3 `B + 2A/world + H` with "
-        "`H = 10·max d_out·d` (the gradient hook's copies); FSDP2 "
+        "coefficients, gradient and masters projected inside DeepSpeed's step); ZeRO-3 `B + 2A/world + G` with "
+        "`G = 4·max d_out·d/world` (one weight's gradient partition in fp32); FSDP2 "
         "`B + A/world + 4·max (d_out/world)·k`; with offload "
         "`S = 4·max (d + 2·d_out/world)·k_b` on the accelerator under FSDP2 (`k_b` = the columns of one block) "
-        "and `S + H + 4·Σ_weights (world − 1)·d` (the split rows) under ZeRO-3, `S + 4·(world − 1)·max d` "
+        "and `S + G + 4·Σ_weights (world − 1)·d` (the split rows) under ZeRO-3, `S + 4·(world − 1)·max d` "
         "under ZeRO-1/2 (whose `world` flat slices cut at most world − 1 rows), `B + A/world` in host memory and "
         "`2B + A/world` copied per step under the default `both` target. Training memory: 14 bytes per "
         "parameter under DDP, `2 + 12/world` under ZeRO-1/2, `14/world` under ZeRO-3 and FSDP2. The scale "

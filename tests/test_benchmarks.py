@@ -69,18 +69,19 @@ def test_memory_formula_on_a_shape_counted_by_hand():
     assert in_bytes["bases_gib"] == 66 * 4
     # anchors: (8+4+4)·2 + 4·4 + (6+6)·2 + 4·3 = 84 floats
     assert in_bytes["anchors_gib"] == 84 * 4
-    # The gradient hook's copies of the largest weight (q and o, 32 values): 10 bytes each.
-    # ZeRO-3 keeps its rows of the anchors and of the coefficients (half each on 2 ranks).
-    assert in_bytes["ZeRO-3: GiB"] == (66 + 84 / 2 + 84 / 2) * 4 + 320
+    # ZeRO-3 keeps its rows of the anchors and of the coefficients (half each on 2 ranks), and at its
+    # step's start an fp32 copy of one weight's gradient partition: the largest (q and o, 32 values)
+    # halved, 16 floats.
+    assert in_bytes["ZeRO-3: GiB"] == (66 + 84 / 2 + 84 / 2) * 4 + 64
     # Offloaded, 32-byte blocks: the largest staged block is q's, 2 columns of a 4-wide basis plus
     # 2 · 8/2 rows of anchor and residual: (4 + 8) · 2 floats.
     assert in_bytes["FSDP2 + offload: GiB"] == 96
-    # ZeRO-3 adds one split row per weight (4+4+4+8+4+4+6 = 34 floats) and the hook's copies.
-    assert in_bytes["ZeRO-3 + offload: GiB"] == 34 * 4 + 96 + 320
-    # ZeRO-1/2 project inside DeepSpeed's step, each rank its rows, as ZeRO-3, the gradient too (no
-    # hook's copies); offloaded, their 2 flat slices cut at most one row in all, at most the longest
-    # (o_proj's, 8 floats).
-    assert in_bytes["ZeRO-1/2: GiB"] == in_bytes["ZeRO-3: GiB"] - 320
+    # ZeRO-3 adds one split row per weight (4+4+4+8+4+4+6 = 34 floats) and that gradient copy.
+    assert in_bytes["ZeRO-3 + offload: GiB"] == 34 * 4 + 96 + 64
+    # ZeRO-1/2 project inside DeepSpeed's step, each rank its rows, as ZeRO-3, the gradient in place
+    # (a view of the fp32 partition, no copy); offloaded, their 2 flat slices cut at most one row in
+    # all, at most the longest (o_proj's, 8 floats).
+    assert in_bytes["ZeRO-1/2: GiB"] == in_bytes["ZeRO-3: GiB"] - 64
     assert in_bytes["ZeRO-1/2 + offload: GiB"] == 8 * 4 + 96
     assert in_bytes["offload: PCIe GiB per step"] == (2 * 66 + 84 / 2) * 4
     # At k/d = 3/4 every complement is the smaller: bases 4·1 + 8·2 + 4·1 + 6·1.5 = 33 floats, and

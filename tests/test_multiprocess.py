@@ -229,6 +229,8 @@ def test_ddp_with_offloaded_or_complement_bases_keeps_the_constraint(assets, tmp
         ("zero2.yaml", 29551, True, 1),
         ("zero2.yaml", 29553, False, 2),
         ("zero3.yaml", 29543, False, 1),
+        ("zero3.yaml", 29554, False, 2),
+        ("zero3.yaml", 29555, True, 2),
     ],
 )
 def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
@@ -240,8 +242,10 @@ def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
     into every rank's full module copy. Only the coefficients of rows that the two partitions cut
     travel (none here: the cut falls between weights; the next test cuts a row), and each rank keeps
     about half the anchor rows. With the optimizer offloaded, the masters and their projection are
-    in host memory. The shipped ZeRO-3 config also partitions the module's weights at load
-    (zero3_init_flag), so estimation and anchors gather them."""
+    in host memory. ZeRO-3 projects each rank's partition of the reduced gradient once per step too,
+    at the start of DeepSpeed's step (DeepSpeed then clips the projected gradient), and the masters
+    after it; the shipped config also partitions the module's weights at load (zero3_init_flag), so
+    estimation and anchors gather them."""
     accelerate_config = _cpu_accelerate_config(tmp_path, shipped, port)
     if offload_optimizer:
         launch = yaml.safe_load(open(accelerate_config))
@@ -254,7 +258,9 @@ def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
     trained = load_file(str(tmp_path / "zero" / "model.safetensors"))
     assert _max_difference(trained, single_process_run) < 1e-4
     assert _reference_logit_drift(assets, tmp_path / "zero") < 1e-4
-    if shipped != "zero3.yaml":
+    if shipped == "zero3.yaml":
+        assert "ZeRO-3 gradient projection once per step at the start of DeepSpeed's step" in output, output[-3000:]
+    else:
         found = re.search(
             r"inside DeepSpeed's step \(the gradient once per step.*all-reduces (\d+) of (\d+) coeff", output
         )

@@ -1,10 +1,15 @@
 """The arithmetic of `trl_nullspace.zero_fragments`, without DeepSpeed: any split of a flattened
 matrix into contiguous fragments (as ZeRO partitions it) must give back exactly `M U` when the
-fragments' shares are summed, and `M − R Uᵀ` when each fragment subtracts its part."""
+fragments' shares are summed, and `M − R Uᵀ` when each fragment subtracts its part. And ZeRO-3's
+gradient projection at the start of DeepSpeed's step, against a stand-in for its optimizer."""
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from trl_nullspace.projector import ConstrainedParameter
+from trl_nullspace.zero import RowExchangeZeroProjector, ZeroMasterProjector
+from trl_nullspace.zero3_step import Zero3GradientProjector
 from trl_nullspace.zero_fragments import (
     add_fragment_coefficients,
     fragment_pieces,
@@ -60,3 +65,87 @@ def test_fragments_reassemble_the_projection_exactly(rows, row_length, boundarie
 )
 def test_rows_cut_by_partition_boundaries(boundaries, row_length, cut):
     assert rows_cut_by(boundaries, row_length) == cut
+
+
+class _OneRankZero3:
+    """The part of DeepSpeed's ZeRO-3 optimizer the gradient projection uses, on a one-process group
+    (each partition whole): gradient partitions are read as fp32 copies, as DeepSpeed's are from its
+    default bf16 accumulation or from host memory, so a projection not written back is lost."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter], generator: torch.Generator):
+        self.masters = {id(p): p.detach().flatten().clone() for p in parameters}
+        self.gradients = {id(p): torch.randn(p.numel(), generator=generator) for p in parameters}
+        self.steps = 0
+        for index, parameter in enumerate(parameters):
+            parameter.ds_id, parameter.ds_persist, parameter._z3_optimizer = index, False, self
+            parameter.ds_tensor = parameter.detach().flatten().clone()
+            parameter.ds_tensor.ds_numel = parameter.numel()
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def get_local_fp32_grad_for_param(self, parameter: torch.nn.Parameter) -> torch.Tensor:
+        return self.gradients[id(parameter)].clone()
+
+    def set_local_grad_for_param(self, value: torch.Tensor, parameter: torch.nn.Parameter) -> None:
+        self.gradients[id(parameter)].copy_(value.flatten())
+
+    def get_local_fp32_param(self, parameter: torch.nn.Parameter) -> torch.Tensor:
+        return self.masters[id(parameter)]
+
+    def _get_param_partition_group(self, parameter: torch.nn.Parameter) -> None:
+        return None  # the world
+
+    def _get_param_partition_rank(self, parameter: torch.nn.Parameter) -> int:
+        return 0
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("projector_class", [ZeroMasterProjector, RowExchangeZeroProjector])
+def test_zero3_gradient_projection_writes_back_each_partition_and_refuses_a_step_without_it(
+    one_process_group, projector_class
+):
+    """At the start of DeepSpeed's ZeRO-3 step every gradient partition is projected, `G − G U Uᵀ`,
+    and written back (DeepSpeed's reads are copies); a step taken without the projection makes the
+    trainer's check raise; a NaN gradient raises unless a loss scale makes it an overflow to skip."""
+    generator = torch.Generator().manual_seed(0)
+    parameters = [torch.nn.Parameter(torch.randn(rows, 6, generator=generator)) for rows in (5, 4)]
+    basis = torch.linalg.qr(torch.randn(6, 3, generator=generator)).Q
+    constrained = [
+        ConstrainedParameter(f"w{index}", parameter, basis, flat=False, zero_anchor=False)
+        for index, parameter in enumerate(parameters)
+    ]
+    optimizer = _OneRankZero3(parameters, generator)
+    before = {id(p): optimizer.gradients[id(p)].clone().view(p.shape) for p in parameters}
+    projection = Zero3GradientProjector(projector_class(constrained, torch.device("cpu")), optimizer, False)
+
+    optimizer.step()
+    projection.check_ran()
+    assert optimizer.steps == 1
+    for parameter in parameters:
+        gradient = optimizer.gradients[id(parameter)].view(parameter.shape)
+        expected = before[id(parameter)] - before[id(parameter)] @ basis @ basis.T
+        torch.testing.assert_close(gradient, expected, rtol=0, atol=1e-6)
+        assert (gradient - before[id(parameter)]).abs().max() > 0.1
+
+    _OneRankZero3.step(optimizer)  # a DeepSpeed that steps some other way
+    with pytest.raises(RuntimeError, match="stepped without the trl-nullspace gradient projection"):
+        projection.check_ran()
+
+    optimizer.gradients[id(parameters[1])][3] = float("nan")
+    with pytest.raises(FloatingPointError, match="w1"):
+        optimizer.step()
+    projection.remove()
+    assert optimizer.step.__func__ is _OneRankZero3.step
+
+    projection = Zero3GradientProjector(projector_class(constrained, torch.device("cpu")), optimizer, True)
+    kept = {id(p): optimizer.gradients[id(p)].clone() for p in parameters}
+    optimizer.step()  # fp16: an overflow DeepSpeed skips the step for, left as it is
+    projection.check_ran()
+    assert all(torch.allclose(optimizer.gradients[id(p)], kept[id(p)], equal_nan=True) for p in parameters)

@@ -38,23 +38,20 @@ from trl_nullspace.cache import (
 )
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.fingerprint import architecture_fingerprint, model_name, weights_fingerprint
-from trl_nullspace.fsdp import RowShardProjector
 from trl_nullspace.loading import load_dataset_from
 from trl_nullspace.monitor import CapabilityDriftMonitor
 from trl_nullspace.node_memory import share_on_node
 from trl_nullspace.projector import SubspaceProjector
 from trl_nullspace.reference import tokenize_reference
+from trl_nullspace.sharded_projection import ShardedProjectionMixin
 from trl_nullspace.subspace import CapabilitySubspace
 from trl_nullspace.subspace_setup import SubspaceSetupMixin
-from trl_nullspace.zero import RowExchangeZeroProjector, ZeroMasterProjector
 from trl_nullspace.zero_gather import GatherPeak, gathered_alone
-from trl_nullspace.zero_in_step import InStepZeroProjector, supports_in_step_projection
 
 logger = logging.get_logger(__name__)
 
 CHECKPOINT_FILE = "nullspace_subspace.safetensors"
 SETTINGS_FILE = "nullspace_config.json"
-ShardedProjector = ZeroMasterProjector | InStepZeroProjector | RowExchangeZeroProjector | RowShardProjector
 
 
 class _ProjectUpdateCallback(TrainerCallback):
@@ -82,7 +79,7 @@ class _ProjectUpdateCallback(TrainerCallback):
             self.trainer.refresh_subspace()
 
 
-class NullSpaceTrainerMixin(SubspaceSetupMixin):
+class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
     """Keeps every update of a TRL trainer out of a cached capability subspace.
 
     Extra constructor arguments: `reference_dataset` (a `datasets.Dataset` of general-capability
@@ -181,77 +178,8 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
             track_updates=target in ("update", "both"),
             around=lambda parameter: gathered_alone(parameter, peak, modifier_rank=0),
         )
-        if isinstance(getattr(self, "_sharded_master_projector", None), InStepZeroProjector):
-            self._sharded_master_projector.remove()  # its hook would project with the old anchors
-        self._sharded_master_projector: ShardedProjector | None = None
-        # DeepSpeed reduces gradients in its own hooks and steps inside backward: the gradient target
-        # projects each micro-batch's gradient as autograd produces it, before those hooks read it
-        # (unless ZeRO-1/2 project it inside their step: `_build_zero_projector`).
-        self._remove_gradient_hooks()
-        if self.is_deepspeed_enabled and target in ("gradient", "both"):
-            self._gradient_hooks = projector.project_gradients_in_backward()
+        self._reset_sharded_projection(projector)
         return projector
-
-    def _sharded_projector(self) -> ShardedProjector:
-        """The projector of sharded master weights, built once DeepSpeed or FSDP2 has sharded them
-        (at the latest when training begins: under ZeRO-1/2 it projects inside DeepSpeed's step)."""
-        if self._sharded_master_projector is None:
-            constrained = self.nullspace_projector.constrained
-            device = self.accelerator.device
-            row_exchange = self.args.nullspace_offload or self.args.nullspace_basis_storage == "smaller"
-            zero_optimizer = self._zero_optimizer()
-            if zero_optimizer is not None and supports_in_step_projection(zero_optimizer):
-                target = self.args.nullspace_projection_target
-                self._sharded_master_projector = InStepZeroProjector(
-                    constrained,
-                    device,
-                    zero_optimizer,
-                    row_exchange,
-                    update=target != "gradient",
-                    gradient=target != "update",
-                )
-            elif self.is_deepspeed_enabled and row_exchange:  # refuses ZeRO-1/2 weights: every row would travel
-                self._sharded_master_projector = RowExchangeZeroProjector(constrained, device)
-            elif self.is_deepspeed_enabled:
-                self._sharded_master_projector = ZeroMasterProjector(constrained, device)
-            else:
-                self._sharded_master_projector = RowShardProjector(self.model, constrained)
-        return self._sharded_master_projector
-
-    def _build_zero_projector(self) -> None:
-        """Under DeepSpeed, build the projector of the master weights as training begins, on every
-        process alike: under ZeRO-1/2 it must hook into DeepSpeed's step before the first one, and
-        finding the ranks' partitions is a collective. Where it projects the gradient inside the step
-        too (once per step, each rank its fragment), the hooks in backward are removed."""
-        if not self.is_deepspeed_enabled:
-            return
-        target = self.args.nullspace_projection_target
-        sharded = self._sharded_projector() if target != "gradient" or self._zero_optimizer() is not None else None
-        if isinstance(sharded, InStepZeroProjector) and sharded.projects_gradients:
-            self._remove_gradient_hooks()
-        micro_batches = self.args.gradient_accumulation_steps
-        if self._gradient_hooks and micro_batches > 1:
-            logger.warning(
-                "trl-nullspace: the gradient projection (nullspace_projection_target=%r) runs on every rank's whole "
-                "gradient at each of the %d micro-batches of a step, before ZeRO divides anything: that many times "
-                "one device's gradient projection per step, per rank (counted for 7B in docs/results/memory.md). "
-                "Under ZeRO-1/2 in bf16 or fp32 it runs once per step inside DeepSpeed's step instead; the 'update' "
-                "target projects once per step, each rank its own rows; FSDP2 projects the gradient once per step.",
-                target,
-                micro_batches,
-            )
-
-    def _remove_gradient_hooks(self) -> None:
-        """Remove the gradient projection's hooks in backward (`project_gradients_in_backward`), if any."""
-        for handle in getattr(self, "_gradient_hooks", []):
-            handle.remove()
-        self._gradient_hooks = []
-
-    def _zero_optimizer(self) -> Any | None:
-        """DeepSpeed's ZeRO-1/2 optimizer, where this run has one."""
-        if not self.is_deepspeed_enabled or self.accelerator.state.deepspeed_plugin.zero_stage not in (1, 2):
-            return None
-        return self.accelerator.deepspeed_engine_wrapped.engine.optimizer
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
         """The optimizer must step what is projected (`guards.check_optimizer_steps_what_is_constrained`).
@@ -307,9 +235,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
         if self.args.nullspace_projection_target == "gradient" or self.args.nullspace_basis_storage == "basis":
             return
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            sharded = self._sharded_projector()
-            if isinstance(sharded, RowShardProjector | RowExchangeZeroProjector | InStepZeroProjector):
-                sharded.take_previous()
+            self._take_previous_on_shards()
         else:
             self.nullspace_projector.take_previous()
 
@@ -389,8 +315,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
                 f" The set-up gathered at most {peak.peak} of {peak.total} weight values at once "
                 f"({peak.peak / peak.total:.0%}; ZeRO-3: the estimate layer by layer, the anchors weight by weight)."
             )
-        if self.is_deepspeed_enabled and self._sharded_master_projector is not None:  # built as training begins
-            summary += f" {self._sharded_master_projector.summary()}."
+        summary += self._sharded_summary()  # DeepSpeed's projectors, built as training begins
         return summary
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -465,8 +390,8 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
-        # Under DeepSpeed the engine has already stepped here (its gradients were projected by hooks
-        # in backward); under FSDP2 they are row shards of new parameter objects, projected locally.
+        # Under DeepSpeed the engine has already stepped here (its gradients were projected in its
+        # step, or by hooks in backward); under FSDP2 they are row shards of new parameter objects, projected locally.
         # Both check the weights after the step instead of the gradients.
         if not self.accelerator.sync_gradients or self.is_deepspeed_enabled:
             return loss
@@ -510,15 +435,14 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
         return step % self.state.logging_steps == 0 or (step == 1 and self.args.logging_first_step)
 
     def _nullspace_after_optimizer_step(self) -> None:
-        if self.args.nullspace_projection_target == "gradient":
-            if isinstance(self._sharded_master_projector, InStepZeroProjector):
-                self._sharded_master_projector.enforce_anchors()  # checks the gradient was projected in the step
-            return
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            removed = self._sharded_projector().enforce_anchors()
-        else:
+            removed = self._project_shards_after_step()
+        elif self.args.nullspace_projection_target != "gradient":
             removed = self.nullspace_projector.enforce_anchors()
-        self._nullspace_metrics["update_removed_norm"].append(removed)
+        else:
+            return
+        if removed is not None:
+            self._nullspace_metrics["update_removed_norm"].append(removed)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._nullspace_metrics:

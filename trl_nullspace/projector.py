@@ -373,11 +373,12 @@ def _expert_slices(
 
 
 def diverged_step_error(names: list[str]) -> FloatingPointError:
-    """The error for weights that are NaN or inf after an optimizer step (sharded backends' check)."""
+    """The error for weights, or gradients projected inside DeepSpeed's step, that are NaN or inf at an
+    optimizer step (sharded backends' check)."""
     where = names[:3] if names else "another process's share of the weights"
     return FloatingPointError(
-        f"NaN or inf weights after the optimizer step in {where}: the step diverged. Lower the learning rate or "
-        "check the batch; checkpoints saved before this step are intact."
+        f"NaN or inf weights or gradients at the optimizer step in {where}: the step diverged. Lower the learning "
+        "rate or check the batch; checkpoints saved before this step are intact."
     )
 
 

@@ -31,7 +31,8 @@ coefficients, and each rank then projects its fragment alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -70,21 +71,35 @@ def fragments_anchors(fragments: list[MasterFragment], device: torch.device) -> 
 
 def projected_in_place(
     fragments: list[MasterFragment],
-    gradients: list[torch.Tensor],
-    completed: list[torch.Tensor],
+    access: GradientAccess,
+    completed: Iterable[torch.Tensor],
     project: Callable[[MasterFragment, torch.Tensor, torch.Tensor], None],
     device: torch.device,
 ) -> torch.Tensor:
     """Apply `project(fragment, gradient, its completed rows or coefficients)` to every fragment's
-    gradient in place; returns the squared norm it removed, summed over the ranks (a collective),
-    which the clipping must account for."""
+    gradient, read and written one fragment at a time through `access`; returns the squared norm it
+    removed, summed over the ranks (a collective), which a redone clipping needs."""
     removed = torch.zeros((), dtype=torch.float32, device=device)
-    for fragment, gradient, exchanged in zip(fragments, gradients, completed, strict=True):
+    for fragment, exchanged in zip(fragments, completed, strict=True):
+        gradient = access.read(fragment)
         before = gradient.square().sum()
         project(fragment, gradient, exchanged.to(gradient.device))
         removed += (before - gradient.square().sum()).to(device)
+        access.write(fragment, gradient)
     dist.all_reduce(removed)
     return removed
+
+
+class GradientAccess(Protocol):
+    """How a projector reaches this rank's fp32 gradient of each fragment, laid out as its master.
+
+    ZeRO-1/2's are views of the flat gradient partition (writing is a no-op); ZeRO-3's may be fp32
+    copies of a low-precision or offloaded partition, read one fragment at a time so that no more
+    than one weight's copy is held at once, and written back after its projection."""
+
+    def read(self, fragment: MasterFragment) -> torch.Tensor: ...
+
+    def write(self, fragment: MasterFragment, gradient: torch.Tensor) -> None: ...
 
 
 class ZeroMasterProjector:
@@ -118,9 +133,9 @@ class ZeroMasterProjector:
             f"({partitioned} of {len(self.fragments)} weights partitioned); {anchor_rows_kept(self.fragments)}"
         )
 
-    def _completed_coefficients(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every fragment's rows of `M U` (`values`: each fragment's master, or its gradient),
-        completed by one all-reduce.
+    def _completed_coefficients(self, values: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """Every fragment's rows of `M U` (`values`: each fragment's master, or its gradient, in the
+        fragments' order; each is read once), completed by one all-reduce.
 
         Coefficients are computed where each master fragment lives; the buffer is reduced on the
         communication device (the accelerator; both are the CPU in CPU runs). Its last value counts
@@ -171,14 +186,14 @@ class ZeroMasterProjector:
         return torch.stack(squares).sum().sqrt()
 
     @torch.no_grad()
-    def project_gradients(self, flat_gradient: torch.Tensor) -> torch.Tensor:
-        """`G ← G − (G U) Uᵀ` on this rank's fragments of a ZeRO-1/2 group's flat fp32 gradient
-        partition (inside DeepSpeed's step, `zero_in_step`); returns the squared norm removed, summed
-        over the ranks (a second collective), which the clipping must account for."""
-        gradients = [fragment.gradient(flat_gradient) for fragment in self.fragments]
-        coefficients = self._completed_coefficients(gradients)
+    def project_gradients(self, access: GradientAccess) -> torch.Tensor:
+        """`G ← G − (G U) Uᵀ` on this rank's fp32 gradient fragments (inside DeepSpeed's step:
+        `zero_in_step`, `zero3_step`), each read twice through `access`: once for its coefficients,
+        once to project it after the all-reduce completed them. Returns the squared norm removed,
+        summed over the ranks (a second collective), which a redone clipping needs."""
+        coefficients = self._completed_coefficients(access.read(fragment) for fragment in self.fragments)
         return projected_in_place(
-            self.fragments, gradients, coefficients, MasterFragment.subtract, self.communication_device
+            self.fragments, access, coefficients, MasterFragment.project_gradient, self.communication_device
         )
 
 
@@ -239,14 +254,13 @@ class RowExchangeZeroProjector:
             f"complements; {anchor_rows_kept(self.fragments)}"
         )
 
-    def _completed_rows(self, exchanged_values: list[torch.Tensor], checked: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every fragment's exchanged rows of `exchanged_values` made whole by one all-reduce (last
-        value: the ranks where one of `checked` holds NaN or inf, so that all ranks raise together)."""
+    def _completed_rows(self, values_and_checks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Every fragment's exchanged rows of the first of each pair, in the fragments' order, made
+        whole by one all-reduce (last value: the ranks where a pair's second holds NaN or inf, so that
+        all ranks raise together)."""
         buffer = torch.zeros(self.exchanged_numel + 1, dtype=torch.float32, device=self.communication_device)
         rows, sums = [], []
-        for fragment, offset, values, check in zip(
-            self.fragments, self.offsets, exchanged_values, checked, strict=True
-        ):
+        for fragment, offset, (values, check) in zip(self.fragments, self.offsets, values_and_checks, strict=True):
             block = buffer[offset : offset + len(fragment.exchanged_rows) * fragment.row_length]
             block = block.view(-1, fragment.row_length)
             for piece in fragment.pieces:
@@ -262,14 +276,14 @@ class RowExchangeZeroProjector:
         return rows
 
     @torch.no_grad()
-    def project_gradients(self, flat_gradient: torch.Tensor) -> torch.Tensor:
-        """`G ← G − (G U) Uᵀ` (a complement: `G ← G N Nᵀ`) on this rank's fragments of a ZeRO-1/2
-        group's flat fp32 gradient partition, block by block, the cut rows exchanged whole first;
-        returns the squared norm removed, summed over the ranks."""
-        gradients = [fragment.gradient(flat_gradient) for fragment in self.fragments]
-        rows = self._completed_rows(gradients, gradients)
+    def project_gradients(self, access: GradientAccess) -> torch.Tensor:
+        """`G ← G − (G U) Uᵀ` (a complement: `G ← G N Nᵀ`) on this rank's fp32 gradient fragments,
+        block by block, the cut rows exchanged whole first (each fragment read through `access` once
+        for that, once to project it); returns the squared norm removed, summed over the ranks."""
+        gradients = (access.read(fragment) for fragment in self.fragments)
+        rows = self._completed_rows((gradient, gradient) for gradient in gradients)
         return projected_in_place(
-            self.fragments, gradients, rows, MasterFragment.project_gradient_in_blocks, self.communication_device
+            self.fragments, access, rows, MasterFragment.project_gradient_in_blocks, self.communication_device
         )
 
     @torch.no_grad()
@@ -279,7 +293,7 @@ class RowExchangeZeroProjector:
         when the trainer logs)."""
         masters = [fragment.master() for fragment in self.fragments]
         changes = [fragment.exchange_values(master) for fragment, master in zip(self.fragments, masters, strict=True)]
-        completed = self._completed_rows(changes, masters)
+        completed = self._completed_rows(zip(changes, masters, strict=True))
         squares = [torch.zeros((), dtype=torch.float32, device=self.communication_device)]
         for fragment, master, change, rows in zip(self.fragments, masters, changes, completed, strict=True):
             rows = rows.to(master.device)

@@ -255,6 +255,11 @@ class MasterFragment:
         if kept is not None:
             gradient.copy_(kept)
 
+    def project_gradient(self, gradient: torch.Tensor, coefficients: torch.Tensor) -> None:
+        """`G ← G − (G U) Uᵀ` on this fragment's gradient, given its completed rows of `G U`. Unlike
+        the masters', nothing is written back: the gradient is the optimizer's own."""
+        subtract_fragment_projection(self.pieces, gradient, self.item.basis, coefficients)
+
     def write_back(self, master: torch.Tensor) -> None:
         """Store the projected master: ZeRO-3's may be a copy (offloaded) and has a low-precision
         partition of its own to update; ZeRO-1/2's is a view of the flat partition, which DeepSpeed
@@ -264,8 +269,8 @@ class MasterFragment:
             parameter._z3_optimizer.set_local_hp_param(master, parameter)
             parameter.ds_tensor.data.copy_(master.view_as(parameter.ds_tensor))
 
-    def gradient(self, flat_gradient: torch.Tensor) -> torch.Tensor:
-        """This rank's fp32 gradient of its fragment: ZeRO-1/2's flat gradient partition of the
+    def stage12_gradient(self, flat_gradient: torch.Tensor) -> torch.Tensor:
+        """This rank's fp32 gradient of its fragment, in ZeRO-1/2's flat gradient partition of the
         group, where the master fragment sits in its flat master partition (empty outside it)."""
         mapping = self.item.parameter._hp_mapping
         if mapping is None:

@@ -125,7 +125,7 @@ class InStepZeroProjector:
             partition = group["params"][0]
             projector = self.groups.get(id(partition))
             if projector is not None:
-                removed = projector.project_gradients(partition.grad)
+                removed = projector.project_gradients(_FlatPartitionGradient(partition.grad))
                 self._gradient_scale = _clip_correction(self.zero_optimizer, removed)
                 self._gradient_projected = True
             if self._gradient_scale is not None:
@@ -185,6 +185,20 @@ class InStepZeroProjector:
         """Stop projecting inside DeepSpeed's step (the trainer bound a new subspace)."""
         for hook in self._hooks:
             hook.remove()
+
+
+class _FlatPartitionGradient:
+    """ZeRO-1/2's fp32 gradient fragments (`zero.GradientAccess`): views of a group's flat gradient
+    partition, projected in place."""
+
+    def __init__(self, flat_gradient: torch.Tensor):
+        self.flat_gradient = flat_gradient
+
+    def read(self, fragment: MasterFragment) -> torch.Tensor:
+        return fragment.stage12_gradient(self.flat_gradient)
+
+    def write(self, fragment: MasterFragment, gradient: torch.Tensor) -> None:
+        """Nothing to do: `read` gave a view."""
 
 
 def _clips_as_expected(zero_optimizer: Any) -> bool:
