@@ -156,6 +156,8 @@ def per_rank_bytes(
         "FSDP2 + offload": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "FSDP2, smaller": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "FSDP2, smaller + offload": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "ZeRO-3, smaller": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "ZeRO-3, smaller + offload": parameters * TRAINING_BYTES_PER_PARAMETER / world,
     }
     constraint = {
         "DDP": bases + anchors + largest_residual,
@@ -171,6 +173,10 @@ def per_rank_bytes(
         "FSDP2 + offload": largest_staged,
         "FSDP2, smaller": smaller_bases + smaller_state + smaller_transient,
         "FSDP2, smaller + offload": smaller_staged,
+        # ZeRO-3 with complements exchanges the split rows' values (`RowExchangeZeroProjector`); its
+        # gradient projection holds one weight's gradient copy and, with a complement, its kept part.
+        "ZeRO-3, smaller": smaller_bases + smaller_state + max(smaller_transient, largest_local_gradient) + cut_rows,
+        "ZeRO-3, smaller + offload": max(smaller_staged, largest_local_gradient) + cut_rows,
     }
     row = {
         "parameters_billions": parameters / 1e9,
@@ -285,7 +291,7 @@ def report(
         "",
         "With `nullspace_offload`, what moves to the host instead, per rank (ZeRO and FSDP2 alike, once per "
         "optimizer step whatever the gradient accumulation), and the same with "
-        "`nullspace_basis_storage: smaller` (FSDP2). Host memory is also given per node of "
+        "`nullspace_basis_storage: smaller`. Host memory is also given per node of "
         f"{world} processes, which by default (`nullspace_offload_share_node`) read one copy of the bases "
         "(each keeps its own anchor rows or weights):",
         "",
@@ -345,7 +351,10 @@ def report(
         "`S = 4·max (d + 2·d_out/world)·k_b` on the accelerator under FSDP2 (`k_b` = the columns of one block) "
         "and `S + G + 4·Σ_weights (world − 1)·d` (the split rows) under ZeRO-3, `S + 4·(world − 1)·max d` "
         "under ZeRO-1/2 (whose `world` flat slices cut at most world − 1 rows), `B + A/world` in host memory and "
-        "`2B + A/world` copied per step under the default `both` target. Training memory: 14 bytes per "
+        "`2B + A/world` copied per step under the default `both` target. With `nullspace_basis_storage: smaller` "
+        "the complement `N` (d × (d − k)) replaces `U` where it is smaller, and each rank keeps its rows of those "
+        "weights as last projected (4·(d_out/world)·d) instead of their anchors; ZeRO-3 adds the split rows. "
+        "Training memory: 14 bytes per "
         "parameter under DDP, `2 + 12/world` under ZeRO-1/2, `14/world` under ZeRO-3 and FSDP2. The scale "
         "issue's target is at most 10% under ZeRO-3 on 8 ranks.",
     ]

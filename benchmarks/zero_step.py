@@ -51,13 +51,13 @@ def _timed(pending: dict[str, float], kind: str, function):
 
 def _worker() -> None:
     """One process of the 2-process run: the SFT recipe with both projections timed per optimizer step."""
-    from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, mixin
+    from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, mixin, sharded_projection
     from trl_nullspace.projector import ConstrainedParameter
     from trl_nullspace.recipe_utils import run_recipe
     from trl_nullspace.zero import ZeroMasterProjector
 
     if os.environ[WORKER_MODE] == "around the step":
-        mixin.supports_in_step_projection = lambda zero_optimizer: False
+        sharded_projection.supports_in_step_projection = lambda zero_optimizer: False
     pending, per_step = {"gradient": 0.0, "update": 0.0}, []
     # The gradient: in DeepSpeed's step, or by the hook in backward at every micro-batch.
     ZeroMasterProjector.project_gradients = _timed(pending, "gradient", ZeroMasterProjector.project_gradients)

@@ -89,6 +89,9 @@ def test_memory_formula_on_a_shape_counted_by_hand():
     three_quarters = {kind: {"mean": 0.75, "max": 0.75} for kind in half}
     smaller = per_rank_bytes(shape, three_quarters, world=2, block_bytes=32)
     assert smaller["smaller + offload: host GiB"] * 2**30 == (33 + 84) * 4
+    # Resident under ZeRO-3: those, the largest change and kept part of one weight's rows (q's 4 rows
+    # of 4, or o's 2 of 8: 2 · 16 floats) and the 34 split-row floats.
+    assert smaller["ZeRO-3, smaller: GiB"] * 2**30 == (33 + 84 + 32 + 34) * 4
 
 
 def test_unseen_harm_proxy_reads_no_held_out_item_and_refuses_a_trained_area():

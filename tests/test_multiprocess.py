@@ -406,7 +406,7 @@ def _assert_checkpoint_anchors_are_the_base_models(assets, checkpoint) -> None:
         assert torch.allclose(anchor, expected, atol=1e-5), name
 
 
-@pytest.mark.parametrize("method", ["activation", "gradient", "offload", "smaller"])
+@pytest.mark.parametrize("method", ["activation", "gradient", "offload", "smaller", "gradient target"])
 def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_between_ranks(tmp_path, method):
     """ZeRO-3 with every weight partitioned (persistence threshold 0, unlike the shipped config on
     this tiny model) and an odd intermediate size, so the 2 partitions of each gate/up weight split
@@ -416,7 +416,9 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     `nullspace_offload` (bases in host memory, applied 4 columns at a time) those split rows' weight
     values travel instead, and the run must match the single-process one all the same. So must it with
     complements kept where smaller (`nullspace_basis_storage: smaller`, on enough reference tokens that
-    some inputs keep over half their directions), whose changes stay orthogonal to every basis."""
+    some inputs keep over half their directions), whose changes stay orthogonal to every basis. With
+    the `gradient` target alone, each rank's gradient partition is projected once per step at the
+    start of DeepSpeed's step, its split rows exchanged, and the run matches the single process'."""
     assets = tmp_path / "assets"
     write_toy_assets(str(assets))
     tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
@@ -445,6 +447,8 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
 
     overrides = {"nullspace_method": "gradient" if method == "gradient" else "activation"}
     overrides |= STORAGE_SETTINGS.get(method, {})
+    if method == "gradient target":
+        overrides["nullspace_projection_target"] = "gradient"
     if method == "gradient":
         overrides |= {"nullspace_eigenvalue_threshold": None, "nullspace_max_rank": 4}
     configs = {}
@@ -459,6 +463,9 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
 
     trained = load_file(str(tmp_path / "zero3" / "model.safetensors"))
     assert _max_difference(trained, load_file(str(tmp_path / "single" / "model.safetensors"))) < 1e-4
+    assert "ZeRO-3 gradient projection once per step at the start of DeepSpeed's step" in output, output[-3000:]
+    if method == "gradient target":
+        return
     if method == "smaller":
         complements, weights = map(int, re.search(r"(\d+) of (\d+) as complements", output).groups())
         assert 0 < complements < weights, (complements, weights)
