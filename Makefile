@@ -93,7 +93,8 @@ bench-speed: $(INSTALLED)
 	$(PYTHON) -m benchmarks.speed $(BENCH_ARGS)
 
 # ZeRO-2 on 2 CPU processes, SmolLM2: the projection's time per step inside DeepSpeed's step vs after
-# it (needs the SmolLM2 recipe's subspace cache; minutes).
+# it; BENCH_ARGS="--stage 3" for ZeRO-3's gradient at its step's start vs a hook in backward (needs the
+# SmolLM2 recipe's subspace cache; minutes).
 bench-zero: real-model
 	$(PYTHON) -m benchmarks.zero_step $(BENCH_ARGS)
 

@@ -1,16 +1,18 @@
-"""`make bench-zero`: the ZeRO-2 projections per optimizer step, inside DeepSpeed's step or around it.
+"""`make bench-zero`: the ZeRO projections per optimizer step, in DeepSpeed's step or around it.
 
-Around the step, the gradient is projected by a hook in backward (every rank its whole gradient, at
-every micro-batch) and the masters after the step (every rank also correcting its whole
+ZeRO-2: around the step, the gradient is projected by a hook in backward (every rank its whole
+gradient, at every micro-batch) and the masters after the step (every rank also correcting its whole
 low-precision module copy, with all `d_out × k` coefficients all-reduced). Inside the step
 (`trl_nullspace.zero_in_step`, the default) each rank projects only its own fragment of the reduced
-gradient and of the masters, once per step, and DeepSpeed's all-gather carries the result. This
-trains SmolLM2-135M-Instruct with the real-model recipe's subspace cache (default settings, real
-ranks) under ZeRO-2 on 2 CPU processes, both ways, same data and steps, and times on each process
-each projection's own work per optimizer step (the all-reduces included). The two runs must end
-at nearly the same weights.
+gradient and of the masters, once per step, and DeepSpeed's all-gather carries the result.
+ZeRO-3 (`--stage 3`): the gradient by that hook, or once per step at the start of DeepSpeed's step,
+each rank its own partition (`trl_nullspace.zero3_step`, the default); the masters after the step
+either way. This trains SmolLM2-135M-Instruct with the real-model recipe's subspace cache (default
+settings, real ranks) on 2 CPU processes, both ways, same data and steps, and times on each process
+each projection's own work per optimizer step (the all-reduces included). The two runs must end at
+nearly the same weights.
 
-    python -m benchmarks.zero_step [--steps 6] [--output-dir docs/results]
+    python -m benchmarks.zero_step [--stage 2] [--steps 6] [--output-dir docs/results]
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ from tqdm.auto import tqdm
 
 CONFIG = os.path.join("recipes", "configs", "smollm2-135m_sft.yaml")
 DATA = os.path.join("data", "smollm2")
-MODES = ("around the step", "inside the step")
+# Per stage: the shipped Accelerate config, and the two ways compared (the old one first).
+STAGES = {
+    2: ("zero2.yaml", ("around the step", "inside the step")),
+    3: ("zero3.yaml", ("hook in backward", "at the step's start")),
+}
 MICRO_BATCHES = 2
 WORKER_MODE = "TRL_NULLSPACE_BENCH_ZERO_MODE"
 WORKER_OUTPUT = "TRL_NULLSPACE_BENCH_ZERO_OUTPUT"
@@ -58,6 +64,8 @@ def _worker() -> None:
 
     if os.environ[WORKER_MODE] == "around the step":
         sharded_projection.supports_in_step_projection = lambda zero_optimizer: False
+    if os.environ[WORKER_MODE] == "hook in backward":
+        sharded_projection.supports_step_start_projection = lambda zero3_optimizer: False
     pending, per_step = {"gradient": 0.0, "update": 0.0}, []
     # The gradient: in DeepSpeed's step, or by the hook in backward at every micro-batch.
     ZeroMasterProjector.project_gradients = _timed(pending, "gradient", ZeroMasterProjector.project_gradients)
@@ -79,17 +87,18 @@ def _worker() -> None:
         json.dump(report, handle)
 
 
-def _accelerate_config(directory: str, port: int) -> str:
-    """The shipped ZeRO-2 config on 2 CPU processes, fp32."""
-    config = yaml.safe_load(open(os.path.join("recipes", "accelerate", "zero2.yaml")))
+def _accelerate_config(directory: str, stage: int, port: int) -> str:
+    """The shipped ZeRO config of `stage` on 2 CPU processes, fp32."""
+    shipped = STAGES[stage][0]
+    config = yaml.safe_load(open(os.path.join("recipes", "accelerate", shipped)))
     config |= {"num_processes": 2, "use_cpu": True, "mixed_precision": "no", "main_process_port": port}
-    path = os.path.join(directory, "zero2_cpu.yaml")
+    path = os.path.join(directory, f"cpu_{shipped}")
     with open(path, "w") as handle:
         yaml.safe_dump(config, handle)
     return path
 
 
-def _run(mode: str, directory: str, steps: int, port: int) -> dict:
+def _run(mode: str, directory: str, stage: int, steps: int, port: int) -> dict:
     settings = yaml.safe_load(open(CONFIG))
     output_dir = os.path.join(directory, mode.replace(" ", "-"))
     settings |= {
@@ -103,7 +112,8 @@ def _run(mode: str, directory: str, steps: int, port: int) -> dict:
     config = os.path.join(directory, f"{mode.replace(' ', '-')}.yaml")
     with open(config, "w") as handle:
         yaml.safe_dump(settings, handle)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", _accelerate_config(directory, port)]
+    accelerate_config = _accelerate_config(directory, stage, port)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
     environment = {**os.environ, WORKER_MODE: mode, WORKER_OUTPUT: directory, "HF_HUB_OFFLINE": "1"}
     environment["PYTHONPATH"] = os.getcwd()
     completed = subprocess.run(
@@ -130,19 +140,31 @@ def _run(mode: str, directory: str, steps: int, port: int) -> dict:
     }
 
 
+HOW = {
+    2: "Around the step: the gradient projected by a hook in backward (each process its whole gradient, every "
+    "micro-batch) and the masters after the step (each process also correcting its whole module copy). Inside it: "
+    "both once per step, each process its own fragment.",
+    3: "Hook in backward: each process projects its whole gradient at every micro-batch. At the step's start: once "
+    "per step, each process its own partition of the reduced gradient. The masters are projected after the step "
+    "either way, each process its own partition.",
+}
+COUNTED = {
+    2: "the gradient 4·P·k·micro-batches against 4·P·k/world, the update 4·P·k/world + 2·P·k against 4·P·k/world",
+    3: "the gradient 4·P·k·micro-batches against 4·P·k/world, the update 4·P·k/world both ways",
+}
+
+
 def format_report(result: dict) -> str:
-    rows = result["rows"]
+    rows, stage = result["rows"], result["stage"]
+    old, new = rows
     lines = [
-        "# ZeRO-2: the projections inside DeepSpeed's step or around it (`make bench-zero`)",
+        f"# ZeRO-{stage}: the projections in DeepSpeed's step or around it (`make bench-zero`)",
         "",
-        f"SmolLM2-135M-Instruct, the real-model recipe's subspace cache (default settings, `both` target), ZeRO-2 "
-        f"on 2 CPU processes over gloo ({result['machine']}), {result['steps']} optimizer steps of 8 examples in "
-        f"{result['micro_batches']} micro-batches, fp32. Around the step: the gradient projected by a hook in "
-        "backward (each process its whole gradient, every micro-batch) and the masters after the step (each "
-        "process also correcting its whole module copy). Inside it: both once per step, each process its own "
-        "fragment. Each projection's own work per optimizer step on each process (median over the steps after "
-        "the first; its all-reduces included), the update's coefficients all-reduced per step, and the whole "
-        "run's time:",
+        f"SmolLM2-135M-Instruct, the real-model recipe's subspace cache (default settings, `both` target), "
+        f"ZeRO-{stage} on 2 CPU processes over gloo ({result['machine']}), {result['steps']} optimizer steps of 8 "
+        f"examples in {result['micro_batches']} micro-batches, fp32. {HOW[stage]} Each projection's own work per "
+        "optimizer step on each process (median over the steps after the first; its all-reduces included), the "
+        "update's coefficients all-reduced per step, and the whole run's time:",
         "",
         "| projected | gradient ms/step (rank 0, 1) | update ms/step (rank 0, 1) | update coefficients all-reduced "
         "per step | run s |",
@@ -154,19 +176,17 @@ def format_report(result: dict) -> str:
             f"| {row['mode']} | {gradient[0]}, {gradient[1]} | {update[0]}, {update[1]} | "
             f"{row['coefficients_all_reduced']:,} of {row['coefficients_total']:,} | {row['train_s']} |"
         )
-    around, inside = rows
     ratio = {
-        kind: statistics.mean(around[f"{kind}_ms_per_rank"]) / statistics.mean(inside[f"{kind}_ms_per_rank"])
+        kind: statistics.mean(old[f"{kind}_ms_per_rank"]) / statistics.mean(new[f"{kind}_ms_per_rank"])
         for kind in ("gradient", "update")
     }
     lines += [
         "",
-        f"Inside the step the gradient projection took {ratio['gradient']:.1f}× less time per step and the update "
-        f"projection {ratio['update']:.1f}× less, and the update all-reduced "
-        f"{inside['coefficients_all_reduced'] * 4 / 2**20:.1f} MiB instead of "
-        f"{around['coefficients_all_reduced'] * 4 / 2**20:.1f}. Counted (P·k = Σ d_out·d·k): the gradient "
-        f"4·P·k·micro-batches against 4·P·k/world, the update 4·P·k/world + 2·P·k against 4·P·k/world. The two "
-        f"runs end {result['weights_apart']:.1e} apart (largest weight difference): the gradient is projected "
+        f"{new['mode'].capitalize()} the gradient projection took {ratio['gradient']:.1f}× less time per step "
+        f"than {old['mode']} and the update projection {ratio['update']:.1f}× less, and the update all-reduced "
+        f"{new['coefficients_all_reduced'] * 4 / 2**20:.1f} MiB instead of "
+        f"{old['coefficients_all_reduced'] * 4 / 2**20:.1f}. Counted (P·k = Σ d_out·d·k): {COUNTED[stage]}. The "
+        f"two runs end {result['weights_apart']:.1e} apart (largest weight difference): the gradient is projected "
         "once, summed, instead of per micro-batch, and clipped by the same rule.",
     ]
     return "\n".join(lines) + "\n"
@@ -174,6 +194,7 @@ def format_report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", type=int, choices=sorted(STAGES), default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--port", type=int, default=29563)
     parser.add_argument("--output-dir", default="docs/results")
@@ -189,16 +210,22 @@ def main(argv: list[str] | None = None) -> None:
     if not os.path.exists(cache):
         raise FileNotFoundError(f"{cache} is missing: run `python recipes/sft.py --config {CONFIG}` once to write it.")
     with tempfile.TemporaryDirectory() as directory:
-        rows = [_run(mode, directory, args.steps, args.port) for mode in tqdm(MODES, desc="ZeRO-2 runs")]
+        modes = STAGES[args.stage][1]
+        rows = [
+            _run(mode, directory, args.stage, args.steps, args.port)
+            for mode in tqdm(modes, desc=f"ZeRO-{args.stage} runs")
+        ]
     first, second = (row.pop("weights") for row in rows)
     result = {
         "machine": machine_name("cpu"),
+        "stage": args.stage,
         "steps": args.steps,
         "micro_batches": MICRO_BATCHES,
         "rows": rows,
         "weights_apart": max((first[name] - second[name]).abs().max().item() for name in first),
     }
-    write_results(result, os.path.join(args.output_dir, "zero_cpu"), format_report)
+    name = "zero_cpu" if args.stage == 2 else f"zero{args.stage}_cpu"
+    write_results(result, os.path.join(args.output_dir, name), format_report)
 
 
 if __name__ == "__main__":
