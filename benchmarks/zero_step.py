@@ -39,6 +39,7 @@ STAGES = {
     3: ("zero3.yaml", ("hook in backward", "at the step's start")),
 }
 MICRO_BATCHES = 2
+KINDS = ("gradient", "update")
 WORKER_MODE = "TRL_NULLSPACE_BENCH_ZERO_MODE"
 WORKER_OUTPUT = "TRL_NULLSPACE_BENCH_ZERO_OUTPUT"
 
@@ -131,7 +132,7 @@ def _run(mode: str, directory: str, stage: int, steps: int, port: int) -> dict:
             f"{kind}_ms_per_rank": [
                 round(statistics.median(s[kind] for s in rank["per_step_ms"][1:]), 1) for rank in ranks
             ]
-            for kind in ("gradient", "update")
+            for kind in KINDS
         },
         "train_s": round(max(rank["train_s"] for rank in ranks), 1),
         "coefficients_all_reduced": exchanged,
@@ -176,18 +177,18 @@ def format_report(result: dict) -> str:
             f"| {row['mode']} | {gradient[0]}, {gradient[1]} | {update[0]}, {update[1]} | "
             f"{row['coefficients_all_reduced']:,} of {row['coefficients_total']:,} | {row['train_s']} |"
         )
-    ratio = {
-        kind: statistics.mean(old[f"{kind}_ms_per_rank"]) / statistics.mean(new[f"{kind}_ms_per_rank"])
-        for kind in ("gradient", "update")
-    }
+    mean = {(row["mode"], kind): statistics.mean(row[f"{kind}_ms_per_rank"]) for row in rows for kind in KINDS}
+    gradient_ratio = mean[old["mode"], "gradient"] / mean[new["mode"], "gradient"]
+    update_ratio = mean[old["mode"], "update"] / mean[new["mode"], "update"]
+    all_reduced = [row["coefficients_all_reduced"] * 4 / 2**20 for row in (new, old)]
     lines += [
         "",
-        f"{new['mode'].capitalize()} the gradient projection took {ratio['gradient']:.1f}× less time per step "
-        f"than {old['mode']} and the update projection {ratio['update']:.1f}× less, and the update all-reduced "
-        f"{new['coefficients_all_reduced'] * 4 / 2**20:.1f} MiB instead of "
-        f"{old['coefficients_all_reduced'] * 4 / 2**20:.1f}. Counted (P·k = Σ d_out·d·k): {COUNTED[stage]}. The "
-        f"two runs end {result['weights_apart']:.1e} apart (largest weight difference): the gradient is projected "
-        "once, summed, instead of per micro-batch, and clipped by the same rule.",
+        f"{new['mode'].capitalize()} the gradient projection took {gradient_ratio:.1f}× less time per step than "
+        f"{old['mode']}, the update projection {update_ratio:.1f}× less, and the update all-reduced "
+        f"{all_reduced[0]:.1f} MiB of coefficients per step instead of {all_reduced[1]:.1f}. Counted "
+        f"(P·k = Σ d_out·d·k): {COUNTED[stage]}. The two runs end {result['weights_apart']:.1e} apart (largest "
+        "weight difference): the gradient is projected once, summed, instead of per micro-batch, and clipped by the "
+        "same rule.",
     ]
     return "\n".join(lines) + "\n"
 
