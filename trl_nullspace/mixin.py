@@ -391,8 +391,8 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
     ) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Under DeepSpeed the engine has already stepped here (its gradients were projected in its
-        # step, or by hooks in backward); under FSDP2 they are row shards of new parameter objects, projected locally.
-        # Both check the weights after the step instead of the gradients.
+        # step, or by hooks in backward); under FSDP2 they are row shards of new parameter objects,
+        # projected locally. Both check the weights after the step instead of the gradients.
         if not self.accelerator.sync_gradients or self.is_deepspeed_enabled:
             return loss
         if self.is_fsdp_enabled:

@@ -257,7 +257,7 @@ class MasterFragment:
 
     def project_gradient(self, gradient: torch.Tensor, coefficients: torch.Tensor) -> None:
         """`G ← G − (G U) Uᵀ` on this fragment's gradient, given its completed rows of `G U`. Unlike
-        the masters', nothing is written back: the gradient is the optimizer's own."""
+        the masters', nothing is written back here: the caller's `zero.GradientAccess` stores it."""
         subtract_fragment_projection(self.pieces, gradient, self.item.basis, coefficients)
 
     def write_back(self, master: torch.Tensor) -> None:
