@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
+from benchmarks.baselines import RetainKLSFTTrainer, with_replay
 from trl_nullspace import NullSpaceDPOConfig, NullSpaceDPOTrainer, NullSpaceSFTConfig, NullSpaceSFTTrainer
 from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings, describe, evaluate_model
 from trl_nullspace.evaluation.splits import development_sets, held_out_sets
@@ -78,6 +79,11 @@ class Method:
     same_parameters: bool = False  # plain TRL training exactly what the null-space trainer trains
     learning_rates: tuple[float, ...] = (1.5e-4, 2e-4, 3e-4)
     reference: str = "general"
+    # What a user would do instead of a constraint (plain TRL only, SFT stages; `benchmarks.baselines`):
+    # "replay" mixes the reference data into the training data, "kl-retain" adds `retain_weight` × KL
+    # to the base model on the reference answers.
+    baseline: str | None = None
+    retain_weight: float = 1.0
 
 
 METHODS = [
@@ -242,6 +248,10 @@ def train(
     else:
         extra_reference = {}
     train_dataset = {"sft": data.sft_boundary, "safety-only sft": data.sft_safety_only, "dpo": data.dpo}[stage]
+    if method.baseline is not None and (dpo or method.null_space):
+        raise ValueError(f"{method.name}: the {method.baseline} baseline is a plain TRL SFT row.")
+    if method.baseline == "replay":
+        train_dataset = with_replay(train_dataset, data.references[method.reference])
     extra: dict[str, Any] = {"peft_config": lora_config()} if method.lora else {}
     extra.update(extra_reference)
     if method.null_space:
@@ -257,6 +267,9 @@ def train(
     else:
         trainer_class, config_class = (DPOTrainer, DPOConfig) if dpo else (SFTTrainer, SFTConfig)
         config = config_class(**arguments)
+        if method.baseline == "kl-retain":
+            trainer_class = RetainKLSFTTrainer
+            extra.update(retain_dataset=data.references[method.reference], retain_weight=method.retain_weight)
     trainer = trainer_class(model=model, args=config, train_dataset=train_dataset, processing_class=tokenizer, **extra)
     quiet_progress(trainer, bar=False)  # the driver prints one line per row
     trainer.train()

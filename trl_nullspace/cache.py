@@ -20,6 +20,7 @@ from torch import nn
 
 from trl_nullspace import __version__
 from trl_nullspace.config import NullSpaceArguments
+from trl_nullspace.estimators.exemption import Exemption
 from trl_nullspace.fingerprint import architecture_fingerprint, model_name
 from trl_nullspace.reference import ReferenceBatch, reference_fingerprint
 from trl_nullspace.subspace import CapabilitySubspace
@@ -113,6 +114,7 @@ def expected_provenance(
     batches: list[ReferenceBatch] | None,
     weights: str,
     contrast_batches: list[ReferenceBatch] | None = None,
+    exemption: Exemption | None = None,
 ) -> dict[str, Any]:
     """What a cache must record to serve this model and these settings (the weights only if they
     must match, the reference and training data only if there is any to compare with)."""
@@ -130,6 +132,10 @@ def expected_provenance(
         expected["reference_fingerprint"] = reference_fingerprint(batches)
     if contrast_batches is not None:
         expected["contrast_fingerprint"] = reference_fingerprint(contrast_batches)
+    # Always recorded (None: no exemption), so a cache that freed harm keys never serves a run that did not ask to.
+    expected["exemption"] = None if exemption is None else {"modules": exemption.modules, "ridge": exemption.ridge}
+    if exemption is not None:
+        expected["exempt_fingerprint"] = reference_fingerprint(exemption.harmful + (exemption.benign or []))
     return expected
 
 
@@ -150,6 +156,8 @@ def check_cache_matches(path: str, header: dict[str, Any], expected: dict[str, A
         "normalize_tokens": "the cache weighted reference tokens differently (nullspace_normalize_tokens)",
         "contrastive": "the cache used another rank rule (nullspace_contrastive)",
         "contrast_fingerprint": "the cache's contrastive rule saw other training data",
+        "exemption": "the cache exempted other layer inputs or none (nullspace_exempt_*)",
+        "exempt_fingerprint": "the cache's harm keys came from other exempt prompts",
     }
     problems = [
         f"  - {key}: cache has {header.get(key)!r}, expected {value!r} ({explanations.get(key, 'differs')})"

@@ -122,6 +122,33 @@ class NullSpaceArguments:
             "directions of least reference energy."
         },
     )
+    nullspace_exempt_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Activation method: prompts (a 'prompt' column, as GRPO takes them) with a boolean 'harmful' "
+            "column, the format of the refusal reward's data (the trainer's exempt_dataset= wins). Per layer input "
+            "of nullspace_exempt_modules, the direction that tells the harmful prompts from the benign ones at the "
+            "least cost on the reference inputs, (C + mu I)^-1 (mean harmful - mean benign), is taken out of the "
+            "protected basis, so refusal can key on harmfulness in any wording while general inputs, which barely "
+            "carry that direction, barely move. Without benign rows the reference inputs' mean stands in. The "
+            "reference energy each basis gives up is stated in the start summary and the cache."
+        },
+    )
+    nullspace_exempt_split: str = field(default="train", metadata={"help": "Split of the exempt dataset."})
+    nullspace_exempt_modules: list[str] = field(
+        default_factory=lambda: ["gate_proj", "up_proj"],
+        metadata={
+            "help": "With an exempt dataset: the Linears (name suffixes) whose layer input gives up its harm key. "
+            "Default: the MLP's gate and up projections, one shared input per layer."
+        },
+    )
+    nullspace_exempt_ridge: float = field(
+        default=0.1,
+        metadata={
+            "help": "With an exempt dataset: mu of the key's whitening, as a fraction of the reference statistic's "
+            "mean eigenvalue. Smaller keys on directions general inputs use less (less drift, noisier key)."
+        },
+    )
     nullspace_statistics_budget_gib: float | None = field(
         default=8.0,
         metadata={
@@ -234,6 +261,15 @@ class NullSpaceArguments:
                 "(the unprotected share of reference energy); unset nullspace_eigenvalue_threshold and "
                 "nullspace_max_rank."
             )
+        if self.nullspace_exempt_dataset is not None and self.nullspace_method != "activation":
+            raise ValueError(
+                "nullspace_exempt_dataset needs nullspace_method='activation': the harm key is a direction of a "
+                "layer's input, which the gradient method does not estimate."
+            )
+        if not self.nullspace_exempt_ridge > 0:
+            raise ValueError(f"nullspace_exempt_ridge must be positive, got {self.nullspace_exempt_ridge}.")
+        if not self.nullspace_exempt_modules:
+            raise ValueError("nullspace_exempt_modules must name at least one Linear (e.g. gate_proj up_proj).")
         for name in (
             "nullspace_max_rank",
             "nullspace_gradient_batches",

@@ -86,7 +86,9 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
     data), which takes precedence over `args.nullspace_reference_dataset`. It is the data whose
     behaviour is preserved, not the reference *model* some trainers (DPO) also take.
     `monitor_dataset` (held-out general data; over `args.nullspace_monitor_dataset`) turns on the
-    live drift metrics of `trl_nullspace.monitor`.
+    live drift metrics of `trl_nullspace.monitor`. `exempt_dataset` (prompts with a boolean `harmful`
+    column; over `args.nullspace_exempt_dataset`) frees each exempted layer input's harm key
+    (`trl_nullspace.estimators.exemption`).
     """
 
     config_class: type[NullSpaceArguments]
@@ -97,6 +99,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
         *args: Any,
         reference_dataset: datasets.Dataset | None = None,
         monitor_dataset: datasets.Dataset | None = None,
+        exempt_dataset: datasets.Dataset | None = None,
         **kwargs: Any,
     ):
         bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs)
@@ -130,6 +133,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
         self._nullspace_gather_peak = GatherPeak.of(self.model)
         self._reference_batches = self._load_reference_batches(reference_dataset)
         self._contrast_batches = self._load_contrast_batches()
+        self._exemption = self._load_exemption(exempt_dataset)
         self.nullspace_subspace = self._load_or_estimate_subspace()
         self._check_same_subspace_on_every_process()
         self.nullspace_projector = self._bind(self.nullspace_subspace)
@@ -255,6 +259,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
         known = {key: value for key, value in kept.items() if value is not None}
         least = min(known, key=known.get) if known else None
         frozen = self.args.nullspace_freeze_untargeted
+        exempted: dict[str, float] = subspace.settings.get("exempted", {})
         return {
             "library": f"trl-nullspace {__version__}",
             "method": self.nullspace_subspace.method,
@@ -271,6 +276,10 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
             "rank_max": max(ranks),
             "normalize_tokens": self.args.nullspace_normalize_tokens,
             "contrastive": self.args.nullspace_contrastive,
+            # The harm-keyed exemption: per exempted layer input, the reference energy its basis gave up.
+            "exempted_inputs": len(exempted),
+            "exempted_energy_max": round(max(exempted.values()), 6) if exempted else None,
+            "exempted_energy_max_basis": max(exempted, key=exempted.get) if exempted else None,
             "energy_protected_mean": round(sum(known.values()) / len(known), 6) if known else None,
             "energy_protected_least": round(known[least], 6) if known else None,
             "energy_protected_least_basis": least,
@@ -308,6 +317,12 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
                 f"{'gradient' if settings['method'] == 'gradient' else 'layer-input'} energy on average "
                 f"(least {settings['energy_protected_least']:.2%}, {settings['energy_protected_least_basis']}); "
                 "updates may move reference outputs only through the rest."
+            )
+        if settings["exempted_inputs"]:
+            summary += (
+                f" Harm keys exempted at {settings['exempted_inputs']} layer inputs: each basis gave up at most "
+                f"{settings['exempted_energy_max']:.3%} of its reference energy "
+                f"({settings['exempted_energy_max_basis']}), through which reference outputs may move."
             )
         peak = self._nullspace_gather_peak
         if peak is not None:

@@ -1,7 +1,8 @@
 """Where a null-space trainer's capability subspace comes from: a cache, or an estimate.
 
 `SubspaceSetupMixin` is the part of `NullSpaceTrainerMixin` that runs before anything is bound:
-it tokenizes the reference data (and the training data, for the contrastive rule), loads a cache
+it tokenizes the reference data (and the training data, for the contrastive rule, and the
+harm-keyed exemption's prompts), loads a cache
 and checks that it still describes this model, or estimates the subspace (the data shared over
 the processes; under ZeRO-3 one decoder layer gathered at a time), and checks that every process
 holds the same bases. Binding, projecting, reporting and checkpoints stay in `trl_nullspace.mixin`.
@@ -27,7 +28,7 @@ from trl_nullspace.cache import (
     saved_provenance,
 )
 from trl_nullspace.config import NullSpaceArguments
-from trl_nullspace.estimators import estimate_subspace
+from trl_nullspace.estimators import Exemption, estimate_subspace
 from trl_nullspace.estimators.activation import energy_in_span
 from trl_nullspace.fingerprint import weights_fingerprint
 from trl_nullspace.loading import load_dataset_from
@@ -48,6 +49,7 @@ class SubspaceSetupMixin:
     args: NullSpaceArguments
     _reference_batches: list[ReferenceBatch] | None
     _contrast_batches: list[ReferenceBatch] | None
+    _exemption: Exemption | None
     _nullspace_gather_peak: GatherPeak | None
 
     def _reference_tokenizer(self) -> PreTrainedTokenizerBase:
@@ -85,8 +87,56 @@ class SubspaceSetupMixin:
             )
         return self._tokenize(self._raw_train_dataset)
 
+    def _load_exemption(self, exempt_dataset: datasets.Dataset | None) -> Exemption | None:
+        """The harm-keyed exemption's prompts (`trl_nullspace.estimators.exemption`), split by their
+        `harmful` column; None without an exempt dataset."""
+        if exempt_dataset is None and self.args.nullspace_exempt_dataset is not None:
+            exempt_dataset = load_dataset_from(self.args.nullspace_exempt_dataset, self.args.nullspace_exempt_split)
+        if exempt_dataset is None:
+            return None
+        if self.args.nullspace_method != "activation":
+            raise ValueError(
+                "An exempt dataset needs nullspace_method='activation': a harm key is a direction of a layer's input."
+            )
+        columns = set(exempt_dataset.column_names)
+        if not {"prompt", "harmful"} <= columns:
+            raise ValueError(
+                f"The exempt dataset has columns {sorted(columns)}; it needs 'prompt' and a boolean 'harmful' column "
+                "(the format of GRPO's refusal-reward data): harmful prompts key the exemption, benign ones "
+                "(harmful=False) are what they are told apart from."
+            )
+        flags = exempt_dataset["harmful"]
+        if not all(isinstance(flag, bool) for flag in flags):
+            raise ValueError("The exempt dataset's 'harmful' column must hold True/False for every row.")
+        harmful = [index for index, flag in enumerate(flags) if flag]
+        benign = [index for index, flag in enumerate(flags) if not flag]
+        if not harmful:
+            raise ValueError(
+                "The exempt dataset has no harmful=True prompt: there is nothing to key the exemption on."
+            )
+        targets = find_target_linears(self.model, self.args.nullspace_target_modules)
+        unmatched = [
+            suffix
+            for suffix in self.args.nullspace_exempt_modules
+            if not any(name == suffix or name.endswith("." + suffix) for name in targets)
+        ]
+        if unmatched:
+            raise ValueError(
+                f"nullspace_exempt_modules {unmatched} match no constrained Linear of this model (constrained Linears "
+                f"look like {sorted(targets)[:4]}); name the projections whose input gives up its harm key."
+            )
+        prompts = exempt_dataset.select_columns(["prompt"])
+        return Exemption(
+            harmful=self._tokenize(prompts.select(harmful)),
+            benign=self._tokenize(prompts.select(benign)) if benign else None,
+            modules=list(self.args.nullspace_exempt_modules),
+            ridge=self.args.nullspace_exempt_ridge,
+        )
+
     def _expected_provenance(self, weights: str) -> dict[str, Any]:
-        return expected_provenance(self.model, self.args, self._reference_batches, weights, self._contrast_batches)
+        return expected_provenance(
+            self.model, self.args, self._reference_batches, weights, self._contrast_batches, self._exemption
+        )
 
     def _load_or_estimate_subspace(self) -> CapabilitySubspace:
         if self.args.nullspace_refresh_steps is not None and self._reference_batches is None:
@@ -214,15 +264,21 @@ class SubspaceSetupMixin:
         from 1/world of the forward passes each (`settings["processes"]` records how many shared).
         """
         world = self.accelerator.num_processes
-        batches, contrast = self._reference_batches, self._contrast_batches
+        batches, contrast, exemption = self._reference_batches, self._contrast_batches, self._exemption
+        every_set = [batches, contrast] + ([exemption.harmful, exemption.benign] if exemption is not None else [])
         shared = (
             world > 1
             and self.args.nullspace_method == "activation"
-            and len(batches) >= world
-            and (contrast is None or len(contrast) >= world)
+            and all(each is None or len(each) >= world for each in every_set)
         )
         subspace = estimate_subspace(
-            self.model, batches, self.args, not self.args.disable_tqdm, contrast, across_processes=shared
+            self.model,
+            batches,
+            self.args,
+            not self.args.disable_tqdm,
+            contrast,
+            across_processes=shared,
+            exemption=exemption,
         )
         subspace.settings["processes"] = world if shared else 1
         return subspace

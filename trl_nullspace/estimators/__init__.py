@@ -6,6 +6,7 @@ from torch import nn
 
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.estimators.activation import estimate_activation_subspace
+from trl_nullspace.estimators.exemption import Exemption
 from trl_nullspace.estimators.gradient import estimate_gradient_subspace
 from trl_nullspace.reference import ReferenceBatch
 from trl_nullspace.subspace import CapabilitySubspace
@@ -19,10 +20,12 @@ def estimate_subspace(
     show_progress: bool = True,
     contrast_batches: list[ReferenceBatch] | None = None,
     across_processes: bool = False,
+    exemption: Exemption | None = None,
 ) -> CapabilitySubspace:
     """The subspace `settings` asks for (method, target modules, rank rule), from `batches`; the
-    contrastive rule also needs `contrast_batches` (the training data). With `across_processes`
-    (activation method only), each process reads its share of the batches and the statistics are summed."""
+    contrastive rule also needs `contrast_batches` (the training data), the harm-keyed exemption its
+    prompts (`exemption`). With `across_processes` (activation method only), each process reads its
+    share of the batches and the statistics are summed."""
     linears = find_target_linears(model, settings.nullspace_target_modules)
     selection = settings.nullspace_rank_selection
     if settings.nullspace_contrastive and contrast_batches is None:
@@ -39,10 +42,11 @@ def estimate_subspace(
             experts=find_target_experts(model, settings.nullspace_target_modules),
             statistics_budget_bytes=settings.nullspace_statistics_budget_bytes,
             across_processes=across_processes,
+            exemption=exemption,
         )
     return estimate_gradient_subspace(
         model, batches, linears, selection, settings.nullspace_gradient_batches, show_progress
     )
 
 
-__all__ = ["estimate_activation_subspace", "estimate_gradient_subspace", "estimate_subspace"]
+__all__ = ["Exemption", "estimate_activation_subspace", "estimate_gradient_subspace", "estimate_subspace"]

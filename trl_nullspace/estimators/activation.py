@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from trl_nullspace.estimators.exemption import Exemption, energy_share, exempt_direction, harm_key
 from trl_nullspace.experts import GATE_UP, hidden_size, is_fused_experts, routed_inputs, slice_name
 from trl_nullspace.modes import evaluating
 from trl_nullspace.projector import full_shape
@@ -43,12 +44,16 @@ class InputCovarianceCollector:
         linears: dict[str, nn.Module],
         normalize_tokens: bool = False,
         experts: dict[str, nn.Module] | None = None,
+        second_moments: bool = True,
     ):
         self.linears = linears
         self.experts = experts or {}  # `<experts>.gate_up_proj`/`.down_proj` → the fused experts module
         self.normalize_tokens = normalize_tokens
+        # False: only the inputs' sums (class means for `exemption`), not the d×d statistics.
+        self.second_moments = second_moments
         self.group_of: dict[str, str] = {}
         self.covariances: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.token_counts: dict[str, int] = {}
         self._mask: torch.Tensor | None = None
         self._last_input: torch.Tensor | None = None
@@ -83,11 +88,16 @@ class InputCovarianceCollector:
         tokens = tokens.double()
         if self.normalize_tokens:
             tokens = tokens / tokens.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-        covariance = tokens.T @ tokens
-        if name in self.covariances:
-            self.covariances[name] += covariance
+        if name in self.sums:
+            self.sums[name] += tokens.sum(0)
         else:
-            self.covariances[name] = covariance
+            self.sums[name] = tokens.sum(0)
+        if self.second_moments:
+            covariance = tokens.T @ tokens
+            if name in self.covariances:
+                self.covariances[name] += covariance
+            else:
+                self.covariances[name] = covariance
         self.token_counts[name] = self.token_counts.get(name, 0) + tokens.shape[0]
 
     def sum_over_processes(self) -> None:
@@ -95,9 +105,11 @@ class InputCovarianceCollector:
         targets, each from its own share of the data), so all hold the whole data's, bit for bit."""
         for name in sorted(self.covariances):
             dist.all_reduce(self.covariances[name])
+        for name in sorted(self.sums):
+            dist.all_reduce(self.sums[name])
         names = sorted(self.token_counts)
         if names:
-            device = self.covariances[names[0]].device  # where the statistics are: the collective's device
+            device = self.sums[names[0]].device  # where the statistics are: the collective's device
             counts = torch.tensor([self.token_counts[name] for name in names], dtype=torch.int64, device=device)
             dist.all_reduce(counts)
             self.token_counts = dict(zip(names, counts.tolist(), strict=True))
@@ -200,9 +212,11 @@ class InputCovarianceCollector:
         for group_of in everyone:
             for name, leader in group_of.items():
                 self._assign(name, leader)
-        for leader in set(self.group_of.values()) - set(self.covariances):
+        for leader in set(self.group_of.values()) - set(self.sums):
             size = linear_input_size(self.linears[leader])
-            self.covariances[leader] = torch.zeros(size, size, dtype=torch.float64, device=device)
+            self.sums[leader] = torch.zeros(size, dtype=torch.float64, device=device)
+            if self.second_moments:
+                self.covariances[leader] = torch.zeros(size, size, dtype=torch.float64, device=device)
             self.token_counts[leader] = 0
 
     def _check_every_target_was_called(self, model: nn.Module) -> None:
@@ -437,6 +451,47 @@ def _add_bases(
             bases[leader], energy[leader] = contrastive_basis(covariance, contrast.covariances[leader], selection)
 
 
+def _exempt_keys(
+    model: nn.Module,
+    collector: InputCovarianceCollector,
+    exemption: Exemption,
+    bases: dict[str, torch.Tensor],
+    energy: dict[str, float],
+    exempted: dict[str, float],
+    show_progress: bool,
+    across_processes: bool,
+    layer_order: LayerOrder,
+) -> None:
+    """Free each exempted layer input's harm key (`trl_nullspace.estimators.exemption`) in this
+    pass' bases; record the reference energy each basis still holds (`energy`) and what it gave up
+    (`exempted`). The prompts' class means come from one forward pass per class over this pass'
+    targets (sums only, no d×d statistics)."""
+    members: dict[str, list[str]] = {}
+    for name, leader in collector.group_of.items():
+        members.setdefault(leader, []).append(name)
+    leaders = [
+        leader for leader in collector.covariances if leader in collector.linears and exemption.covers(members[leader])
+    ]
+    if not leaders:
+        return
+    means = {}
+    for side, batches in (("harmful", exemption.harmful), ("benign", exemption.benign)):
+        if batches is None:
+            continue
+        prompts = InputCovarianceCollector(collector.linears, collector.normalize_tokens, second_moments=False)
+        label = f"nullspace: {side} prompts"
+        prompts.collect(model, batches, show_progress, label, across_processes, layer_order)
+        means[side] = {leader: prompts.sums[leader] / max(prompts.token_counts[leader], 1) for leader in leaders}
+    for leader in leaders:
+        covariance, tokens = collector.covariances[leader], collector.token_counts[leader]
+        benign = means["benign"][leader] if "benign" in means else collector.sums[leader] / tokens
+        key = harm_key(covariance, tokens, means["harmful"][leader], benign, exemption.ridge)
+        before = energy_share(bases[leader], covariance)
+        bases[leader] = exempt_direction(bases[leader], key)
+        energy[leader] = energy_share(bases[leader], covariance)
+        exempted[leader] = before - energy[leader]
+
+
 def estimate_activation_subspace(
     model: nn.Module,
     batches: list[ReferenceBatch],
@@ -448,9 +503,14 @@ def estimate_activation_subspace(
     experts: dict[str, nn.Module] | None = None,
     statistics_budget_bytes: int | None = None,
     across_processes: bool = False,
+    exemption: Exemption | None = None,
 ) -> CapabilitySubspace:
     """Bases `U` (d_in×k) of the reference inputs of every target Linear, and of every expert of the
     fused `experts` weights (`trl_nullspace.targets.find_target_experts`).
+
+    With `exemption`, the exempted layer inputs' bases give up their harm key
+    (`trl_nullspace.estimators.exemption`); `settings["exempted"]` records the reference energy
+    each gave up.
 
     With `across_processes` (every process calls this with the same data), each process reads
     1/world of `batches` and `contrast_batches` and the statistics are summed over the processes
@@ -463,7 +523,7 @@ def estimate_activation_subspace(
     `statistics_budget_bytes` the layers are estimated in passes whose statistics fit it (one
     forward pass over the reference data each, `plan_passes`); every basis is the same as in one pass.
     """
-    bases, eigenvalues, energy, targets, tokens = {}, {}, {}, {}, 0
+    bases, eigenvalues, energy, exempted, targets, tokens = {}, {}, {}, {}, {}, 0
     layer_order = LayerOrder(model, [*linears, *(experts or {})])
     reference_passes = collect_in_passes(
         model,
@@ -485,6 +545,10 @@ def estimate_activation_subspace(
                 label = "nullspace: training-data inputs"
                 contrast.collect(model, contrast_batches, show_progress, label, across_processes, layer_order)
             _add_bases(collector, contrast, selection, bases, eigenvalues, energy)
+            if exemption is not None:
+                _exempt_keys(
+                    model, collector, exemption, bases, energy, exempted, show_progress, across_processes, layer_order
+                )
             targets.update(collector.group_of)
             tokens = max([tokens, *collector.token_counts.values()])
             contrast = None  # freed before the next pass collects
@@ -494,7 +558,7 @@ def estimate_activation_subspace(
         targets=targets,
         eigenvalues=eigenvalues,
         energy=energy,
-        settings={"reference_tokens": tokens},
+        settings={"reference_tokens": tokens, **({"exempted": exempted} if exemption is not None else {})},
     )
 
 
