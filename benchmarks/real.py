@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from benchmarks.baselines import RetainKLSFTTrainer, with_replay
+from benchmarks.baselines import RetainKLNullSpaceSFTTrainer, RetainKLSFTTrainer, with_replay
 from trl_nullspace import NullSpaceDPOConfig, NullSpaceDPOTrainer, NullSpaceSFTConfig, NullSpaceSFTTrainer
 from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings, describe, evaluate_model
 from trl_nullspace.evaluation.splits import development_sets, held_out_sets
@@ -79,11 +79,12 @@ class Method:
     same_parameters: bool = False  # plain TRL training exactly what the null-space trainer trains
     learning_rates: tuple[float, ...] = (1.5e-4, 2e-4, 3e-4)
     reference: str = "general"
-    # What a user would do instead of a constraint (plain TRL only, SFT stages; `benchmarks.baselines`):
-    # "replay" mixes the reference data into the training data, "kl-retain" adds `retain_weight` × KL
-    # to the base model on the reference answers.
+    # What a user would do instead of a constraint (SFT stages; `benchmarks.baselines`): "replay" mixes
+    # the reference data into the training data, "kl-retain" adds `retain_weight` × KL to the base
+    # model on the general reference answers (with the null-space trainer too: a looser constraint's catch).
     baseline: str | None = None
     retain_weight: float = 1.0
+    exempt: bool = False  # null-space only: the harm-keyed exemption on `RealData.exempt_prompts`
 
 
 METHODS = [
@@ -248,8 +249,8 @@ def train(
     else:
         extra_reference = {}
     train_dataset = {"sft": data.sft_boundary, "safety-only sft": data.sft_safety_only, "dpo": data.dpo}[stage]
-    if method.baseline is not None and (dpo or method.null_space):
-        raise ValueError(f"{method.name}: the {method.baseline} baseline is a plain TRL SFT row.")
+    if method.baseline is not None and dpo:
+        raise ValueError(f"{method.name}: the {method.baseline} baseline is an SFT row.")
     if method.baseline == "replay":
         train_dataset = with_replay(train_dataset, data.references[method.reference])
     extra: dict[str, Any] = {"peft_config": lora_config()} if method.lora else {}
@@ -260,16 +261,23 @@ def train(
         )
         # Rows with the same settings on the base model share one estimate (the cache checks the weights);
         # a DPO stage starts from its own SFT model.
-        key = hashlib.sha256(repr((sorted(method.settings.items()), method.reference)).encode()).hexdigest()[:12]
+        key = hashlib.sha256(
+            repr((sorted(method.settings.items()), method.reference, method.exempt)).encode()
+        ).hexdigest()[:12]
         cache = os.path.join(workdir, f"subspace-{key}" + (f"-dpo-{method.name}-{seed}" if dpo else ""))
         config = config_class(**arguments, **method.settings, nullspace_cache_path=cache + ".safetensors")
         extra["reference_dataset"] = data.references[method.reference]
+        if method.baseline == "kl-retain":
+            trainer_class = RetainKLNullSpaceSFTTrainer
+            extra.update(retain_dataset=data.references["general"], retain_weight=method.retain_weight)
+        if method.exempt:
+            extra["exempt_dataset"] = data.exempt_prompts
     else:
         trainer_class, config_class = (DPOTrainer, DPOConfig) if dpo else (SFTTrainer, SFTConfig)
         config = config_class(**arguments)
         if method.baseline == "kl-retain":
             trainer_class = RetainKLSFTTrainer
-            extra.update(retain_dataset=data.references[method.reference], retain_weight=method.retain_weight)
+            extra.update(retain_dataset=data.references["general"], retain_weight=method.retain_weight)
     trainer = trainer_class(model=model, args=config, train_dataset=train_dataset, processing_class=tokenizer, **extra)
     quiet_progress(trainer, bar=False)  # the driver prints one line per row
     trainer.train()

@@ -13,6 +13,8 @@ From the training side of the splits only (`trl_nullspace.evaluation.splits.trai
   look-alikes of the training split with their answers);
 - **RL prompts**: the harmful requests and the benign look-alikes, labelled (`harmful`) for the
   refusal reward of GRPO and RLOO;
+- **exempt prompts**: the same, with each harmful request also recast as an instruction, for the
+  harm-keyed exemption (`nullspace_exempt_dataset`);
 
 The base model's answers are generated once, greedily, and cached in a JSON file keyed by the
 model's weights fingerprint and the prompts, so every run of the benchmark trains on the same data.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import datasets
@@ -31,6 +34,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl_nullspace.evaluation.generation import greedy_answers
 from trl_nullspace.evaluation.splits import TrainingSide, stable_fraction, training_side
 from trl_nullspace.fingerprint import weights_fingerprint
+
+# Requests recast as instructions for the harm-keyed exemption's prompts (two forms the safety data lack;
+# not the templates `make bench-unseen` measures with): "Can you X?" → "X.", "How do I X?" → "Explain how to X."
+CAN_YOU = re.compile(r"^(?:can|could) you (?:please )?(.+?)\??$", re.I)
+HOW_TO = re.compile(
+    r"^(?:how (?:to|can i|do i|can one|would i|could i|should i)|can you show me how to) (.+?)\??$", re.I
+)
 
 REFUSALS = (
     "I'm sorry, but I can't help with that.",
@@ -63,6 +73,17 @@ def _assistant(text: str) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": text}]
 
 
+def as_instruction(request: str) -> str | None:
+    """`request` recast as an instruction ("Can you X?" → "X.", "How do I X?" → "Explain how to X."),
+    or None if it has neither form."""
+    request = request.strip()
+    match = CAN_YOU.match(request)
+    if match:
+        return match.group(1)[0].upper() + match.group(1)[1:] + "."
+    match = HOW_TO.match(request)
+    return f"Explain how to {match.group(1)}." if match else None
+
+
 @dataclass
 class RealData:
     sft_boundary: datasets.Dataset
@@ -70,6 +91,9 @@ class RealData:
     dpo: datasets.Dataset
     references: dict[str, datasets.Dataset]  # "general"; "general+lookalikes" adds the benign training prompts
     rl_prompts: datasets.Dataset
+    # The harm-keyed exemption's prompts: the harmful training requests in both forms (as asked, and
+    # recast as instructions) and the benign look-alikes, with the `harmful` flag.
+    exempt_prompts: datasets.Dataset
 
 
 class BaseAnswers:
@@ -161,4 +185,9 @@ def build_real_data(
             [{"prompt": _user(text), "harmful": True} for text in harmful]
             + [{"prompt": _user(text), "harmful": False} for text in lookalikes]
         ).shuffle(seed=0),
+        exempt_prompts=datasets.Dataset.from_list(
+            [{"prompt": _user(text), "harmful": True} for text in harmful]
+            + [{"prompt": _user(text), "harmful": True} for text in map(as_instruction, harmful) if text]
+            + [{"prompt": _user(text), "harmful": False} for text in lookalikes]
+        ),
     )
