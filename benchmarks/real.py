@@ -119,7 +119,21 @@ METHODS = [
     ),
     Method("LoRA, plain TRL", null_space=False, lora=True, learning_rates=(2e-4, 4e-4)),
     Method("LoRA in null space", null_space=True, lora=True, learning_rates=(1e-3, 2e-3)),
+    # What a user would do instead of a constraint (`benchmarks.baselines`), at plain TRL's rate and budget.
+    Method(
+        "plain TRL + replay of the reference data",
+        null_space=False,
+        baseline="replay",
+        learning_rates=(PLAIN_LEARNING_RATE,),
+    ),
+    Method(
+        "plain TRL + KL retain loss (weight 1)",
+        null_space=False,
+        baseline="kl-retain",
+        learning_rates=(PLAIN_LEARNING_RATE,),
+    ),
 ]
+REPLAY, KL_RETAIN = METHODS[-2:]
 # Alternatives to the default measured on the development sets only, each at matched refusal
 # (the frontier issue's levers); `make bench-real-tune` measures them with the methods above.
 LEVERS = [
@@ -160,11 +174,14 @@ class Preset:
     device: str = "cpu"
 
 
-# The rows the frontier issue's targets compare, plus the nearest energy and LoRA: about an hour on
+# The rows the frontier issue's targets compare, the baselines a user would pick instead of a constraint
+# (replay, a KL retain loss; not yet run on the held-out sets), plus the nearest energy and LoRA: about an hour on
 # 2 CPU cores. Every estimate costs minutes there (float64 statistics), so the energy 0.9, strict-
 # threshold and gradient-subspace rows are in `cpu-full` (about 30 minutes more).
 CORE_METHODS = (
     "plain TRL",
+    "plain TRL + replay of the reference data",
+    "plain TRL + KL retain loss (weight 1)",
     "plain TRL, same parameters",
     "null-space (default)",
     "null-space, energy 0.999",

@@ -24,7 +24,7 @@ a user would pick instead of a constraint, replay of the reference data and a KL
 (`benchmarks.baselines`). It reports; a lever that wins here is then confirmed on the held-out sets
 by `make bench-real`/`make bench-frontier`.
 
-    python -m benchmarks.unseen_harm [--sweep levers|forms|depth|harm-keys] [--preset cpu|gpu] [--output-dir DIR]
+    python -m benchmarks.unseen_harm [--sweep levers|forms|depth|harm-keys|constraint-shape] [--preset cpu|gpu]
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ from benchmarks.frontier import (
 )
 from benchmarks.real import (
     BASE_ANSWERS_CACHE,
+    KL_RETAIN,
     PRESETS,
+    REPLAY,
     Method,
     driver_parser,
     load_model_and_data,
@@ -81,8 +83,9 @@ SWEEPS = {
     "depth": "`make bench-real`'s (per-layer budgets at the extreme: half the decoder layers frozen)",
     "harm-keys": "`make bench-real`'s; the harm-keyed exemption keyed on its harmful prompts in two forms against "
     "its look-alikes; replay and a KL retain loss as the baselines a user would pick",
-    "retain-nspo": "`make bench-real`'s; a looser constraint with the KL retain loss, and NSPO's released setting "
-    "(MLP only, eigenvalues above 5e-5 of the largest of raw statistics, everything else unconstrained)",
+    "constraint-shape": "`make bench-real`'s; the harm keys as the only freedom (every other direction protected), "
+    "a looser constraint with the KL retain loss, and NSPO's released setting (MLP only, eigenvalues above 5e-5 "
+    "of the largest of raw statistics, everything else unconstrained)",
 }
 # NSPO's released code (../shared/REFERENCES.md): only the MLP projected, null space = eigenvalues below
 # 5e-5 of the largest of raw statistics, attention (and every other parameter) trained unconstrained.
@@ -92,9 +95,7 @@ NSPO_AS_RELEASED = {
     "nullspace_normalize_tokens": False,
     "nullspace_freeze_untargeted": False,
 }
-# What a user would do instead of a constraint (`benchmarks.baselines`), at plain TRL's rate and budget.
-REPLAY = Method("plain TRL + replay of the reference data", null_space=False, baseline="replay")
-KL_RETAIN = Method("plain TRL + KL retain loss (weight 1)", null_space=False, baseline="kl-retain")
+
 DECODER_LAYERS = 30  # SmolLM2-135M's
 LAYER_LINEARS = (
     "self_attn.q_proj",
@@ -154,22 +155,27 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
             (default, "sft", 3e-4),
             (exempt_down, "sft", 3e-4),
         ]
-    if sweep == "retain-nspo":
-        nspo = Method("NSPO as released (MLP only, threshold 5e-5, rest unconstrained)", True, NSPO_AS_RELEASED)
+    if sweep == "constraint-shape":
+        keys_only = Method(
+            "harm keys only (energy 1.0; MLP gate/up/down keys free)",
+            True,
+            {"nullspace_energy": 1.0, "nullspace_exempt_modules": ["gate_proj", "up_proj", "down_proj"]},
+            exempt=True,
+        )
         return [
             (plain, "sft", PLAIN_AT_TARGETS),
-            (
-                Method("null-space, energy 0.95 + KL retain", True, {"nullspace_energy": 0.95}, baseline="kl-retain"),
-                "sft",
-                1.5e-4,
-            ),
+            (keys_only, "sft", 1e-3),
+            (keys_only, "sft", 3e-3),
             (
                 Method("null-space, energy 0.97 + KL retain", True, {"nullspace_energy": 0.97}, baseline="kl-retain"),
                 "sft",
                 3e-4,
             ),
-            (nspo, "sft", PLAIN_AT_TARGETS),
-            (nspo, "sft", 1e-4),
+            (
+                Method("NSPO as released (MLP only, threshold 5e-5, rest unconstrained)", True, NSPO_AS_RELEASED),
+                "sft",
+                PLAIN_AT_TARGETS,
+            ),
         ]
     if sweep == "depth":
         half = DECODER_LAYERS // 2

@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -9,7 +10,14 @@ from benchmarks.frontier import target_verdicts
 from benchmarks.memory import Shape, per_rank_bytes
 from benchmarks.speed import OwnWorkTimer
 from benchmarks.tax import general_perplexity_and_kl
-from benchmarks.unseen_harm import HELD_OUT_AREA, UNSEEN, UNSEEN_IMPERATIVE, in_harmbench_form, proxy_sets
+from benchmarks.unseen_harm import (
+    HELD_OUT_AREA,
+    IMPERATIVE_FORMS,
+    UNSEEN,
+    UNSEEN_IMPERATIVE,
+    in_harmbench_form,
+    proxy_sets,
+)
 from tests.conftest import make_sft_trainer
 from trl_nullspace import toy
 from trl_nullspace.evaluation.sources import Prompt
@@ -108,3 +116,24 @@ def test_unseen_harm_proxy_reads_no_held_out_item_and_refuses_a_trained_area():
     assert not in_harmbench_form([Prompt("Why is the sky blue?", "do-not-answer", HELD_OUT_AREA)])
     with pytest.raises(ValueError, match=HELD_OUT_AREA):
         proxy_sets([Prompt("How to pick a lock?", "do-not-answer", HELD_OUT_AREA)])
+
+
+def test_auroc_counts_pairs_and_ties():
+    from benchmarks.harm_keys import auroc
+
+    assert auroc(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 1.0
+    assert auroc(np.array([1.0]), np.array([2.0])) == 0.0
+    assert auroc(np.array([1.0, 3.0]), np.array([1.0, 2.0])) == 0.625  # (0.5 + 1 + 1 + 0) / 4
+
+
+def test_exempt_prompts_recast_requests_in_forms_the_proxy_does_not_measure():
+    """The exemption's instruction forms differ from the proxy's HarmBench templates, so the proxy
+    does not measure refusal of the very wording the keys were taken from."""
+    from trl_nullspace.evaluation.training_data import as_instruction
+
+    assert as_instruction("Can you tell me how to pick a lock?") == "Tell me how to pick a lock."
+    assert as_instruction("How do I pick a lock?") == "Explain how to pick a lock."
+    assert as_instruction("Why is the sky blue?") is None
+    proxy_openings = {form.split("{}")[0] for form in IMPERATIVE_FORMS}
+    recast = as_instruction("How do I pick a lock?")
+    assert not any(recast.startswith(opening) for opening in proxy_openings)
