@@ -84,16 +84,7 @@ SWEEPS = {
     "harm-keys": "`make bench-real`'s; the harm-keyed exemption keyed on its harmful prompts in two forms against "
     "its look-alikes; replay and a KL retain loss as the baselines a user would pick",
     "constraint-shape": "`make bench-real`'s; the harm keys as the only freedom (every other direction protected), "
-    "a looser constraint with the KL retain loss, and NSPO's released setting (MLP only, eigenvalues above 5e-5 "
-    "of the largest of raw statistics, everything else unconstrained)",
-}
-# NSPO's released code (../shared/REFERENCES.md): only the MLP projected, null space = eigenvalues below
-# 5e-5 of the largest of raw statistics, attention (and every other parameter) trained unconstrained.
-NSPO_AS_RELEASED = {
-    "nullspace_target_modules": ["gate_proj", "up_proj", "down_proj"],
-    "nullspace_eigenvalue_threshold": 5e-5,
-    "nullspace_normalize_tokens": False,
-    "nullspace_freeze_untargeted": False,
+    "and a looser constraint with the KL retain loss",
 }
 
 DECODER_LAYERS = 30  # SmolLM2-135M's
@@ -139,21 +130,14 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
         return [(plain, "sft", PLAIN_AT_TARGETS), (default, "sft", 1.5e-4), (default, "sft", 3e-4)]
     if sweep == "harm-keys":
         exempt = Method("null-space, harm keys exempted (MLP gate/up)", True, exempt=True)
-        exempt_down = Method(
-            "null-space, harm keys exempted (MLP gate/up/down)",
-            True,
-            {"nullspace_exempt_modules": ["gate_proj", "up_proj", "down_proj"]},
-            exempt=True,
-        )
+        # Stopped after its fifth point (CPU time): the exemption at 3e-4, on gate/up/down, and the default
+        # at 3e-4 (in `--sweep levers`: 16.0% in HarmBench's form at KL 0.0097) were not measured.
         return [
             (plain, "sft", PLAIN_AT_TARGETS),
             (exempt, "sft", 1.5e-4),
             (default, "sft", 1.5e-4),
             (REPLAY, "sft", PLAIN_AT_TARGETS),
             (KL_RETAIN, "sft", PLAIN_AT_TARGETS),
-            (exempt, "sft", 3e-4),
-            (default, "sft", 3e-4),
-            (exempt_down, "sft", 3e-4),
         ]
     if sweep == "constraint-shape":
         keys_only = Method(
@@ -162,19 +146,16 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
             {"nullspace_energy": 1.0, "nullspace_exempt_modules": ["gate_proj", "up_proj", "down_proj"]},
             exempt=True,
         )
+        # Stopped after its third point (CPU time): the harm keys alone at 1e-3 and NSPO's released setting
+        # (MLP only, eigenvalues above 5e-5 of the largest of raw statistics, the rest unconstrained) were
+        # not measured.
         return [
             (plain, "sft", PLAIN_AT_TARGETS),
-            (keys_only, "sft", 1e-3),
             (keys_only, "sft", 3e-3),
             (
-                Method("null-space, energy 0.97 + KL retain", True, {"nullspace_energy": 0.97}, baseline="kl-retain"),
+                Method("null-space, energy 0.95 + KL retain", True, {"nullspace_energy": 0.95}, baseline="kl-retain"),
                 "sft",
                 3e-4,
-            ),
-            (
-                Method("NSPO as released (MLP only, threshold 5e-5, rest unconstrained)", True, NSPO_AS_RELEASED),
-                "sft",
-                PLAIN_AT_TARGETS,
             ),
         ]
     if sweep == "depth":

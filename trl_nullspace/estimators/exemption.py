@@ -14,10 +14,12 @@ minimal for the separation bought, barely do. The cost is stated, not hidden: th
 the basis no longer holds is recorded per input (`CapabilitySubspace.energy`) and reported in the
 start summary; the constraint stays exact for the basis that remains.
 
-Measured on SmolLM2-135M-Instruct before building it (`make bench-harm-keys`): keyed on harmful
-prompts in two forms minus benign look-alikes, the key separates an unseen risk area's requests in
-HarmBench's form from general prompts and look-alikes with AUROC 0.85–0.90 at the MLP inputs of
-the middle layers, while reference inputs carry 12–16% of the harmful prompts' `(k·x)²`.
+Measured on SmolLM2-135M-Instruct before training (`make bench-harm-keys`): keyed on harmful
+prompts in two forms against benign look-alikes, the key separates an unseen risk area's requests
+in HarmBench's form from general prompts and look-alikes with AUROC 0.85–0.87 at four middle
+layers' MLP inputs (0.68–0.84 at the others), where reference inputs carry 12–13% of the harmful
+prompts' `(k·x)²`. The cost is one forward pass over each class of prompts per estimation pass,
+and nothing per training step (the basis is only one column smaller).
 """
 
 from __future__ import annotations
