@@ -65,7 +65,7 @@ def _estimate(rank: int, world: int, directory: str, experts: int) -> None:
     collector = _collector(model, experts)
     try:
         collector.collect(model, _batches(), False, across_processes=True)
-        report = {"covariances": collector.covariances, "counts": collector.token_counts}
+        report = {"covariances": collector.covariances, "sums": collector.sums, "counts": collector.token_counts}
     except RuntimeError as error:
         report = {"error": str(error)}
     torch.save(report, os.path.join(directory, f"{rank}.pt"))
@@ -79,7 +79,8 @@ def _run(tmp_path, experts: int) -> list[dict]:
 
 def test_processes_sum_an_expert_only_one_of_them_reached(tmp_path):
     """Expert 0 is reached only by the first process' batches, expert 1 only by the second's: both
-    processes end with the single process' statistics of all three batches."""
+    processes end with the single process' statistics of all three batches, second moments and the
+    sums the harm-keyed exemption's class means come from."""
     model = _RoutedModel()
     alone = _collector(model, experts=2)
     alone.collect(model, _batches(), False)
@@ -89,6 +90,7 @@ def test_processes_sum_an_expert_only_one_of_them_reached(tmp_path):
         assert report["covariances"].keys() == alone.covariances.keys()
         for name, covariance in alone.covariances.items():
             assert torch.allclose(report["covariances"][name], covariance), name
+            assert torch.allclose(report["sums"][name], alone.sums[name]), name
         assert report["counts"] == alone.token_counts
 
 

@@ -34,7 +34,7 @@ from trl_nullspace.fingerprint import weights_fingerprint
 from trl_nullspace.loading import load_dataset_from
 from trl_nullspace.reference import ReferenceBatch, tokenize_reference
 from trl_nullspace.subspace import CapabilitySubspace
-from trl_nullspace.targets import find_target_experts, find_target_linears
+from trl_nullspace.targets import find_target_experts, find_target_linears, matches_suffix
 from trl_nullspace.zero_gather import GatherPeak, gathered, gathered_layer_by_layer
 
 logger = logging.get_logger(__name__)
@@ -118,7 +118,7 @@ class SubspaceSetupMixin:
         unmatched = [
             suffix
             for suffix in self.args.nullspace_exempt_modules
-            if not any(name == suffix or name.endswith("." + suffix) for name in targets)
+            if not any(matches_suffix(name, [suffix]) for name in targets)
         ]
         if unmatched:
             raise ValueError(

@@ -80,11 +80,11 @@ def find_target_linears(model: nn.Module, target_modules: list[str] | None = Non
                 "docs/architectures.md for the supported architectures."
             )
         return linears
-    selected = {name: module for name, module in linears.items() if _matches(name, target_modules)}
+    selected = {name: module for name, module in linears.items() if matches_suffix(name, target_modules)}
     unmatched = [
         target
         for target in target_modules
-        if not any(_matches(name, [target]) for name in [*linears, *find_target_experts(model)])
+        if not any(matches_suffix(name, [target]) for name in [*linears, *find_target_experts(model)])
     ]
     if unmatched:
         raise ValueError(
@@ -103,9 +103,10 @@ def find_target_experts(model: nn.Module, target_modules: list[str] | None = Non
         for name, module in model.named_modules()
         if is_fused_experts(module)
         for weight in (GATE_UP, DOWN)
-        if target_modules is None or _matches(f"{canonical_name(name)}.{weight}", target_modules)
+        if target_modules is None or matches_suffix(f"{canonical_name(name)}.{weight}", target_modules)
     }
 
 
-def _matches(name: str, suffixes: list[str]) -> bool:
+def matches_suffix(name: str, suffixes: list[str]) -> bool:
+    """Whether `name` is one of `suffixes` or ends in `.suffix` (how `nullspace_*_modules` name modules)."""
     return any(name == suffix or name.endswith("." + suffix) for suffix in suffixes)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from trl_nullspace.reference import ReferenceBatch
+from trl_nullspace.targets import matches_suffix
 
 # A key whose component inside the protected span is below this share of its length is already free.
 FREE_ALREADY = 1e-6
@@ -47,7 +48,7 @@ class Exemption:
 
     def covers(self, members: list[str]) -> bool:
         """Whether a layer input shared by the Linears `members` is exempted (one basis serves them all)."""
-        return any(name == suffix or name.endswith("." + suffix) for name in members for suffix in self.modules)
+        return any(matches_suffix(name, self.modules) for name in members)
 
 
 def harm_key(
