@@ -24,7 +24,7 @@ a user would pick instead of a constraint, replay of the reference data and a KL
 (`benchmarks.baselines`). It reports; a lever that wins here is then confirmed on the held-out sets
 by `make bench-real`/`make bench-frontier`.
 
-    python -m benchmarks.unseen_harm [--sweep levers|forms|depth|harm-keys|constraint-shape] [--preset cpu|gpu]
+    python -m benchmarks.unseen_harm [--sweep NAME (SWEEPS)] [--preset cpu|gpu]
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ SWEEPS = {
     "its look-alikes; replay and a KL retain loss as the baselines a user would pick",
     "constraint-shape": "`make bench-real`'s; the harm keys as the only freedom (every other direction protected), "
     "and a looser constraint with the KL retain loss",
+    "keys-rate": "`make bench-real`'s; the harm keys as the only freedom at a third of `constraint-shape`'s rate",
 }
 
 DECODER_LAYERS = 30  # SmolLM2-135M's
@@ -139,16 +140,18 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
             (REPLAY, "sft", PLAIN_AT_TARGETS),
             (KL_RETAIN, "sft", PLAIN_AT_TARGETS),
         ]
+    keys_only = Method(
+        "harm keys only (energy 1.0; MLP gate/up/down keys free)",
+        True,
+        {"nullspace_energy": 1.0, "nullspace_exempt_modules": ["gate_proj", "up_proj", "down_proj"]},
+        exempt=True,
+    )
+    if sweep == "keys-rate":
+        return [(plain, "sft", PLAIN_AT_TARGETS), (keys_only, "sft", 1e-3)]
     if sweep == "constraint-shape":
-        keys_only = Method(
-            "harm keys only (energy 1.0; MLP gate/up/down keys free)",
-            True,
-            {"nullspace_energy": 1.0, "nullspace_exempt_modules": ["gate_proj", "up_proj", "down_proj"]},
-            exempt=True,
-        )
-        # Stopped after its third point (CPU time): the harm keys alone at 1e-3 and NSPO's released setting
-        # (MLP only, eigenvalues above 5e-5 of the largest of raw statistics, the rest unconstrained) were
-        # not measured.
+        # Stopped after its third point (CPU time): NSPO's released setting (MLP only, eigenvalues above
+        # 5e-5 of the largest of raw statistics, the rest unconstrained) was not measured; the harm keys
+        # alone at 1e-3 are `--sweep keys-rate`.
         return [
             (plain, "sft", PLAIN_AT_TARGETS),
             (keys_only, "sft", 3e-3),
