@@ -86,6 +86,7 @@ SWEEPS = {
     "constraint-shape": "`make bench-real`'s; the harm keys as the only freedom (every other direction protected), "
     "and a looser constraint with the KL retain loss",
     "keys-rate": "`make bench-real`'s; the harm keys as the only freedom at a third of `constraint-shape`'s rate",
+    "keys-kl": "`make bench-real`'s; the harm keys as the only freedom with the KL retain loss on the general answers",
 }
 
 DECODER_LAYERS = 30  # SmolLM2-135M's
@@ -148,6 +149,9 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
     )
     if sweep == "keys-rate":
         return [(plain, "sft", PLAIN_AT_TARGETS), (keys_only, "sft", 1e-3)]
+    if sweep == "keys-kl":
+        keys_kl = dataclasses.replace(keys_only, name=keys_only.name + " + KL retain", baseline="kl-retain")
+        return [(plain, "sft", PLAIN_AT_TARGETS), (keys_kl, "sft", 1e-3), (keys_kl, "sft", 3e-3)]
     if sweep == "constraint-shape":
         # Stopped after its third point (CPU time): NSPO's released setting (MLP only, eigenvalues above
         # 5e-5 of the largest of raw statistics, the rest unconstrained) was not measured; the harm keys

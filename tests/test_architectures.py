@@ -208,6 +208,57 @@ def test_experts_the_method_cannot_constrain_are_frozen_with_a_warning(
 GPT2 = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128, "n_inner": 128}
 
 
+LATENT = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+LATENT_MOE = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, num_key_value_heads=4)
+LATENT_ATTENTION = {
+    # kv_b_proj sees (batch, 1, sequence, features): one input per head position
+    "deepseek_v2": {**LATENT, **LATENT_MOE, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1},
+    "deepseek_v3": {**LATENT, **LATENT_MOE, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1},
+    # o_a_proj sees (batch, sequence, groups, features); the experts' SwiGLU clamp is active at a limit this
+    # low, so their down_proj inputs must come from the module's own gate. (`num_experts` and a routed
+    # second layer work around transformers 5.25 reading config.num_experts and router logits for its aux loss.)
+    "deepseek_v4": {
+        **{key: LATENT[key] for key in ("q_lora_rank", "qk_rope_head_dim")},
+        "moe_intermediate_size": 32,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "n_routed_experts": 4,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "o_groups": 2,
+        "o_lora_rank": 16,
+        "index_n_heads": 2,
+        "index_head_dim": 16,
+        "index_topk": 8,
+        "sliding_window": 8,
+        "hc_mult": 2,
+        "num_nextn_predict_layers": 0,
+        "swiglu_limit": 0.05,
+        "mlp_layer_types": ["hash_moe", "moe"],
+    },
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(LATENT_ATTENTION))
+def test_latent_attention_architecture_keeps_reference_outputs(
+    model_type, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    """DeepSeek's multi-head latent attention feeds some Linears 4-D inputs (once a shape error), and
+    V4's experts clamp their SwiGLU (once rebuilt without the clamp: 0.15 drift on this model)."""
+    extra = LATENT_ATTENTION[model_type]
+    model = build(model_type, tokenizer, extra)
+    trainer = make_sft_trainer(
+        model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_eigenvalue_threshold=1e-10
+    )
+    constrained = {item.parameter_name for item in trainer.nullspace_projector.constrained}
+    assert any(name.endswith("experts.down_proj") for name in constrained)
+    assert any(name.endswith(("kv_b_proj.weight", "o_a_proj.weight")) for name in constrained)
+    plain_drift = plain_trl_drift(model_type, extra, tokenizer, safety_dataset, trainer._reference_batches, tmp_path)
+    drift, moved = train_and_measure(trainer)
+    assert moved > 1e-2 and plain_drift > 1e-2, (moved, plain_drift)
+    assert drift < 1e-3 and drift < plain_drift / 100, (drift, plain_drift)
+
+
 def test_gpt2_conv1d_keeps_reference_outputs(tokenizer, safety_dataset, reference_dataset, tmp_path):
     """GPT-2's projections are transformers' Conv1D, whose weight is stored transposed (in × out):
     the projection works on its (out × in) view, with both targets (gradient and update)."""

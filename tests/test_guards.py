@@ -29,12 +29,91 @@ def test_dora_is_refused(model, tokenizer, safety_dataset, reference_dataset, tm
         _lora_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, use_dora=True)
 
 
-@pytest.mark.parametrize("init", [False, "olora", "pissa"])
+@pytest.mark.parametrize("init", [False, "olora", "pissa", "eva"])
 def test_lora_that_does_not_start_at_zero_is_refused_before_changing_the_model(
     model, tokenizer, safety_dataset, reference_dataset, safety_prompts, tmp_path, init
 ):
-    with pytest.raises(ValueError, match="whose B is not zero at the start.*init_lora_weights=True"):
+    with pytest.raises(ValueError, match=rf"LoraConfig\(init_lora_weights={init!r}\).*init_lora_weights=True"):
         _lora_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, init_lora_weights=init)
+
+
+def test_a_loaded_adapter_with_nonzero_b_is_refused(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    """An adapter trained before (its config plain LoRA) already changes the model: caught on the modules."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    for name, parameter in peft_model.named_parameters():
+        if ".lora_B." in name:
+            parameter.data.fill_(0.01)
+    with pytest.raises(ValueError, match="whose B is not zero at the start.*init_lora_weights=True"):
+        NullSpaceSFTTrainer(
+            model=peft_model,
+            args=NullSpaceSFTConfig(**training_kwargs(tmp_path)),
+            train_dataset=safety_dataset,
+            processing_class=tokenizer,
+            reference_dataset=reference_dataset,
+        )
+
+
+LORA_VARIANTS = {
+    "kasa_config": (lambda: __import__("peft").KasaConfig(), "KaSA truncates the base weights"),
+    "use_qalora": (True, "QA-LoRA pools the layer input"),
+    "lora_bias": (True, "a trainable bias on B"),
+    "layer_replication": ([[0, 2], [1, 2]], "replicated layers"),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(LORA_VARIANTS))
+def test_lora_variants_not_known_to_hold_are_refused_by_name(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, setting
+):
+    """Each of these trains without error and moves reference outputs (KaSA before the first step)."""
+    value, why = LORA_VARIANTS[setting]
+    value = value() if callable(value) else value
+    with pytest.raises(ValueError, match=rf"LoraConfig\({setting}=.*not supported: {why}.*Unset it"):
+        _lora_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, **{setting: value})
+
+
+def test_lora_bias_is_frozen_with_a_warning(model, tokenizer, safety_dataset, reference_dataset, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="trl_nullspace"):
+        trainer = _lora_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, bias="all")
+    assert "LoraConfig(bias='all')" in caplog.text and "set bias='none'" in caplog.text
+    assert not any(parameter.requires_grad for name, parameter in trainer.model.named_parameters() if "bias" in name)
+
+
+def _other_peft_configs() -> dict:
+    import peft
+
+    modules = ["q_proj", "v_proj"]
+    return {
+        "ADALORA": peft.AdaLoraConfig(target_modules=modules, total_step=10, task_type="CAUSAL_LM"),
+        "IA3": peft.IA3Config(target_modules=modules, feedforward_modules=[], task_type="CAUSAL_LM"),
+        "LOHA": peft.LoHaConfig(target_modules=modules, task_type="CAUSAL_LM"),
+        "LOKR": peft.LoKrConfig(target_modules=modules, task_type="CAUSAL_LM"),
+        "VERA": peft.VeraConfig(target_modules=["q_proj"], r=4, task_type="CAUSAL_LM"),
+        "OFT": peft.OFTConfig(target_modules=modules, r=0, oft_block_size=8, task_type="CAUSAL_LM"),
+        "BOFT": peft.BOFTConfig(target_modules=modules, boft_block_size=8, task_type="CAUSAL_LM"),
+        "PREFIX_TUNING": peft.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+        "PROMPT_TUNING": peft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    }
+
+
+@pytest.mark.parametrize("peft_type", sorted(_other_peft_configs()))
+def test_other_peft_types_are_refused_by_name(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, peft_type
+):
+    """Before, these reached the estimator: a "constrains none of … check nullspace_target_modules" error
+    that sent the user to the wrong setting, or a shape error (prompt tuning)."""
+    why = "prompt learning adds trained virtual tokens" if "_TUNING" in peft_type else "not a LoRA B·A product"
+    with pytest.raises(ValueError, match=rf"PEFT {peft_type} adapters .*{why}.*Use LoraConfig"):
+        NullSpaceSFTTrainer(
+            model=model,
+            args=NullSpaceSFTConfig(**training_kwargs(tmp_path)),
+            train_dataset=safety_dataset,
+            processing_class=tokenizer,
+            reference_dataset=reference_dataset,
+            peft_config=_other_peft_configs()[peft_type],
+        )
 
 
 def test_lora_on_embeddings_is_refused(model, tokenizer, safety_dataset, reference_dataset, tmp_path):

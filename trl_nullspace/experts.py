@@ -77,7 +77,8 @@ def routed_inputs(
     module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, mask: torch.Tensor
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per expert, (the `gate_up_proj` inputs, the `down_proj` inputs) of the unmasked tokens routed
-    to it, computed as the experts' forward computes them."""
+    to it, computed as the experts' forward computes them: through the module's own `_apply_gate`
+    where it has one (GPT-OSS, DeepSeek-V4's clamped SwiGLU), else `act_fn(gate) · up`."""
     gate_up = getattr(module, GATE_UP)
     selected = top_k_index.reshape(hidden_states.shape[0], -1)
     inputs = {}
@@ -85,6 +86,8 @@ def routed_inputs(
         tokens = hidden_states[(selected == expert).any(dim=-1) & mask]
         if is_transposed_experts(module):
             intermediate = module._apply_gate(tokens @ gate_up[expert] + getattr(module, f"{GATE_UP}_bias")[expert])
+        elif callable(getattr(module, "_apply_gate", None)):  # the module's own gate (DeepSeek-V4's clamp)
+            intermediate = module._apply_gate(nn.functional.linear(tokens, gate_up[expert]))
         else:
             gate, up = nn.functional.linear(tokens, gate_up[expert]).chunk(2, dim=-1)
             intermediate = module.act_fn(gate) * up

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from trl_nullspace.config import NullSpaceArguments
+from trl_nullspace.peft_policy import check_peft_configs
 from trl_nullspace.targets import is_lora_layer, is_transposed_linear
 
 
@@ -122,7 +123,9 @@ def check_adapters(model: nn.Module) -> None:
       would change the model before the first step.
     - LoRA on embedding layers, LoRA on parameters (`target_parameters`, e.g. fused MoE experts),
       and `modules_to_save` copies would be trainable parameters the constraint does not reach.
+    - Every other PEFT type and LoRA variant: `peft_policy.check_peft_configs`, from the configs.
     """
+    check_peft_configs(model)
     dora, nonzero_b, embeddings, saved_copies, wrapped_parameters = [], [], [], [], []
     for name, module in model.named_modules():
         if type(module).__name__ == "ParamWrapper" and _any_trainable(getattr(module, "lora_A", {}).values()):
@@ -153,8 +156,10 @@ def check_adapters(model: nn.Module) -> None:
     if wrapped_parameters:
         raise ValueError(
             f"LoRA on parameters (target_parameters, e.g. {wrapped_parameters[0]}) is not constrained by the "
-            "null-space trainers and would train unconstrained or not at all. Remove target_parameters: without "
-            "adapters the fused mixture-of-experts weights are constrained expert by expert."
+            "null-space trainers and would train unconstrained or not at all. Remove target_parameters; if you did "
+            "not set it, PEFT's target_modules='all-linear' added it for the fused experts: name the modules "
+            "instead (e.g. target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj']). Without adapters the fused "
+            "mixture-of-experts weights are constrained expert by expert."
         )
     if embeddings:
         raise ValueError(

@@ -68,19 +68,38 @@ class InputCovarianceCollector:
                 return
             self._last_input, self._last_leader = inputs, name
             self._assign(name, name)
-            if inputs.shape[:-1] == self._mask.shape:
-                mask = self._mask
-            elif inputs.dim() == 2 and inputs.shape[0] == self._mask.numel():
-                mask = self._mask.reshape(-1)  # (tokens, features): OPT's MLP, Qwen2-MoE's shared expert
-            else:
-                raise ValueError(
-                    f"Input of {name} has shape {tuple(inputs.shape)}; expected (batch, sequence, features) or "
-                    f"(batch·sequence, features) matching the attention mask {tuple(self._mask.shape)} so padding "
-                    "can be masked out."
-                )
-            self._accumulate(name, inputs[mask])
+            self._accumulate(name, inputs[self._token_mask(name, inputs)])
 
         return accumulate
+
+    def _token_mask(self, name: str, inputs: torch.Tensor) -> torch.Tensor:
+        """Which of a layer input's rows are real tokens, from the attention mask (batch, sequence).
+
+        Layouts: (batch, sequence, features); (batch·sequence, features), OPT's MLP and Qwen2-MoE's
+        shared expert; and, for DeepSeek's latent attention, (batch, heads…, sequence, features)
+        (`kv_b_proj`) or (batch, sequence, groups…, features) (V4's `o_a_proj`), where every head's
+        or group's row is an input of the same weight. If both of the last two fit (a head count
+        equal to the sequence length), padding rows cannot be told apart and all rows are kept:
+        protecting more inputs than the reference's never loosens the constraint.
+        """
+        batch, length = self._mask.shape
+        if inputs.shape[:-1] == self._mask.shape:
+            return self._mask
+        if inputs.dim() == 2 and inputs.shape[0] == self._mask.numel():
+            return self._mask.reshape(-1)
+        if inputs.dim() > 3 and inputs.shape[0] == batch:
+            leading, trailing = inputs.shape[1] == length, inputs.shape[-2] == length
+            if leading != trailing:
+                shape = [batch] + [1] * (inputs.dim() - 2)
+                shape[1 if leading else -1] = length
+                return self._mask.reshape(shape).expand(inputs.shape[:-1])
+            if leading:
+                return torch.ones(inputs.shape[:-1], dtype=torch.bool, device=inputs.device)
+        raise ValueError(
+            f"Input of {name} has shape {tuple(inputs.shape)}; expected (batch, sequence, features), "
+            "(batch·sequence, features), or (batch, sequence or heads…, features) matching the attention mask "
+            f"{tuple(self._mask.shape)} so padding can be masked out."
+        )
 
     def _accumulate(self, name: str, tokens: torch.Tensor) -> None:
         if not self._counting:  # a forward run only to keep step with the other processes
