@@ -2,12 +2,20 @@
 
 The file holds `basis/<key>` (n×k, fp32) and `eigenvalues/<key>` tensors; the header's
 `trl_nullspace` entry is a JSON document with the method, rank settings, target map, the model's
-name and fingerprints, the reference data's fingerprint and the library version. Writes go to a
-temporary file renamed into place, so an interrupted run never leaves a truncated cache.
+name and fingerprints, the reference data's fingerprint, the library version and a SHA-256 of the
+tensors. Writes go to a temporary file renamed into place, so an interrupted run never leaves a
+truncated cache.
+
+A cache damaged after it was written (a disk, a copy, an edit) must not be trained with: zeroed
+bytes silently shrink a basis and its layer loses protection, flipped bits may give NaNs that
+surface as an error about the model's weights. So loading verifies the checksum (about 1 s per GiB)
+and probes every basis for orthonormality (`_check_orthonormal`, O(n·k) per basis), and refuses
+either failure by name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -25,7 +33,9 @@ from trl_nullspace.fingerprint import architecture_fingerprint, model_name
 from trl_nullspace.reference import ReferenceBatch, reference_fingerprint
 from trl_nullspace.subspace import CapabilitySubspace
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the tensors' checksum
+# |‖U g‖² / ‖g‖² − 1| a stored basis may show for random probes g: fp32 round-off of an orthonormal basis is ~1e-6.
+ORTHONORMAL_TOLERANCE = 1e-4
 _HEADER_KEY = "trl_nullspace"
 
 
@@ -57,6 +67,7 @@ def save_subspace(
         "energy": subspace.energy,
         "settings": subspace.settings,
         **provenance,
+        "checksum": tensors_checksum(tensors),
     }
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -92,10 +103,17 @@ def load_subspace(path: str) -> tuple[CapabilitySubspace, dict[str, Any]]:
                 f"{path} has cache format {header.get('format_version')}; this library reads {FORMAT_VERSION}. "
                 "Re-estimate the subspace."
             )
-        tables: dict[str, dict[str, torch.Tensor]] = {"basis": {}, "eigenvalues": {}, "anchor": {}}
-        for name in handle.keys():
-            kind, key = name.split("/", 1)
-            tables[kind][key] = handle.get_tensor(name)
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    if tensors_checksum(tensors) != header.get("checksum"):
+        raise CacheMismatchError(
+            f"{path}'s tensors do not match the checksum written with them: the file was damaged after it was "
+            "written (disk, copy or edit). Delete it to re-estimate the subspace."
+        )
+    tables: dict[str, dict[str, torch.Tensor]] = {"basis": {}, "eigenvalues": {}, "anchor": {}}
+    for name, tensor in tensors.items():
+        kind, key = name.split("/", 1)
+        tables[kind][key] = tensor
+    _check_orthonormal(path, tables["basis"])
     subspace = CapabilitySubspace(
         method=header["method"],
         bases=tables["basis"],
@@ -106,6 +124,35 @@ def load_subspace(path: str) -> tuple[CapabilitySubspace, dict[str, Any]]:
     )
     header["anchors"] = tables["anchor"]
     return subspace, header
+
+
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _check_orthonormal(path: str, bases: dict[str, torch.Tensor]) -> None:
+    """Refuse a stored basis whose columns are not orthonormal, probed with 4 random vectors (an
+    orthonormal U keeps every length, ‖U g‖ = ‖g‖): a full UᵀU would cost O(n·k²) per basis, minutes
+    for a 7B model on CPU, and the checksum already catches damage after writing."""
+    generator = torch.Generator().manual_seed(0)
+    for key, basis in bases.items():
+        if basis.numel() == 0:
+            continue
+        probes = torch.randn(basis.shape[1], 4, generator=generator, dtype=torch.float64)
+        ratios = (basis.double() @ probes).square().sum(0) / probes.square().sum(0)
+        error = (ratios - 1.0).abs().max().item()
+        if not error <= ORTHONORMAL_TOLERANCE:  # NaN fails too
+            raise CacheMismatchError(
+                f"{path}: the basis of {key} is not orthonormal (a probe's length changed by {error:.3g}, more than "
+                f"{ORTHONORMAL_TOLERANCE:g}); projecting with it would not keep updates out of the subspace. Delete "
+                "the file to re-estimate the subspace."
+            )
 
 
 def expected_provenance(
