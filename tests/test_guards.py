@@ -202,3 +202,51 @@ def test_lora_on_parameters_is_refused(tokenizer, safety_dataset, reference_data
             reference_dataset=reference_dataset,
             peft_config=LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"]),
         )
+
+
+def _forty_example_reference():
+    import datasets
+
+    from trl_nullspace import toy
+
+    return datasets.Dataset.from_dict(toy.as_text(toy.general_examples(40, seed=1)))
+
+
+def test_a_threshold_whose_dropped_directions_add_up_warns_with_the_residual(
+    model, tokenizer, safety_dataset, tmp_path, caplog
+):
+    """At t = 1e-3 every dropped eigenvalue is below 1e-3 of the largest, yet together they leave 0.044 of
+    the reference inputs' size outside the span (> √t = 0.032); the warning and the settings say so, and
+    the residual they state is what the reference inputs really keep outside the bases."""
+    from trl_nullspace.estimators.activation import energy_in_span
+    from trl_nullspace.targets import find_target_linears
+
+    with caplog.at_level("WARNING", logger="transformers"):
+        trainer = make_sft_trainer(
+            model, tokenizer, safety_dataset, tmp_path, _forty_example_reference(), nullspace_eigenvalue_threshold=1e-3
+        )
+    assert "nullspace_eigenvalue_threshold=0.001 leaves up to" in caplog.text
+    assert "nullspace_energy=1 - r**2" in caplog.text
+    settings = trainer.nullspace_settings()
+    worst = settings["energy_protected_least_basis"]
+    measured = energy_in_span(
+        trainer.model, trainer._reference_batches, find_target_linears(trainer.model), trainer.nullspace_subspace, True
+    )
+    assert settings["reference_residual_max"] > 0.032
+    assert abs(settings["reference_residual_max"] - (1 - measured[worst]) ** 0.5) < 1e-6
+    assert "lies outside the protected span" in trainer.nullspace_start_summary()
+
+
+def test_the_energy_rule_bounds_the_residual_and_the_drift(model, tokenizer, safety_dataset, tmp_path, caplog):
+    """nullspace_energy = 1 − r² is the rule with a stated tolerance: residual ≤ r, no warning, and the
+    reference logits then move by round-off only, under 12 steps at 1e-2."""
+    from tests.conftest import train_and_measure
+
+    with caplog.at_level("WARNING", logger="transformers"):
+        trainer = make_sft_trainer(
+            model, tokenizer, safety_dataset, tmp_path, _forty_example_reference(), nullspace_energy=1 - 1e-12
+        )
+    assert "leaves up to" not in caplog.text
+    assert trainer.nullspace_settings()["reference_residual_max"] <= 1e-6
+    drift, moved = train_and_measure(trainer)
+    assert moved > 1e-2 and drift < 1e-4, (moved, drift)

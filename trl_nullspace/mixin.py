@@ -260,6 +260,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
         least = min(known, key=known.get) if known else None
         frozen = self.args.nullspace_freeze_untargeted
         exempted: dict[str, float] = subspace.settings.get("exempted", {})
+        activation = subspace.method == "activation"
         return {
             "library": f"trl-nullspace {__version__}",
             "method": self.nullspace_subspace.method,
@@ -283,6 +284,9 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
             "energy_protected_mean": round(sum(known.values()) / len(known), 6) if known else None,
             "energy_protected_least": round(known[least], 6) if known else None,
             "energy_protected_least_basis": least,
+            # RMS share of a reference token's layer input outside the protected span, at the least-protected
+            # basis: a layer's reference outputs move by at most ‖ΔW‖·residual·‖x‖ (activation method).
+            "reference_residual_max": subspace.residual(least) if known and activation else None,
             "constrained_parameters": len(self.nullspace_projector.constrained),
             # Counted when they were frozen: a resumed run binds again after they already are.
             "unconstrained_parameters": len(self._nullspace_frozen)
@@ -316,7 +320,14 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
                 f" The bases hold {settings['energy_protected_mean']:.2%} of the reference data's "
                 f"{'gradient' if settings['method'] == 'gradient' else 'layer-input'} energy on average "
                 f"(least {settings['energy_protected_least']:.2%}, {settings['energy_protected_least_basis']}); "
-                "updates may move reference outputs only through the rest."
+                "updates may move reference outputs only through the rest"
+            )
+            residual = settings["reference_residual_max"]
+            summary += (
+                "."
+                if residual is None
+                else f": at most {residual:.2g} of a reference input's size (RMS) lies "
+                "outside the protected span, so a layer's reference outputs move by at most ‖ΔW‖ times that."
             )
         if settings["exempted_inputs"]:
             summary += (

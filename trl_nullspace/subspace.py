@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,14 @@ class CapabilitySubspace:
     eigenvalues: dict[str, torch.Tensor] = field(default_factory=dict)
     energy: dict[str, float] = field(default_factory=dict)
     settings: dict[str, object] = field(default_factory=dict)
+
+    def residual(self, key: str) -> float | None:
+        """RMS share of a reference layer input that lies outside basis `key`'s span, √(1 − energy
+        kept) (activation method; with normalised tokens, the RMS over reference tokens of
+        ‖(I − U Uᵀ) x‖ / ‖x‖). An update ΔW with ΔW U = 0 changes the layer's reference outputs by
+        at most ‖ΔW‖ times this share of the inputs' size: the tolerance the constraint states."""
+        kept = self.energy_kept(key)
+        return None if kept is None else math.sqrt(max(0.0, 1.0 - kept))
 
     def basis_for(self, target: str) -> torch.Tensor:
         return self.bases[self.targets[target]]
