@@ -30,6 +30,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from transformers.utils import logging
 
 from trl_nullspace import __version__, guards
+from trl_nullspace.approximations import warn_approximations
 from trl_nullspace.cache import (
     check_cache_matches,
     load_subspace,
@@ -138,6 +139,9 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
         self._check_same_subspace_on_every_process()
         self.nullspace_projector = self._bind(self.nullspace_subspace)
         self._freeze_or_report(self.nullspace_projector.unconstrained)
+        warn_approximations(
+            self.args, self.nullspace_subspace, [item.parameter for item in self.nullspace_projector.constrained]
+        )
         self.add_callback(_ProjectUpdateCallback(self))
         self._add_drift_monitor(monitor_dataset)
         self._tag_names = [*getattr(self, "_tag_names", []), "trl-nullspace"]
