@@ -63,3 +63,42 @@ def test_resume_from_a_checkpoint_without_subspace_is_refused(
     model.save_pretrained(str(checkpoint))
     with pytest.raises(FileNotFoundError, match="not written by a null-space trainer"):
         trainer.train(resume_from_checkpoint=str(checkpoint))
+
+
+def _moe_trainer(trainer_class, config_class, tokenizer, safety_dataset, reference_dataset, output):
+    from tests.test_architectures import MIXTURE_OF_EXPERTS, build
+
+    extra = {"reference_dataset": reference_dataset} if trainer_class is NullSpaceSFTTrainer else {}
+    return trainer_class(
+        model=build("qwen3_moe", tokenizer, MIXTURE_OF_EXPERTS["qwen3_moe"]),
+        args=config_class(**training_kwargs(output, max_steps=6, save_strategy="steps", save_steps=3)),
+        train_dataset=safety_dataset,
+        processing_class=tokenizer,
+        **extra,
+    )
+
+
+def _resume_gap(trainer_class, config_class, tokenizer, safety_dataset, reference_dataset, tmp_path) -> float:
+    """Largest weight difference between a run of 6 steps and the same run resumed at step 3."""
+    full = _moe_trainer(trainer_class, config_class, tokenizer, safety_dataset, reference_dataset, tmp_path)
+    full.train()
+    resumed = _moe_trainer(trainer_class, config_class, tokenizer, safety_dataset, reference_dataset, tmp_path / "r")
+    resumed.train(resume_from_checkpoint=os.path.join(str(tmp_path / "out"), "checkpoint-3"))
+    final = dict(full.model.named_parameters())
+    return max((parameter - final[name]).abs().max().item() for name, parameter in resumed.model.named_parameters())
+
+
+def test_a_mixture_of_experts_resume_restores_the_fused_experts(
+    tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    """transformers saves Qwen3-MoE's fused experts one matrix per expert and the Trainer's resume
+    skips them: plain TRL resumes from the initial experts (the control), the null-space trainer
+    reloads them and reproduces the uninterrupted run."""
+    from trl import SFTConfig, SFTTrainer
+
+    plain = _resume_gap(SFTTrainer, SFTConfig, tokenizer, safety_dataset, reference_dataset, tmp_path / "plain")
+    null_space = _resume_gap(
+        NullSpaceSFTTrainer, NullSpaceSFTConfig, tokenizer, safety_dataset, reference_dataset, tmp_path / "ns"
+    )
+    assert plain > 1e-2, plain
+    assert null_space < 1e-5, null_space

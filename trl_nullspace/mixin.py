@@ -37,6 +37,7 @@ from trl_nullspace.cache import (
     save_subspace,
     saved_provenance,
 )
+from trl_nullspace.checkpoint_weights import reload_converted_weights
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.fingerprint import architecture_fingerprint, model_name, weights_fingerprint
 from trl_nullspace.loading import load_dataset_from
@@ -397,6 +398,19 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
             if path is not None:
                 self._restore_subspace_from_checkpoint(path)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """The Trainer's load, then the weights it skips (fused experts saved per expert:
+        `checkpoint_weights`), so a resumed run continues from the weights it stopped at."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        model = self.model if model is None else model
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(model, "peft_config"):
+            return
+        reloaded = reload_converted_weights(model, resume_from_checkpoint)
+        if reloaded:
+            logger.info(
+                "trl-nullspace: restored %d weights saved in another layout (e.g. %s)", len(reloaded), reloaded[0]
+            )
 
     def _restore_subspace_from_checkpoint(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, CHECKPOINT_FILE)
