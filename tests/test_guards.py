@@ -74,11 +74,23 @@ def test_lora_variants_not_known_to_hold_are_refused_by_name(
         _lora_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, **{setting: value})
 
 
-def test_lora_bias_is_frozen_with_a_warning(model, tokenizer, safety_dataset, reference_dataset, tmp_path, caplog):
+@pytest.mark.parametrize(
+    ("setting", "fix", "marker"),
+    [
+        ({"bias": "all"}, "set bias='none'", "bias"),
+        ({"trainable_token_indices": [0, 1]}, "remove trainable_token_indices", "trainable_tokens"),
+    ],
+)
+def test_lora_settings_the_trainer_freezes_say_so(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, caplog, setting, fix, marker
+):
+    """Before, these were frozen with an info log only: the user's request was dropped silently."""
     with caplog.at_level("WARNING", logger="trl_nullspace"):
-        trainer = _lora_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, bias="all")
-    assert "LoraConfig(bias='all')" in caplog.text and "set bias='none'" in caplog.text
-    assert not any(parameter.requires_grad for name, parameter in trainer.model.named_parameters() if "bias" in name)
+        trainer = _lora_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, **setting)
+    name, value = next(iter(setting.items()))
+    assert f"LoraConfig({name}={value!r})" in caplog.text and fix in caplog.text
+    made = [parameter for name, parameter in trainer.model.named_parameters() if marker in name]
+    assert made and not any(parameter.requires_grad for parameter in made)
 
 
 def _other_peft_configs() -> dict:
