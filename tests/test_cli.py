@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 
 import datasets
 import pytest
@@ -137,7 +138,7 @@ def test_prepare_turns_pku_saferlhf_into_the_recipes_formats(tmp_path, capsys):
     assert "pku_saferlhf_dpo: 2 rows" in capsys.readouterr().out
 
 
-def test_prepare_reference_keeps_the_first_conversations_and_names_missing_columns(tmp_path):
+def test_prepare_reference_keeps_the_first_conversations_and_names_missing_columns(tmp_path, capsys):
     chats = [
         [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer"}] for i in range(5)
     ]
@@ -146,8 +147,9 @@ def test_prepare_reference_keeps_the_first_conversations_and_names_missing_colum
     main(["prepare", "reference", "--dataset", str(source), "--num-samples", "3", "--output-dir", str(tmp_path)])
     reference = load_dataset_from(str(tmp_path / "reference"))
     assert reference.column_names == ["messages"] and reference["messages"] == chats[:3]
-    with pytest.raises(ValueError, match=r"no column\(s\) \['prompt', 'response_0'.*Give PKU-SafeRLHF"):
-        main(["prepare", "pku-saferlhf", "--dataset", str(source), "--output-dir", str(tmp_path)])
+    capsys.readouterr()
+    assert main(["prepare", "pku-saferlhf", "--dataset", str(source), "--output-dir", str(tmp_path)]) == 2
+    assert re.search(r"no column\(s\) \['prompt', 'response_0'.*Give PKU-SafeRLHF", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize(
@@ -165,3 +167,73 @@ def test_every_shipped_recipe_config_parses(path):
     ]
     _, config, _ = parse_recipe_arguments(config_class, ["--config", path, "--bf16", "false"])
     assert isinstance(config, config_class)
+
+
+def _sft_flags(assets, tmp_path, **overrides) -> list[str]:
+    flags = {
+        "model_name_or_path": str(assets / "model"),
+        "dataset_name": str(assets / "safety_sft"),
+        "nullspace_reference_dataset": str(assets / "reference" / "train.jsonl"),
+        "output_dir": str(tmp_path / "out"),
+        "max_steps": "1",
+        "use_cpu": "true",
+        "bf16": "false",
+        "report_to": "none",
+        **overrides,
+    }
+    return [part for key, value in flags.items() for part in (f"--{key}", value)]
+
+
+CLI_MISTAKES = {
+    "energy out of range": (lambda assets, tmp: _sft_flags(assets, tmp, nullspace_energy="1.5"), "nullspace_energy"),
+    "missing reference file": (
+        lambda assets, tmp: _sft_flags(assets, tmp, nullspace_reference_dataset=str(tmp / "nope.jsonl")),
+        "nope.jsonl' does not exist",
+    ),
+    "missing model folder": (
+        lambda assets, tmp: _sft_flags(assets, tmp, model_name_or_path=str(tmp / "no-model")),
+        "no-model' does not exist",
+    ),
+    "cache of another model": (
+        lambda assets, tmp: _sft_flags(assets, tmp, nullspace_cache_path=str(tmp / "other.safetensors")),
+        "does not match this run",
+    ),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(CLI_MISTAKES))
+def test_ordinary_mistakes_print_one_message_and_exit_2(assets, tmp_path, capsys, monkeypatch, mistake):
+    """TRL's and Accelerate's CLIs print the message, not a Python traceback."""
+    monkeypatch.delenv("TRL_NULLSPACE_TRACEBACK", raising=False)
+    if mistake == "cache of another model":
+        other = tmp_path / "other-model"
+        tokenizer = toy.build_char_tokenizer()
+        toy.build_tiny_qwen2(tokenizer, seed=1).save_pretrained(str(other))
+        tokenizer.save_pretrained(str(other))
+        main(
+            ["estimate", "--model_name_or_path", str(other), "--quiet"]
+            + ["--nullspace_reference_dataset", str(assets / "reference" / "train.jsonl")]
+            + [
+                "--nullspace_reference_num_samples",
+                "16",
+                "--nullspace_cache_path",
+                str(tmp_path / "other.safetensors"),
+            ]
+        )
+        capsys.readouterr()
+    flags, said = CLI_MISTAKES[mistake]
+    assert main(["sft", *flags(assets, tmp_path)]) == 2
+    error = capsys.readouterr().err
+    assert "trl-nullspace sft: error: " in error and said in error, error
+    assert "Traceback" not in error
+
+
+def test_a_missing_gguf_file_is_one_message(tmp_path, capsys):
+    assert main(["gguf", str(tmp_path / "model.gguf"), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "error: No GGUF file at" in capsys.readouterr().err
+
+
+def test_the_traceback_is_there_when_asked(assets, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRL_NULLSPACE_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="nullspace_energy"):
+        main(["sft", *_sft_flags(assets, tmp_path, nullspace_energy="1.5")])

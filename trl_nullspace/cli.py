@@ -139,14 +139,31 @@ def inspect_cache(argv: list[str]) -> int:
     return 0
 
 
+# Errors that describe the user's input (a path, a setting, a cache that does not fit): their message
+# names the cause and the fix, so the CLI prints it alone, as TRL's and Accelerate's CLIs do.
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, CacheMismatchError)
+TRACEBACK_VARIABLE = "TRL_NULLSPACE_TRACEBACK"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. An error in the user's input prints `trl-nullspace CMD: error: MESSAGE` on
+    stderr and returns 2 (set TRL_NULLSPACE_TRACEBACK=1 for the traceback)."""
     argv = sys.argv[1:] if argv is None else argv
     commands = [*TRAINERS, "estimate", "inspect", "evaluate", "gguf", "prepare"]
     if not argv or argv[0] not in commands:
         print(__doc__)
         print(f"usage: trl-nullspace {{{','.join(commands)}}} ...")
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    command, rest = argv[0], argv[1:]
+    try:
+        return _run(argv[0], argv[1:])
+    except USER_ERRORS as error:
+        if os.environ.get(TRACEBACK_VARIABLE):
+            raise
+        print(f"trl-nullspace {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _run(command: str, rest: list[str]) -> int:
     if command == "estimate":
         estimate(rest)
         return 0

@@ -47,7 +47,10 @@ def load_trainable_gguf(
     if importlib.util.find_spec("gguf") is None:
         raise ImportError("Reading GGUF files needs the `gguf` package: pip install gguf")
     if not os.path.isfile(gguf_path):
-        raise FileNotFoundError(f"No GGUF file at {gguf_path!r}.")
+        raise FileNotFoundError(
+            f"No GGUF file at {gguf_path!r}: give the path of a .gguf file (or no argument for the packaged "
+            "SmolLM2-135M-Instruct)."
+        )
     folder, file_name = os.path.split(os.path.abspath(gguf_path))
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=dtype)

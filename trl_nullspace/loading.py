@@ -31,4 +31,30 @@ def load_dataset_from(name_or_path: str, split: str = "train", config: str | Non
                 f"Dataset file {name_or_path!r} has an unsupported extension; use one of {sorted(DATA_FILE_BUILDERS)}."
             )
         return datasets.load_dataset(DATA_FILE_BUILDERS[extension], data_files=name_or_path, split="train")
-    return datasets.load_dataset(name_or_path, name=config, split=split)
+    if _looks_like_a_path(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(
+            f"Dataset {name_or_path!r} does not exist: no such file or folder. Give the path of a local data file "
+            f"({', '.join(sorted(DATA_FILE_BUILDERS))}), a folder of data files, a folder written by "
+            "`trl-nullspace prepare` or save_to_disk, or a Hub dataset name."
+        )
+    try:
+        return datasets.load_dataset(name_or_path, name=config, split=split)
+    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise ValueError(
+            f"Dataset {name_or_path!r} is not a local file or folder here, and loading it from the Hub failed "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Give a local path, or "
+            "download it first where the Hub can be reached."
+        ) from error
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A Hub name is `owner/name` or `name`; anything with a data-file extension, more than one `/`, or a
+    leading `.`, `/` or `~` is a path the user meant to exist."""
+    extension = os.path.splitext(name)[1].lower()
+    return (
+        extension in DATA_FILE_BUILDERS
+        or name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or os.sep != "/"
+        and os.sep in name
+    )

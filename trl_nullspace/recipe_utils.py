@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
@@ -18,6 +20,14 @@ def parse_recipe_arguments(
 
 
 def load_model_and_tokenizer(model_args: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    name = model_args.model_name_or_path
+    if name is None:
+        raise ValueError("No model: set model_name_or_path (a local folder or a Hub model id).")
+    if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise FileNotFoundError(
+            f"model_name_or_path {name!r} does not exist: no such folder. Give a folder written by save_pretrained "
+            "(or `trl-nullspace gguf`), or a Hub model id."
+        )
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
