@@ -7,7 +7,10 @@ TRL recipe plus `nullspace_*` keys.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from trl import DPOConfig, GRPOConfig, RLOOConfig, SFTConfig
 
@@ -289,6 +292,19 @@ class NullSpaceArguments:
         parent_post_init = getattr(super(), "__post_init__", None)
         if parent_post_init is not None:
             parent_post_init()
+
+    @classmethod
+    def from_trl_config(cls, args: Any) -> Any:
+        """`args` (TRL's own config, e.g. `SFTConfig`) as this class, with every setting as TRL resolved
+        it and the `nullspace_*` defaults: what a null-space trainer given TRL's config trains with.
+        Copied, not parsed again: a second `__post_init__` would re-derive what TRL already derived
+        (GRPO's `generation_batch_size` from `steps_per_generation` would then conflict)."""
+        converted = copy.copy(args)
+        converted.__class__ = cls
+        for item in dataclasses.fields(NullSpaceArguments):
+            default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+            setattr(converted, item.name, default)
+        return converted
 
     @property
     def nullspace_statistics_budget_bytes(self) -> int | None:

@@ -105,18 +105,24 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
         **kwargs: Any,
     ):
         bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs)
-        if bound.arguments.get("args") is None:
+        given = bound.arguments.get("args")
+        trl_config = self.config_class.__bases__[-1]  # NullSpaceSFTConfig(NullSpaceArguments, SFTConfig): SFTConfig
+        if given is None:
             model = bound.arguments["model"]
             name = model if isinstance(model, str) else model_name(model)
             bound.arguments["args"] = self.config_class(output_dir=f"{name.rstrip('/').split('/')[-1]}-NullSpace")
+        elif not isinstance(given, NullSpaceArguments) and isinstance(given, trl_config):
+            # A drop-in takes TRL's own config: every setting kept, the constraint at its defaults.
+            bound.arguments["args"] = self.config_class.from_trl_config(given)
+            logger.info("trl-nullspace: %s given; the nullspace_* settings take their defaults", type(given).__name__)
+        elif not isinstance(given, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__} (or TRL's {trl_config.__name__}, "
+                f"taken with the null-space defaults); got {type(given).__name__}."
+            )
         # The training data as the user passed it, before TRL tokenises it: the contrastive rule's statistics.
         self._raw_train_dataset = bound.arguments.get("train_dataset")
         super().__init__(*bound.args, **bound.kwargs)
-        if not isinstance(self.args, NullSpaceArguments):
-            raise TypeError(
-                f"{type(self).__name__} needs a config with the nullspace_* fields, e.g. "
-                f"{self.config_class.__name__}; got {type(self.args).__name__}."
-            )
         guards.check_backend(
             self.args,
             self.model,
