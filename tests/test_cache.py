@@ -214,3 +214,67 @@ def test_a_cache_whose_basis_is_not_orthonormal_is_refused(
         load_subspace(str(path))
     assert trainer.nullspace_subspace.bases  # the trainer's own cache loads
     load_subspace(str(tmp_path / "subspace.safetensors"))
+
+
+def test_overwrite_re_estimates_and_replaces_a_cache_that_does_not_fit(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, caplog
+):
+    """Without the option, another setting on the same path is refused (and the message names the option);
+    with it, the run re-estimates, says why, and the file then serves the new setting."""
+    path = tmp_path / "subspace.safetensors"
+    _trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+    with pytest.raises(CacheMismatchError, match="nullspace_cache_overwrite=True"):
+        _trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.95)
+    with caplog.at_level("WARNING", logger="transformers"):
+        second = _trainer(
+            model,
+            tokenizer,
+            safety_dataset,
+            tmp_path,
+            reference_dataset,
+            nullspace_energy=0.95,
+            nullspace_cache_overwrite=True,
+        )
+    assert "re-estimating and replacing" in caplog.text and "rank_selection" in caplog.text
+    assert load_subspace(str(path))[1]["rank_selection"]["energy"] == 0.95
+    third = _trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.95)
+    assert {key: basis.shape for key, basis in third.nullspace_subspace.bases.items()} == {
+        key: basis.shape for key, basis in second.nullspace_subspace.bases.items()
+    }
+
+
+def test_a_cache_folder_keeps_one_file_per_setting(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    folder = tmp_path / "caches"
+    folder.mkdir()
+    first = _trainer(
+        model,
+        tokenizer,
+        safety_dataset,
+        tmp_path,
+        reference_dataset,
+        nullspace_cache_path=str(folder),
+        nullspace_energy=0.9,
+    )
+    second = _trainer(
+        model,
+        tokenizer,
+        safety_dataset,
+        tmp_path,
+        reference_dataset,
+        nullspace_cache_path=str(folder),
+        nullspace_energy=0.95,
+    )
+    files = sorted(path.name for path in folder.iterdir())
+    assert len(files) == 2 and all(name.startswith(model.config._name_or_path) for name in files), files
+    assert first.nullspace_settings()["cache_path"] != second.nullspace_settings()["cache_path"]
+    again = _trainer(
+        model,
+        tokenizer,
+        safety_dataset,
+        tmp_path,
+        reference_dataset,
+        nullspace_cache_path=str(folder),
+        nullspace_energy=0.9,
+    )
+    assert again.nullspace_cache_file == first.nullspace_cache_file
+    assert sorted(path.name for path in folder.iterdir()) == files  # loaded, not written again

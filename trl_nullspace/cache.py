@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -186,6 +187,18 @@ def expected_provenance(
     return expected
 
 
+def resolve_cache_path(path: str | None, model: nn.Module, expected: dict[str, Any]) -> str | None:
+    """The cache file `nullspace_cache_path` names: the path itself, or, for a folder (one that exists,
+    or a path ending in a separator), a file in it named by the model and a hash of `expected`, so
+    each model, reference set and setting gets its own file and a change of settings never meets
+    another setting's cache."""
+    if path is None or not (os.path.isdir(path) or path.endswith(os.sep)):
+        return path
+    key = hashlib.sha256(json.dumps(expected, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name(model)).strip("-") or "model"
+    return os.path.join(path, f"{name}-{key}.safetensors")
+
+
 def saved_provenance(model: nn.Module, weights: str, expected: dict[str, Any]) -> dict[str, Any]:
     """What a written cache or checkpoint records: the expectations, the model's name and weights."""
     return {"model_name": model_name(model), "weights_fingerprint": weights, **expected}
@@ -215,5 +228,6 @@ def check_cache_matches(path: str, header: dict[str, Any], expected: dict[str, A
         raise CacheMismatchError(
             f"Subspace cache {path} (built for model {header.get('model_name')!r}) does not match this run:\n"
             + "\n".join(problems)
-            + "\nDelete the file or point nullspace_cache_path elsewhere to re-estimate."
+            + "\nDelete the file, point nullspace_cache_path elsewhere (a folder keeps one file per setting), or "
+            "set nullspace_cache_overwrite=True to re-estimate and replace it."
         )

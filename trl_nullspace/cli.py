@@ -44,6 +44,7 @@ from trl_nullspace.cache import (
     check_cache_matches,
     expected_provenance,
     load_subspace,
+    resolve_cache_path,
     save_subspace,
     saved_provenance,
 )
@@ -101,9 +102,10 @@ def estimate(argv: list[str]) -> None:
     subspace = estimate_subspace(model, batches, settings, show_progress=not options.quiet)
     weights = weights_fingerprint(model)
     expected = expected_provenance(model, settings, batches, weights)
-    save_subspace(settings.nullspace_cache_path, subspace, saved_provenance(model, weights, expected))
+    path = resolve_cache_path(settings.nullspace_cache_path, model, expected)
+    save_subspace(path, subspace, saved_provenance(model, weights, expected))
     print(subspace.summary())
-    print(f"wrote {settings.nullspace_cache_path} ({os.path.getsize(settings.nullspace_cache_path) / 2**20:.2f} MiB)")
+    print(f"wrote {path} ({os.path.getsize(path) / 2**20:.2f} MiB)")
 
 
 def inspect_cache(argv: list[str]) -> int:

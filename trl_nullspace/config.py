@@ -168,7 +168,15 @@ class NullSpaceArguments:
         default=None,
         metadata={
             "help": "A .safetensors file: loaded (and checked against the model) if it exists, written after "
-            "estimation otherwise."
+            "estimation otherwise. A folder (existing, or ending in '/'): one file per model and setting in it, "
+            "named by a hash of what the cache must match."
+        },
+    )
+    nullspace_cache_overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "When the cache file does not fit this run (other settings, data or weights, or damaged), "
+            "re-estimate and replace it, with a warning naming what differed, instead of refusing."
         },
     )
     nullspace_cache_match_weights: bool = field(

@@ -305,7 +305,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
             else len(self.nullspace_projector.unconstrained),
             "unconstrained_frozen": frozen,
             "subspace_mib": round(self.nullspace_subspace.num_bytes() / 2**20, 3),
-            "cache_path": self.args.nullspace_cache_path,
+            "cache_path": self.nullspace_cache_file,
         }
 
     def nullspace_start_summary(self) -> str:

@@ -25,6 +25,7 @@ from trl_nullspace.cache import (
     check_cache_matches,
     expected_provenance,
     load_subspace,
+    resolve_cache_path,
     save_subspace,
     saved_provenance,
 )
@@ -54,6 +55,7 @@ class SubspaceSetupMixin:
     _contrast_batches: list[ReferenceBatch] | None
     _exemption: Exemption | None
     _nullspace_gather_peak: GatherPeak | None
+    nullspace_cache_file: str | None  # the file `nullspace_cache_path` resolved to (`cache.resolve_cache_path`)
 
     def _reference_tokenizer(self) -> PreTrainedTokenizerBase:
         """The text tokenizer, also when the processing class is a multimodal processor."""
@@ -144,17 +146,22 @@ class SubspaceSetupMixin:
     def _load_or_estimate_subspace(self) -> CapabilitySubspace:
         if self.args.nullspace_refresh_steps is not None and self._reference_batches is None:
             raise ValueError("nullspace_refresh_steps needs reference data to re-estimate the subspace from.")
-        path = self.args.nullspace_cache_path
         weights = weights_fingerprint(self.model)
         expected = self._expected_provenance(weights)
+        path = self.nullspace_cache_file = resolve_cache_path(self.args.nullspace_cache_path, self.model, expected)
         if path is not None and os.path.exists(path):
-            subspace, header = load_subspace(path)
-            check_cache_matches(path, header, expected)
-            if header.get("weights_fingerprint") != weights:  # reused on other weights (a later stage)
-                self._check_reused_cache_still_fits(path, subspace)
-            logger.info("trl-nullspace: loaded the capability subspace from %s", path)
-            self._warn_if_threshold_leaves_residual(subspace)
-            return subspace
+            try:
+                subspace = self._load_checked_cache(path, weights, expected)
+            except CacheMismatchError as mismatch:
+                if not self.args.nullspace_cache_overwrite:
+                    raise
+                logger.warning(
+                    "trl-nullspace: re-estimating and replacing %s (nullspace_cache_overwrite): %s", path, mismatch
+                )
+            else:
+                logger.info("trl-nullspace: loaded the capability subspace from %s", path)
+                self._warn_if_threshold_leaves_residual(subspace)
+                return subspace
         if self._reference_batches is None:
             raise ValueError(
                 "No reference data for the capability subspace: pass reference_dataset=..., set "
@@ -166,6 +173,15 @@ class SubspaceSetupMixin:
         if path is not None and self.is_world_process_zero():
             save_subspace(path, subspace, saved_provenance(self.model, weights, expected))
             logger.info("trl-nullspace: saved the capability subspace to %s", path)
+        return subspace
+
+    def _load_checked_cache(self, path: str, weights: str, expected: dict[str, Any]) -> CapabilitySubspace:
+        """The cache at `path`, or `CacheMismatchError` if it is damaged, does not match `expected`, or
+        (reused on other weights) no longer holds the reference inputs."""
+        subspace, header = load_subspace(path)
+        check_cache_matches(path, header, expected)
+        if header.get("weights_fingerprint") != weights:  # reused on other weights (a later stage)
+            self._check_reused_cache_still_fits(path, subspace)
         return subspace
 
     def _estimate_with_weights_gathered(self) -> CapabilitySubspace:
