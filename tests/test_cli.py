@@ -12,6 +12,7 @@ from trl import ScriptArguments
 
 from tests.conftest import training_kwargs
 from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, toy
+from trl_nullspace.cache import load_subspace
 from trl_nullspace.cli import main
 from trl_nullspace.loading import load_dataset_from
 from trl_nullspace.recipe_utils import load_train_dataset
@@ -64,6 +65,11 @@ def test_inspect_reports_the_cache_and_whether_a_model_fits(assets, tmp_path, ca
     assert main(["inspect", str(cache), "--model", str(assets / "model")]) == 0
     printed = capsys.readouterr().out
     assert "activation subspace" in printed and "MiB on disk" in printed and "matches" in printed
+    assert "energy kept:" in printed and "outside the protected span" in printed
+    bases = len(load_subspace(str(cache))[0].bases)
+    assert len(printed.splitlines()) <= 20  # a screen whatever the model: not one line per basis
+    assert main(["inspect", str(cache), "--per-layer"]) == 0
+    assert capsys.readouterr().out.count(": rank ") == bases
 
     other = tmp_path / "other-model"
     toy.build_tiny_qwen2(toy.build_char_tokenizer(), seed=1).save_pretrained(str(other))

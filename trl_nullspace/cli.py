@@ -23,7 +23,7 @@ Cache subcommands:
 
     trl-nullspace estimate --model_name_or_path MODEL --nullspace_reference_dataset DATA \\
         --nullspace_cache_path subspace.safetensors [--nullspace_energy 0.99 ...]
-    trl-nullspace inspect subspace.safetensors [--model MODEL]
+    trl-nullspace inspect subspace.safetensors [--model MODEL] [--per-layer]
 
 `estimate` writes the cache a trainer with the same `nullspace_*` settings and reference data
 loads instead of estimating; `inspect` summarises a cache and, given a model, says whether it fits.
@@ -104,7 +104,7 @@ def estimate(argv: list[str]) -> None:
     expected = expected_provenance(model, settings, batches, weights)
     path = resolve_cache_path(settings.nullspace_cache_path, model, expected)
     save_subspace(path, subspace, saved_provenance(model, weights, expected))
-    print(subspace.summary())
+    print(subspace.overview())
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.2f} MiB)")
 
 
@@ -113,9 +113,10 @@ def inspect_cache(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="trl-nullspace inspect", description=inspect_cache.__doc__)
     parser.add_argument("cache", help="a .safetensors file written by estimate or by a trainer")
     parser.add_argument("--model", help="a model folder or Hub name to check the cache against")
+    parser.add_argument("--per-layer", action="store_true", help="one line per basis (rank, energy, layers)")
     options = parser.parse_args(argv)
     subspace, header = load_subspace(options.cache)
-    print(subspace.summary())
+    print(subspace.summary() if options.per_layer else subspace.overview())
     print(f"file: {options.cache}, {os.path.getsize(options.cache) / 2**20:.2f} MiB on disk")
     for key in ("model_name", "library_version", "rank_selection", "target_modules", "settings"):
         if key in header:

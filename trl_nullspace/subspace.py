@@ -56,8 +56,31 @@ class CapabilitySubspace:
     def num_bytes(self) -> int:
         return sum(basis.numel() * basis.element_size() for basis in self.bases.values())
 
+    def overview(self) -> str:
+        """A few lines for a person: size, ranks as a share of their dimension, the energy kept (mean and
+        least) and the largest reference residual; `summary` lists every basis."""
+        lines = [f"{self.method} subspace, {len(self.bases)} bases, {self.num_bytes() / 2**20:.2f} MiB"]
+        shares = {key: basis.shape[1] / basis.shape[0] for key, basis in self.bases.items() if basis.shape[0]}
+        if shares:
+            low, high = min(shares, key=shares.get), max(shares, key=shares.get)
+            lines.append(
+                f"  ranks: {self.bases[low].shape[1]}/{self.bases[low].shape[0]} ({low}) to "
+                f"{self.bases[high].shape[1]}/{self.bases[high].shape[0]} ({high}) of their dimensions"
+            )
+        kept = {key: value for key in self.bases if (value := self.energy_kept(key)) is not None}
+        if kept:
+            least = min(kept, key=kept.get)
+            lines.append(
+                f"  energy kept: {sum(kept.values()) / len(kept):.2%} on average, least {kept[least]:.2%} ({least})"
+            )
+            if self.method == "activation":
+                lines.append(
+                    f"  reference inputs outside the protected span: at most {self.residual(least):.2g} (RMS)"
+                )
+        return "\n".join(lines)
+
     def summary(self) -> str:
-        """One line per basis: `key  rank/dimension  (targets)`; for logs and the CLI."""
+        """One line per basis: `key  rank/dimension  (targets)`; for logs and `inspect --per-layer`."""
         users: dict[str, list[str]] = {}
         for target, key in self.targets.items():
             users.setdefault(key, []).append(target.rsplit(".", 1)[-1])
