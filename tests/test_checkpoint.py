@@ -102,3 +102,30 @@ def test_a_mixture_of_experts_resume_restores_the_fused_experts(
     )
     assert plain > 1e-2, plain
     assert null_space < 1e-5, null_space
+
+
+def test_checkpoints_share_one_copy_of_the_subspace(tokenizer, safety_dataset, reference_dataset, tmp_path):
+    """Before, every checkpoint wrote the bases and anchors again (635 MB each for SmolLM2-135M). Now
+    the run stores them once and each checkpoint's file is a hard link: one inode, one copy on disk;
+    a checkpoint folder deleted (save_total_limit) or copied keeps a complete file."""
+    trainer = NullSpaceSFTTrainer(
+        model=toy.build_tiny_qwen2(tokenizer, seed=0),
+        args=NullSpaceSFTConfig(
+            **training_kwargs(tmp_path, max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=2),
+            nullspace_energy=0.9,
+        ),
+        train_dataset=safety_dataset,
+        processing_class=tokenizer,
+        reference_dataset=reference_dataset,
+    )
+    trainer.train()
+    output = tmp_path / "out"
+    files = [output / f"checkpoint-{step}" / CHECKPOINT_FILE for step in (4, 6)]
+    assert not (output / "checkpoint-2").exists()  # rotated away; the others are complete without it
+    stored = list((output / "nullspace_subspaces").iterdir())
+    assert len(stored) == 1
+    inodes = {os.stat(path).st_ino for path in [*files, stored[0]]}
+    assert len(inodes) == 1 and os.stat(stored[0]).st_nlink == 3
+    for path in files:
+        subspace, header = load_subspace(str(path))
+        assert header["anchors"] and subspace.bases.keys() == trainer.nullspace_subspace.bases.keys()

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from typing import Any
 
@@ -55,6 +56,39 @@ def save_subspace(
     `anchors` (the `update` projection's `M₀ U` per constrained parameter) are written by trainer
     checkpoints, so a resumed run keeps projecting onto the same affine set.
     """
+    tensors, header = _contents(subspace, provenance, anchors)
+    _write_atomically(path, tensors, header)
+
+
+def save_linked(
+    path: str,
+    store: str,
+    subspace: CapabilitySubspace,
+    provenance: dict[str, Any],
+    anchors: dict[str, torch.Tensor] | None = None,
+) -> str:
+    """`save_subspace` for checkpoints: the contents are written once into `store`, named by their hash,
+    and `path` is a hard link to that file, so 20 checkpoints of one run hold one copy on disk (bases
+    and anchors do not change between checkpoints, only at a refresh). A hard link is a file of its
+    own: deleting, rotating or copying a checkpoint folder never loses it. Where the filesystem has
+    no hard links, `path` is a copy. Returns the stored file."""
+    tensors, header = _contents(subspace, provenance, anchors)
+    key = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    stored = os.path.join(store, f"{key}.safetensors")
+    if not os.path.exists(stored):
+        _write_atomically(stored, tensors, header)
+    if os.path.exists(path):
+        os.unlink(path)
+    try:
+        os.link(stored, path)
+    except OSError:
+        shutil.copyfile(stored, path)
+    return stored
+
+
+def _contents(
+    subspace: CapabilitySubspace, provenance: dict[str, Any], anchors: dict[str, torch.Tensor] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {f"basis/{key}": basis.detach().cpu().contiguous() for key, basis in subspace.bases.items()}
     tensors.update(
         {f"eigenvalues/{key}": values.detach().cpu().contiguous() for key, values in subspace.eigenvalues.items()}
@@ -70,6 +104,10 @@ def save_subspace(
         **provenance,
         "checksum": tensors_checksum(tensors),
     }
+    return tensors, header
+
+
+def _write_atomically(path: str, tensors: dict[str, torch.Tensor], header: dict[str, Any]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=directory, suffix=".tmp")

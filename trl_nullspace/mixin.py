@@ -34,7 +34,7 @@ from trl_nullspace.approximations import warn_approximations
 from trl_nullspace.cache import (
     check_cache_matches,
     load_subspace,
-    save_subspace,
+    save_linked,
     saved_provenance,
 )
 from trl_nullspace.checkpoint_weights import reload_converted_weights
@@ -53,6 +53,8 @@ from trl_nullspace.zero_gather import GatherPeak, gathered_alone
 logger = logging.get_logger(__name__)
 
 CHECKPOINT_FILE = "nullspace_subspace.safetensors"
+# In the output folder: one file per distinct (subspace, anchors) that checkpoints link to.
+CHECKPOINT_STORE = "nullspace_subspaces"
 SETTINGS_FILE = "nullspace_config.json"
 
 
@@ -257,6 +259,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
     def refresh_subspace(self) -> None:
         """Re-estimate from the current weights and re-anchor (`nullspace_refresh_steps`)."""
         self.nullspace_subspace = self.estimate_subspace()
+        self._nullspace_estimated_from = weights_fingerprint(self.model)  # collective under ZeRO-3, as the estimate
         self.nullspace_projector = self._bind(self.nullspace_subspace)
         self._take_previous()
 
@@ -375,17 +378,21 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
     # -- checkpoints ------------------------------------------------------------------------------
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """Save the subspace in use and its anchors next to the weights, so resuming is exact."""
+        """Save the subspace in use and its anchors next to the weights, so resuming is exact: one
+        copy per run in `CHECKPOINT_STORE` (per refresh), each checkpoint's file a hard link to it
+        (`cache.save_linked`)."""
         super()._save_checkpoint(model, trial)
-        weights = weights_fingerprint(self.model)  # collective under ZeRO-3: every rank computes it
         # Sharded backends keep each rank's anchor rows only, once their projector is built: gathered (collective).
         sharded = self._sharded_master_projector
         anchors = sharded.full_anchors() if sharded is not None else self.nullspace_projector.anchors()
         if not self.is_world_process_zero():
             return
-        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        save_subspace(
+        output_dir = self._get_output_dir(trial)
+        folder = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        weights = self._nullspace_estimated_from
+        save_linked(
             os.path.join(folder, CHECKPOINT_FILE),
+            os.path.join(output_dir, CHECKPOINT_STORE),
             self.nullspace_subspace,
             saved_provenance(self.model, weights, self._expected_provenance(weights)),
             anchors=anchors,
@@ -428,6 +435,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
         subspace, header = load_subspace(path)
         check_cache_matches(path, header, {"architecture_fingerprint": architecture_fingerprint(self.model)})
         self.nullspace_subspace = subspace
+        self._nullspace_estimated_from = header.get("weights_fingerprint", self._nullspace_estimated_from)
         self.nullspace_projector = self._bind(subspace)
         self.nullspace_projector.restore_anchors(header["anchors"])
 

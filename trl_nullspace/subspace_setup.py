@@ -56,6 +56,7 @@ class SubspaceSetupMixin:
     _exemption: Exemption | None
     _nullspace_gather_peak: GatherPeak | None
     nullspace_cache_file: str | None  # the file `nullspace_cache_path` resolved to (`cache.resolve_cache_path`)
+    _nullspace_estimated_from: str  # fingerprint of the weights the subspace in use was estimated or loaded for
 
     def _reference_tokenizer(self) -> PreTrainedTokenizerBase:
         """The text tokenizer, also when the processing class is a multimodal processor."""
@@ -146,7 +147,7 @@ class SubspaceSetupMixin:
     def _load_or_estimate_subspace(self) -> CapabilitySubspace:
         if self.args.nullspace_refresh_steps is not None and self._reference_batches is None:
             raise ValueError("nullspace_refresh_steps needs reference data to re-estimate the subspace from.")
-        weights = weights_fingerprint(self.model)
+        weights = self._nullspace_estimated_from = weights_fingerprint(self.model)
         expected = self._expected_provenance(weights)
         path = self.nullspace_cache_file = resolve_cache_path(self.args.nullspace_cache_path, self.model, expected)
         if path is not None and os.path.exists(path):
