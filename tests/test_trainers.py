@@ -250,7 +250,14 @@ def test_the_constraint_is_announced_and_saved_with_the_model(
     assert saved["constrained_parameters"] == len(trainer.nullspace_projector.constrained)
     trainer.create_model_card()
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "trl-nullspace" in card and "Null-space constraint" in card and "projection_target" in card
+    assert "Null-space constraint (trl-nullspace)" in card and "every update to the" in card
+    examples = len(reference_dataset)
+    assert (
+        f"Reference data (the capabilities protected): a dataset passed to the trainer as `reference_dataset`, "
+        f"{examples} examples" in card
+    )
+    assert "chosen by energy 0.9" in card and "lies outside the protected span" in card
+    assert len(card.split("## Null-space constraint")[1].splitlines()) < 15  # prose, not a dump of keys
 
 
 def test_per_layer_metrics_go_through_the_trainer_logs(model, tokenizer, safety_dataset, reference_dataset, tmp_path):

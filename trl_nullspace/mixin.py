@@ -41,6 +41,7 @@ from trl_nullspace.checkpoint_weights import reload_converted_weights
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.fingerprint import architecture_fingerprint, model_name, weights_fingerprint
 from trl_nullspace.loading import load_dataset_from
+from trl_nullspace.model_card import constraint_section
 from trl_nullspace.monitor import CapabilityDriftMonitor
 from trl_nullspace.node_memory import share_on_node
 from trl_nullspace.projector import SubspaceProjector
@@ -371,9 +372,19 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
         super().create_model_card(*args, **kwargs)
         path = os.path.join(self.args.output_dir, "README.md")
         if self.is_world_process_zero() and os.path.exists(path):
-            lines = [f"- {key}: `{value}`" for key, value in self.nullspace_settings().items()]
             with open(path, "a") as handle:
-                handle.write("\n## Null-space constraint (trl-nullspace)\n\n" + "\n".join(lines) + "\n")
+                handle.write("\n" + constraint_section(self.nullspace_settings(), self._reference_description()))
+
+    def _reference_description(self) -> str:
+        """What the card says the subspace was estimated from."""
+        name = self.args.nullspace_reference_dataset
+        batches = self._reference_batches
+        if batches is None:
+            return f"the cache `{self.nullspace_cache_file}` (estimated before this run)"
+        examples = sum(batch.input_ids.shape[0] for batch in batches)
+        tokens = sum(int(batch.attention_mask.sum()) for batch in batches)
+        where = f"`{name}`" if name is not None else "a dataset passed to the trainer as `reference_dataset`"
+        return f"{where}, {examples} examples, {tokens} tokens"
 
     # -- checkpoints ------------------------------------------------------------------------------
 
