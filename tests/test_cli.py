@@ -83,6 +83,21 @@ def test_unknown_command_prints_usage(capsys):
     assert "usage: trl-nullspace" in capsys.readouterr().out
 
 
+def test_rloo_command_runs_the_shipped_toy_recipe(assets, tmp_path):
+    """The CLI docs' `trl-nullspace rloo --config recipes/configs/toy_rloo.yaml`, on the toy assets."""
+    config = os.path.join(os.path.dirname(os.path.dirname(__file__)), "recipes", "configs", "toy_rloo.yaml")
+    assert (
+        main(
+            ["rloo", "--config", config, "--model_name_or_path", str(assets / "model")]
+            + ["--dataset_name", str(assets / "safety_prompts"), "--max_steps", "1"]
+            + ["--nullspace_reference_dataset", str(assets / "reference" / "train.jsonl")]
+            + ["--output_dir", str(tmp_path / "out")]
+        )
+        == 0
+    )
+    assert (tmp_path / "out" / "nullspace_config.json").exists()
+
+
 def test_sft_command_runs_the_recipe(assets, tmp_path):
     main(
         ["sft", "--model_name_or_path", str(assets / "model"), "--dataset_name", str(assets / "safety_sft")]
@@ -166,12 +181,15 @@ def test_every_shipped_recipe_config_parses(path):
     """Every YAML a user is pointed at parses into its trainer's config with the installed TRL and
     transformers (bf16 off: CI has no GPU). The Hub recipes cannot run here; this catches keys a
     library release removed (transformers 5 dropped `warmup_ratio`, which the 0.5B SFT recipe used)."""
-    from trl_nullspace import NullSpaceDPOConfig, NullSpaceGRPOConfig, NullSpaceSFTConfig
+    from trl_nullspace import NullSpaceDPOConfig, NullSpaceGRPOConfig, NullSpaceRLOOConfig, NullSpaceSFTConfig
     from trl_nullspace.recipe_utils import parse_recipe_arguments
 
-    config_class = {"sft": NullSpaceSFTConfig, "dpo": NullSpaceDPOConfig, "grpo": NullSpaceGRPOConfig}[
-        os.path.basename(path).rsplit("_", 1)[1].removesuffix(".yaml")
-    ]
+    config_class = {
+        "sft": NullSpaceSFTConfig,
+        "dpo": NullSpaceDPOConfig,
+        "grpo": NullSpaceGRPOConfig,
+        "rloo": NullSpaceRLOOConfig,
+    }[os.path.basename(path).rsplit("_", 1)[1].removesuffix(".yaml")]
     _, config, _ = parse_recipe_arguments(config_class, ["--config", path, "--bf16", "false"])
     assert isinstance(config, config_class)
 

@@ -1,14 +1,53 @@
-"""The examples in docs/api.md run: every Python block, in order, in one namespace, offline."""
+"""The documentation's Python examples run as written: each block is executed by a test here, or is
+marked `<!-- fragment: why -->` (it uses names the reader supplies) and then at least compiles and
+imports only what the package has."""
 
+import ast
+import glob
+import importlib
 import os
 import re
 
+import datasets
+import pytest
+
+from trl_nullspace import toy
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLOCK = re.compile(r"(<!-- fragment[^>]*-->\n)?```python\n(.*?)```", flags=re.S)
+# Blocks executed below, by file: every other Python block in README.md and docs/*.md must be a fragment.
+RUN = {"docs/api.md": "all", "README.md": [0], "docs/getting-started.md": [0]}
+
+
+def _blocks(relative: str) -> list[tuple[bool, str]]:
+    """(marked a fragment, code) of every Python block in a Markdown file."""
+    text = open(os.path.join(ROOT, relative)).read()
+    return [(bool(marker), code) for marker, code in BLOCK.findall(text)]
+
+
+def _documents() -> list[str]:
+    return [
+        "README.md",
+        *sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "docs", "*.md"))),
+    ]
+
+
+@pytest.mark.parametrize("relative", _documents())
+def test_every_python_block_is_run_or_marked_a_fragment(relative):
+    run = RUN.get(relative, [])
+    for index, (fragment, code) in enumerate(_blocks(relative)):
+        executed = run == "all" or index in run
+        assert executed != fragment, f"{relative} block {index}: run it in tests/test_docs.py or mark it a fragment"
+        tree = ast.parse(code)  # a fragment still parses, and imports only what exists
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("trl_nullspace"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), f"{relative} block {index}: {node.module}.{alias.name}"
 
 
 def test_api_reference_examples_run(tmp_path, monkeypatch, capsys):
-    text = open(os.path.join(ROOT, "docs", "api.md")).read()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    blocks = [code for _, code in _blocks("docs/api.md")]
     assert len(blocks) >= 8
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
@@ -17,3 +56,27 @@ def test_api_reference_examples_run(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "does not match this run" in printed  # the CacheMismatchError example raised as documented
     assert "[1.0]" in printed and "[0.0, 1.0]" in printed
+
+
+@pytest.mark.parametrize(("relative", "index"), [("README.md", 0), ("docs/getting-started.md", 0)])
+def test_the_swap_examples_train_as_written(relative, index, tmp_path, monkeypatch):
+    """The README's and getting-started's trainer examples, as written (no bf16 or CPU flags: on a
+    machine without a bf16 GPU the configs train in fp32), with the offline tiny model and toy data
+    under the names the text gives them."""
+    tokenizer = toy.build_char_tokenizer()
+    safety = datasets.Dataset.from_dict(toy.as_prompt_completion(toy.safety_split(seed=0)["train"][:16]))
+    general = datasets.Dataset.from_dict(toy.as_text(toy.general_examples(8, seed=1)))
+    namespace = {
+        "model": toy.build_tiny_qwen2(tokenizer, seed=0),
+        "tokenizer": tokenizer,
+        "safety_dataset": safety,
+        "refusal_data": safety,
+        "general_dataset": general,
+        "general_data": general,
+    }
+    monkeypatch.chdir(tmp_path)
+    code = _blocks(relative)[index][1]
+    exec(compile(code, f"{relative} block {index}", "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step > 0 and trainer.nullspace_projector.constrained
+    assert any(path.suffix == ".safetensors" for path in tmp_path.iterdir())  # the cache the example names

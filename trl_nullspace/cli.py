@@ -6,7 +6,7 @@ Training subcommands mirror TRL's CLI and the `recipes/` scripts (a YAML of TRL 
     trl-nullspace sft  --config recipes/configs/toy_sft.yaml
     trl-nullspace dpo  --config recipes/configs/toy_dpo.yaml
     trl-nullspace grpo --config recipes/configs/toy_grpo.yaml      # offline refusal reward
-    trl-nullspace rloo --config my_rloo.yaml                       # same reward
+    trl-nullspace rloo --config recipes/configs/toy_rloo.yaml      # same reward
 
 Evaluation and models (see docs/evaluation.md):
 

