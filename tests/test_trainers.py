@@ -278,3 +278,19 @@ def test_per_layer_metrics_go_through_the_trainer_logs(model, tokenizer, safety_
     assert 0.0 < logged[f"nullspace/removed_frac/{name}"] <= 1.0
     for key, basis in trainer.nullspace_subspace.bases.items():
         assert logged[f"nullspace/rank/{key}"] == basis.shape[1]
+
+
+def test_the_start_summary_is_written_around_the_progress_bar(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, monkeypatch
+):
+    """The Trainer's bar is drawn before the summary: a plain print landed inside the bar's line."""
+    from tests.conftest import make_sft_trainer
+    from trl_nullspace import mixin
+
+    written = []
+    monkeypatch.setattr(mixin.tqdm, "write", lambda text, file=None: written.append(text))
+    trainer = make_sft_trainer(
+        model, tokenizer, safety_dataset, tmp_path, reference_dataset, disable_tqdm=False, max_steps=1
+    )
+    trainer.train()
+    assert len(written) == 1 and written[0].startswith("trl-nullspace: activation subspace")

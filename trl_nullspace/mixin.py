@@ -19,12 +19,14 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import sys
 from collections import defaultdict
 from typing import Any
 
 import datasets
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
@@ -70,7 +72,9 @@ class _ProjectUpdateCallback(TrainerCallback):
         self.trainer._build_zero_projector()
         self.trainer._take_previous()
         if state.is_world_process_zero:
-            print(self.trainer.nullspace_start_summary(), flush=True)
+            # The Trainer's progress bar is already drawn: tqdm.write clears it, prints, and redraws it,
+            # so the summary gets lines of its own instead of landing inside the bar's.
+            tqdm.write(self.trainer.nullspace_start_summary(), file=sys.stdout)
         if args.nullspace_log_per_layer:
             bases = self.trainer.nullspace_subspace.bases
             self.trainer.log({f"nullspace/rank/{key}": float(basis.shape[1]) for key, basis in bases.items()})
