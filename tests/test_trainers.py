@@ -293,4 +293,5 @@ def test_the_start_summary_is_written_around_the_progress_bar(
         model, tokenizer, safety_dataset, tmp_path, reference_dataset, disable_tqdm=False, max_steps=1
     )
     trainer.train()
-    assert len(written) == 1 and written[0].startswith("trl-nullspace: activation subspace")
+    ours = [text for text in written if isinstance(text, str) and text.startswith("trl-nullspace:")]
+    assert len(ours) == 1 and ours[0].startswith("trl-nullspace: activation subspace")
