@@ -150,6 +150,7 @@ def test_evaluate_command_writes_json_and_markdown(tmp_path):
     assert result["measured"]["refusal_rule"].startswith("refusal = the greedy answer opens")
     table = (tmp_path / "evaluation.md").read_text()
     assert "| refusal, HarmBench ↑ |" in table and "| KL from base on general answers ↓ |" in table
+    assert (tmp_path / "evaluation.png").stat().st_size > 10_000  # the table's rates, plotted
 
 
 def test_reference_texts_accept_prompt_only_data(real_model):

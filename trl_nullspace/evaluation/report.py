@@ -1,4 +1,4 @@
-"""`trl-nullspace evaluate`: one trained model against its base, as JSON and a short Markdown table.
+"""`trl-nullspace evaluate`: one trained model against its base, as JSON, a short Markdown table and a plot.
 
     trl-nullspace evaluate --model outputs/my-safety-model --base outputs/models/smollm2-135m-instruct \\
         [--output-dir DIR] [--quick | --max-items N] [--development] \\
@@ -51,6 +51,35 @@ def summary_table(model_name: str, evaluation: dict[str, Any], base: dict[str, A
     return "\n".join(lines) + "\n"
 
 
+def save_plot(model_name: str, evaluation: dict[str, Any], base: dict[str, Any], path: str) -> str | None:
+    """The table's rates as bars, base beside the model, the drift numbers in the title; None without
+    matplotlib (`pip install matplotlib`), which the package does not require."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(label, get) for label, kind, get in SUMMARY_ROWS if kind == "rate" and get(evaluation) is not None]
+    figure, axis = plt.subplots(figsize=(9, 4.5))
+    for offset, (name, values) in enumerate((("base", base), (model_name, evaluation))):
+        heights = [get(values) or 0.0 for _, get in rows]
+        bars = axis.bar([index + offset * 0.4 for index in range(len(rows))], heights, 0.4, label=name)
+        axis.bar_label(bars, labels=[f"{height:.0%}" for height in heights], fontsize=8)
+    axis.set_xticks([index + 0.2 for index in range(len(rows))])
+    axis.set_xticklabels([label.replace(", ", ",\n", 1) for label, _ in rows], fontsize=8)
+    axis.set_ylim(0, 1.2)
+    axis.set_ylabel("rate")
+    drift = evaluation["drift"]
+    axis.set_title(f"{model_name} against its base: KL on general answers {drift['kl_general']:.4f}", fontsize=10)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def run_evaluation(
     model_path: str,
     base_path: str,
@@ -60,7 +89,7 @@ def run_evaluation(
     judge: RefusalJudge = prefix_judge,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate `model_path` against `base_path`; writes `evaluation.{json,md}` to `output_dir` if given.
+    """Evaluate `model_path` against `base_path`; writes `evaluation.{json,md,png}` to `output_dir` if given.
 
     `max_items` caps every set (evenly spaced items), for smoke tests."""
     tokenizer = AutoTokenizer.from_pretrained(base_path)
@@ -81,8 +110,12 @@ def run_evaluation(
         "base_evaluation": reference.evaluation,
         "evaluation": evaluation,
     }
-    table = summary_table(os.path.basename(model_path.rstrip("/")) or model_path, evaluation, reference.evaluation)
+    name = os.path.basename(model_path.rstrip("/")) or model_path
+    table = summary_table(name, evaluation, reference.evaluation)
     if output_dir is not None:
+        os.makedirs(output_dir, exist_ok=True)
+        if save_plot(name, evaluation, reference.evaluation, os.path.join(output_dir, "evaluation.png")) is None:
+            print("no evaluation.png: matplotlib is not installed (pip install matplotlib)")
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "evaluation.json"), "w") as handle:
             json.dump(result, handle, indent=1)
@@ -101,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", required=True, help="the trained model's folder")
     parser.add_argument("--base", required=True, help="the model it was trained from (folder or Hub name)")
-    parser.add_argument("--output-dir", help="write evaluation.json and evaluation.md here")
+    parser.add_argument("--output-dir", help="write evaluation.json, evaluation.md and evaluation.png here")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help=f"at most {QUICK_SIZE} items per set (smoke test)")
     size.add_argument("--max-items", type=int, help="at most this many items per set (smoke test)")
