@@ -301,3 +301,14 @@ def test_a_deep_copy_of_an_sft_trained_model_is_named_not_estimated_wrongly(
     trained = trainer.model
     del trained.forward
     make_sft_trainer(copy.deepcopy(trained), tokenizer, safety_dataset, tmp_path, reference_dataset)
+
+
+def test_a_config_starts_without_warnings_the_user_cannot_act_on(tmp_path):
+    """TRL's configs set `gradient_checkpointing`, which transformers 5 deprecates: one FutureWarning per
+    start (and per process) naming a field the user never set."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        NullSpaceSFTConfig(output_dir=str(tmp_path))
+    assert not [warning for warning in caught if "gradient_checkpointing" in str(warning.message)]
