@@ -278,3 +278,16 @@ def test_a_cache_folder_keeps_one_file_per_setting(model, tokenizer, safety_data
     )
     assert again.nullspace_cache_file == first.nullspace_cache_file
     assert sorted(path.name for path in folder.iterdir()) == files  # loaded, not written again
+
+
+def test_the_checksum_takes_single_column_bases_of_any_stride():
+    """A rank-1 basis sliced from a wider one is "contiguous" with a last-dimension stride other than 1
+    (the gradient method under ZeRO-3 made one); the checksum once refused to view its bytes."""
+    from trl_nullspace.cache import tensors_checksum
+
+    wide = torch.randn(5, 3)
+    column = wide[:, :1].t().contiguous().t()  # shape (5, 1), stride (1, 5)
+    assert column.is_contiguous() and column.stride(-1) != 1
+    assert tensors_checksum({"basis/x": column}) == tensors_checksum(
+        {"basis/x": column.clone(memory_format=torch.contiguous_format).reshape(5, 1)}
+    )

@@ -169,9 +169,11 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
+        tensor = tensors[name].detach().cpu()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        # Flattened first: a "contiguous" (n × 1) basis may keep any stride on its last, size-1, dimension.
+        flat = tensor.contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return digest.hexdigest()
 
 
