@@ -246,37 +246,23 @@ def test_overwrite_re_estimates_and_replaces_a_cache_that_does_not_fit(
 def test_a_cache_folder_keeps_one_file_per_setting(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
     folder = tmp_path / "caches"
     folder.mkdir()
-    first = _trainer(
-        model,
-        tokenizer,
-        safety_dataset,
-        tmp_path,
-        reference_dataset,
-        nullspace_cache_path=str(folder),
-        nullspace_energy=0.9,
-    )
-    second = _trainer(
-        model,
-        tokenizer,
-        safety_dataset,
-        tmp_path,
-        reference_dataset,
-        nullspace_cache_path=str(folder),
-        nullspace_energy=0.95,
-    )
+
+    def trainer_at(energy):
+        return _trainer(
+            model,
+            tokenizer,
+            safety_dataset,
+            tmp_path,
+            reference_dataset,
+            nullspace_cache_path=str(folder),
+            nullspace_energy=energy,
+        )
+
+    first, second = trainer_at(0.9), trainer_at(0.95)
     files = sorted(path.name for path in folder.iterdir())
     assert len(files) == 2 and all(name.startswith(model.config._name_or_path) for name in files), files
     assert first.nullspace_settings()["cache_path"] != second.nullspace_settings()["cache_path"]
-    again = _trainer(
-        model,
-        tokenizer,
-        safety_dataset,
-        tmp_path,
-        reference_dataset,
-        nullspace_cache_path=str(folder),
-        nullspace_energy=0.9,
-    )
-    assert again.nullspace_cache_file == first.nullspace_cache_file
+    assert trainer_at(0.9).nullspace_cache_file == first.nullspace_cache_file
     assert sorted(path.name for path in folder.iterdir()) == files  # loaded, not written again
 
 

@@ -13,15 +13,20 @@ from tests.test_architectures import MIXTURE_OF_EXPERTS, build
 from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
 
 
-def _lora_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, **lora):
+def _peft_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, peft_config):
     return NullSpaceSFTTrainer(
         model=model,
         args=NullSpaceSFTConfig(**training_kwargs(tmp_path), nullspace_eigenvalue_threshold=1e-10),
         train_dataset=safety_dataset,
         processing_class=tokenizer,
         reference_dataset=reference_dataset,
-        peft_config=LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **{"target_modules": "all-linear", **lora}),
+        peft_config=peft_config,
     )
+
+
+def _lora_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, **lora):
+    config = LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **{"target_modules": "all-linear", **lora})
+    return _peft_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, config)
 
 
 def test_dora_is_refused(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
@@ -118,14 +123,7 @@ def test_other_peft_types_are_refused_by_name(
     that sent the user to the wrong setting, or a shape error (prompt tuning)."""
     why = "prompt learning adds trained virtual tokens" if "_TUNING" in peft_type else "not a LoRA B·A product"
     with pytest.raises(ValueError, match=rf"PEFT {peft_type} adapters .*{why}.*Use LoraConfig"):
-        NullSpaceSFTTrainer(
-            model=model,
-            args=NullSpaceSFTConfig(**training_kwargs(tmp_path)),
-            train_dataset=safety_dataset,
-            processing_class=tokenizer,
-            reference_dataset=reference_dataset,
-            peft_config=_other_peft_configs()[peft_type],
-        )
+        _peft_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, _other_peft_configs()[peft_type])
 
 
 def test_lora_on_embeddings_is_refused(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
@@ -205,15 +203,9 @@ def test_start_line_counts_frozen_parameters_and_states_the_protected_energy(
 def test_lora_on_parameters_is_refused(tokenizer, safety_dataset, reference_dataset, tmp_path):
     """PEFT's `target_parameters` (LoRA on fused MoE experts) wraps a parameter the projection does not reach."""
     model = build("mixtral", tokenizer, MIXTURE_OF_EXPERTS["mixtral"])
+    lora = LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"])
     with pytest.raises(ValueError, match=r"LoRA on parameters \(target_parameters, e.g. .*experts.gate_up_proj\)"):
-        NullSpaceSFTTrainer(
-            model=model,
-            args=NullSpaceSFTConfig(**training_kwargs(tmp_path)),
-            train_dataset=safety_dataset,
-            processing_class=tokenizer,
-            reference_dataset=reference_dataset,
-            peft_config=LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"]),
-        )
+        _peft_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, lora)
 
 
 def _forty_example_reference():
