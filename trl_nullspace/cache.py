@@ -73,8 +73,7 @@ def save_linked(
     own: deleting, rotating or copying a checkpoint folder never loses it. Where the filesystem has
     no hard links, `path` is a copy. Returns the stored file."""
     tensors, header = _contents(subspace, provenance, anchors)
-    key = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    stored = os.path.join(store, f"{key}.safetensors")
+    stored = os.path.join(store, f"{_json_hash(header)[:20]}.safetensors")
     if not os.path.exists(stored):
         _write_atomically(stored, tensors, header)
     if os.path.exists(path):
@@ -234,9 +233,13 @@ def resolve_cache_path(path: str | None, model: nn.Module, expected: dict[str, A
     another setting's cache."""
     if path is None or not (os.path.isdir(path) or path.endswith(os.sep)):
         return path
-    key = hashlib.sha256(json.dumps(expected, sort_keys=True, default=str).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", model_name(model)).strip("-") or "model"
-    return os.path.join(path, f"{name}-{key}.safetensors")
+    return os.path.join(path, f"{name}-{_json_hash(expected)[:16]}.safetensors")
+
+
+def _json_hash(value: dict[str, Any]) -> str:
+    """SHA-256 of `value` as canonical JSON: names a file by what it holds or must match."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def saved_provenance(model: nn.Module, weights: str, expected: dict[str, Any]) -> dict[str, Any]:

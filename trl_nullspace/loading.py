@@ -31,7 +31,8 @@ def load_dataset_from(name_or_path: str, split: str = "train", config: str | Non
                 f"Dataset file {name_or_path!r} has an unsupported extension; use one of {sorted(DATA_FILE_BUILDERS)}."
             )
         return datasets.load_dataset(DATA_FILE_BUILDERS[extension], data_files=name_or_path, split="train")
-    if _looks_like_a_path(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
+    meant_a_path = os.path.splitext(name_or_path)[1].lower() in DATA_FILE_BUILDERS or looks_like_a_path(name_or_path)
+    if meant_a_path and not os.path.exists(os.path.expanduser(name_or_path)):
         raise FileNotFoundError(
             f"Dataset {name_or_path!r} does not exist: no such file or folder. Give the path of a local data file "
             f"({', '.join(sorted(DATA_FILE_BUILDERS))}), a folder of data files, a folder written by "
@@ -47,14 +48,7 @@ def load_dataset_from(name_or_path: str, split: str = "train", config: str | Non
         ) from error
 
 
-def _looks_like_a_path(name: str) -> bool:
-    """A Hub name is `owner/name` or `name`; anything with a data-file extension, more than one `/`, or a
-    leading `.`, `/` or `~` is a path the user meant to exist."""
-    extension = os.path.splitext(name)[1].lower()
-    return (
-        extension in DATA_FILE_BUILDERS
-        or name.startswith((".", "/", "~"))
-        or name.count("/") > 1
-        or os.sep != "/"
-        and os.sep in name
-    )
+def looks_like_a_path(name: str) -> bool:
+    """Whether a dataset or model name is a local path the user meant to exist: a Hub name is `name` or
+    `owner/name`, so a leading `.`, `/` or `~`, or more than one `/`, can only be a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)

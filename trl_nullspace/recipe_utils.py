@@ -8,7 +8,7 @@ import datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-from trl_nullspace.loading import load_dataset_from
+from trl_nullspace.loading import load_dataset_from, looks_like_a_path
 from trl_nullspace.progress import quiet_progress
 
 
@@ -23,7 +23,7 @@ def load_model_and_tokenizer(model_args: ModelConfig) -> tuple[PreTrainedModel, 
     name = model_args.model_name_or_path
     if name is None:
         raise ValueError("No model: set model_name_or_path (a local folder or a Hub model id).")
-    if name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(name)):
+    if looks_like_a_path(name) and not os.path.isdir(os.path.expanduser(name)):
         raise FileNotFoundError(
             f"model_name_or_path {name!r} does not exist: no such folder. Give a folder written by save_pretrained "
             "(or `trl-nullspace gguf`), or a Hub model id."

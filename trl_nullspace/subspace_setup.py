@@ -11,7 +11,6 @@ holds the same bases. Binding, projecting, reporting and checkpoints stay in `tr
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 from typing import Any
 
@@ -161,7 +160,6 @@ class SubspaceSetupMixin:
                 )
             else:
                 logger.info("trl-nullspace: loaded the capability subspace from %s", path)
-                self._warn_if_threshold_leaves_residual(subspace)
                 return subspace
         if self._reference_batches is None:
             raise ValueError(
@@ -170,7 +168,6 @@ class SubspaceSetupMixin:
             )
         subspace = self._estimate_with_weights_gathered()
         self._warn_if_reference_is_tiny(subspace)
-        self._warn_if_threshold_leaves_residual(subspace)
         if path is not None and self.is_world_process_zero():
             save_subspace(path, subspace, saved_provenance(self.model, weights, expected))
             logger.info("trl-nullspace: saved the capability subspace to %s", path)
@@ -246,33 +243,6 @@ class SubspaceSetupMixin:
                 f"since it was estimated (a stage trained without the constraint?), in {len(worn)} of "
                 f"{len(shares)} layer inputs; the worst:\n  " + "\n  ".join(worst) + "\nRe-estimate it from this "
                 "model: delete the file or point nullspace_cache_path elsewhere."
-            )
-
-    def _warn_if_threshold_leaves_residual(self, subspace: CapabilitySubspace) -> None:
-        """An eigenvalue threshold t drops every direction below t·λ_max, but many such directions add
-        up: the reference inputs can keep more than √t of their size outside the span (the tests'
-        tiny Qwen2 with 350 reference tokens at t = 1e-3: 0.044 at its second down_proj, and 12
-        steps at 1e-2 moved the reference logits by 0.50). Say so, with the rule that does bound
-        it: nullspace_energy = 1 − r² keeps the RMS residual at most r."""
-        threshold = self.args.nullspace_rank_selection.eigenvalue_threshold
-        if threshold is None or subspace.method != "activation":
-            return
-        residuals = {key: subspace.residual(key) for key in subspace.bases}
-        known = {key: value for key, value in residuals.items() if value is not None}
-        over = {key: value for key, value in known.items() if value > math.sqrt(threshold)}
-        if over:
-            worst = max(over, key=over.get)
-            logger.warning(
-                "trl-nullspace: nullspace_eigenvalue_threshold=%g leaves up to %.2g of the reference inputs' size "
-                "(RMS) outside the protected span at %d of %d layer inputs (worst: %s), more than √threshold = %.2g: "
-                "the many directions below the threshold add up, and reference outputs may move by ‖ΔW‖ times that. "
-                "To bound it by r, set nullspace_energy=1 - r**2 instead (e.g. 1 - 1e-12 for r = 1e-6).",
-                threshold,
-                over[worst],
-                len(over),
-                len(known),
-                worst,
-                math.sqrt(threshold),
             )
 
     def _warn_if_reference_is_tiny(self, subspace: CapabilitySubspace) -> None:
