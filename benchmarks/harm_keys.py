@@ -38,7 +38,16 @@ from benchmarks.real import (
     timestamped,
     write_results,
 )
-from benchmarks.unseen_harm import SEEN, UNSEEN, UNSEEN_IMPERATIVE, proxy_sets
+from benchmarks.unseen_harm import (
+    AUROC_BAR,
+    LEAK_BAR,
+    SEEN,
+    TARGET,
+    UNSEEN,
+    UNSEEN_IMPERATIVE,
+    passing_layers,
+    proxy_sets,
+)
 from trl_nullspace.config import DEFAULT_ENERGY
 from trl_nullspace.estimators.activation import InputCovarianceCollector, top_eigenvectors
 from trl_nullspace.estimators.exemption import harm_key
@@ -55,9 +64,7 @@ INPUTS = {
     "mlp.gate_proj": "MLP in",
     "mlp.down_proj": "down_proj in",
 }
-TARGET = "unseen area, HarmBench's form"  # the set the lever must separate
 POSITIVES = (TARGET, "unseen area", "seen areas")
-AUROC_BAR, LEAK_BAR = 0.85, 0.2  # the issue's falsification thresholds
 REFERENCE_SETTINGS = {"batch_size": 8, "max_length": 512, "num_samples": 512}  # the trainer's defaults
 
 
@@ -192,7 +199,7 @@ def verdict(rows: list[dict], input_name: str) -> str:
     """The issue's rule for one kind of layer input: separating layers (AUROC ≥ 0.85 on the target)
     that do not leak (≤ 0.2)."""
     mine = [row for row in rows if row["input"] == input_name]
-    good = [row["layer"] for row in mine if row["auroc"][TARGET] >= AUROC_BAR and row["leak"] <= LEAK_BAR]
+    good = passing_layers(rows, input_name)
     best = max(mine, key=lambda row: row["auroc"][TARGET])
     return (
         f"- **{input_name}**: best AUROC {best['auroc'][TARGET]:.2f} (layer {best['layer']}, "
