@@ -88,6 +88,8 @@ SWEEPS = {
     "and a looser constraint with the KL retain loss",
     "keys-rate": "`make bench-real`'s; the harm keys as the only freedom at a third of `constraint-shape`'s rate",
     "keys-kl": "`make bench-real`'s; the harm keys as the only freedom with the KL retain loss on the general answers",
+    "rate": "`make bench-real`'s; the default at plain TRL's learning rate, as given and scaled by what the "
+    "projection keeps (`nullspace_scale_learning_rate`), against the default at its tuned rate",
     "keys-select": "`make bench-real`'s; the harm keys as the only freedom at the layers whose keys separate and do "
     "not leak (`make bench-harm-keys`), and at every MLP with a weaker KL retain loss",
 }
@@ -185,6 +187,14 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
     if sweep == "keys-kl":
         keys_kl = dataclasses.replace(keys_only, name=keys_only.name + " + KL retain", baseline="kl-retain")
         return [(plain, "sft", PLAIN_AT_TARGETS), (keys_kl, "sft", 1e-3)]
+    if sweep == "rate":
+        scaled = Method("null-space (default), rate scaled", True, {"nullspace_scale_learning_rate": True})
+        return [
+            (plain, "sft", PLAIN_AT_TARGETS),
+            (scaled, "sft", PLAIN_AT_TARGETS),
+            (default, "sft", PLAIN_AT_TARGETS),
+            (default, "sft", 1.5e-4),
+        ]
     if sweep == "keys-select":
         low_leak = Method(
             "harm keys only, low-leak layers (energy 1.0)",

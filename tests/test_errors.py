@@ -211,6 +211,8 @@ def test_fsdp1_is_refused_not_silently_ignored(model, tokenizer, safety_dataset,
             {"nullspace_basis_storage": "smaller", "nullspace_method": "gradient"},
             "'smaller' under DeepSpeed with the activation method only",
         ),
+        ("deepspeed", {"nullspace_scale_learning_rate": True}, "nullspace_scale_learning_rate on one process"),
+        ("fsdp2", {"nullspace_scale_learning_rate": True}, "under FSDP the whole gradient is never seen"),
     ],
 )
 def test_sharded_backends_refuse_options_they_cannot_honour(

@@ -228,6 +228,15 @@ class NullSpaceArguments:
             "when training starts (for TensorBoard/W&B; many keys on large models)."
         },
     )
+    nullspace_scale_learning_rate: bool = field(
+        default=False,
+        metadata={
+            "help": "Multiply the learning rate by ‖g‖/‖P g‖ (what the projection keeps of the gradient), measured "
+            "over the first 10 optimizer steps and then fixed, at most 20x: the rate TRL users already use then "
+            "learns about what plain TRL learns (the default otherwise needed ~7.5x plain TRL's rate). The step's "
+            "direction is still projected: the constraint is unchanged. Single process and DDP.",
+        },
+    )
     nullspace_freeze_untargeted: bool = field(
         default=True,
         metadata={

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from trl_nullspace.config import NullSpaceArguments
+from trl_nullspace.learning_rate import MEASURED_RATE_RATIO
 from trl_nullspace.peft_policy import check_peft_configs
 from trl_nullspace.targets import is_lora_layer, is_transposed_linear
 
@@ -36,6 +37,13 @@ def check_backend(
     """
     if not (deepspeed or fsdp):
         return
+    if args.nullspace_scale_learning_rate:
+        raise NotImplementedError(
+            f"{trainer_name} supports nullspace_scale_learning_rate on one process and under DDP only: under "
+            f"{'DeepSpeed' if deepspeed else 'FSDP'} the whole gradient is never seen in one place to measure what "
+            "the projection keeps. Turn it off and set the learning rate yourself (the default needed "
+            f"{MEASURED_RATE_RATIO:g}x plain TRL's rate for the same refusal; docs/results/real_tuning.md)."
+        )
     row_exchange = args.nullspace_offload or args.nullspace_basis_storage != "basis"
     if deepspeed and row_exchange and args.nullspace_method != "activation":
         option = "nullspace_offload" if args.nullspace_offload else "nullspace_basis_storage='smaller'"

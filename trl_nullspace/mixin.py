@@ -42,6 +42,7 @@ from trl_nullspace.cache import (
 from trl_nullspace.checkpoint_weights import reload_converted_weights
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.fingerprint import architecture_fingerprint, model_name, weights_fingerprint
+from trl_nullspace.learning_rate import LearningRateScaler, rate_note
 from trl_nullspace.loading import load_dataset_from
 from trl_nullspace.model_card import constraint_section
 from trl_nullspace.monitor import CapabilityDriftMonitor
@@ -59,6 +60,7 @@ CHECKPOINT_FILE = "nullspace_subspace.safetensors"
 # In the output folder: one file per distinct (subspace, anchors) that checkpoints link to.
 CHECKPOINT_STORE = "nullspace_subspaces"
 SETTINGS_FILE = "nullspace_config.json"
+RATE_SCALE_FILE = "nullspace_learning_rate.json"  # `nullspace_scale_learning_rate`'s calibration, per checkpoint
 
 
 class _ProjectUpdateCallback(TrainerCallback):
@@ -144,6 +146,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
         # Per-step values since the last log; device tensors are read only when logging.
         self._nullspace_metrics: dict[str, list[float | torch.Tensor]] = defaultdict(list)
         self._nullspace_frozen: list[str] = []
+        self._nullspace_rate_scaler = LearningRateScaler() if self.args.nullspace_scale_learning_rate else None
         # What the set-up gathers under ZeRO-3 (estimate, anchors), at most, at once; None otherwise.
         self._nullspace_gather_peak = GatherPeak.of(self.model)
         self._reference_batches = self._load_reference_batches(reference_dataset)
@@ -360,6 +363,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
                 f" The set-up gathered at most {peak.peak} of {peak.total} weight values at once "
                 f"({peak.peak / peak.total:.0%}; ZeRO-3: the estimate layer by layer, the anchors weight by weight)."
             )
+        summary += rate_note(self.args.learning_rate, scaled=self._nullspace_rate_scaler is not None)
         summary += self._sharded_summary()  # DeepSpeed's projectors, built as training begins
         return summary
 
@@ -412,6 +416,9 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
             saved_provenance(self.model, weights, self._expected_provenance(weights)),
             anchors=anchors,
         )
+        if self._nullspace_rate_scaler is not None:
+            with open(os.path.join(folder, RATE_SCALE_FILE), "w") as handle:
+                json.dump(self._nullspace_rate_scaler.state_dict(), handle)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         """Restore the checkpoint's subspace and anchors first, then let TRL resume.
@@ -453,6 +460,10 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
         self._nullspace_estimated_from = header.get("weights_fingerprint", self._nullspace_estimated_from)
         self.nullspace_projector = self._bind(subspace)
         self.nullspace_projector.restore_anchors(header["anchors"])
+        rate_scale = os.path.join(checkpoint, RATE_SCALE_FILE)
+        if self._nullspace_rate_scaler is not None and os.path.exists(rate_scale):
+            with open(rate_scale) as handle:
+                self._nullspace_rate_scaler.load_state_dict(json.load(handle))
 
     # -- training ---------------------------------------------------------------------------------
 
@@ -492,10 +503,15 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
                 "them would spread the NaN. Lower the learning rate or check the batch; saved checkpoints are intact."
             )
         apply = self.args.nullspace_projection_target in ("gradient", "both")
-        if not apply and not self._step_will_be_logged():
-            return  # under the update target the gradient is only measured, for the steps that are logged
+        scaler = self._nullspace_rate_scaler
+        calibrating = scaler is not None and scaler.calibrating
+        if not apply and not calibrating and not self._step_will_be_logged():
+            return  # under the update target the gradient is only measured, for the steps that use it
         stats = projector.gradient_stats(apply=apply)
         self._nullspace_metrics["removed_frac"].append(stats.removed_fraction)
+        if scaler is not None:
+            scaler.observe(stats.removed_fraction, self.optimizer, self.lr_scheduler)
+            self._nullspace_metrics["lr_scale"].append(scaler.scale)
         if self.args.nullspace_log_per_layer:
             for name, fraction in stats.per_parameter_fractions().items():
                 self._nullspace_metrics[f"removed_frac/{name}"].append(fraction)
