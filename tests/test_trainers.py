@@ -295,3 +295,21 @@ def test_the_start_summary_is_written_around_the_progress_bar(
     trainer.train()
     ours = [text for text in written if isinstance(text, str) and text.startswith("trl-nullspace:")]
     assert len(ours) == 1 and ours[0].startswith("trl-nullspace: activation subspace")
+
+
+def test_deepspeed_cpu_accelerator_notice_is_dropped_and_nothing_else():
+    """DeepSpeed's import warns once per process on a machine without a GPU; trl_nullspace drops it."""
+    import subprocess
+    import sys
+
+    from trl_nullspace.library_notices import CPU_ACCELERATOR_NOTICE
+
+    def stdout_of(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+    reach = "import deepspeed.comm; from deepspeed.utils import logger; logger.warning('a real warning')"
+    plain = stdout_of(reach)
+    if CPU_ACCELERATOR_NOTICE not in plain:
+        pytest.skip("DeepSpeed found an accelerator here: it prints no CPU notice to drop")
+    ours = stdout_of("import trl_nullspace; " + reach)
+    assert CPU_ACCELERATOR_NOTICE not in ours and "a real warning" in ours

@@ -2,6 +2,10 @@
 
 __version__ = "0.1.0"
 
+from trl_nullspace.library_notices import quiet_library_notices  # noqa: E402
+
+quiet_library_notices()  # before anything below imports DeepSpeed
+
 from trl_nullspace.cache import CacheMismatchError, load_subspace, save_subspace  # noqa: E402
 from trl_nullspace.config import (  # noqa: E402
     NullSpaceArguments,
