@@ -280,6 +280,7 @@ def test_a_tiny_reference_set_warns_that_it_caps_the_rank(
     logging.enable_propagation()
     make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
     assert "reference set has only" in caplog.text and "capped at rank" in caplog.text
+    assert "The defaults were measured with 122 general examples (14219 tokens, 9 per input dimension" in caplog.text
 
 
 def test_nan_in_the_reference_covariance_is_named(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
