@@ -261,7 +261,18 @@ def test_the_constraint_is_announced_and_saved_with_the_model(
 
 
 def test_per_layer_metrics_go_through_the_trainer_logs(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    """They reach every callback's `on_log`, which is how `report_to`'s integrations (TensorBoard, W&B,
+    Trackio) receive metrics, and the saved log history."""
+    from transformers import TrainerCallback
+
     from tests.conftest import make_sft_trainer
+
+    class Reporter(TrainerCallback):  # stands in for a report_to integration (none is installed here)
+        def __init__(self):
+            self.reported: dict[str, float] = {}
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.reported.update(logs or {})
 
     trainer = make_sft_trainer(
         model,
@@ -272,10 +283,13 @@ def test_per_layer_metrics_go_through_the_trainer_logs(model, tokenizer, safety_
         nullspace_energy=0.9,
         nullspace_log_per_layer=True,
     )
+    reporter = Reporter()
+    trainer.add_callback(reporter)
     trainer.train()
     logged = {key: value for entry in trainer.state.log_history for key, value in entry.items()}
     name = trainer.nullspace_projector.constrained[0].name
     assert 0.0 < logged[f"nullspace/removed_frac/{name}"] <= 1.0
+    assert {"nullspace/removed_frac", f"nullspace/removed_frac/{name}"} <= set(reporter.reported)
     for key, basis in trainer.nullspace_subspace.bases.items():
         assert logged[f"nullspace/rank/{key}"] == basis.shape[1]
 
