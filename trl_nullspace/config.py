@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -314,13 +313,7 @@ class NullSpaceArguments:
             self.bf16 = False
         parent_post_init = getattr(super(), "__post_init__", None)
         if parent_post_init is not None:
-            with warnings.catch_warnings():
-                # TRL's configs still set `gradient_checkpointing`, which transformers 5 renamed: a warning on
-                # every start that the user can do nothing about (it names a field they never set).
-                warnings.filterwarnings(
-                    "ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning
-                )
-                parent_post_init()
+            parent_post_init()  # TRL's rename warning is ignored package-wide (`library_notices`)
 
     @classmethod
     def from_trl_config(cls, args: Any) -> Any:
