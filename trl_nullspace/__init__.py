@@ -1,7 +1,6 @@
 """trl-nullspace: safety alignment with TRL trainers whose updates avoid a capability subspace."""
 
-__version__ = "0.1.0"
-
+from trl_nullspace._version import __version__
 from trl_nullspace.library_notices import quiet_library_notices  # noqa: E402
 
 quiet_library_notices()  # before anything below imports DeepSpeed

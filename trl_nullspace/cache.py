@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from trl_nullspace import __version__
+from trl_nullspace._version import __version__
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.estimators.exemption import Exemption
 from trl_nullspace.fingerprint import architecture_fingerprint, model_name

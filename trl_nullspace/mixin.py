@@ -31,7 +31,8 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
-from trl_nullspace import __version__, guards
+from trl_nullspace import guards
+from trl_nullspace._version import __version__
 from trl_nullspace.approximations import warn_approximations
 from trl_nullspace.cache import (
     check_cache_matches,
