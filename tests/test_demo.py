@@ -1,10 +1,15 @@
 """The embedded demo, small: plain trainers lose the general skill, null-space trainers keep it."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from trl_nullspace.demo.__main__ import main
+
+# `python -m trl_nullspace.demo --quick --seeds 0 1 2`: each metric's mean and range over three seeds.
+COMMITTED_QUICK = Path(__file__).parents[1] / "docs" / "results" / "demo_quick_cpu.json"
+METRICS = ("refusal_harmful", "over_refusal_benign", "general_accuracy")
 
 
 def _run(tmp_path, monkeypatch, trainer: str) -> list[dict]:
@@ -21,6 +26,11 @@ def test_quick_sft_demo_shows_the_alignment_tax_and_its_removal(tmp_path, monkey
     assert plain["general_accuracy"] < base["general_accuracy"] - 0.3  # the alignment tax
     assert null_space["general_accuracy"] >= base["general_accuracy"] - 0.1  # kept
     assert null_space["refusal_harmful"] > 0.25  # while learning to refuse
+    committed = {row["model"]: row["range"] for row in json.loads(COMMITTED_QUICK.read_text())}
+    for row in (base, plain, null_space):  # what a fresh clone prints lies in the committed range
+        for metric in METRICS:
+            low, high = committed[row["model"]][metric]
+            assert low <= row[metric] <= high, (row["model"], metric, row[metric], (low, high))
 
 
 @pytest.mark.parametrize("trainer", ["dpo", "grpo"])

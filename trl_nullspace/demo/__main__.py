@@ -6,16 +6,23 @@
    trainers and once with the null-space trainers, same data, optimizer and budget.
 3. Print and save a table (refusal, over-refusal, general accuracy before/after, wall time) and a plot.
 
-    python -m trl_nullspace.demo [--trainer sft|dpo|grpo] [--output-dir DIR] [--quick]
+Each seed runs on one CPU thread with PyTorch's deterministic algorithms, so a seed's numbers do not
+depend on the machine's core count (reductions split over threads sum in another order, and a
+greedy answer can flip on a last bit). With several seeds the table gives each metric's mean and
+its range over the seeds: what a fresh clone should print, within that range.
+
+    python -m trl_nullspace.demo [--trainer sft|dpo|grpo] [--output-dir DIR] [--quick] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import time
+from collections.abc import Iterator
 
 import datasets
 import torch
@@ -25,7 +32,7 @@ from trl_nullspace import toy
 from trl_nullspace.demo.evaluate import general_accuracy, refusal_rate
 from trl_nullspace.demo.pipelines import build_pipeline, run_pipeline
 from trl_nullspace.demo.pretrain import pretrain_general_skill
-from trl_nullspace.demo.report import format_table, save_plot
+from trl_nullspace.demo.report import format_table, save_plot, summarise_seeds
 
 
 def evaluate(model, tokenizer, general_test, split) -> dict[str, float]:
@@ -36,8 +43,26 @@ def evaluate(model, tokenizer, general_test, split) -> dict[str, float]:
     }
 
 
+@contextlib.contextmanager
+def one_deterministic_thread() -> Iterator[None]:
+    """One CPU thread and deterministic algorithms inside, the caller's settings restored after."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
 def run_demo(output_dir: str, pipeline: str = "sft", quick: bool = False, seed: int = 0) -> list[dict]:
-    """Run the whole demo; returns one row of measured metrics per model."""
+    """Run the whole demo for one seed; returns one row of measured metrics per model."""
+    with one_deterministic_thread():
+        return _run_demo(output_dir, pipeline, quick, seed)
+
+
+def _run_demo(output_dir: str, pipeline: str, quick: bool, seed: int) -> list[dict]:
     torch.manual_seed(seed)
     tokenizer = toy.build_char_tokenizer()
     base = toy.build_tiny_qwen2(tokenizer, hidden_size=64, num_layers=2, intermediate_size=128, seed=seed)
@@ -77,24 +102,35 @@ def run_demo(output_dir: str, pipeline: str = "sft", quick: bool = False, seed: 
     return rows
 
 
+def write_rows(rows: list[dict], output_dir: str) -> str:
+    """Save `rows` as results.md and results.json in `output_dir`; returns the table."""
+    table = format_table(rows)
+    with open(os.path.join(output_dir, "results.md"), "w") as handle:
+        handle.write(table + "\n")
+    with open(os.path.join(output_dir, "results.json"), "w") as handle:
+        json.dump(rows, handle, indent=2)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trainer", default="sft", choices=["sft", "dpo", "grpo"], help="sft, sft→dpo or sft→grpo")
     parser.add_argument("--output-dir", default=None, help="Default: outputs/demo/<trainer>.")
     parser.add_argument("--quick", action="store_true", help="Smaller run, for smoke tests (about a minute).")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="Several: mean and range per metric.")
     options = parser.parse_args()
     logging.set_verbosity_error()
     datasets.disable_progress_bars()
     output_dir = options.output_dir or os.path.join("outputs", "demo", options.trainer)
     os.makedirs(output_dir, exist_ok=True)
-    rows = run_demo(output_dir, pipeline=options.trainer, quick=options.quick, seed=options.seed)
-    table = format_table(rows)
-    print(table)
-    with open(os.path.join(output_dir, "results.md"), "w") as handle:
-        handle.write(table + "\n")
-    with open(os.path.join(output_dir, "results.json"), "w") as handle:
-        json.dump(rows, handle, indent=2)
+    runs = {}
+    for seed in options.seeds:
+        seed_dir = os.path.join(output_dir, f"seed-{seed}")
+        runs[seed] = run_demo(seed_dir, options.trainer, options.quick, seed)
+        if len(options.seeds) > 1:
+            write_rows(runs[seed], seed_dir)
+    rows = runs[options.seeds[0]] if len(runs) == 1 else summarise_seeds(runs)
+    print(write_rows(rows, output_dir))
     plot = save_plot(rows, os.path.join(output_dir, "demo.png"))
     print(f"\nSaved {output_dir}/results.md, results.json and {plot}")
 

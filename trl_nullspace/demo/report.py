@@ -9,12 +9,42 @@ COLUMNS = [
 ]
 
 
+def summarise_seeds(runs: dict[int, list[dict]]) -> list[dict]:
+    """One row per model: each metric's mean over the seeds, and its `range` (min, max) over them."""
+    first = next(iter(runs.values()))
+    summary = []
+    for index, row in enumerate(first):
+        same_model = [rows[index] for rows in runs.values()]
+        if any(other["model"] != row["model"] for other in same_model):
+            raise ValueError(f"Seeds ran different models at row {index}: {[r['model'] for r in same_model]}")
+        keys = [key for key, value in row.items() if isinstance(value, int | float)]
+        summary.append(
+            {
+                "model": row["model"],
+                **{key: sum(other[key] for other in same_model) / len(same_model) for key in keys},
+                "range": {key: (min(o[key] for o in same_model), max(o[key] for o in same_model)) for key in keys},
+                "seeds": sorted(runs),
+            }
+        )
+    return summary
+
+
+def _cell(row: dict, key: str) -> str:
+    """`12.5%`, or with several seeds `12.5% (6.2–18.8)`: the mean and the range over the seeds."""
+    if "range" not in row:
+        return f"{row[key]:.1%}"
+    low, high = row["range"][key]
+    return f"{row[key]:.1%} ({low:.1%}–{high:.1%})" if high > low else f"{row[key]:.1%}"
+
+
 def format_table(rows: list[dict]) -> str:
     header = "| model | " + " | ".join(title for _, title in COLUMNS) + " | general accuracy before | wall time (s) |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 3)]
     for row in rows:
-        before = row.get("general_accuracy_before", row["general_accuracy"])
-        cells = [f"{row[key]:.1%}" for key, _ in COLUMNS] + [f"{before:.1%}", f"{row['seconds']:.1f}"]
+        before = dict(row, general_accuracy=row.get("general_accuracy_before", row["general_accuracy"]))
+        if "range" in row and "general_accuracy_before" in row:
+            before["range"] = dict(row["range"], general_accuracy=row["range"]["general_accuracy_before"])
+        cells = [_cell(row, key) for key, _ in COLUMNS] + [_cell(before, "general_accuracy"), f"{row['seconds']:.1f}"]
         lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
