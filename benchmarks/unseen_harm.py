@@ -160,7 +160,10 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
     config or data can set; `safety-only sft` trains on the harmful prompts alone, and with the
     look-alikes in the reference data the null space protects the benign side of the boundary
     instead of training on it. `forms`: plain TRL and the default on the two-form data. `depth`: only
-    the first or the second half of the decoder layers trains (in the null space), the rest frozen."""
+    the first or the second half of the decoder layers trains (in the null space), the rest frozen.
+    `keys-select`: the harm keys as the only freedom, at the low-leak layers only (two rates) and at
+    every MLP with a third of the retain weight. `rate`: the default at plain TRL's rate, as given
+    and scaled by what the projection keeps, against the default at its tuned rate."""
     plain = Method("plain TRL", null_space=False)
     default = Method("null-space (default)", null_space=True)
     if sweep == "forms":
