@@ -25,30 +25,22 @@ def _expected_scales(removed_fractions: list[float]) -> list[float]:
     return scales + [scales[-1]] * (len(removed_fractions) - len(scales))
 
 
+def _fresh_trainer(tokenizer, safety_dataset, reference_dataset, folder, **settings):
+    """A null-space SFT trainer on a new tiny Qwen2 (seed 0), so every run here starts from the same weights."""
+    model = toy.build_tiny_qwen2(tokenizer, seed=0)
+    return make_sft_trainer(model, tokenizer, safety_dataset, folder, reference_dataset, **settings)
+
+
 def test_the_rate_is_scaled_by_what_the_projection_keeps_and_the_constraint_holds(
     tokenizer, safety_dataset, reference_dataset, tmp_path, capsys
 ):
     settings = dict(nullspace_eigenvalue_threshold=1e-10, max_steps=STEPS, learning_rate=1e-3)
-    as_given = make_sft_trainer(
-        toy.build_tiny_qwen2(tokenizer, seed=0),
-        tokenizer,
-        safety_dataset,
-        tmp_path / "given",
-        reference_dataset,
-        **settings,
-    )
+    as_given = _fresh_trainer(tokenizer, safety_dataset, reference_dataset, tmp_path / "given", **settings)
     _, moved_as_given = train_and_measure(as_given)
     assert "as given: the default needed" in capsys.readouterr().out
 
-    scaled = make_sft_trainer(
-        toy.build_tiny_qwen2(tokenizer, seed=0),
-        tokenizer,
-        safety_dataset,
-        tmp_path / "scaled",
-        reference_dataset,
-        nullspace_scale_learning_rate=True,
-        **settings,
-    )
+    scaled_settings = dict(settings, nullspace_scale_learning_rate=True)
+    scaled = _fresh_trainer(tokenizer, safety_dataset, reference_dataset, tmp_path / "scaled", **scaled_settings)
     drift, moved_scaled = train_and_measure(scaled)
     assert "scaled by ‖g‖/‖P g‖" in capsys.readouterr().out
     assert drift < 1e-4  # a bigger step, still in the null space: reference outputs do not move
@@ -72,21 +64,12 @@ def test_a_resume_inside_the_calibration_neither_scales_twice_nor_forgets(
         save_strategy="steps",
         save_steps=4,
     )
-    full = make_sft_trainer(
-        toy.build_tiny_qwen2(tokenizer, seed=0), tokenizer, safety_dataset, tmp_path, reference_dataset, **settings
-    )
+    full = _fresh_trainer(tokenizer, safety_dataset, reference_dataset, tmp_path, **settings)
     full.train()
     checkpoint = os.path.join(str(tmp_path / "out"), "checkpoint-4")
     assert os.path.exists(os.path.join(checkpoint, RATE_SCALE_FILE))
 
-    resumed = make_sft_trainer(
-        toy.build_tiny_qwen2(tokenizer, seed=0),
-        tokenizer,
-        safety_dataset,
-        tmp_path / "resumed",
-        reference_dataset,
-        **settings,
-    )
+    resumed = _fresh_trainer(tokenizer, safety_dataset, reference_dataset, tmp_path / "resumed", **settings)
     resumed.train(resume_from_checkpoint=checkpoint)
     assert resumed._nullspace_rate_scaler.scale == pytest.approx(full._nullspace_rate_scaler.scale, rel=1e-6)
     final = dict(full.model.named_parameters())

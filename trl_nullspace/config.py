@@ -15,6 +15,7 @@ from typing import Any
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import DPOConfig, GRPOConfig, RLOOConfig, SFTConfig
 
+from trl_nullspace.learning_rate import CALIBRATION_STEPS, MAX_SCALE, MEASURED_RATE_RATIO
 from trl_nullspace.rank import RankSelection
 
 METHODS = ("activation", "gradient")
@@ -231,9 +232,10 @@ class NullSpaceArguments:
         default=False,
         metadata={
             "help": "Multiply the learning rate by ‖g‖/‖P g‖ (what the projection keeps of the gradient), measured "
-            "over the first 10 optimizer steps and then fixed, at most 20x: the rate TRL users already use then "
-            "learns about what plain TRL learns (the default otherwise needed ~7.5x plain TRL's rate). The step's "
-            "direction is still projected: the constraint is unchanged. Single process and DDP.",
+            f"over the first {CALIBRATION_STEPS} optimizer steps and then fixed, at most {MAX_SCALE:g}x: the rate TRL "
+            "users already use then learns about what plain TRL learns (the default otherwise needed "
+            f"~{MEASURED_RATE_RATIO:g}x plain TRL's rate). The step's direction is still projected: the constraint "
+            "is unchanged. Single process and DDP.",
         },
     )
     nullspace_freeze_untargeted: bool = field(

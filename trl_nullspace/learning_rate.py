@@ -51,15 +51,21 @@ class LearningRateScaler:
 
     def __init__(self) -> None:
         self.kept_fractions: list[float] = []
-        self.scale = 1.0
 
-    def state_dict(self) -> dict[str, float | list[float]]:
-        return {"kept_fractions": list(self.kept_fractions), "scale": self.scale}
+    @property
+    def scale(self) -> float:
+        """1 / mean(‖P g‖/‖g‖) over the steps observed so far, within [1, MAX_SCALE]; 1 before any."""
+        if not self.kept_fractions:
+            return 1.0
+        mean_kept = sum(self.kept_fractions) / len(self.kept_fractions)
+        return min(MAX_SCALE, max(1.0, 1.0 / max(mean_kept, 1.0 / MAX_SCALE)))
+
+    def state_dict(self) -> dict[str, list[float]]:
+        return {"kept_fractions": list(self.kept_fractions)}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume where a checkpoint left off; its optimizer and scheduler already carry `scale`."""
         self.kept_fractions = [float(value) for value in state["kept_fractions"]]
-        self.scale = float(state["scale"])
 
     @property
     def calibrating(self) -> bool:
@@ -74,11 +80,9 @@ class LearningRateScaler:
         """Fold one step's `removed_frac` (‖g − P g‖/‖g‖) into the scale and apply it before the step."""
         if not self.calibrating:
             return
-        kept = math.sqrt(max(0.0, 1.0 - removed_fraction**2))
-        self.kept_fractions.append(kept)
-        mean_kept = sum(self.kept_fractions) / len(self.kept_fractions)
-        target = MAX_SCALE if mean_kept <= 1.0 / MAX_SCALE else min(MAX_SCALE, max(1.0, 1.0 / mean_kept))
-        factor, self.scale = target / self.scale, target
+        before = self.scale
+        self.kept_fractions.append(math.sqrt(max(0.0, 1.0 - removed_fraction**2)))
+        factor = self.scale / before
         for group in optimizer.param_groups:
             group["lr"] *= factor
         if scheduler is not None:

@@ -41,10 +41,8 @@ def format_table(rows: list[dict]) -> str:
     header = "| model | " + " | ".join(title for _, title in COLUMNS) + " | general accuracy before | wall time (s) |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 3)]
     for row in rows:
-        before = dict(row, general_accuracy=row.get("general_accuracy_before", row["general_accuracy"]))
-        if "range" in row and "general_accuracy_before" in row:
-            before["range"] = dict(row["range"], general_accuracy=row["range"]["general_accuracy_before"])
-        cells = [_cell(row, key) for key, _ in COLUMNS] + [_cell(before, "general_accuracy"), f"{row['seconds']:.1f}"]
+        before = "general_accuracy_before" if "general_accuracy_before" in row else "general_accuracy"  # the base row
+        cells = [_cell(row, key) for key, _ in COLUMNS] + [_cell(row, before), f"{row['seconds']:.1f}"]
         lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
