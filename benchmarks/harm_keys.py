@@ -49,13 +49,13 @@ from benchmarks.unseen_harm import (
     proxy_sets,
 )
 from trl_nullspace.config import DEFAULT_ENERGY
-from trl_nullspace.estimators.activation import InputCovarianceCollector, top_eigenvectors
-from trl_nullspace.estimators.exemption import harm_key
+from trl_nullspace.estimation.activation import InputCovarianceCollector, top_eigenvectors
+from trl_nullspace.estimation.exemption import harm_key
+from trl_nullspace.estimation.rank import RankSelection
+from trl_nullspace.estimation.reference import ReferenceBatch, tokenize_reference
 from trl_nullspace.evaluation.generation import chat_prompt
 from trl_nullspace.evaluation.splits import training_side
-from trl_nullspace.rank import RankSelection
-from trl_nullspace.reference import ReferenceBatch, tokenize_reference
-from trl_nullspace.targets import find_target_linears
+from trl_nullspace.projection.targets import find_target_linears
 
 # One Linear per distinct layer input of a Llama-style decoder layer, and the name the report gives it.
 INPUTS = {

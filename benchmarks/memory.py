@@ -40,8 +40,8 @@ import os
 import statistics
 from dataclasses import asdict, dataclass
 
-from trl_nullspace.cache import load_subspace
 from trl_nullspace.config import NullSpaceArguments
+from trl_nullspace.storage.cache import load_subspace
 
 CACHE = os.path.join("outputs", "recipes", "smollm2-135m_subspace.safetensors")
 FP32 = 4

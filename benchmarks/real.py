@@ -41,12 +41,12 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from benchmarks.baselines import RetainKLNullSpaceSFTTrainer, RetainKLSFTTrainer, with_replay
 from trl_nullspace import NullSpaceDPOConfig, NullSpaceDPOTrainer, NullSpaceSFTConfig, NullSpaceSFTTrainer
+from trl_nullspace.data.gguf import SMOLLM2_DIR, materialise_smollm2
 from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings, describe, evaluate_model
 from trl_nullspace.evaluation.splits import development_sets, held_out_sets
 from trl_nullspace.evaluation.training_data import RealData, build_real_data
-from trl_nullspace.gguf import SMOLLM2_DIR, materialise_smollm2
-from trl_nullspace.progress import quiet_progress
-from trl_nullspace.targets import find_target_linears
+from trl_nullspace.projection.targets import find_target_linears
+from trl_nullspace.training.progress import quiet_progress
 
 LEARNING_RATES_FILE = os.path.join(os.path.dirname(__file__), "real_learning_rates.json")
 BASE_ANSWERS_CACHE = os.path.join("outputs", "bench-real", "base_answers.json")  # shared by every driver

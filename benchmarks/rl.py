@@ -59,8 +59,8 @@ from trl_nullspace import NullSpaceGRPOConfig, NullSpaceGRPOTrainer, NullSpaceRL
 from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings, describe, evaluate_model
 from trl_nullspace.evaluation.splits import development_sets
 from trl_nullspace.evaluation.training_data import RealData
-from trl_nullspace.progress import quiet_progress
 from trl_nullspace.rewards import refusal_reward
+from trl_nullspace.training.progress import quiet_progress
 
 RL_LEARNING_RATES_FILE = os.path.join(os.path.dirname(__file__), "rl_learning_rates.json")
 PLAIN_LEARNING_RATE = 2e-5  # plain GRPO learns at it within the budget (development refusal 15% → 53%)

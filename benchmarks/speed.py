@@ -32,7 +32,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
-from trl_nullspace.toy import build_char_tokenizer
+from trl_nullspace.data.toy import build_char_tokenizer
 
 
 @dataclass(frozen=True)
@@ -319,11 +319,11 @@ def bench_case(
 
 def bench_estimation(device: torch.device, num_samples: int, sequence_length: int, workdir: str) -> dict:
     """Activation-subspace estimation of a Qwen2.5-0.5B-shaped model (random init) with default settings."""
-    from trl_nullspace.cache import save_subspace
-    from trl_nullspace.estimators import estimate_activation_subspace
-    from trl_nullspace.rank import RankSelection
-    from trl_nullspace.reference import tokenize_reference
-    from trl_nullspace.targets import find_target_linears
+    from trl_nullspace.estimation.estimate import estimate_activation_subspace
+    from trl_nullspace.estimation.rank import RankSelection
+    from trl_nullspace.estimation.reference import tokenize_reference
+    from trl_nullspace.projection.targets import find_target_linears
+    from trl_nullspace.storage.cache import save_subspace
 
     size = ModelSize("qwen2.5-0.5b-shape", 896, 4864, 24, 14, 2, vocab=151936)
     model = build_model(size, device).to(torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -35,7 +35,8 @@ from peft import LoraConfig
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
-from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, toy
+from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+from trl_nullspace.data import toy
 from trl_nullspace.demo.evaluate import general_accuracy, refusal_rate
 from trl_nullspace.demo.pipelines import common_training_arguments
 from trl_nullspace.demo.pretrain import encode_for_training, pretrain_general_skill

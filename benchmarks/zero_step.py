@@ -3,10 +3,10 @@
 ZeRO-2: around the step, the gradient is projected by a hook in backward (every rank its whole
 gradient, at every micro-batch) and the masters after the step (every rank also correcting its whole
 low-precision module copy, with all `d_out × k` coefficients all-reduced). Inside the step
-(`trl_nullspace.zero_in_step`, the default) each rank projects only its own fragment of the reduced
+(`trl_nullspace.backends.zero.in_step`, the default) each rank projects only its own fragment of the reduced
 gradient and of the masters, once per step, and DeepSpeed's all-gather carries the result.
 ZeRO-3 (`--stage 3`): the gradient by that hook, or once per step at the start of DeepSpeed's step,
-each rank its own partition (`trl_nullspace.zero3_step`, the default); the masters after the step
+each rank its own partition (`trl_nullspace.backends.zero.step_start`, the default); the masters after the step
 either way. This trains SmolLM2-135M-Instruct with the real-model recipe's subspace cache (default
 settings, real ranks) on 2 CPU processes, both ways, same data and steps, and times on each process
 each projection's own work per optimizer step (the all-reduces included). The two runs must end at
@@ -58,10 +58,12 @@ def _timed(pending: dict[str, float], kind: str, function):
 
 def _worker() -> None:
     """One process of the 2-process run: the SFT recipe with both projections timed per optimizer step."""
-    from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, mixin, sharded_projection
-    from trl_nullspace.projector import ConstrainedParameter
+    from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+    from trl_nullspace.backends import sharded_projection
+    from trl_nullspace.backends.zero.master import ZeroMasterProjector
+    from trl_nullspace.projection.projector import ConstrainedParameter
     from trl_nullspace.recipe_utils import run_recipe
-    from trl_nullspace.zero import ZeroMasterProjector
+    from trl_nullspace.training import mixin
 
     if os.environ[WORKER_MODE] == "around the step":
         sharded_projection.supports_in_step_projection = lambda zero_optimizer: False
@@ -201,8 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", default="docs/results")
     args = parser.parse_args(argv)
     from benchmarks.real import machine_name, write_results
-    from trl_nullspace.gguf import materialise_smollm2
-    from trl_nullspace.prepare import smollm2_sets
+    from trl_nullspace.data.gguf import materialise_smollm2
+    from trl_nullspace.data.prepare import smollm2_sets
 
     materialise_smollm2()
     if not os.path.isdir(os.path.join(DATA, "reference")):

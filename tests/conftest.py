@@ -10,8 +10,8 @@ import datasets  # noqa: E402
 import pytest
 import torch
 
-from trl_nullspace import toy
-from trl_nullspace.reference import ReferenceBatch, tokenize_reference
+from trl_nullspace.data import toy
+from trl_nullspace.estimation.reference import ReferenceBatch, tokenize_reference
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +106,7 @@ def constrained_change(trainer, snapshot: dict[str, torch.Tensor]) -> float:
 @pytest.fixture
 def projection_calls(monkeypatch) -> list[bool]:
     """Records every `SubspaceProjector.gradient_stats` call (its `apply` flag) during a test."""
-    from trl_nullspace.projector import SubspaceProjector
+    from trl_nullspace.projection.projector import SubspaceProjector
 
     calls: list[bool] = []
     original = SubspaceProjector.gradient_stats

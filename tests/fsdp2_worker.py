@@ -27,15 +27,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from tests.conftest import logits_on
-from trl_nullspace.estimators import estimate_activation_subspace
-from trl_nullspace.fingerprint import weights_fingerprint
-from trl_nullspace.fsdp import RowShardProjector
-from trl_nullspace.node_memory import share_on_node
-from trl_nullspace.projector import SubspaceProjector
-from trl_nullspace.rank import RankSelection
-from trl_nullspace.reference import tokenize_reference
-from trl_nullspace.targets import find_target_linears
-from trl_nullspace.toy import as_text, build_char_tokenizer, build_tiny_qwen2, general_examples
+from trl_nullspace.backends.fsdp2 import RowShardProjector
+from trl_nullspace.backends.node_memory import share_on_node
+from trl_nullspace.data.toy import as_text, build_char_tokenizer, build_tiny_qwen2, general_examples
+from trl_nullspace.estimation.estimate import estimate_activation_subspace
+from trl_nullspace.estimation.rank import RankSelection
+from trl_nullspace.estimation.reference import tokenize_reference
+from trl_nullspace.projection.projector import SubspaceProjector
+from trl_nullspace.projection.targets import find_target_linears
+from trl_nullspace.storage.fingerprint import weights_fingerprint
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import os
 import datasets
 import pytest
 
-from trl_nullspace.gguf import REAL_MODEL_INSTALL, SMOLLM2_DIR, materialise_smollm2
+from trl_nullspace.data.gguf import REAL_MODEL_INSTALL, SMOLLM2_DIR, materialise_smollm2
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -12,9 +12,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
 from tests.conftest import logits_on, make_sft_trainer, train_and_measure, training_kwargs
-from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, guards
-from trl_nullspace.estimators import estimate_activation_subspace
-from trl_nullspace.rank import RankSelection
+from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+from trl_nullspace.estimation.estimate import estimate_activation_subspace
+from trl_nullspace.estimation.rank import RankSelection
+from trl_nullspace.training import guards
 
 COMMON = dict(
     hidden_size=64,
@@ -330,9 +331,9 @@ def test_estimation_in_passes_is_the_single_pass_estimate_within_its_budget(
     """`nullspace_statistics_budget_gib`: with a budget of one decoder layer's statistics, the layers
     are estimated one pass each, the statistics held at once never exceed the budget (one pass holds
     more), and the subspace is the single pass' (dense and mixture-of-experts)."""
-    from trl_nullspace.estimators.activation import InputCovarianceCollector, plan_passes, statistic_bytes
-    from trl_nullspace.reference import tokenize_reference
-    from trl_nullspace.targets import find_target_experts, find_target_linears
+    from trl_nullspace.estimation.activation import InputCovarianceCollector, plan_passes, statistic_bytes
+    from trl_nullspace.estimation.reference import tokenize_reference
+    from trl_nullspace.projection.targets import find_target_experts, find_target_linears
 
     model = build(model_type, tokenizer, MIXTURE_OF_EXPERTS.get(model_type, {}))
     batches = tokenize_reference(reference_dataset, tokenizer, batch_size=8, max_length=64)
@@ -383,9 +384,9 @@ def test_each_estimation_forward_ends_after_the_last_target_layer(model_type, to
     """With the first decoder layer's targets only, the later layer and the LM head run in the first
     forward pass alone (which learns where the targets end); the statistics are the whole passes'.
     An estimate in one pass per layer learns the order once: the LM head runs in one forward of all."""
-    from trl_nullspace.estimators import activation
-    from trl_nullspace.reference import tokenize_reference
-    from trl_nullspace.targets import find_target_experts, find_target_linears
+    from trl_nullspace.estimation.estimate import activation
+    from trl_nullspace.estimation.reference import tokenize_reference
+    from trl_nullspace.projection.targets import find_target_experts, find_target_linears
 
     model = build(model_type, tokenizer, MIXTURE_OF_EXPERTS.get(model_type, {}))
     batches = tokenize_reference(reference_dataset, tokenizer, batch_size=1, max_length=64)

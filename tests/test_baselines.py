@@ -11,7 +11,7 @@ from trl import SFTConfig, SFTTrainer
 
 from benchmarks.baselines import RetainKLSFTTrainer, retain_batches, top_k_kl, with_replay
 from tests.conftest import training_kwargs
-from trl_nullspace import toy
+from trl_nullspace.data import toy
 
 # A one-line chat template for the character tokenizer (it has none): the turns' text, one per line.
 CHAT_TEMPLATE = (

@@ -19,7 +19,7 @@ from benchmarks.unseen_harm import (
     proxy_sets,
 )
 from tests.conftest import make_sft_trainer
-from trl_nullspace import toy
+from trl_nullspace.data import toy
 from trl_nullspace.evaluation.sources import Prompt
 from trl_nullspace.evaluation.splits import held_out_sets, training_side
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from tests.conftest import make_sft_trainer
-from trl_nullspace import CacheMismatchError, load_subspace, toy
-from trl_nullspace.mixin import NullSpaceTrainerMixin
+from trl_nullspace import CacheMismatchError, load_subspace
+from trl_nullspace.data import toy
+from trl_nullspace.training.mixin import NullSpaceTrainerMixin
 
 
 def _trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset=None, **nullspace):
@@ -75,7 +76,7 @@ def test_an_interrupted_cache_write_keeps_the_previous_cache(
     model, tokenizer, safety_dataset, reference_dataset, tmp_path, monkeypatch
 ):
     """Killed mid-write (here: the write raises), the old cache stays valid and no partial file remains."""
-    import trl_nullspace.cache as cache_module
+    import trl_nullspace.storage.cache as cache_module
 
     path = tmp_path / "subspace.safetensors"
     trainer = make_sft_trainer(
@@ -202,7 +203,7 @@ def test_a_damaged_cache_is_refused_by_its_checksum(
 def test_a_cache_whose_basis_is_not_orthonormal_is_refused(
     model, tokenizer, safety_dataset, reference_dataset, tmp_path
 ):
-    from trl_nullspace import cache as cache_module
+    from trl_nullspace.storage import cache as cache_module
 
     trainer = _trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset)
     subspace, header = load_subspace(str(tmp_path / "subspace.safetensors"))
@@ -269,7 +270,7 @@ def test_a_cache_folder_keeps_one_file_per_setting(model, tokenizer, safety_data
 def test_the_checksum_takes_single_column_bases_of_any_stride():
     """A rank-1 basis sliced from a wider one is "contiguous" with a last-dimension stride other than 1
     (the gradient method under ZeRO-3 made one); the checksum once refused to view its bytes."""
-    from trl_nullspace.cache import tensors_checksum
+    from trl_nullspace.storage.cache import tensors_checksum
 
     wide = torch.randn(5, 3)
     column = wide[:, :1].t().contiguous().t()  # shape (5, 1), stride (1, 5)

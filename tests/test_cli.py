@@ -12,12 +12,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ScriptArguments
 
 from tests.conftest import training_kwargs
-from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, toy
-from trl_nullspace.cache import load_subspace
+from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
 from trl_nullspace.cli import main
-from trl_nullspace.loading import load_dataset_from
+from trl_nullspace.data import toy
+from trl_nullspace.data.loading import load_dataset_from
+from trl_nullspace.data.toy_assets import write_toy_assets
 from trl_nullspace.recipe_utils import load_train_dataset
-from trl_nullspace.toy_assets import write_toy_assets
+from trl_nullspace.storage.cache import load_subspace
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import re
 import datasets
 import pytest
 
-from trl_nullspace import toy
+from trl_nullspace.data import toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCK = re.compile(r"(<!-- fragment[^>]*-->\n)?```python\n(.*?)```", flags=re.S)

@@ -8,7 +8,8 @@ import torch
 from trl import SFTConfig
 
 from tests.conftest import logits_on, make_sft_trainer, training_kwargs
-from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, guards
+from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+from trl_nullspace.training import guards
 
 
 @pytest.mark.parametrize(
@@ -74,7 +75,7 @@ def test_trl_own_config_is_taken_with_the_null_space_defaults(
     from trl import SFTTrainer
 
     from tests.conftest import logits_on, train_and_measure
-    from trl_nullspace import toy
+    from trl_nullspace.data import toy
 
     trainer = NullSpaceSFTTrainer(
         model=model,

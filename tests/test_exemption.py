@@ -11,9 +11,10 @@ import torch
 
 from tests.conftest import make_sft_trainer, training_kwargs
 from tests.test_preservation import _largest_change_in_subspace
-from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, toy
-from trl_nullspace.cache import CacheMismatchError
-from trl_nullspace.estimators.exemption import exempt_direction, harm_key
+from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+from trl_nullspace.data import toy
+from trl_nullspace.estimation.exemption import exempt_direction, harm_key
+from trl_nullspace.storage.cache import CacheMismatchError
 
 
 def test_exempt_direction_frees_exactly_the_keys_component_in_the_span():

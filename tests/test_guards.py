@@ -211,7 +211,7 @@ def test_lora_on_parameters_is_refused(tokenizer, safety_dataset, reference_data
 def _forty_example_reference():
     import datasets
 
-    from trl_nullspace import toy
+    from trl_nullspace.data import toy
 
     return datasets.Dataset.from_dict(toy.as_text(toy.general_examples(40, seed=1)))
 
@@ -222,8 +222,8 @@ def test_a_threshold_whose_dropped_directions_add_up_warns_with_the_residual(
     """At t = 1e-3 every dropped eigenvalue is below 1e-3 of the largest, yet together they leave 0.044 of
     the reference inputs' size outside the span (> √t = 0.032); the warning and the settings say so, and
     the residual they state is what the reference inputs really keep outside the bases."""
-    from trl_nullspace.estimators.activation import energy_in_span
-    from trl_nullspace.targets import find_target_linears
+    from trl_nullspace.estimation.activation import energy_in_span
+    from trl_nullspace.projection.targets import find_target_linears
 
     with caplog.at_level("WARNING", logger="transformers"):
         trainer = make_sft_trainer(
@@ -264,7 +264,7 @@ def test_bf16_weights_hold_only_to_the_bf16_floor_and_say_so(
     where fp32 weights keep them within 1e-6. The start warns, naming the fix (fp32 weights, bf16 autocast)."""
     from trl import SFTConfig, SFTTrainer
 
-    from trl_nullspace import toy
+    from trl_nullspace.data import toy
 
     def bf16_model():
         return toy.build_tiny_qwen2(tokenizer, seed=0).to(torch.bfloat16)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.conftest import make_sft_trainer, train_and_measure
-from trl_nullspace import toy
-from trl_nullspace.learning_rate import CALIBRATION_STEPS, MAX_SCALE
-from trl_nullspace.mixin import RATE_SCALE_FILE
+from trl_nullspace.data import toy
+from trl_nullspace.training.learning_rate import CALIBRATION_STEPS, MAX_SCALE
+from trl_nullspace.training.mixin import RATE_SCALE_FILE
 
 STEPS = CALIBRATION_STEPS + 2  # the calibration, then steps at the fixed scale
 

@@ -28,7 +28,7 @@ def test_lora_in_null_space_preserves_reference_logits(
     then stay exact while B trains."""
     import datasets
 
-    from trl_nullspace import toy
+    from trl_nullspace.data import toy
 
     if storage == "smaller":
         reference_dataset = datasets.Dataset.from_dict(toy.as_text(toy.general_examples(40, seed=1)))

@@ -1,13 +1,14 @@
-"""Live capability drift (`trl_nullspace.monitor`): logged while training, through the Trainer's log."""
+"""Live capability drift (`trl_nullspace.training.monitor`): logged while training, through the Trainer's log."""
 
 import pytest
 import torch
 from trl import SFTConfig, SFTTrainer
 
 from tests.conftest import training_kwargs
-from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, toy
-from trl_nullspace.monitor import CapabilityDriftMonitor
-from trl_nullspace.reference import tokenize_reference
+from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+from trl_nullspace.data import toy
+from trl_nullspace.estimation.reference import tokenize_reference
+from trl_nullspace.training.monitor import CapabilityDriftMonitor
 
 
 def _drift_logs(trainer) -> list[dict]:

@@ -24,11 +24,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import logits_on
 from tests.test_architectures import MIXTURE_OF_EXPERTS, build
-from trl_nullspace.cache import load_subspace
-from trl_nullspace.loading import load_dataset_from
-from trl_nullspace.reference import tokenize_reference
-from trl_nullspace.toy import build_tiny_qwen2
-from trl_nullspace.toy_assets import write_toy_assets
+from trl_nullspace.data.loading import load_dataset_from
+from trl_nullspace.data.toy import build_tiny_qwen2
+from trl_nullspace.data.toy_assets import write_toy_assets
+from trl_nullspace.estimation.reference import tokenize_reference
+from trl_nullspace.storage.cache import load_subspace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAIN_SFT_RECIPE = """
@@ -396,7 +396,7 @@ def _assert_changes_are_orthogonal_to_the_bases(assets, output_dir) -> None:
 def _assert_checkpoint_anchors_are_the_base_models(assets, checkpoint) -> None:
     """Each ZeRO-3 rank keeps only its rows' anchors; the checkpoint must hold them whole: `W₀ U`."""
     from trl_nullspace import load_subspace
-    from trl_nullspace.mixin import CHECKPOINT_FILE
+    from trl_nullspace.training.mixin import CHECKPOINT_FILE
 
     subspace, header = load_subspace(os.path.join(str(checkpoint), CHECKPOINT_FILE))
     base = dict(AutoModelForCausalLM.from_pretrained(str(assets / "model")).named_parameters())

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trl_nullspace import node_memory
+from trl_nullspace.backends import node_memory
 
 PORT = 29561
 

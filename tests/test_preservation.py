@@ -49,7 +49,7 @@ def test_update_projection_preserves_reference_logits_exactly(
 
 def test_plain_sft_moves_reference_logits(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
     """The same run with TRL's SFTTrainer: proves the preservation test above can fail."""
-    from trl_nullspace.reference import tokenize_reference
+    from trl_nullspace.estimation.reference import tokenize_reference
 
     reference = tokenize_reference(reference_dataset, tokenizer, batch_size=8, max_length=512)
     before = logits_on(model, reference)
@@ -195,7 +195,7 @@ def test_smaller_storage_trains_as_the_basis(model, tokenizer, safety_dataset, t
 
     import datasets
 
-    from trl_nullspace import toy
+    from trl_nullspace.data import toy
 
     reference = datasets.Dataset.from_dict(toy.as_text(toy.general_examples(40, seed=1)))
     settings = dict(nullspace_eigenvalue_threshold=None, nullspace_energy=0.999)

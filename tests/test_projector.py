@@ -3,9 +3,14 @@
 import pytest
 import torch
 
-from trl_nullspace.fsdp import RowShardProjector
-from trl_nullspace.projector import ConstrainedParameter, SharedBasis, SubspaceProjector, diverged_step_error
-from trl_nullspace.rank import RankSelection
+from trl_nullspace.backends.fsdp2 import RowShardProjector
+from trl_nullspace.estimation.rank import RankSelection
+from trl_nullspace.projection.projector import (
+    ConstrainedParameter,
+    SharedBasis,
+    SubspaceProjector,
+    diverged_step_error,
+)
 
 
 def _basis(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -169,9 +174,9 @@ def test_an_offloaded_empty_basis_leaves_the_weight_alone():
 def test_weights_reading_one_input_share_one_copy_of_its_basis(model):
     """q/k/v (and gate/up) read one input and share one basis: when the weights move to the device
     they are stepped on, the basis is copied there once, not once per weight."""
-    from trl_nullspace.estimators import estimate_activation_subspace
-    from trl_nullspace.reference import ReferenceBatch
-    from trl_nullspace.targets import find_target_linears
+    from trl_nullspace.estimation.estimate import estimate_activation_subspace
+    from trl_nullspace.estimation.reference import ReferenceBatch
+    from trl_nullspace.projection.targets import find_target_linears
 
     batch = ReferenceBatch(torch.randint(3, 30, (2, 12)), torch.ones(2, 12, dtype=torch.long))
     subspace = estimate_activation_subspace(

@@ -14,12 +14,12 @@ from tests.conftest import logits_on, training_kwargs
 from tests.real_model import HARMFUL, REPOSITORY, general_dataset, real_model_path, refusal_dataset
 from trl_nullspace import NullSpaceGRPOConfig, NullSpaceGRPOTrainer, NullSpaceSFTConfig, NullSpaceSFTTrainer
 from trl_nullspace.cli import main as cli_main
-from trl_nullspace.estimators.activation import estimate_activation_subspace
-from trl_nullspace.loading import load_dataset_from
-from trl_nullspace.rank import RankSelection
-from trl_nullspace.reference import tokenize_reference
+from trl_nullspace.data.loading import load_dataset_from
+from trl_nullspace.estimation.activation import estimate_activation_subspace
+from trl_nullspace.estimation.rank import RankSelection
+from trl_nullspace.estimation.reference import tokenize_reference
+from trl_nullspace.projection.targets import find_target_linears
 from trl_nullspace.rewards import completion_text
-from trl_nullspace.targets import find_target_linears
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from trl_nullspace.estimators.activation import InputCovarianceCollector
-from trl_nullspace.reference import ReferenceBatch
+from trl_nullspace.estimation.activation import InputCovarianceCollector
+from trl_nullspace.estimation.reference import ReferenceBatch
 
 PORT = 29562
 HIDDEN = 4

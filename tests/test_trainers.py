@@ -17,9 +17,9 @@ from trl_nullspace import (
     NullSpaceRLOOTrainer,
     NullSpaceSFTConfig,
     NullSpaceSFTTrainer,
-    toy,
 )
-from trl_nullspace.reference import tokenize_reference
+from trl_nullspace.data import toy
+from trl_nullspace.estimation.reference import tokenize_reference
 from trl_nullspace.rewards import ClassifierSafetyReward, refusal_reward
 
 STRICT = dict(nullspace_eigenvalue_threshold=1e-10)
@@ -215,7 +215,7 @@ def test_sft_then_dpo_reuses_one_cached_subspace(
             **dpo_kwargs,
         )
 
-    from trl_nullspace.mixin import NullSpaceTrainerMixin
+    from trl_nullspace.training.mixin import NullSpaceTrainerMixin
 
     monkeypatch.setattr(NullSpaceTrainerMixin, "estimate_subspace", lambda self: pytest.fail("re-estimated"))
     dpo = NullSpaceDPOTrainer(
@@ -239,7 +239,7 @@ def test_the_constraint_is_announced_and_saved_with_the_model(
     import json
 
     from tests.conftest import make_sft_trainer
-    from trl_nullspace.mixin import SETTINGS_FILE
+    from trl_nullspace.training.mixin import SETTINGS_FILE
 
     trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
     trainer.train()
@@ -299,7 +299,7 @@ def test_the_start_summary_is_written_around_the_progress_bar(
 ):
     """The Trainer's bar is drawn before the summary: a plain print landed inside the bar's line."""
     from tests.conftest import make_sft_trainer
-    from trl_nullspace import mixin
+    from trl_nullspace.training import mixin
 
     written = []
     monkeypatch.setattr(mixin.tqdm, "write", lambda text, file=None: written.append(text))
@@ -316,7 +316,7 @@ def test_deepspeed_cpu_accelerator_notice_is_dropped_and_nothing_else():
     import subprocess
     import sys
 
-    from trl_nullspace.library_notices import CPU_ACCELERATOR_NOTICE
+    from trl_nullspace.training.library_notices import CPU_ACCELERATOR_NOTICE
 
     def stdout_of(code: str) -> str:
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -1,4 +1,4 @@
-"""The arithmetic of `trl_nullspace.zero_fragments`, without DeepSpeed: any split of a flattened
+"""The arithmetic of `trl_nullspace.backends.zero.fragments`, without DeepSpeed: any split of a flattened
 matrix into contiguous fragments (as ZeRO partitions it) must give back exactly `M U` when the
 fragments' shares are summed, and `M − R Uᵀ` when each fragment subtracts its part. And ZeRO-3's
 gradient projection at the start of DeepSpeed's step, against a stand-in for its optimizer."""
@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from trl_nullspace.projector import ConstrainedParameter
-from trl_nullspace.zero import RowExchangeZeroProjector, ZeroMasterProjector
-from trl_nullspace.zero3_step import Zero3GradientProjector
-from trl_nullspace.zero_fragments import (
+from trl_nullspace.backends.zero.fragments import (
     add_fragment_coefficients,
     fragment_pieces,
     rows_cut_by,
     subtract_fragment_projection,
 )
+from trl_nullspace.backends.zero.master import RowExchangeZeroProjector, ZeroMasterProjector
+from trl_nullspace.backends.zero.step_start import Zero3GradientProjector
+from trl_nullspace.projection.projector import ConstrainedParameter
 
 
 @pytest.mark.parametrize(

@@ -1,11 +1,10 @@
 """trl-nullspace: safety alignment with TRL trainers whose updates avoid a capability subspace."""
 
 from trl_nullspace._version import __version__
-from trl_nullspace.library_notices import quiet_library_notices  # noqa: E402
+from trl_nullspace.training.library_notices import quiet_library_notices  # noqa: E402
 
 quiet_library_notices()  # before anything below imports DeepSpeed
 
-from trl_nullspace.cache import CacheMismatchError, load_subspace, save_subspace  # noqa: E402
 from trl_nullspace.config import (  # noqa: E402
     NullSpaceArguments,
     NullSpaceDPOConfig,
@@ -13,9 +12,10 @@ from trl_nullspace.config import (  # noqa: E402
     NullSpaceRLOOConfig,
     NullSpaceSFTConfig,
 )
-from trl_nullspace.projector import SubspaceProjector  # noqa: E402
-from trl_nullspace.rank import RankSelection  # noqa: E402
-from trl_nullspace.subspace import CapabilitySubspace  # noqa: E402
+from trl_nullspace.estimation.rank import RankSelection  # noqa: E402
+from trl_nullspace.estimation.subspace import CapabilitySubspace  # noqa: E402
+from trl_nullspace.projection.projector import SubspaceProjector  # noqa: E402
+from trl_nullspace.storage.cache import CacheMismatchError, load_subspace, save_subspace  # noqa: E402
 from trl_nullspace.trainers import (  # noqa: E402
     NullSpaceDPOTrainer,
     NullSpaceGRPOTrainer,

@@ -39,7 +39,19 @@ from dataclasses import dataclass, field
 from transformers import AutoModelForCausalLM, HfArgumentParser
 from trl import ModelConfig
 
-from trl_nullspace.cache import (
+from trl_nullspace.config import (
+    NullSpaceArguments,
+    NullSpaceDPOConfig,
+    NullSpaceGRPOConfig,
+    NullSpaceRLOOConfig,
+    NullSpaceSFTConfig,
+)
+from trl_nullspace.data.loading import load_dataset_from
+from trl_nullspace.estimation.estimate import estimate_subspace
+from trl_nullspace.estimation.reference import tokenize_reference
+from trl_nullspace.recipe_utils import load_model_and_tokenizer, run_recipe
+from trl_nullspace.rewards import refusal_reward
+from trl_nullspace.storage.cache import (
     CacheMismatchError,
     check_cache_matches,
     expected_provenance,
@@ -48,19 +60,7 @@ from trl_nullspace.cache import (
     save_subspace,
     saved_provenance,
 )
-from trl_nullspace.config import (
-    NullSpaceArguments,
-    NullSpaceDPOConfig,
-    NullSpaceGRPOConfig,
-    NullSpaceRLOOConfig,
-    NullSpaceSFTConfig,
-)
-from trl_nullspace.estimators import estimate_subspace
-from trl_nullspace.fingerprint import architecture_fingerprint, weights_fingerprint
-from trl_nullspace.loading import load_dataset_from
-from trl_nullspace.recipe_utils import load_model_and_tokenizer, run_recipe
-from trl_nullspace.reference import tokenize_reference
-from trl_nullspace.rewards import refusal_reward
+from trl_nullspace.storage.fingerprint import architecture_fingerprint, weights_fingerprint
 from trl_nullspace.trainers import (
     NullSpaceDPOTrainer,
     NullSpaceGRPOTrainer,
@@ -177,12 +177,12 @@ def _run(command: str, rest: list[str]) -> int:
 
         return evaluate_main(rest)
     if command == "prepare":
-        from trl_nullspace.prepare import main as prepare_main
+        from trl_nullspace.data.prepare import main as prepare_main
 
         prepare_main(rest)
         return 0
     if command == "gguf":
-        from trl_nullspace.gguf import main as gguf_main
+        from trl_nullspace.data.gguf import main as gguf_main
 
         gguf_main(rest)
         return 0

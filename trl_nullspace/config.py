@@ -15,8 +15,8 @@ from typing import Any
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from trl import DPOConfig, GRPOConfig, RLOOConfig, SFTConfig
 
-from trl_nullspace.learning_rate import CALIBRATION_STEPS, MAX_SCALE, MEASURED_RATE_RATIO
-from trl_nullspace.rank import RankSelection
+from trl_nullspace.estimation.rank import RankSelection
+from trl_nullspace.training.learning_rate import CALIBRATION_STEPS, MAX_SCALE, MEASURED_RATE_RATIO
 
 METHODS = ("activation", "gradient")
 PROJECTION_TARGETS = ("update", "gradient", "both")

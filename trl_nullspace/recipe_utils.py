@@ -8,8 +8,8 @@ import datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-from trl_nullspace.loading import load_dataset_from, looks_like_a_path
-from trl_nullspace.progress import quiet_progress
+from trl_nullspace.data.loading import load_dataset_from, looks_like_a_path
+from trl_nullspace.training.progress import quiet_progress
 
 
 def parse_recipe_arguments(
@@ -39,7 +39,7 @@ def load_model_and_tokenizer(model_args: ModelConfig) -> tuple[PreTrainedModel, 
 
 
 def load_train_dataset(script_args: ScriptArguments) -> datasets.Dataset:
-    """`dataset_name`: whatever `nullspace_reference_dataset` accepts (`trl_nullspace.loading`)."""
+    """`dataset_name`: whatever `nullspace_reference_dataset` accepts (`trl_nullspace.data.loading`)."""
     return load_dataset_from(script_args.dataset_name, script_args.dataset_train_split, script_args.dataset_config)
 
 

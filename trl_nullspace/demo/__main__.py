@@ -28,7 +28,7 @@ import datasets
 import torch
 from transformers.utils import logging
 
-from trl_nullspace import toy
+from trl_nullspace.data import toy
 from trl_nullspace.demo.evaluate import general_accuracy, refusal_rate
 from trl_nullspace.demo.pipelines import build_pipeline, run_pipeline
 from trl_nullspace.demo.pretrain import pretrain_general_skill

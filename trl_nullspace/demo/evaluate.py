@@ -7,9 +7,9 @@ from collections import defaultdict
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trl_nullspace import toy
-from trl_nullspace.modes import evaluating
+from trl_nullspace.data import toy
 from trl_nullspace.rewards import is_refusal
+from trl_nullspace.training.modes import evaluating
 
 
 @torch.no_grad()

@@ -21,10 +21,10 @@ from trl_nullspace import (
     NullSpaceGRPOTrainer,
     NullSpaceSFTConfig,
     NullSpaceSFTTrainer,
-    toy,
 )
-from trl_nullspace.progress import quiet_progress
+from trl_nullspace.data import toy
 from trl_nullspace.rewards import refusal_reward
+from trl_nullspace.training.progress import quiet_progress
 
 
 @dataclass

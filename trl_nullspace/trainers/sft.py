@@ -3,7 +3,7 @@
 from trl import SFTTrainer
 
 from trl_nullspace.config import NullSpaceSFTConfig
-from trl_nullspace.mixin import NullSpaceTrainerMixin
+from trl_nullspace.training.mixin import NullSpaceTrainerMixin
 
 
 class NullSpaceSFTTrainer(NullSpaceTrainerMixin, SFTTrainer):

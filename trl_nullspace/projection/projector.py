@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from trl_nullspace.basis import Anchor, SharedBases, SharedBasis, ShareHost, host_copy
-from trl_nullspace.experts import DOWN, GATE_UP, is_fused_experts, is_transposed_experts, slice_name
-from trl_nullspace.subspace import CapabilitySubspace
-from trl_nullspace.targets import canonical_name, is_lora_layer, is_transposed_linear
+from trl_nullspace.estimation.subspace import CapabilitySubspace
+from trl_nullspace.projection.basis import Anchor, SharedBases, SharedBasis, ShareHost, host_copy
+from trl_nullspace.projection.experts import DOWN, GATE_UP, is_fused_experts, is_transposed_experts, slice_name
+from trl_nullspace.projection.targets import canonical_name, is_lora_layer, is_transposed_linear
 
 
 @dataclass

@@ -22,7 +22,7 @@ once (cached beside the data), so the first run takes minutes on a CPU.
 
 Each set is a folder holding `train.jsonl`: what `datasets.load_dataset(folder)` reads, so TRL's own
 example scripts (`trl/scripts/sft.py`, …) take it as `--dataset_name` unchanged, and what
-`dataset_name` and `nullspace_reference_dataset` load here (`trl_nullspace.loading`). An older
+`dataset_name` and `nullspace_reference_dataset` load here (`trl_nullspace.data.loading`). An older
 `save_to_disk` copy in the same folder is replaced.
 """
 
@@ -33,7 +33,7 @@ import os
 
 import datasets
 
-from trl_nullspace.loading import load_dataset_from
+from trl_nullspace.data.loading import load_dataset_from
 
 PKU_SAFERLHF = "PKU-Alignment/PKU-SafeRLHF"
 PKU_COLUMNS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe", "safer_response_id")
@@ -99,8 +99,8 @@ def smollm2_sets(output_dir: str, examples: int | None = None) -> None:
     """The real-model benchmark's training sets for SmolLM2-135M-Instruct, in `output_dir`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trl_nullspace.data.gguf import materialise_smollm2
     from trl_nullspace.evaluation.training_data import build_real_data
-    from trl_nullspace.gguf import materialise_smollm2
 
     path = materialise_smollm2()
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
@@ -119,7 +119,7 @@ def smollm2_sets(output_dir: str, examples: int | None = None) -> None:
     _save(data.references["general"], os.path.join(output_dir, "reference"))
 
 
-# What `save_to_disk` leaves in a folder: `trl_nullspace.loading` would read those before a train.jsonl beside them.
+# What `save_to_disk` leaves in a folder: `trl_nullspace.data.loading` reads those before a train.jsonl beside them.
 _SAVED_TO_DISK = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 

@@ -18,7 +18,7 @@ import torch
 from transformers.utils import logging
 
 from trl_nullspace.config import NullSpaceArguments
-from trl_nullspace.subspace import CapabilitySubspace
+from trl_nullspace.estimation.subspace import CapabilitySubspace
 
 logger = logging.get_logger(__name__)
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from trl_nullspace.config import NullSpaceArguments
-from trl_nullspace.learning_rate import MEASURED_RATE_RATIO
-from trl_nullspace.peft_policy import check_peft_configs
-from trl_nullspace.targets import is_lora_layer, is_transposed_linear
+from trl_nullspace.projection.peft_policy import check_peft_configs
+from trl_nullspace.projection.targets import is_lora_layer, is_transposed_linear
+from trl_nullspace.training.learning_rate import MEASURED_RATE_RATIO
 
 
 def check_backend(
@@ -30,8 +30,8 @@ def check_backend(
 ) -> None:
     """Refuse the backends and options whose projection would silently not apply.
 
-    DeepSpeed ZeRO and FSDP2 are reached through their sharded master weights (`trl_nullspace.zero`,
-    `trl_nullspace.fsdp`) and, for the gradient projection, through tensor hooks (DeepSpeed) or the
+    DeepSpeed ZeRO and FSDP2 are reached through their sharded master weights (`trl_nullspace.backends.zero.master`,
+    `trl_nullspace.backends.fsdp2`) and, for the gradient projection, through tensor hooks (DeepSpeed) or the
     local gradient rows (FSDP2). FSDP1's flat parameters are not reached at all. Both sharded paths
     split weights by output rows, which a `Conv1D` weight (stored in × out) does not have.
     """

@@ -30,10 +30,10 @@ from torch import nn
 
 from trl_nullspace._version import __version__
 from trl_nullspace.config import NullSpaceArguments
-from trl_nullspace.estimators.exemption import Exemption
-from trl_nullspace.fingerprint import architecture_fingerprint, model_name
-from trl_nullspace.reference import ReferenceBatch, reference_fingerprint
-from trl_nullspace.subspace import CapabilitySubspace
+from trl_nullspace.estimation.exemption import Exemption
+from trl_nullspace.estimation.reference import ReferenceBatch, reference_fingerprint
+from trl_nullspace.estimation.subspace import CapabilitySubspace
+from trl_nullspace.storage.fingerprint import architecture_fingerprint, model_name
 
 FORMAT_VERSION = 3  # 3: the tensors' checksum
 # |‖U g‖² / ‖g‖² − 1| a stored basis may show for random probes g: fp32 round-off of an orthonormal basis is ~1e-6.

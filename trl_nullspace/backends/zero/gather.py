@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trl_nullspace.targets import decoder_layer_of
+from trl_nullspace.projection.targets import decoder_layer_of
 
 
 def is_partitioned(parameter: torch.Tensor) -> bool:

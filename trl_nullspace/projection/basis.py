@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from trl_nullspace.subspace import CapabilitySubspace
+from trl_nullspace.estimation.subspace import CapabilitySubspace
 
 FP32_BYTES = 4
 # Host copies of a basis' blocks, and whether the node's processes share them (`node_memory.share_on_node`).

@@ -5,12 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from trl_nullspace.config import NullSpaceArguments
-from trl_nullspace.estimators.activation import estimate_activation_subspace
-from trl_nullspace.estimators.exemption import Exemption
-from trl_nullspace.estimators.gradient import estimate_gradient_subspace
-from trl_nullspace.reference import ReferenceBatch
-from trl_nullspace.subspace import CapabilitySubspace
-from trl_nullspace.targets import find_target_experts, find_target_linears
+from trl_nullspace.estimation.activation import estimate_activation_subspace
+from trl_nullspace.estimation.exemption import Exemption
+from trl_nullspace.estimation.gradient import estimate_gradient_subspace
+from trl_nullspace.estimation.reference import ReferenceBatch
+from trl_nullspace.estimation.subspace import CapabilitySubspace
+from trl_nullspace.projection.targets import find_target_experts, find_target_linears
 
 
 def estimate_subspace(

@@ -6,7 +6,7 @@ projectors (`zero`: after DeepSpeed's step; `zero_in_step`: inside ZeRO-1/2's; `
 gradient at the start of ZeRO-3's) and FSDP2's row shards (`fsdp`), builds them once the backend
 has sharded the model, and checks after every optimizer step that what should have run inside
 DeepSpeed's step did. Estimating and binding the subspace, reporting and checkpoints stay in
-`trl_nullspace.mixin`.
+`trl_nullspace.training.mixin`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from transformers.utils import logging
 
-from trl_nullspace.fsdp import RowShardProjector
-from trl_nullspace.projector import SubspaceProjector
-from trl_nullspace.zero import RowExchangeZeroProjector, ZeroMasterProjector
-from trl_nullspace.zero3_step import Zero3GradientProjector, supports_step_start_projection
-from trl_nullspace.zero_in_step import InStepZeroProjector, supports_in_step_projection
+from trl_nullspace.backends.fsdp2 import RowShardProjector
+from trl_nullspace.backends.zero.in_step import InStepZeroProjector, supports_in_step_projection
+from trl_nullspace.backends.zero.master import RowExchangeZeroProjector, ZeroMasterProjector
+from trl_nullspace.backends.zero.step_start import Zero3GradientProjector, supports_step_start_projection
+from trl_nullspace.projection.projector import SubspaceProjector
 
 logger = logging.get_logger(__name__)
 

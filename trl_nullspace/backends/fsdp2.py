@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from trl_nullspace.basis import gather_anchors
-from trl_nullspace.projector import ConstrainedParameter, diverged_step_error, total_norm
+from trl_nullspace.projection.basis import gather_anchors
+from trl_nullspace.projection.projector import ConstrainedParameter, diverged_step_error, total_norm
 
 
 class _RowShard:

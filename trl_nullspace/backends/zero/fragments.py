@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trl_nullspace.basis import host_copy
-from trl_nullspace.projector import ConstrainedParameter
-from trl_nullspace.zero_gather import is_partitioned
+from trl_nullspace.backends.zero.gather import is_partitioned
+from trl_nullspace.projection.basis import host_copy
+from trl_nullspace.projection.projector import ConstrainedParameter
 
 
 @dataclass(frozen=True)

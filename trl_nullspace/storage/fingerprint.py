@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from trl_nullspace.projector import full_shape
-from trl_nullspace.targets import canonical_name
-from trl_nullspace.zero_gather import gathered
+from trl_nullspace.backends.zero.gather import gathered
+from trl_nullspace.projection.projector import full_shape
+from trl_nullspace.projection.targets import canonical_name
 
 _SAMPLES_PER_PARAMETER = 1024
 

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trl_nullspace.zero import RowExchangeZeroProjector, ZeroMasterProjector
-from trl_nullspace.zero_fragments import MasterFragment
+from trl_nullspace.backends.zero.fragments import MasterFragment
+from trl_nullspace.backends.zero.master import RowExchangeZeroProjector, ZeroMasterProjector
 
 
 def supports_step_start_projection(zero3_optimizer: Any) -> bool:

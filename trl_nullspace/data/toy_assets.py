@@ -1,6 +1,6 @@
 """Write the embedded default to disk so the YAML recipes can run offline.
 
-    python -m trl_nullspace.toy_assets outputs/toy
+    python -m trl_nullspace.data.toy_assets outputs/toy
 
 writes `model/` (tiny Qwen2 + character tokenizer, random init) and JSON-lines datasets:
 `safety_sft/` (prompt/completion), `safety_dpo/` (prompt/chosen/rejected), `safety_prompts/`
@@ -14,7 +14,7 @@ import os
 
 import datasets
 
-from trl_nullspace import toy
+from trl_nullspace.data import toy
 
 
 def write_toy_assets(directory: str, seed: int = 0) -> None:

@@ -5,7 +5,7 @@ it tokenizes the reference data (and the training data, for the contrastive rule
 harm-keyed exemption's prompts), loads a cache
 and checks that it still describes this model, or estimates the subspace (the data shared over
 the processes; under ZeRO-3 one decoder layer gathered at a time), and checks that every process
-holds the same bases. Binding, projecting, reporting and checkpoints stay in `trl_nullspace.mixin`.
+holds the same bases. Binding, projecting, reporting and checkpoints stay in `trl_nullspace.training.mixin`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,15 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from trl_nullspace.cache import (
+from trl_nullspace.backends.zero.gather import GatherPeak, gathered, gathered_layer_by_layer
+from trl_nullspace.config import NullSpaceArguments
+from trl_nullspace.data.loading import load_dataset_from
+from trl_nullspace.estimation.activation import energy_in_span
+from trl_nullspace.estimation.estimate import Exemption, estimate_subspace
+from trl_nullspace.estimation.reference import ReferenceBatch, tokenize_reference
+from trl_nullspace.estimation.subspace import CapabilitySubspace
+from trl_nullspace.projection.targets import find_target_experts, find_target_linears, matches_suffix
+from trl_nullspace.storage.cache import (
     CacheMismatchError,
     check_cache_matches,
     expected_provenance,
@@ -28,15 +36,7 @@ from trl_nullspace.cache import (
     save_subspace,
     saved_provenance,
 )
-from trl_nullspace.config import NullSpaceArguments
-from trl_nullspace.estimators import Exemption, estimate_subspace
-from trl_nullspace.estimators.activation import energy_in_span
-from trl_nullspace.fingerprint import weights_fingerprint
-from trl_nullspace.loading import load_dataset_from
-from trl_nullspace.reference import ReferenceBatch, tokenize_reference
-from trl_nullspace.subspace import CapabilitySubspace
-from trl_nullspace.targets import find_target_experts, find_target_linears, matches_suffix
-from trl_nullspace.zero_gather import GatherPeak, gathered, gathered_layer_by_layer
+from trl_nullspace.storage.fingerprint import weights_fingerprint
 
 logger = logging.get_logger(__name__)
 
@@ -97,7 +97,7 @@ class SubspaceSetupMixin:
         return self._tokenize(self._raw_train_dataset)
 
     def _load_exemption(self, exempt_dataset: datasets.Dataset | None) -> Exemption | None:
-        """The harm-keyed exemption's prompts (`trl_nullspace.estimators.exemption`), split by their
+        """The harm-keyed exemption's prompts (`trl_nullspace.estimation.exemption`), split by their
         `harmful` column; None without an exempt dataset."""
         if exempt_dataset is None and self.args.nullspace_exempt_dataset is not None:
             exempt_dataset = load_dataset_from(self.args.nullspace_exempt_dataset, self.args.nullspace_exempt_split)

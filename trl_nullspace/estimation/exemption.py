@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trl_nullspace.reference import ReferenceBatch
-from trl_nullspace.targets import matches_suffix
+from trl_nullspace.estimation.reference import ReferenceBatch
+from trl_nullspace.projection.targets import matches_suffix
 
 # A key whose component inside the protected span is below this share of its length is already free.
 FREE_ALREADY = 1e-6

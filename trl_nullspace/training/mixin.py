@@ -2,7 +2,7 @@
 
 A null-space trainer is `class NullSpaceXTrainer(NullSpaceTrainerMixin, XTrainer)`; the mixin
  1. after the TRL trainer's own `__init__` (model loaded, PEFT applied), loads the cached subspace
-    or estimates it from the reference data (`trl_nullspace.subspace_setup`), binds it to the
+    or estimates it from the reference data (`trl_nullspace.training.subspace_setup`), binds it to the
     trainable parameters and freezes what it cannot constrain;
  2. overrides `training_step`: after `super()` has run backward, and only when gradients are
     synchronised (the last micro-batch of an optimizer step), it checks them for NaN/inf and, with
@@ -10,7 +10,7 @@ A null-space trainer is `class NullSpaceXTrainer(NullSpaceTrainerMixin, XTrainer
  3. with `projection_target="update"`, projects the parameters right after `optimizer.step()`
     (a `TrainerCallback.on_optimizer_step`), so what AdamW and weight decay did is projected too;
     under DeepSpeed ZeRO and FSDP2 it projects the sharded master weights instead
-    (`trl_nullspace.zero`, `trl_nullspace.fsdp`; see docs/backends.md);
+    (`trl_nullspace.backends.zero.master`, `trl_nullspace.backends.fsdp2`; see docs/backends.md);
  4. adds `nullspace/*` metrics to the trainer's normal logs.
 """
 
@@ -31,29 +31,29 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
-from trl_nullspace import guards
 from trl_nullspace._version import __version__
-from trl_nullspace.approximations import warn_approximations
-from trl_nullspace.cache import (
+from trl_nullspace.backends.node_memory import share_on_node
+from trl_nullspace.backends.sharded_projection import ShardedProjectionMixin
+from trl_nullspace.backends.zero.gather import GatherPeak, gathered_alone
+from trl_nullspace.config import NullSpaceArguments
+from trl_nullspace.data.loading import load_dataset_from
+from trl_nullspace.estimation.reference import tokenize_reference
+from trl_nullspace.estimation.subspace import CapabilitySubspace
+from trl_nullspace.projection.projector import SubspaceProjector
+from trl_nullspace.storage.cache import (
     check_cache_matches,
     load_subspace,
     save_linked,
     saved_provenance,
 )
-from trl_nullspace.checkpoint_weights import reload_converted_weights
-from trl_nullspace.config import NullSpaceArguments
-from trl_nullspace.fingerprint import architecture_fingerprint, model_name, weights_fingerprint
-from trl_nullspace.learning_rate import LearningRateScaler, rate_note
-from trl_nullspace.loading import load_dataset_from
-from trl_nullspace.model_card import constraint_section
-from trl_nullspace.monitor import CapabilityDriftMonitor
-from trl_nullspace.node_memory import share_on_node
-from trl_nullspace.projector import SubspaceProjector
-from trl_nullspace.reference import tokenize_reference
-from trl_nullspace.sharded_projection import ShardedProjectionMixin
-from trl_nullspace.subspace import CapabilitySubspace
-from trl_nullspace.subspace_setup import SubspaceSetupMixin
-from trl_nullspace.zero_gather import GatherPeak, gathered_alone
+from trl_nullspace.storage.checkpoint_weights import reload_converted_weights
+from trl_nullspace.storage.fingerprint import architecture_fingerprint, model_name, weights_fingerprint
+from trl_nullspace.training import guards
+from trl_nullspace.training.approximations import warn_approximations
+from trl_nullspace.training.learning_rate import LearningRateScaler, rate_note
+from trl_nullspace.training.model_card import constraint_section
+from trl_nullspace.training.monitor import CapabilityDriftMonitor
+from trl_nullspace.training.subspace_setup import SubspaceSetupMixin
 
 logger = logging.get_logger(__name__)
 
@@ -98,9 +98,9 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
     data), which takes precedence over `args.nullspace_reference_dataset`. It is the data whose
     behaviour is preserved, not the reference *model* some trainers (DPO) also take.
     `monitor_dataset` (held-out general data; over `args.nullspace_monitor_dataset`) turns on the
-    live drift metrics of `trl_nullspace.monitor`. `exempt_dataset` (prompts with a boolean `harmful`
+    live drift metrics of `trl_nullspace.training.monitor`. `exempt_dataset` (prompts with a boolean `harmful`
     column; over `args.nullspace_exempt_dataset`) frees each exempted layer input's harm key
-    (`trl_nullspace.estimators.exemption`).
+    (`trl_nullspace.estimation.exemption`).
     """
 
     config_class: type[NullSpaceArguments]
@@ -168,7 +168,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
     # -- set-up ---------------------------------------------------------------------------------
 
     def _add_drift_monitor(self, monitor_dataset: datasets.Dataset | None) -> None:
-        """Log drift on held-out general data while training (`trl_nullspace.monitor`), if asked."""
+        """Log drift on held-out general data while training (`trl_nullspace.training.monitor`), if asked."""
         if monitor_dataset is None and self.args.nullspace_monitor_dataset is not None:
             monitor_dataset = load_dataset_from(self.args.nullspace_monitor_dataset, self.args.nullspace_monitor_split)
         if monitor_dataset is None:

@@ -10,14 +10,14 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from trl_nullspace.estimators.exemption import Exemption, energy_share, exempt_direction, harm_key
-from trl_nullspace.experts import GATE_UP, hidden_size, is_fused_experts, routed_inputs, slice_name
-from trl_nullspace.modes import evaluating
-from trl_nullspace.projector import full_shape
-from trl_nullspace.rank import RankSelection
-from trl_nullspace.reference import ReferenceBatch
-from trl_nullspace.subspace import CapabilitySubspace
-from trl_nullspace.targets import decoder_layer_of, is_transposed_linear
+from trl_nullspace.estimation.exemption import Exemption, energy_share, exempt_direction, harm_key
+from trl_nullspace.estimation.rank import RankSelection
+from trl_nullspace.estimation.reference import ReferenceBatch
+from trl_nullspace.estimation.subspace import CapabilitySubspace
+from trl_nullspace.projection.experts import GATE_UP, hidden_size, is_fused_experts, routed_inputs, slice_name
+from trl_nullspace.projection.projector import full_shape
+from trl_nullspace.projection.targets import decoder_layer_of, is_transposed_linear
+from trl_nullspace.training.modes import evaluating
 
 
 class InputCovarianceCollector:
@@ -134,7 +134,7 @@ class InputCovarianceCollector:
             self.token_counts = dict(zip(names, counts.tolist(), strict=True))
 
     def _experts_hook(self, weights: list[str]):
-        """Per expert, the statistics of the tokens routed to it (`trl_nullspace.experts`); every
+        """Per expert, the statistics of the tokens routed to it (`trl_nullspace.projection.experts`); every
         expert gets an entry, an empty one if no reference token reaches it."""
 
         def accumulate(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -481,7 +481,7 @@ def _exempt_keys(
     across_processes: bool,
     layer_order: LayerOrder,
 ) -> None:
-    """Free each exempted layer input's harm key (`trl_nullspace.estimators.exemption`) in this
+    """Free each exempted layer input's harm key (`trl_nullspace.estimation.exemption`) in this
     pass' bases; record the reference energy each basis still holds (`energy`) and what it gave up
     (`exempted`). The prompts' class means come from one forward pass per class over this pass'
     targets (sums only, no d×d statistics)."""
@@ -525,10 +525,10 @@ def estimate_activation_subspace(
     exemption: Exemption | None = None,
 ) -> CapabilitySubspace:
     """Bases `U` (d_in×k) of the reference inputs of every target Linear, and of every expert of the
-    fused `experts` weights (`trl_nullspace.targets.find_target_experts`).
+    fused `experts` weights (`trl_nullspace.projection.targets.find_target_experts`).
 
     With `exemption`, the exempted layer inputs' bases give up their harm key
-    (`trl_nullspace.estimators.exemption`); `settings["exempted"]` records the reference energy
+    (`trl_nullspace.estimation.exemption`); `settings["exempted"]` records the reference energy
     each gave up.
 
     With `across_processes` (every process calls this with the same data), each process reads

@@ -7,7 +7,7 @@ import re
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from trl_nullspace.experts import DOWN, GATE_UP, ROUTER_NAMES, is_fused_experts, is_router
+from trl_nullspace.projection.experts import DOWN, GATE_UP, ROUTER_NAMES, is_fused_experts, is_router
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -95,7 +95,7 @@ def find_target_linears(model: nn.Module, target_modules: list[str] | None = Non
 
 
 def find_target_experts(model: nn.Module, target_modules: list[str] | None = None) -> dict[str, nn.Module]:
-    """The 3-D weights of fused mixture-of-experts modules (`trl_nullspace.experts`), as
+    """The 3-D weights of fused mixture-of-experts modules (`trl_nullspace.projection.experts`), as
     `<experts>.gate_up_proj` / `<experts>.down_proj` → the experts module: all of them, or those whose
     name matches a `target_modules` suffix."""
     return {

@@ -37,9 +37,9 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from trl_nullspace.basis import gather_anchors
-from trl_nullspace.projector import ConstrainedParameter, diverged_step_error
-from trl_nullspace.zero_fragments import MasterFragment
+from trl_nullspace.backends.zero.fragments import MasterFragment
+from trl_nullspace.projection.basis import gather_anchors
+from trl_nullspace.projection.projector import ConstrainedParameter, diverged_step_error
 
 
 def all_reduce_or_raise_together(

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trl_nullspace.projector import ConstrainedParameter
-from trl_nullspace.zero import RowExchangeZeroProjector, ZeroMasterProjector, fragments_anchors
-from trl_nullspace.zero_fragments import MasterFragment, stage12_fragment
+from trl_nullspace.backends.zero.fragments import MasterFragment, stage12_fragment
+from trl_nullspace.backends.zero.master import RowExchangeZeroProjector, ZeroMasterProjector, fragments_anchors
+from trl_nullspace.projection.projector import ConstrainedParameter
 
 
 def stage12_partition_boundaries(
