@@ -17,7 +17,7 @@ does not change storage), counted from the shapes, not measured on an accelerato
 - while projecting: DDP and FSDP2 one weight's residual at a time (its local rows × k); ZeRO every
   weight's local rows of coefficients at once (the anchors / world); under ZeRO-3 also an fp32 copy
   of one weight's gradient partition at a time (DeepSpeed accumulates bf16 gradients by default;
-  the default `both` target projects them at the start of DeepSpeed's step, `zero3_step`);
+  the default `both` target projects them at the start of DeepSpeed's step, `backends.zero.step_start`);
 - with `nullspace_offload`: bases and anchors in host memory instead, and on the accelerator one
   staged block at a time: the basis block (d × k_b, at most the block size), its anchor rows and
   residual (2 · local rows × k_b); under ZeRO also the buffer of rows that partition boundaries
@@ -161,7 +161,7 @@ def per_rank_bytes(
     }
     constraint = {
         "DDP": bases + anchors + largest_residual,
-        # Projected inside DeepSpeed's step, each rank its own fragment's rows (`zero_in_step`), the
+        # Projected inside DeepSpeed's step, each rank its own fragment's rows (`backends.zero.in_step`), the
         # gradient too (no hook in backward); ZeRO-3 projects the gradient at its step's start.
         "ZeRO-1/2": bases + 2 * anchors / world,
         "ZeRO-3": bases + 2 * anchors / world + largest_local_gradient,
@@ -224,7 +224,7 @@ def zero_flops_share(
     ranks: the `update` projection is divided over the ranks (each its own rows). The `both` target's
     gradient projection is too where it runs once per step on each rank's share (ZeRO-1/2 inside
     DeepSpeed's step, ZeRO-3 at its start, FSDP2), but where DeepSpeed's step cannot take it (ZeRO-1/2
-    in fp16, `zero_in_step`) a hook projects the whole gradient on every rank at every micro-batch
+    in fp16, `backends.zero.in_step`) a hook projects the whole gradient on every rank at every micro-batch
     (before ZeRO reduces it). As a share of the rank's training FLOPs, 6·parameters·its tokens."""
     one = one_projection_flops(shape, fractions)
     gradient = {"update": 0.0, "once-per-step both": one / world, "hooked both": one * micro_batches}[target]

@@ -121,7 +121,7 @@ class OwnWorkTimer:
     the end-to-end timings), and divides by the plain step time.
     """
 
-    HOOKS = ("_constrain_gradients", "_nullspace_after_optimizer_step")
+    HOOKS = ("before_step", "after_step")  # the moments of the trainer's `nullspace_backend`
 
     def __init__(self, trainer: NullSpaceSFTTrainer, device: torch.device):
         self.trainer = trainer
@@ -132,21 +132,23 @@ class OwnWorkTimer:
         def run(*args, **kwargs):
             synchronize(self.device)
             started = time.perf_counter()
-            method(*args, **kwargs)
+            result = method(*args, **kwargs)
             synchronize(self.device)
             self.calls[name].append(1e3 * (time.perf_counter() - started))
+            return result
 
         return run
 
     def per_step_ms(self) -> list[float]:
         """Train once with both hooks timed; the summed time of each optimizer step, in ms."""
+        backend = self.trainer.nullspace_backend
         for name in self.HOOKS:
-            setattr(self.trainer, name, self._timed(name, getattr(self.trainer, name)))
+            setattr(backend, name, self._timed(name, getattr(backend, name)))
         try:
             self.trainer.train()
         finally:
             for name in self.HOOKS:
-                delattr(self.trainer, name)  # back to the class's methods
+                delattr(backend, name)  # back to the class's methods
         return [sum(values) for values in zip(*self.calls.values(), strict=True)]
 
 

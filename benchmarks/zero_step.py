@@ -30,6 +30,7 @@ import time
 import yaml
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
+from transformers import TrainerCallback
 
 CONFIG = os.path.join("recipes", "configs", "smollm2-135m_sft.yaml")
 DATA = os.path.join("data", "smollm2")
@@ -38,9 +39,15 @@ STAGES = {
     2: ("zero2.yaml", ("around the step", "inside the step")),
     3: ("zero3.yaml", ("hook in backward", "at the step's start")),
 }
+# Each way as the run's `nullspace_deepspeed_projection`.
+PLACEMENT = {
+    "around the step": "around_step",
+    "inside the step": "in_step",
+    "hook in backward": "around_step",
+    "at the step's start": "in_step",
+}
 MICRO_BATCHES = 2
 KINDS = ("gradient", "update")
-WORKER_MODE = "TRL_NULLSPACE_BENCH_ZERO_MODE"
 WORKER_OUTPUT = "TRL_NULLSPACE_BENCH_ZERO_OUTPUT"
 
 
@@ -56,34 +63,33 @@ def _timed(pending: dict[str, float], kind: str, function):
     return run
 
 
+class _PerStepTimes(TrainerCallback):
+    """Closes each optimizer step's timings: `on_step_end` runs after every callback's
+    `on_optimizer_step`, the null-space trainer's update projection included."""
+
+    def __init__(self, pending: dict[str, float], per_step: list[dict[str, float]]):
+        self.pending, self.per_step = pending, per_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.per_step.append({kind: 1e3 * seconds for kind, seconds in self.pending.items()})
+        self.pending.update(gradient=0.0, update=0.0)
+
+
 def _worker() -> None:
-    """One process of the 2-process run: the SFT recipe with both projections timed per optimizer step."""
+    """One process of the 2-process run: the SFT recipe with both projections timed per optimizer step
+    (where they run is the run's own `nullspace_deepspeed_projection`)."""
     from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
-    from trl_nullspace.backends import sharded_projection
     from trl_nullspace.backends.zero.master import ZeroMasterProjector
     from trl_nullspace.projection.projector import ConstrainedParameter
     from trl_nullspace.recipe_utils import run_recipe
-    from trl_nullspace.training import mixin
 
-    if os.environ[WORKER_MODE] == "around the step":
-        sharded_projection.supports_in_step_projection = lambda zero_optimizer: False
-    if os.environ[WORKER_MODE] == "hook in backward":
-        sharded_projection.supports_step_start_projection = lambda zero3_optimizer: False
     pending, per_step = {"gradient": 0.0, "update": 0.0}, []
     # The gradient: in DeepSpeed's step, or by the hook in backward at every micro-batch.
     ZeroMasterProjector.project_gradients = _timed(pending, "gradient", ZeroMasterProjector.project_gradients)
     ConstrainedParameter.projected = _timed(pending, "gradient", ConstrainedParameter.projected)
     ZeroMasterProjector.enforce_anchors = _timed(pending, "update", ZeroMasterProjector.enforce_anchors)
-    after_step = mixin.NullSpaceTrainerMixin._nullspace_after_optimizer_step
-
-    def step_ends(self):
-        after_step(self)
-        per_step.append({kind: 1e3 * seconds for kind, seconds in pending.items()})
-        pending.update(gradient=0.0, update=0.0)
-
-    mixin.NullSpaceTrainerMixin._nullspace_after_optimizer_step = step_ends
     started = time.perf_counter()
-    run_recipe(NullSpaceSFTTrainer, NullSpaceSFTConfig, sys.argv[1:])
+    run_recipe(NullSpaceSFTTrainer, NullSpaceSFTConfig, sys.argv[1:], callbacks=[_PerStepTimes(pending, per_step)])
     report = {"per_step_ms": per_step, "train_s": time.perf_counter() - started}
     rank = int(os.environ["RANK"])
     with open(os.path.join(os.environ[WORKER_OUTPUT], f"rank{rank}.json"), "w") as handle:
@@ -111,13 +117,14 @@ def _run(mode: str, directory: str, stage: int, steps: int, port: int) -> dict:
         "gradient_accumulation_steps": MICRO_BATCHES,
         "logging_steps": steps,
         "disable_tqdm": True,
+        "nullspace_deepspeed_projection": PLACEMENT[mode],
     }
     config = os.path.join(directory, f"{mode.replace(' ', '-')}.yaml")
     with open(config, "w") as handle:
         yaml.safe_dump(settings, handle)
     accelerate_config = _accelerate_config(directory, stage, port)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
-    environment = {**os.environ, WORKER_MODE: mode, WORKER_OUTPUT: directory, "HF_HUB_OFFLINE": "1"}
+    environment = {**os.environ, WORKER_OUTPUT: directory, "HF_HUB_OFFLINE": "1"}
     environment["PYTHONPATH"] = os.getcwd()
     completed = subprocess.run(
         [*launch, "-m", "benchmarks.zero_step", "--config", config], env=environment, capture_output=True, text=True
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if WORKER_MODE in os.environ:
+    if WORKER_OUTPUT in os.environ:
         _worker()
     else:
         main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the tests may download; fail at once if something tries
 
@@ -89,6 +90,17 @@ def make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_datas
         processing_class=tokenizer,
         reference_dataset=reference_dataset,
     )
+
+
+def accelerator_launched_with(backend: str) -> SimpleNamespace:
+    """What `backend_for` reads of an Accelerator that `accelerate launch` set up for `backend`
+    ('deepspeed', 'fsdp1', 'fsdp2'), so a refusal is tested without starting that backend."""
+    plugin = object()
+    state = SimpleNamespace(
+        deepspeed_plugin=plugin if backend == "deepspeed" else None,
+        fsdp_plugin=plugin if backend.startswith("fsdp") else None,
+    )
+    return SimpleNamespace(state=state, is_fsdp2=backend == "fsdp2")
 
 
 def snapshot_constrained(trainer) -> dict[str, torch.Tensor]:

@@ -11,11 +11,17 @@ from peft import LoraConfig
 from transformers import AutoConfig, AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from tests.conftest import logits_on, make_sft_trainer, train_and_measure, training_kwargs
+from tests.conftest import (
+    accelerator_launched_with,
+    logits_on,
+    make_sft_trainer,
+    train_and_measure,
+    training_kwargs,
+)
 from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
+from trl_nullspace.backends.selection import backend_for
 from trl_nullspace.estimation.estimate import estimate_activation_subspace
 from trl_nullspace.estimation.rank import RankSelection
-from trl_nullspace.training import guards
 
 COMMON = dict(
     hidden_size=64,
@@ -314,14 +320,8 @@ def test_gpt2_lora_keeps_reference_outputs(tokenizer, safety_dataset, reference_
 def test_gpt2_is_refused_under_sharded_backends(tokenizer, tmp_path):
     model = build("gpt2", tokenizer, GPT2)
     with pytest.raises(NotImplementedError, match=r"Conv1D layers \(GPT-2 style.*DDP or on one device"):
-        guards.check_backend(
-            NullSpaceSFTConfig(**training_kwargs(tmp_path)),
-            model,
-            deepspeed=True,
-            fsdp=False,
-            fsdp2=False,
-            trainer_name="T",
-        )
+        args = NullSpaceSFTConfig(**training_kwargs(tmp_path))
+        backend_for(args, accelerator_launched_with("deepspeed"), model, "T")
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "mixtral"])

@@ -7,9 +7,9 @@ import pytest
 import torch
 from trl import SFTConfig
 
-from tests.conftest import logits_on, make_sft_trainer, training_kwargs
+from tests.conftest import accelerator_launched_with, logits_on, make_sft_trainer, training_kwargs
 from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
-from trl_nullspace.training import guards
+from trl_nullspace.backends.selection import backend_for
 
 
 @pytest.mark.parametrize(
@@ -194,7 +194,7 @@ def test_refresh_re_estimates_and_stays_exact(model, tokenizer, safety_dataset, 
 def test_fsdp1_is_refused_not_silently_ignored(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
     trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
     with pytest.raises(NotImplementedError, match="FSDP1.*would silently not apply"):
-        guards.check_backend(trainer.args, trainer.model, deepspeed=False, fsdp=True, fsdp2=False, trainer_name="T")
+        backend_for(trainer.args, accelerator_launched_with("fsdp1"), trainer.model, "T")
 
 
 @pytest.mark.parametrize(
@@ -222,16 +222,8 @@ def test_sharded_backends_refuse_options_they_cannot_honour(
     trainer = make_sft_trainer(
         model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9, **option
     )
-    deepspeed = backend == "deepspeed"
     with pytest.raises(NotImplementedError, match=message):
-        guards.check_backend(
-            trainer.args,
-            trainer.model,
-            deepspeed=deepspeed,
-            fsdp=not deepspeed,
-            fsdp2=not deepspeed,
-            trainer_name="T",
-        )
+        backend_for(trainer.args, accelerator_launched_with(backend), trainer.model, "T")
 
 
 @pytest.mark.parametrize(

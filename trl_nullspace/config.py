@@ -22,6 +22,7 @@ METHODS = ("activation", "gradient")
 PROJECTION_TARGETS = ("update", "gradient", "both")
 PROJECTION_DTYPES = ("float32", "bfloat16")
 BASIS_STORAGES = ("basis", "smaller")
+DEEPSPEED_PROJECTIONS = ("in_step", "around_step")
 DEFAULT_ENERGY = 0.99
 
 
@@ -81,6 +82,18 @@ class NullSpaceArguments:
             "when projecting (exact: the blocks are orthonormal). The constraint then holds almost no accelerator "
             "memory, at the price of copying every basis over PCIe at each optimizer step. Single device, DDP, "
             "FSDP2 and DeepSpeed ZeRO-3."
+        },
+    )
+    nullspace_deepspeed_projection: str = field(
+        default="in_step",
+        metadata={
+            "help": "Under DeepSpeed ZeRO, where the projections run. 'in_step': inside DeepSpeed's optimizer step "
+            "where its optimizer allows (ZeRO-1/2 in bf16 or fp32: each rank its own fragment of the reduced "
+            "gradient and of the masters; ZeRO-3: the gradient once per step, each rank its partition), otherwise "
+            "around it. 'around_step': always around it (the gradient by a hook in backward on every rank at every "
+            "micro-batch, the masters after the step): the same constraint at a higher cost, for comparison "
+            "(`make bench-zero`).",
+            "choices": list(DEEPSPEED_PROJECTIONS),
         },
     )
     nullspace_offload_block_mib: float = field(
@@ -262,6 +275,11 @@ class NullSpaceArguments:
         if self.nullspace_basis_storage not in BASIS_STORAGES:
             raise ValueError(
                 f"nullspace_basis_storage must be one of {BASIS_STORAGES}, got {self.nullspace_basis_storage!r}."
+            )
+        if self.nullspace_deepspeed_projection not in DEEPSPEED_PROJECTIONS:
+            raise ValueError(
+                f"nullspace_deepspeed_projection must be one of {DEEPSPEED_PROJECTIONS}, "
+                f"got {self.nullspace_deepspeed_projection!r}."
             )
         if self.nullspace_energy is not None and self.nullspace_eigenvalue_threshold is not None:
             raise ValueError(

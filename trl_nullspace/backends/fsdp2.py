@@ -5,16 +5,30 @@ steps the local shards (kept in fp32 under mixed precision: they are the master 
 weight's rows are its output features and the basis `U` acts on its input features, so each rank
 restores `M U = A` on its own rows, `M_r ← M_r − (M_r U − A_r) Uᵀ`, using its rows of the anchor,
 and removes `G_r U Uᵀ` from its rows of the reduced gradient before the step.
+
+`FSDP2Backend` runs that projector at the trainer's moments; FSDP1's flat parameters are refused
+(the projection would not reach the masters), and so is the gradient method (its flattened bases
+have no rows).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from trl_nullspace.backends.sharded import ShardedBackend
+from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.projection.basis import gather_anchors
-from trl_nullspace.projection.projector import ConstrainedParameter, diverged_step_error, total_norm
+from trl_nullspace.projection.projector import (
+    ConstrainedParameter,
+    ProjectionStats,
+    SubspaceProjector,
+    diverged_step_error,
+    total_norm,
+)
 
 
 class _RowShard:
@@ -96,3 +110,46 @@ class RowShardProjector:
             bad = [s.item.name for s, r in zip(self.shards, residuals, strict=True) if not torch.isfinite(r).all()]
             raise diverged_step_error(bad)
         return norm
+
+
+class FSDP2Backend(ShardedBackend):
+    """FSDP2's row shards: the gradient projected locally before the step, the masters after it."""
+
+    name = "FSDP"
+
+    def __init__(self, args: NullSpaceArguments, accelerator: Any):
+        super().__init__(args, accelerator)
+        self._shards: RowShardProjector | None = None
+
+    @property
+    def shards(self) -> RowShardProjector | None:
+        return self._shards
+
+    def check_supported(self, model: nn.Module, trainer_name: str) -> None:
+        super().check_supported(model, trainer_name)
+        if not self.accelerator.is_fsdp2:
+            raise NotImplementedError(
+                f"{trainer_name} does not support FSDP1: its flat parameters hold the weights and master "
+                "copies, so the projection would silently not apply. Use fsdp_version: 2, DeepSpeed ZeRO or DDP."
+            )
+        if self.args.nullspace_method != "activation":
+            raise NotImplementedError("Under FSDP only nullspace_method='activation' is supported yet.")
+
+    def bind(self, projector: SubspaceProjector) -> None:
+        super().bind(projector)
+        self._shards = None  # built again as training begins, on the sharded parameters
+
+    def begin_training(self, model: nn.Module) -> None:
+        self._shards = RowShardProjector(model, self.projector.constrained)
+
+    def take_previous(self) -> None:
+        self._shards.take_previous()
+
+    def before_step(self, model: nn.Module, step: int, measure: bool) -> ProjectionStats | None:
+        """The local rows of the reduced gradient; not measured (no rank sees the whole gradient)."""
+        if self.projects_gradients:
+            self._shards.project_gradients()
+        return None
+
+    def after_step(self) -> torch.Tensor | None:
+        return self._shards.enforce_anchors() if self.projects_updates else None

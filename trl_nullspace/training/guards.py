@@ -2,9 +2,10 @@
 
 The product's promise is that the constraint holds or the trainer refuses loudly. Each function
 here checks one family of configurations and raises with the cause and the fix; the trainer calls
-them at set-up (`check_*` on the model, config and backend) and when training starts
-(`check_optimizer_steps_what_is_constrained`, once the optimizer exists). docs/troubleshooting.md
-lists every message.
+them at set-up (`check_*` on the model and config) and when training starts
+(`check_optimizer_steps_what_is_constrained`, once the optimizer exists). What a backend cannot
+honour is refused by the backend itself (`ConstraintBackend.check_supported` in
+`trl_nullspace.backends`). docs/troubleshooting.md lists every message.
 """
 
 from __future__ import annotations
@@ -16,61 +17,7 @@ from torch import nn
 
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.projection.peft_policy import check_peft_configs
-from trl_nullspace.projection.targets import is_lora_layer, is_transposed_linear
-from trl_nullspace.training.learning_rate import MEASURED_RATE_RATIO
-
-
-def check_backend(
-    args: NullSpaceArguments,
-    model: nn.Module,
-    deepspeed: bool,
-    fsdp: bool,
-    fsdp2: bool,
-    trainer_name: str,
-) -> None:
-    """Refuse the backends and options whose projection would silently not apply.
-
-    DeepSpeed ZeRO and FSDP2 are reached through their sharded master weights (`trl_nullspace.backends.zero.master`,
-    `trl_nullspace.backends.fsdp2`) and, for the gradient projection, through tensor hooks (DeepSpeed) or the
-    local gradient rows (FSDP2). FSDP1's flat parameters are not reached at all. Both sharded paths
-    split weights by output rows, which a `Conv1D` weight (stored in × out) does not have.
-    """
-    if not (deepspeed or fsdp):
-        return
-    if args.nullspace_scale_learning_rate:
-        raise NotImplementedError(
-            f"{trainer_name} supports nullspace_scale_learning_rate on one process and under DDP only: under "
-            f"{'DeepSpeed' if deepspeed else 'FSDP'} the whole gradient is never seen in one place to measure what "
-            "the projection keeps. Turn it off and set the learning rate yourself (the default needed "
-            f"{MEASURED_RATE_RATIO:g}x plain TRL's rate for the same refusal; docs/results/real_tuning.md)."
-        )
-    row_exchange = args.nullspace_offload or args.nullspace_basis_storage != "basis"
-    if deepspeed and row_exchange and args.nullspace_method != "activation":
-        option = "nullspace_offload" if args.nullspace_offload else "nullspace_basis_storage='smaller'"
-        raise NotImplementedError(
-            f"{trainer_name} supports {option} under DeepSpeed with the activation method only (this run: "
-            f"nullspace_method={args.nullspace_method!r}): its projection exchanges the weight rows that partitions "
-            "split, which for the gradient method's single-row matrices is every row. Use the activation method "
-            "with it, or turn it off."
-        )
-    backend = "DeepSpeed" if deepspeed else "FSDP"
-    conv1d = [name for name, module in model.named_modules() if is_transposed_linear(module)]
-    if conv1d:
-        raise NotImplementedError(
-            f"{trainer_name} does not support {backend} on models with transformers' Conv1D layers (GPT-2 "
-            f"style, e.g. {conv1d[0]}): they store the weight transposed, and the sharded projection works on "
-            "output rows. Train this model with DDP or on one device."
-        )
-    if fsdp and not fsdp2:
-        raise NotImplementedError(
-            f"{trainer_name} does not support FSDP1: its flat parameters hold the weights and master "
-            "copies, so the projection would silently not apply. Use fsdp_version: 2, DeepSpeed ZeRO or DDP."
-        )
-    if fsdp and args.nullspace_method != "activation":
-        raise NotImplementedError("Under FSDP only nullspace_method='activation' is supported yet.")
-    if args.nullspace_refresh_steps is not None:
-        raise NotImplementedError(f"nullspace_refresh_steps is not supported under {backend} yet.")
-
+from trl_nullspace.projection.targets import is_lora_layer
 
 _RESTORING_OPTIMIZERS = ("schedulefree", "anyprecision")
 _IN_BACKWARD_OPTIMIZERS = ("lomo",)

@@ -9,8 +9,8 @@ A null-space trainer is `class NullSpaceXTrainer(NullSpaceTrainerMixin, XTrainer
     `projection_target="gradient"`, removes their share in the subspace (measured for logged steps);
  3. with `projection_target="update"`, projects the parameters right after `optimizer.step()`
     (a `TrainerCallback.on_optimizer_step`), so what AdamW and weight decay did is projected too;
-    under DeepSpeed ZeRO and FSDP2 it projects the sharded master weights instead
-    (`trl_nullspace.backends.zero.master`, `trl_nullspace.backends.fsdp2`; see docs/backends.md);
+    every projection runs through the backend detected once at set-up (`trl_nullspace.backends`:
+    one process/DDP, DeepSpeed ZeRO's or FSDP2's sharded masters; see docs/backends.md);
  4. adds `nullspace/*` metrics to the trainer's normal logs.
 """
 
@@ -32,8 +32,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from transformers.utils import logging
 
 from trl_nullspace._version import __version__
+from trl_nullspace.backends.base import ConstraintBackend
 from trl_nullspace.backends.node_memory import share_on_node
-from trl_nullspace.backends.sharded_projection import ShardedProjectionMixin
+from trl_nullspace.backends.selection import backend_for
 from trl_nullspace.backends.zero.gather import GatherPeak, gathered_alone
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.data.loading import load_dataset_from
@@ -46,7 +47,6 @@ from trl_nullspace.storage.cache import (
     save_linked,
     saved_provenance,
 )
-from trl_nullspace.storage.checkpoint_weights import reload_converted_weights
 from trl_nullspace.storage.fingerprint import architecture_fingerprint, model_name, weights_fingerprint
 from trl_nullspace.training import guards
 from trl_nullspace.training.approximations import warn_approximations
@@ -71,8 +71,9 @@ class _ProjectUpdateCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        self.trainer._check_optimizer(optimizer)
-        self.trainer._build_zero_projector()
+        backend = self.trainer.nullspace_backend
+        backend.check_optimizer(optimizer, self.trainer.model)
+        backend.begin_training(self.trainer.model)
         self.trainer._take_previous()
         if state.is_world_process_zero:
             # The Trainer's progress bar is already drawn: tqdm.write clears it, prints, and redraws it,
@@ -91,7 +92,7 @@ class _ProjectUpdateCallback(TrainerCallback):
             self.trainer.refresh_subspace()
 
 
-class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
+class NullSpaceTrainerMixin(SubspaceSetupMixin):
     """Keeps every update of a TRL trainer out of a cached capability subspace.
 
     Extra constructor arguments: `reference_dataset` (a `datasets.Dataset` of general-capability
@@ -133,13 +134,9 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
         # The training data as the user passed it, before TRL tokenises it: the contrastive rule's statistics.
         self._raw_train_dataset = bound.arguments.get("train_dataset")
         super().__init__(*bound.args, **bound.kwargs)
-        guards.check_backend(
-            self.args,
-            self.model,
-            deepspeed=self.is_deepspeed_enabled,
-            fsdp=self.is_fsdp_enabled,
-            fsdp2=self.is_fsdp_enabled and self.accelerator.is_fsdp2,
-            trainer_name=type(self).__name__,
+        # Where the projections run (one process/DDP, DeepSpeed ZeRO, FSDP2): detected once, checked now.
+        self.nullspace_backend: ConstraintBackend = backend_for(
+            self.args, self.accelerator, self.model, type(self).__name__
         )
         guards.check_optimizer_name(self.args)
         guards.check_quantized(self.model, self.args)
@@ -194,8 +191,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
             smaller_storage=self.args.nullspace_basis_storage == "smaller",
             share_host=share_on_node if self.args.nullspace_offload_share_node else None,
         )
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            projector = projector.without_experts()  # frozen instead, with a warning (`_freeze_or_report`)
+        projector = self.nullspace_backend.supported(projector)  # the rest frozen, with a warning
         projector.check_trainable_directions()
         # ZeRO-3 may have partitioned the weights already (zero.Init): each is gathered in turn.
         target = self.args.nullspace_projection_target
@@ -204,27 +200,8 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
             track_updates=target in ("update", "both"),
             around=lambda parameter: gathered_alone(parameter, peak, modifier_rank=0),
         )
-        self._reset_sharded_projection(projector)
+        self.nullspace_backend.bind(projector)
         return projector
-
-    def _check_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """The optimizer must step what is projected (`guards.check_optimizer_steps_what_is_constrained`).
-
-        Under DeepSpeed and FSDP2 the optimizer holds flat or sharded copies instead; their
-        projectors map every constrained weight to those copies themselves, or fail.
-        """
-        if optimizer is None or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return
-        projector = self.nullspace_projector
-        allowed = set(projector.free)
-        if not self.args.nullspace_freeze_untargeted:
-            allowed |= set(projector.unconstrained)
-        guards.check_optimizer_steps_what_is_constrained(
-            optimizer,
-            {item.name: item.parameter for item in projector.constrained},
-            allowed,
-            dict(self.model.named_parameters()),
-        )
 
     def _freeze_or_report(self, unconstrained: list[str]) -> None:
         if not unconstrained:
@@ -260,10 +237,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
         from: once the model is sharded (each rank its rows) and a resumed checkpoint is loaded."""
         if self.args.nullspace_projection_target == "gradient" or self.args.nullspace_basis_storage == "basis":
             return
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            self._take_previous_on_shards()
-        else:
-            self.nullspace_projector.take_previous()
+        self.nullspace_backend.take_previous()
 
     def refresh_subspace(self) -> None:
         """Re-estimate from the current weights and re-anchor (`nullspace_refresh_steps`)."""
@@ -365,7 +339,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
                 f"({peak.peak / peak.total:.0%}; ZeRO-3: the estimate layer by layer, the anchors weight by weight)."
             )
         summary += rate_note(self.args.learning_rate, scaled=self._nullspace_rate_scaler is not None)
-        summary += self._sharded_summary()  # DeepSpeed's projectors, built as training begins
+        summary += self.nullspace_backend.summary()  # e.g. where DeepSpeed's projections run, built as training begins
         return summary
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -402,9 +376,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
         copy per run in `CHECKPOINT_STORE` (per refresh), each checkpoint's file a hard link to it
         (`cache.save_linked`)."""
         super()._save_checkpoint(model, trial)
-        # Sharded backends keep each rank's anchor rows only, once their projector is built: gathered (collective).
-        sharded = self._sharded_master_projector
-        anchors = sharded.full_anchors() if sharded is not None else self.nullspace_projector.anchors()
+        anchors = self.nullspace_backend.anchors_at_save()  # a collective where each rank keeps its rows only
         if not self.is_world_process_zero():
             return
         output_dir = self._get_output_dir(trial)
@@ -440,9 +412,9 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
         `checkpoint_weights`), so a resumed run continues from the weights it stopped at."""
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = self.model if model is None else model
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled or hasattr(model, "peft_config"):
+        if hasattr(model, "peft_config"):
             return
-        reloaded = reload_converted_weights(model, resume_from_checkpoint)
+        reloaded = self.nullspace_backend.reload_converted_weights(model, resume_from_checkpoint)
         if reloaded:
             logger.info(
                 "trl-nullspace: restored %d weights saved in another layout (e.g. %s)", len(reloaded), reloaded[0]
@@ -475,40 +447,18 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
-        # Under DeepSpeed the engine has already stepped here (its gradients were projected in its
-        # step, or by hooks in backward); under FSDP2 they are row shards of new parameter objects,
-        # projected locally. Both check the weights after the step instead of the gradients.
-        if not self.accelerator.sync_gradients or self.is_deepspeed_enabled:
-            return loss
-        if self.is_fsdp_enabled:
-            if self.args.nullspace_projection_target in ("gradient", "both"):
-                self._sharded_projector().project_gradients()
-        else:
+        if self.accelerator.sync_gradients:  # the last micro-batch of an optimizer step
             self._constrain_gradients()
         return loss
 
     def _constrain_gradients(self) -> None:
-        projector = self.nullspace_projector
-        nonfinite = projector.nonfinite_gradients()
-        if nonfinite and getattr(self.accelerator, "scaler", None) is None:
-            poisoned = [name for name, parameter in self.model.named_parameters() if not parameter.isfinite().all()]
-            if poisoned:  # the gradients only inherit it: name the cause, not the first symptom
-                raise FloatingPointError(
-                    f"NaN or inf in the model's weights at optimizer step {self.state.global_step}, in "
-                    f"{poisoned[:3]}{' and more' if len(poisoned) > 3 else ''}: every gradient inherits it, so a "
-                    "lower learning rate will not help. Load the model from intact weights (a model loaded in "
-                    "float16 can overflow to inf: load it in bfloat16 or float32)."
-                )
-            raise FloatingPointError(
-                f"NaN or inf gradients at optimizer step {self.state.global_step} in {nonfinite[:3]}: projecting "
-                "them would spread the NaN. Lower the learning rate or check the batch; saved checkpoints are intact."
-            )
-        apply = self.args.nullspace_projection_target in ("gradient", "both")
+        """The backend's gradient moment (`ConstraintBackend.before_step`), and what it measured."""
         scaler = self._nullspace_rate_scaler
         calibrating = scaler is not None and scaler.calibrating
-        if not apply and not calibrating and not self._step_will_be_logged():
-            return  # under the update target the gradient is only measured, for the steps that use it
-        stats = projector.gradient_stats(apply=apply)
+        measure = calibrating or self._step_will_be_logged()
+        stats = self.nullspace_backend.before_step(self.model, self.state.global_step, measure)
+        if stats is None:
+            return
         self._nullspace_metrics["removed_frac"].append(stats.removed_fraction)
         if scaler is not None:
             scaler.observe(stats.removed_fraction, self.optimizer, self.lr_scheduler)
@@ -525,12 +475,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin, ShardedProjectionMixin):
         return step % self.state.logging_steps == 0 or (step == 1 and self.args.logging_first_step)
 
     def _nullspace_after_optimizer_step(self) -> None:
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            removed = self._project_shards_after_step()
-        elif self.args.nullspace_projection_target != "gradient":
-            removed = self.nullspace_projector.enforce_anchors()
-        else:
-            return
+        removed = self.nullspace_backend.after_step()
         if removed is not None:
             self._nullspace_metrics["update_removed_norm"].append(removed)
 

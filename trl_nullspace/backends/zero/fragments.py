@@ -4,7 +4,7 @@ DeepSpeed partitions each weight flattened row-major, so a rank's fragment is a 
 elements: at most three rectangles (a partial first row, whole rows, a partial last row). A row that
 partition boundaries cut is completed from the other ranks' pieces (`zero` exchanges them); every
 other row is projected where it lies. `MasterFragment` holds that geometry for one weight and
-applies the projections to it; `zero` and `zero_in_step` decide when, and what travels.
+applies the projections to it; `master` and `in_step` decide when, and what travels.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class MasterFragment:
             self.stage3 = False
             _check_partition_group(parameter._dp_group, item.name)
             start, numel = stage12_fragment(parameter)
-            # Projected inside DeepSpeed's step (`zero_in_step`), before it copies and all-gathers the
+            # Projected inside DeepSpeed's step (`backends.zero.in_step`), before it copies and all-gathers the
             # masters into the module's copies, each rank needs its own rows only; projected after the
             # step, every rank must correct its whole module copy.
             self.replicated = stage12_boundaries is None

@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-1/2/3: the projections applied to the optimizer's partitioned fp32 masters (and,
-inside ZeRO-1/2's step, gradients); where each rank's fragment lies is `zero_fragments`'.
+inside ZeRO-1/2's step, gradients); where each rank's fragment lies is `fragments`'.
 
 Under ZeRO the optimizer steps fp32 master weights of which each rank holds one contiguous fragment
 (a slice of the parameter flattened row-major). The module's tensors are only a low-precision copy:
@@ -12,7 +12,7 @@ orthonormal basis `U` n×k, anchor `A = M₀ U`):
     the fragment covers only in part gets a partial sum, completed by the other ranks' shares);
  2. one all-reduce (sum) of one fp32 buffer completes the rows that need it. Where a rank must
     correct a whole module copy after the step (ZeRO-3's persistent parameters; ZeRO-1/2 when the
-    projection cannot run inside DeepSpeed's step, `zero_in_step`) all d_out×k coefficients travel.
+    projection cannot run inside DeepSpeed's step, `backends.zero.in_step`) all d_out×k coefficients travel.
     Otherwise only the rows that partition boundaries cut in two travel (at most one per boundary),
     and every other row is complete on the one rank that holds it. The weights and gradients
     themselves never travel;
@@ -188,7 +188,7 @@ class ZeroMasterProjector:
     @torch.no_grad()
     def project_gradients(self, access: GradientAccess) -> torch.Tensor:
         """`G ← G − (G U) Uᵀ` on this rank's fp32 gradient fragments (inside DeepSpeed's step:
-        `zero_in_step`, `zero3_step`), each read twice through `access`: once for its coefficients,
+        `in_step`, `step_start`), each read twice through `access`: once for its coefficients,
         once to project it after the all-reduce completed them. Returns the squared norm removed,
         summed over the ranks (a second collective), which a redone clipping needs."""
         coefficients = self._completed_coefficients(access.read(fragment) for fragment in self.fragments)

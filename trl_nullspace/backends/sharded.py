@@ -1,0 +1,68 @@
+"""What DeepSpeed ZeRO and FSDP2 share: weights split by output rows, and the options that refuses.
+
+Both backends project each rank's rows of the fp32 masters. A row split needs a weight stored
+out × in (transformers' `Conv1D` is stored transposed), whole parameters (fused experts are split by
+expert, not by rows: they are frozen instead), and it never shows one process the whole gradient
+(so `nullspace_scale_learning_rate` cannot measure what the projection keeps). Re-estimating the
+subspace in training would need the sharded anchors rebuilt in place: not supported yet.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from trl_nullspace.backends.base import ConstraintBackend
+from trl_nullspace.projection.projector import SubspaceProjector
+from trl_nullspace.projection.targets import is_transposed_linear
+from trl_nullspace.training.learning_rate import MEASURED_RATE_RATIO
+
+
+class ShardProjector(Protocol):
+    """The sharded masters' projector of a backend: what every one of them offers."""
+
+    def enforce_anchors(self) -> torch.Tensor: ...
+
+    def full_anchors(self) -> dict[str, torch.Tensor]: ...
+
+
+class ShardedBackend(ConstraintBackend):
+    """A backend that projects row shards of the fp32 masters (module docstring)."""
+
+    def check_supported(self, model: nn.Module, trainer_name: str) -> None:
+        if self.args.nullspace_scale_learning_rate:
+            raise NotImplementedError(
+                f"{trainer_name} supports nullspace_scale_learning_rate on one process and under DDP only: under "
+                f"{self.name} the whole gradient is never seen in one place to measure what the projection keeps. "
+                "Turn it off and set the learning rate yourself (the default needed "
+                f"{MEASURED_RATE_RATIO:g}x plain TRL's rate for the same refusal; docs/results/real_tuning.md)."
+            )
+        conv1d = [name for name, module in model.named_modules() if is_transposed_linear(module)]
+        if conv1d:
+            raise NotImplementedError(
+                f"{trainer_name} does not support {self.name} on models with transformers' Conv1D layers (GPT-2 "
+                f"style, e.g. {conv1d[0]}): they store the weight transposed, and the sharded projection works on "
+                "output rows. Train this model with DDP or on one device."
+            )
+        if self.args.nullspace_refresh_steps is not None:
+            raise NotImplementedError(f"nullspace_refresh_steps is not supported under {self.name} yet.")
+
+    def supported(self, projector: SubspaceProjector) -> SubspaceProjector:
+        """Without the experts' slices: they are split by expert, and these backends split by rows."""
+        return projector.without_experts()
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer | None, model: nn.Module) -> None:
+        """Nothing to check here: the optimizer holds flat or sharded copies of the weights, and the
+        shards' projector maps every constrained weight to those copies itself, or fails."""
+
+    @property
+    @abstractmethod
+    def shards(self) -> ShardProjector | None:
+        """The sharded masters' projector, once built (as training begins)."""
+
+    def anchors_at_save(self) -> dict[str, torch.Tensor]:
+        """Each rank keeps its anchor rows only, once the shards' projector is built: gathered (collective)."""
+        return self.shards.full_anchors() if self.shards is not None else self.projector.anchors()
