@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTTrainer
 
 from trl_nullspace import NullSpaceSFTTrainer
-from trl_nullspace.training.modes import evaluating
+from trl_nullspace.estimation.modes import evaluating
 
 RETAIN_TOP_K = 32  # base log-probabilities kept per answer token (the rest as one "tail" outcome)
 

@@ -26,11 +26,11 @@ from benchmarks.real import BASE_ANSWERS_CACHE, machine_name, write_results
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.data.gguf import SMOLLM2_DIR, materialise_smollm2
 from trl_nullspace.estimation.activation import LayerOrder, collect_in_passes, statistic_bytes, top_eigenvectors
+from trl_nullspace.estimation.modes import evaluating
 from trl_nullspace.estimation.rank import RankSelection
 from trl_nullspace.estimation.reference import tokenize_reference
 from trl_nullspace.evaluation.training_data import build_real_data
 from trl_nullspace.projection.targets import find_target_linears
-from trl_nullspace.training.modes import evaluating
 
 LAYERS_PER_PASS = (None, 5, 1)  # None: one pass
 

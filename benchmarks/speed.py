@@ -321,7 +321,7 @@ def bench_case(
 
 def bench_estimation(device: torch.device, num_samples: int, sequence_length: int, workdir: str) -> dict:
     """Activation-subspace estimation of a Qwen2.5-0.5B-shaped model (random init) with default settings."""
-    from trl_nullspace.estimation.estimate import estimate_activation_subspace
+    from trl_nullspace.estimation.activation import estimate_activation_subspace
     from trl_nullspace.estimation.rank import RankSelection
     from trl_nullspace.estimation.reference import tokenize_reference
     from trl_nullspace.projection.targets import find_target_linears

@@ -30,7 +30,7 @@ from tests.conftest import logits_on
 from trl_nullspace.backends.fsdp2 import RowShardProjector
 from trl_nullspace.backends.node_memory import share_on_node
 from trl_nullspace.data.toy import as_text, build_char_tokenizer, build_tiny_qwen2, general_examples
-from trl_nullspace.estimation.estimate import estimate_activation_subspace
+from trl_nullspace.estimation.activation import estimate_activation_subspace
 from trl_nullspace.estimation.rank import RankSelection
 from trl_nullspace.estimation.reference import tokenize_reference
 from trl_nullspace.projection.projector import SubspaceProjector

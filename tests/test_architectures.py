@@ -20,7 +20,7 @@ from tests.conftest import (
 )
 from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
 from trl_nullspace.backends.selection import backend_for
-from trl_nullspace.estimation.estimate import estimate_activation_subspace
+from trl_nullspace.estimation.activation import estimate_activation_subspace
 from trl_nullspace.estimation.rank import RankSelection
 
 COMMON = dict(
@@ -384,7 +384,7 @@ def test_each_estimation_forward_ends_after_the_last_target_layer(model_type, to
     """With the first decoder layer's targets only, the later layer and the LM head run in the first
     forward pass alone (which learns where the targets end); the statistics are the whole passes'.
     An estimate in one pass per layer learns the order once: the LM head runs in one forward of all."""
-    from trl_nullspace.estimation.estimate import activation
+    from trl_nullspace.estimation import activation
     from trl_nullspace.estimation.reference import tokenize_reference
     from trl_nullspace.projection.targets import find_target_experts, find_target_linears
 

@@ -80,3 +80,46 @@ def test_the_swap_examples_train_as_written(relative, index, tmp_path, monkeypat
     trainer = namespace["trainer"]
     assert trainer.state.global_step > 0 and trainer.nullspace_projector.constrained
     assert any(path.suffix == ".safetensors" for path in tmp_path.iterdir())  # the cache the example names
+
+
+PACKAGE = os.path.join(ROOT, "trl_nullspace")
+CORE = ("config", "estimation", "projection", "backends", "storage")  # docs/architecture.md: imports only itself
+
+
+def _package_parts() -> list[str]:
+    """Every folder and top-level module of the package, as the architecture map names them."""
+    parts = []
+    for name in sorted(os.listdir(PACKAGE)):
+        path = os.path.join(PACKAGE, name)
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "__init__.py")):
+            parts.append(f"`{name}/`")
+        elif name.endswith(".py") and name != "__init__.py":
+            parts.append(f"`{name}`")
+    return parts
+
+
+def test_the_architecture_map_names_every_folder_and_top_level_module():
+    table = open(os.path.join(ROOT, "docs", "architecture.md")).read().split("## The path")[0]
+    rows = {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| `")}
+    assert set(_package_parts()) <= rows, f"missing from docs/architecture.md: {set(_package_parts()) - rows}"
+
+
+def _imported_parts(path: str) -> set[str]:
+    """The package folders or top-level modules a file imports."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        found |= {name.split(".")[1] for name in names if name.startswith("trl_nullspace.")}
+    return found
+
+
+@pytest.mark.parametrize("part", CORE)
+def test_the_core_imports_only_the_core(part):
+    """Estimation, projection, backends and storage never reach up into training or the tooling."""
+    path = os.path.join(PACKAGE, part)
+    files = glob.glob(os.path.join(path, "**", "*.py"), recursive=True) if os.path.isdir(path) else [f"{path}.py"]
+    for file in files:
+        outside = _imported_parts(file) - set(CORE) - {"_version"}
+        assert not outside, f"{os.path.relpath(file, ROOT)} imports {sorted(outside)}: the core imports only itself"

@@ -174,7 +174,7 @@ def test_an_offloaded_empty_basis_leaves_the_weight_alone():
 def test_weights_reading_one_input_share_one_copy_of_its_basis(model):
     """q/k/v (and gate/up) read one input and share one basis: when the weights move to the device
     they are stepped on, the basis is copied there once, not once per weight."""
-    from trl_nullspace.estimation.estimate import estimate_activation_subspace
+    from trl_nullspace.estimation.activation import estimate_activation_subspace
     from trl_nullspace.estimation.reference import ReferenceBatch
     from trl_nullspace.projection.targets import find_target_linears
 

@@ -16,7 +16,6 @@ from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_availab
 from trl import DPOConfig, GRPOConfig, RLOOConfig, SFTConfig
 
 from trl_nullspace.estimation.rank import RankSelection
-from trl_nullspace.training.learning_rate import CALIBRATION_STEPS, MAX_SCALE, MEASURED_RATE_RATIO
 
 METHODS = ("activation", "gradient")
 PROJECTION_TARGETS = ("update", "gradient", "both")
@@ -24,6 +23,12 @@ PROJECTION_DTYPES = ("float32", "bfloat16")
 BASIS_STORAGES = ("basis", "smaller")
 DEEPSPEED_PROJECTIONS = ("in_step", "around_step")
 DEFAULT_ENERGY = 0.99
+# `nullspace_scale_learning_rate` (trl_nullspace.training.learning_rate):
+CALIBRATION_STEPS = 10  # optimizer steps whose gradients set the scale; fixed afterwards
+MAX_SCALE = 20.0  # a gradient almost wholly protected would otherwise amplify what little is left
+# Measured, not derived: the default's rate over plain TRL's at matched development refusal on SmolLM2-135M
+# (1.5e-4 against 2e-5, `make bench-real-tune`, docs/results/real_tuning.md).
+MEASURED_RATE_RATIO = 7.5
 
 
 @dataclass

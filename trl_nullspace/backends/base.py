@@ -8,8 +8,7 @@ refuse the options they cannot honour. A trainer detects its backend once (`sele
 and then calls the same moments on every backend, in this order:
 
 - `supported` and `bind`, each time a subspace is bound (set-up, resume, refresh);
-- `check_optimizer` and `begin_training`, as training begins: the model is wrapped or sharded and
-  the optimizer exists;
+- `begin_training`, as training begins: the model is wrapped or sharded and the optimizer exists;
 - `before_step`, once per optimizer step with the gradients synchronised (under DeepSpeed the
   engine has already stepped by then);
 - `after_step`, right after `optimizer.step()`;
@@ -36,6 +35,9 @@ class ConstraintBackend(ABC):
     """Runs a bound `SubspaceProjector` at the moments of a training step (module docstring)."""
 
     name: str  # as messages and the start summary say it
+    # Whether the optimizer steps the module's own parameters, which the trainer then checks against
+    # the constrained ones (`guards.check_optimizer_steps_what_is_constrained`) as training begins.
+    optimizer_steps_module_parameters: bool
 
     def __init__(self, args: NullSpaceArguments, accelerator: Any):
         self.args = args
@@ -67,10 +69,6 @@ class ConstraintBackend(ABC):
     def bind(self, projector: SubspaceProjector) -> None:
         """Constrain with `projector` from now on, forgetting what was built for an earlier subspace."""
         self._projector = projector
-
-    @abstractmethod
-    def check_optimizer(self, optimizer: torch.optim.Optimizer | None, model: nn.Module) -> None:
-        """Fail before the first step if `optimizer` would step weights the projection never sees."""
 
     @abstractmethod
     def begin_training(self, model: nn.Module) -> None:

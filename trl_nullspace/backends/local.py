@@ -14,34 +14,19 @@ from torch import nn
 from trl_nullspace.backends.base import ConstraintBackend
 from trl_nullspace.projection.projector import ProjectionStats
 from trl_nullspace.storage.checkpoint_weights import reload_converted_weights
-from trl_nullspace.training.guards import check_optimizer_steps_what_is_constrained
 
 
 class LocalBackend(ConstraintBackend):
     """The projector run directly on the model's parameters (module docstring)."""
 
     name = "one process or DDP"
+    optimizer_steps_module_parameters = True
 
     def check_supported(self, model: nn.Module, trainer_name: str) -> None:
         """Every option is supported here: each process holds whole weights and gradients."""
 
     def begin_training(self, model: nn.Module) -> None:
         """Nothing to build: DDP's wrapper shares the parameters the projector was bound to."""
-
-    def check_optimizer(self, optimizer: torch.optim.Optimizer | None, model: nn.Module) -> None:
-        """The optimizer must step what is projected (`guards.check_optimizer_steps_what_is_constrained`)."""
-        if optimizer is None:
-            return
-        projector = self.projector
-        allowed = set(projector.free)
-        if not self.args.nullspace_freeze_untargeted:
-            allowed |= set(projector.unconstrained)
-        check_optimizer_steps_what_is_constrained(
-            optimizer,
-            {item.name: item.parameter for item in projector.constrained},
-            allowed,
-            dict(model.named_parameters()),
-        )
 
     def take_previous(self) -> None:
         self.projector.take_previous()

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from trl_nullspace.backends.base import ConstraintBackend
+from trl_nullspace.config import MEASURED_RATE_RATIO
 from trl_nullspace.projection.projector import SubspaceProjector
 from trl_nullspace.projection.targets import is_transposed_linear
-from trl_nullspace.training.learning_rate import MEASURED_RATE_RATIO
 
 
 class ShardProjector(Protocol):
@@ -54,9 +54,9 @@ class ShardedBackend(ConstraintBackend):
         """Without the experts' slices: they are split by expert, and these backends split by rows."""
         return projector.without_experts()
 
-    def check_optimizer(self, optimizer: torch.optim.Optimizer | None, model: nn.Module) -> None:
-        """Nothing to check here: the optimizer holds flat or sharded copies of the weights, and the
-        shards' projector maps every constrained weight to those copies itself, or fails."""
+    # The optimizer holds flat or sharded copies of the weights: the shards' projector maps every
+    # constrained weight to those copies itself, or fails.
+    optimizer_steps_module_parameters = False
 
     @property
     @abstractmethod

@@ -8,8 +8,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trl_nullspace.data import toy
+from trl_nullspace.estimation.modes import evaluating
 from trl_nullspace.rewards import is_refusal
-from trl_nullspace.training.modes import evaluating
 
 
 @torch.no_grad()

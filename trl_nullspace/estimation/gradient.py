@@ -6,10 +6,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from trl_nullspace.estimation.modes import evaluating
 from trl_nullspace.estimation.rank import RankSelection
 from trl_nullspace.estimation.reference import ReferenceBatch
 from trl_nullspace.estimation.subspace import CapabilitySubspace
-from trl_nullspace.training.modes import evaluating
 
 
 def target_parameters(linears: dict[str, nn.Module]) -> dict[str, nn.Parameter]:

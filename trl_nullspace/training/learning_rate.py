@@ -22,11 +22,7 @@ import math
 
 import torch
 
-CALIBRATION_STEPS = 10  # optimizer steps whose gradients set the scale; fixed afterwards
-MAX_SCALE = 20.0  # a gradient almost wholly protected would otherwise amplify what little is left
-# Measured, not derived: the default's rate over plain TRL's at matched development refusal on SmolLM2-135M
-# (1.5e-4 against 2e-5, `make bench-real-tune`, docs/results/real_tuning.md).
-MEASURED_RATE_RATIO = 7.5
+from trl_nullspace.config import CALIBRATION_STEPS, MAX_SCALE, MEASURED_RATE_RATIO
 
 
 def rate_note(learning_rate: float, scaled: bool) -> str:

@@ -71,9 +71,8 @@ class _ProjectUpdateCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        backend = self.trainer.nullspace_backend
-        backend.check_optimizer(optimizer, self.trainer.model)
-        backend.begin_training(self.trainer.model)
+        self.trainer._check_optimizer(optimizer)
+        self.trainer.nullspace_backend.begin_training(self.trainer.model)
         self.trainer._take_previous()
         if state.is_world_process_zero:
             # The Trainer's progress bar is already drawn: tqdm.write clears it, prints, and redraws it,
@@ -202,6 +201,23 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
         )
         self.nullspace_backend.bind(projector)
         return projector
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """The optimizer must step what is projected (`guards.check_optimizer_steps_what_is_constrained`),
+        where it steps the module's parameters at all (not under DeepSpeed or FSDP2: their shards'
+        projectors map every constrained weight to the optimizer's copies themselves, or fail)."""
+        if optimizer is None or not self.nullspace_backend.optimizer_steps_module_parameters:
+            return
+        projector = self.nullspace_projector
+        allowed = set(projector.free)
+        if not self.args.nullspace_freeze_untargeted:
+            allowed |= set(projector.unconstrained)
+        guards.check_optimizer_steps_what_is_constrained(
+            optimizer,
+            {item.name: item.parameter for item in projector.constrained},
+            allowed,
+            dict(self.model.named_parameters()),
+        )
 
     def _freeze_or_report(self, unconstrained: list[str]) -> None:
         if not unconstrained:

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from transformers import Trainer, TrainerCallback
 
+from trl_nullspace.estimation.modes import evaluating
 from trl_nullspace.estimation.reference import ReferenceBatch
-from trl_nullspace.training.modes import evaluating
 
 TOP_K = 20
 

@@ -23,7 +23,8 @@ from trl_nullspace.backends.zero.gather import GatherPeak, gathered, gathered_la
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.data.loading import load_dataset_from
 from trl_nullspace.estimation.activation import energy_in_span
-from trl_nullspace.estimation.estimate import Exemption, estimate_subspace
+from trl_nullspace.estimation.estimate import estimate_subspace
+from trl_nullspace.estimation.exemption import Exemption
 from trl_nullspace.estimation.reference import ReferenceBatch, tokenize_reference
 from trl_nullspace.estimation.subspace import CapabilitySubspace
 from trl_nullspace.projection.targets import find_target_experts, find_target_linears, matches_suffix
