@@ -80,7 +80,7 @@ def _worker() -> None:
     (where they run is the run's own `nullspace_deepspeed_projection`)."""
     from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
     from trl_nullspace.backends.zero.master import ZeroMasterProjector
-    from trl_nullspace.projection.projector import ConstrainedParameter
+    from trl_nullspace.projection.constrained import ConstrainedParameter
     from trl_nullspace.recipe_utils import run_recipe
 
     pending, per_step = {"gradient": 0.0, "update": 0.0}, []

@@ -129,7 +129,7 @@ def test_mixture_of_experts_constrains_every_expert_and_the_router(
         name for name in dict(model.named_parameters()) if name.endswith((".mlp.gate.weight", ".mlp.router.weight"))
     }
     assert experts and routers and experts | routers <= constrained
-    sharded = trainer.nullspace_projector.without_experts()  # DeepSpeed and FSDP2 freeze the experts instead
+    sharded = trainer.nullspace_projector.on_row_shards()  # DeepSpeed and FSDP2 freeze the experts instead
     assert all(item.expert is None for item in sharded.constrained) and experts <= set(sharded.unconstrained)
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if name in experts}
     plain_drift = plain_trl_drift(

@@ -5,12 +5,9 @@ import torch
 
 from trl_nullspace.backends.fsdp2 import RowShardProjector
 from trl_nullspace.estimation.rank import RankSelection
-from trl_nullspace.projection.projector import (
-    ConstrainedParameter,
-    SharedBasis,
-    SubspaceProjector,
-    diverged_step_error,
-)
+from trl_nullspace.projection.basis import SharedBasis
+from trl_nullspace.projection.constrained import ConstrainedParameter, diverged_step_error
+from trl_nullspace.projection.projector import SubspaceProjector
 
 
 def _basis(n: int, k: int, seed: int = 0) -> torch.Tensor:

@@ -142,7 +142,7 @@ def test_grpo_generates_every_rollout_from_projected_weights(
     def sync_then_generate(*args, **kwargs):
         weights = {item.name: item.parameter.detach().clone() for item in items}
         residual = max(
-            (item._matrix(weights[item.name]) @ item.basis - item.anchor).abs().max().item() for item in items
+            (item.matrix_view(weights[item.name]) @ item.basis - item.anchor).abs().max().item() for item in items
         )
         moved = max((weights[name] - start[name]).abs().max().item() for name in start)
         synced.append((trainer.state.global_step, residual, moved))

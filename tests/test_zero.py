@@ -15,7 +15,7 @@ from trl_nullspace.backends.zero.fragments import (
 )
 from trl_nullspace.backends.zero.master import RowExchangeZeroProjector, ZeroMasterProjector
 from trl_nullspace.backends.zero.step_start import Zero3GradientProjector
-from trl_nullspace.projection.projector import ConstrainedParameter
+from trl_nullspace.projection.constrained import ConstrainedParameter
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from trl_nullspace.config import NullSpaceArguments
-from trl_nullspace.projection.projector import ProjectionStats, SubspaceProjector
+from trl_nullspace.projection.constrained import ProjectionStats
+from trl_nullspace.projection.projector import SubspaceProjector
 
 
 class ConstraintBackend(ABC):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from trl_nullspace.backends.base import ConstraintBackend
-from trl_nullspace.projection.projector import ProjectionStats
+from trl_nullspace.projection.constrained import ProjectionStats
 from trl_nullspace.storage.checkpoint_weights import reload_converted_weights
 
 

@@ -51,8 +51,8 @@ class ShardedBackend(ConstraintBackend):
             raise NotImplementedError(f"nullspace_refresh_steps is not supported under {self.name} yet.")
 
     def supported(self, projector: SubspaceProjector) -> SubspaceProjector:
-        """Without the experts' slices: they are split by expert, and these backends split by rows."""
-        return projector.without_experts()
+        """Without the kinds split by something other than rows (the experts' slices, split by expert)."""
+        return projector.on_row_shards()
 
     # The optimizer holds flat or sharded copies of the weights: the shards' projector maps every
     # constrained weight to those copies itself, or fails.

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import json
 import os
+import platform
 import time
 from collections.abc import Iterator
 
@@ -59,7 +60,20 @@ def one_deterministic_thread() -> Iterator[None]:
 def run_demo(output_dir: str, pipeline: str = "sft", quick: bool = False, seed: int = 0) -> list[dict]:
     """Run the whole demo for one seed; returns one row of measured metrics per model."""
     with one_deterministic_thread():
-        return _run_demo(output_dir, pipeline, quick, seed)
+        rows = _run_demo(output_dir, pipeline, quick, seed)
+    return [{**row, "cpu": cpu_model()} for row in rows]
+
+
+def cpu_model() -> str:
+    """The CPU's model name: a seed's numbers repeat on the same kind of CPU only, since CPU families
+    run different floating-point kernels (measured: an AMD EPYC and the CPU of the committed quick
+    demo differ by whole prompts at 16 prompts)."""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _run_demo(output_dir: str, pipeline: str, quick: bool, seed: int) -> list[dict]:

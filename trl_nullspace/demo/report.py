@@ -24,6 +24,7 @@ def summarise_seeds(runs: dict[int, list[dict]]) -> list[dict]:
                 **{key: sum(other[key] for other in same_model) / len(same_model) for key in keys},
                 "range": {key: (min(o[key] for o in same_model), max(o[key] for o in same_model)) for key in keys},
                 "seeds": sorted(runs),
+                "cpu": row.get("cpu"),
             }
         )
     return summary

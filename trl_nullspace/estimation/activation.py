@@ -15,8 +15,8 @@ from trl_nullspace.estimation.modes import evaluating
 from trl_nullspace.estimation.rank import RankSelection
 from trl_nullspace.estimation.reference import ReferenceBatch
 from trl_nullspace.estimation.subspace import CapabilitySubspace
+from trl_nullspace.projection.constrained import full_shape
 from trl_nullspace.projection.experts import GATE_UP, hidden_size, is_fused_experts, routed_inputs, slice_name
-from trl_nullspace.projection.projector import full_shape
 from trl_nullspace.projection.targets import decoder_layer_of, is_transposed_linear
 
 

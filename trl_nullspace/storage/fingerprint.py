@@ -9,7 +9,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from trl_nullspace.backends.zero.gather import gathered
-from trl_nullspace.projection.projector import full_shape
+from trl_nullspace.projection.constrained import full_shape
+from trl_nullspace.projection.kinds.registry import owned_by_a_kind
 from trl_nullspace.projection.targets import canonical_name
 
 _SAMPLES_PER_PARAMETER = 1024
@@ -17,7 +18,9 @@ _SAMPLES_PER_PARAMETER = 1024
 
 def _base_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """Base-model parameters by canonical name (adapter weights excluded), sorted."""
-    named = {canonical_name(name): parameter for name, parameter in model.named_parameters() if ".lora_" not in name}
+    named = {
+        canonical_name(name): parameter for name, parameter in model.named_parameters() if not owned_by_a_kind(name)
+    }
     return sorted(named.items())
 
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from trl_nullspace.config import NullSpaceArguments
+from trl_nullspace.projection.kinds.registry import check_kinds, owned_by_a_kind
 from trl_nullspace.projection.peft_policy import check_peft_configs
-from trl_nullspace.projection.targets import is_lora_layer
 
 _RESTORING_OPTIMIZERS = ("schedulefree", "anyprecision")
 _IN_BACKWARD_OPTIMIZERS = ("lomo",)
@@ -57,7 +57,7 @@ def check_quantized(model: nn.Module, args: NullSpaceArguments) -> None:
     if not quantized:
         return
     base_trainable = [
-        name for name, parameter in model.named_parameters() if parameter.requires_grad and "lora_" not in name
+        name for name, parameter in model.named_parameters() if parameter.requires_grad and not owned_by_a_kind(name)
     ]
     if base_trainable or args.nullspace_method != "activation":
         raise ValueError(
@@ -70,44 +70,23 @@ def check_quantized(model: nn.Module, args: NullSpaceArguments) -> None:
 def check_adapters(model: nn.Module) -> None:
     """Refuse PEFT adapters whose outputs on the reference data the constraint cannot hold.
 
-    - DoRA rescales each output row by `m / ‖W + s·B A‖`; that norm moves as `B` trains even when
-      `A` stays in the null space, so reference outputs move (measured: 0.3–0.5 with a strict
-      threshold, against 2e-4 for plain LoRA).
-    - A LoRA adapter whose `B` is not zero at set-up (PiSSA, OLoRA, LoftQ, `init_lora_weights=False`,
-      an adapter loaded from disk) already contributes `s·B A`; moving `A` into the null space
-      would change the model before the first step.
+    - What each kind of constrained parameter refuses for itself (`ParameterKind.check`; LoRA:
+      DoRA, whose row norm moves as `B` trains (measured: 0.3–0.5 with a strict threshold, against
+      2e-4 for plain LoRA), and adapters whose `B` is not zero at set-up).
     - LoRA on embedding layers, LoRA on parameters (`target_parameters`, e.g. fused MoE experts),
       and `modules_to_save` copies would be trainable parameters the constraint does not reach.
     - Every other PEFT type and LoRA variant: `peft_policy.check_peft_configs`, from the configs.
     """
     check_peft_configs(model)
-    dora, nonzero_b, embeddings, saved_copies, wrapped_parameters = [], [], [], [], []
+    check_kinds(model)  # each kind's own refusals (LoRA: DoRA, B not zero at the start)
+    embeddings, saved_copies, wrapped_parameters = [], [], []
     for name, module in model.named_modules():
         if type(module).__name__ == "ParamWrapper" and _any_trainable(getattr(module, "lora_A", {}).values()):
             wrapped_parameters.append(f"{name}.{getattr(module, 'parameter_name', '?')}")
-        if any(getattr(module, "use_dora", {}).values()):
-            dora.append(name)
         if len(getattr(module, "lora_embedding_A", {})) and _any_trainable(module.lora_embedding_A.values()):
             embeddings.append(name)
-        if is_lora_layer(module):
-            for adapter, lora_b in module.lora_B.items():
-                if lora_b.weight.requires_grad and bool(lora_b.weight.detach().abs().max() > 0):
-                    nonzero_b.append(f"{name} ({adapter})")
         if type(module).__name__ == "ModulesToSaveWrapper" and _any_trainable([module]):
             saved_copies.append(name)
-    if dora:
-        raise ValueError(
-            f"DoRA adapters (use_dora=True, e.g. {dora[0]}) cannot be kept out of the capability subspace: DoRA "
-            "divides each output row by the norm of W + s·B·A, which changes as B trains, so outputs on the "
-            "reference data move. Use plain LoRA (use_dora=False) or full fine-tuning."
-        )
-    if nonzero_b:
-        raise ValueError(
-            f"LoRA adapters whose B is not zero at the start ({nonzero_b[:2]}): PiSSA, OLoRA, LoftQ, "
-            "init_lora_weights=False or a loaded adapter already change the model, and constraining their A "
-            "would change it again before training. Start from init_lora_weights=True (B = 0), or merge the "
-            "adapter into the model (merge_and_unload) and train a new one."
-        )
     if wrapped_parameters:
         raise ValueError(
             f"LoRA on parameters (target_parameters, e.g. {wrapped_parameters[0]}) is not constrained by the "

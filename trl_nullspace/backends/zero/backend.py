@@ -25,7 +25,8 @@ from trl_nullspace.backends.zero.in_step import InStepZeroProjector, supports_in
 from trl_nullspace.backends.zero.master import RowExchangeZeroProjector, ZeroMasterProjector
 from trl_nullspace.backends.zero.step_start import Zero3GradientProjector, supports_step_start_projection
 from trl_nullspace.config import NullSpaceArguments
-from trl_nullspace.projection.projector import ProjectionStats, SubspaceProjector
+from trl_nullspace.projection.constrained import ProjectionStats
+from trl_nullspace.projection.projector import SubspaceProjector
 
 logger = logging.get_logger(__name__)
 

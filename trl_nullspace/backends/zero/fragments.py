@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from trl_nullspace.backends.zero.gather import is_partitioned
 from trl_nullspace.projection.basis import host_copy
-from trl_nullspace.projection.projector import ConstrainedParameter
+from trl_nullspace.projection.constrained import ConstrainedParameter
 
 
 @dataclass(frozen=True)

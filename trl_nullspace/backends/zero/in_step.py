@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from trl_nullspace.backends.zero.fragments import MasterFragment, stage12_fragment
 from trl_nullspace.backends.zero.master import RowExchangeZeroProjector, ZeroMasterProjector, fragments_anchors
-from trl_nullspace.projection.projector import ConstrainedParameter
+from trl_nullspace.projection.constrained import ConstrainedParameter
 
 
 def stage12_partition_boundaries(

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from trl_nullspace.backends.zero.fragments import MasterFragment
 from trl_nullspace.projection.basis import gather_anchors
-from trl_nullspace.projection.projector import ConstrainedParameter, diverged_step_error
+from trl_nullspace.projection.constrained import ConstrainedParameter, diverged_step_error
 
 
 def all_reduce_or_raise_together(
