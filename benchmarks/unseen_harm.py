@@ -92,6 +92,18 @@ SWEEPS = {
     "projection keeps (`nullspace_scale_learning_rate`), against the default at its tuned rate",
     "keys-select": "`make bench-real`'s; the harm keys as the only freedom at the layers whose keys separate and do "
     "not leak (`make bench-harm-keys`), and at every MLP with a weaker KL retain loss",
+    "nspo": "`make bench-real`'s; NSPO's released setting as a diagnostic (MLP Linears only, eigenvalues above 5e-5 "
+    "of the largest of raw statistics protected, attention, embeddings and LM head trained unconstrained)",
+}
+# NSPO's released code (../shared/REFERENCES.md): only Linears whose name contains "mlp" are projected, the null
+# space is every direction below 5e-5 of the largest eigenvalue of raw statistics, and the accumulated change is
+# projected (here: after every step), never the gradient; everything else trains unconstrained.
+NSPO_SETTINGS = {
+    "nullspace_target_modules": ["gate_proj", "up_proj", "down_proj"],
+    "nullspace_eigenvalue_threshold": 5e-5,
+    "nullspace_normalize_tokens": False,
+    "nullspace_projection_target": "update",
+    "nullspace_freeze_untargeted": False,
 }
 TARGET = "unseen area, HarmBench's form"  # the set a harm key must separate (`make bench-harm-keys`)
 AUROC_BAR, LEAK_BAR = 0.85, 0.2  # the frontier issue's falsification thresholds for a harm key
@@ -163,7 +175,8 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
     the first or the second half of the decoder layers trains (in the null space), the rest frozen.
     `keys-select`: the harm keys as the only freedom, at the low-leak layers only (two rates) and at
     every MLP with a third of the retain weight. `rate`: the default at plain TRL's rate, as given
-    and scaled by what the projection keeps, against the default at its tuned rate."""
+    and scaled by what the projection keeps, against the default at its tuned rate. `nspo`: NSPO's released
+    setting at plain TRL's rate and at 1e-4, to tell whether its generalisation came from what it leaves free."""
     plain = Method("plain TRL", null_space=False)
     default = Method("null-space (default)", null_space=True)
     if sweep == "forms":
@@ -200,6 +213,9 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
             (default, "sft", PLAIN_AT_TARGETS),
             (default, "sft", 1.5e-4),
         ]
+    if sweep == "nspo":
+        nspo = Method("NSPO's released setting (MLP only, 5e-5 relative threshold, raw)", True, NSPO_SETTINGS)
+        return [(plain, "sft", PLAIN_AT_TARGETS), (nspo, "sft", PLAIN_AT_TARGETS), (nspo, "sft", 1e-4)]
     if sweep == "keys-select":
         low_leak = Method(
             "harm keys only, low-leak layers (energy 1.0)",
