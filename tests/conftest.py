@@ -78,17 +78,21 @@ def logits_on(model, batches: list[ReferenceBatch]) -> torch.Tensor:
     return out
 
 
-def make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset=None, **overrides):
+def make_sft_trainer(
+    model, tokenizer, safety_dataset, tmp_path, reference_dataset=None, args=None, peft_config=None, **overrides
+):
     """A `NullSpaceSFTTrainer` with the shared test arguments, overridden or extended by `overrides`
-    (`nullspace_*` fields or training arguments)."""
+    (`nullspace_*` fields or training arguments), or with `args` as given (another config, to test its
+    refusal or conversion)."""
     from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
 
     return NullSpaceSFTTrainer(
         model=model,
-        args=NullSpaceSFTConfig(**training_kwargs(tmp_path, **overrides)),
+        args=NullSpaceSFTConfig(**training_kwargs(tmp_path, **overrides)) if args is None else args,
         train_dataset=safety_dataset,
         processing_class=tokenizer,
         reference_dataset=reference_dataset,
+        peft_config=peft_config,
     )
 
 

@@ -254,6 +254,19 @@ def test_ordinary_mistakes_print_one_message_and_exit_2(assets, tmp_path, capsys
     assert "Traceback" not in error
 
 
+def test_a_yaml_setting_of_the_wrong_type_is_one_message(assets, tmp_path, capsys, monkeypatch):
+    """YAML values reach the config unconverted: a list where a number belongs is named, not a traceback."""
+    monkeypatch.delenv("TRL_NULLSPACE_TRACEBACK", raising=False)
+    config = tmp_path / "wrong.yaml"
+    flags = _sft_flags(assets, tmp_path)
+    settings = dict(zip(flags[::2], flags[1::2], strict=True))
+    lines = [f"{key.removeprefix('--')}: {value}\n" for key, value in settings.items()]
+    config.write_text("".join(lines) + "nullspace_energy: [0.9]\n")
+    assert main(["sft", "--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert "error: A setting has the wrong type" in error and "Traceback" not in error, error
+
+
 def test_a_missing_gguf_file_is_one_message(tmp_path, capsys):
     assert main(["gguf", str(tmp_path / "model.gguf"), "--output-dir", str(tmp_path / "out")]) == 2
     assert "error: No GGUF file at" in capsys.readouterr().err

@@ -117,12 +117,8 @@ def test_another_trainers_config_is_refused(model, tokenizer, safety_dataset, re
     from trl import DPOConfig
 
     with pytest.raises(TypeError, match=r"needs a NullSpaceSFTConfig \(or TRL's SFTConfig.*got DPOConfig"):
-        NullSpaceSFTTrainer(
-            model=model,
-            args=DPOConfig(**training_kwargs(tmp_path)),
-            train_dataset=safety_dataset,
-            processing_class=tokenizer,
-            reference_dataset=reference_dataset,
+        make_sft_trainer(
+            model, tokenizer, safety_dataset, tmp_path, reference_dataset, args=DPOConfig(**training_kwargs(tmp_path))
         )
 
 
@@ -238,19 +234,9 @@ def test_sharded_backends_refuse_options_they_cannot_honour(
 def test_optimizers_that_would_undo_the_projection_are_refused(
     model, tokenizer, safety_dataset, reference_dataset, tmp_path, optim, target, message
 ):
-    from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
-
-    config = NullSpaceSFTConfig(
-        **training_kwargs(tmp_path, optim=optim), nullspace_energy=0.9, nullspace_projection_target=target
-    )
+    settings = {"optim": optim, "nullspace_energy": 0.9, "nullspace_projection_target": target}
     with pytest.raises(ValueError, match=message):
-        NullSpaceSFTTrainer(
-            model=model,
-            args=config,
-            train_dataset=safety_dataset,
-            processing_class=tokenizer,
-            reference_dataset=reference_dataset,
-        )
+        make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, **settings)
 
 
 def test_quantized_base_weights_are_refused_without_adapters(

@@ -10,17 +10,17 @@ from peft import LoraConfig
 
 from tests.conftest import logits_on, make_sft_trainer, train_and_measure, training_kwargs
 from tests.test_architectures import MIXTURE_OF_EXPERTS, build
-from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer
 
 
 def _peft_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path, peft_config):
-    return NullSpaceSFTTrainer(
-        model=model,
-        args=NullSpaceSFTConfig(**training_kwargs(tmp_path), nullspace_eigenvalue_threshold=1e-10),
-        train_dataset=safety_dataset,
-        processing_class=tokenizer,
-        reference_dataset=reference_dataset,
+    return make_sft_trainer(
+        model,
+        tokenizer,
+        safety_dataset,
+        tmp_path,
+        reference_dataset,
         peft_config=peft_config,
+        nullspace_eigenvalue_threshold=1e-10,
     )
 
 
@@ -51,13 +51,7 @@ def test_a_loaded_adapter_with_nonzero_b_is_refused(model, tokenizer, safety_dat
         if ".lora_B." in name:
             parameter.data.fill_(0.01)
     with pytest.raises(ValueError, match="whose B is not zero at the start.*init_lora_weights=True"):
-        NullSpaceSFTTrainer(
-            model=peft_model,
-            args=NullSpaceSFTConfig(**training_kwargs(tmp_path)),
-            train_dataset=safety_dataset,
-            processing_class=tokenizer,
-            reference_dataset=reference_dataset,
-        )
+        make_sft_trainer(peft_model, tokenizer, safety_dataset, tmp_path, reference_dataset)
 
 
 LORA_VARIANTS = {

@@ -144,7 +144,7 @@ def inspect_cache(argv: list[str]) -> int:
 
 # Errors that describe the user's input (a path, a setting, a cache that does not fit): their message
 # names the cause and the fix, so the CLI prints it alone, as TRL's and Accelerate's CLIs do.
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, CacheMismatchError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, CacheMismatchError)
 TRACEBACK_VARIABLE = "TRL_NULLSPACE_TRACEBACK"
 
 

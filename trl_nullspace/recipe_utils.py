@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -12,11 +14,26 @@ from trl_nullspace.data.loading import load_dataset_from, looks_like_a_path
 from trl_nullspace.training.progress import quiet_progress
 
 
+@contextlib.contextmanager
+def wrong_types_named() -> Iterator[None]:
+    """Name a setting of the wrong type as the user's mistake. A YAML config's values reach the config
+    dataclasses unconverted (command-line flags are converted by argparse), so a list where a number
+    belongs fails inside `__post_init__` as a bare TypeError; any other TypeError is left alone."""
+    try:
+        yield
+    except TypeError as error:
+        raise ValueError(
+            f"A setting has the wrong type ({error}): check the values given with --config (e.g. a list where a "
+            "number belongs) against docs/configuration.md."
+        ) from error
+
+
 def parse_recipe_arguments(
     config_class: type, args: list[str] | None = None
 ) -> tuple[ScriptArguments, object, ModelConfig]:
     """TRL-style parsing: `--config file.yaml` plus command-line flags that override it."""
-    return TrlParser((ScriptArguments, config_class, ModelConfig)).parse_args_and_config(args=args)
+    with wrong_types_named():
+        return TrlParser((ScriptArguments, config_class, ModelConfig)).parse_args_and_config(args=args)
 
 
 def load_model_and_tokenizer(model_args: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -9,6 +9,21 @@ import os
 import datasets
 
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# What `save_to_disk` leaves in a folder: `load_dataset_from` reads those before a train.jsonl beside them.
+SAVED_TO_DISK = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def write_train_split(dataset: datasets.Dataset, folder: str) -> str:
+    """Write `dataset` as `folder/train.jsonl`, what `load_dataset_from(folder)` and `datasets.load_dataset(folder)`
+    (TRL's example scripts' `--dataset_name`) both read; returns the file's path. An older `save_to_disk`
+    copy in `folder` is removed first: it would be read instead of the new file."""
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        if name in SAVED_TO_DISK or (name.startswith("data-") and name.endswith(".arrow")):
+            os.remove(os.path.join(folder, name))
+    path = os.path.join(folder, "train.jsonl")
+    dataset.to_json(path)
+    return path
 
 
 def load_dataset_from(name_or_path: str, split: str = "train", config: str | None = None) -> datasets.Dataset:

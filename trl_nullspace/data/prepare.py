@@ -33,7 +33,7 @@ import os
 
 import datasets
 
-from trl_nullspace.data.loading import load_dataset_from
+from trl_nullspace.data.loading import load_dataset_from, write_train_split
 
 PKU_SAFERLHF = "PKU-Alignment/PKU-SafeRLHF"
 PKU_COLUMNS = ("prompt", "response_0", "response_1", "is_response_0_safe", "is_response_1_safe", "safer_response_id")
@@ -119,16 +119,8 @@ def smollm2_sets(output_dir: str, examples: int | None = None) -> None:
     _save(data.references["general"], os.path.join(output_dir, "reference"))
 
 
-# What `save_to_disk` leaves in a folder: `trl_nullspace.data.loading` reads those before a train.jsonl beside them.
-_SAVED_TO_DISK = ("dataset_info.json", "state.json", "dataset_dict.json")
-
-
 def _save(dataset: datasets.Dataset, folder: str) -> None:
-    os.makedirs(folder, exist_ok=True)
-    for name in os.listdir(folder):
-        if name in _SAVED_TO_DISK or (name.startswith("data-") and name.endswith(".arrow")):
-            os.remove(os.path.join(folder, name))
-    dataset.to_json(os.path.join(folder, "train.jsonl"))
+    write_train_split(dataset, folder)
     print(f"  {folder}: {len(dataset)} rows (train.jsonl), columns {dataset.column_names}")
 
 

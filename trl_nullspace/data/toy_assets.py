@@ -15,6 +15,7 @@ import os
 import datasets
 
 from trl_nullspace.data import toy
+from trl_nullspace.data.loading import write_train_split
 
 
 def write_toy_assets(directory: str, seed: int = 0) -> None:
@@ -30,8 +31,7 @@ def write_toy_assets(directory: str, seed: int = 0) -> None:
         "monitor": toy.as_text(toy.general_examples(16, seed=seed + 777)),  # held out: the live drift metric
     }
     for name, columns in tables.items():
-        os.makedirs(os.path.join(directory, name), exist_ok=True)
-        datasets.Dataset.from_dict(columns).to_json(os.path.join(directory, name, "train.jsonl"))
+        write_train_split(datasets.Dataset.from_dict(columns), os.path.join(directory, name))
 
 
 def main() -> None:
