@@ -14,9 +14,10 @@ and then calls the same moments on every backend, in this order:
 - `after_step`, right after `optimizer.step()`;
 - `anchors_at_save`, at each checkpoint.
 
-Invariant: after `after_step` every constrained weight's change since binding lies outside the
-subspace (up to the projection dtype), on every backend. Adding a backend is a subclass and one
-line in `backend_for`; the trainer's code does not change.
+Invariant, under the `update` and `both` targets: after `after_step` every constrained weight's change
+since binding lies outside the subspace (up to the projection dtype), on every backend (the
+`gradient` target alone holds it only for optimizers that step along the projected gradient).
+Adding a backend is a subclass and one line in `backend_for`; the trainer's code does not change.
 """
 
 from __future__ import annotations

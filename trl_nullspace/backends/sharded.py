@@ -1,4 +1,4 @@
-"""What DeepSpeed ZeRO and FSDP2 share: weights split by output rows, and the options that refuses.
+"""What DeepSpeed ZeRO and FSDP2 share: weights split by output rows, and the options they refuse.
 
 Both backends project each rank's rows of the fp32 masters. A row split needs a weight stored
 out × in (transformers' `Conv1D` is stored transposed), whole parameters (fused experts are split by
