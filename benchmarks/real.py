@@ -85,6 +85,9 @@ class Method:
     baseline: str | None = None
     retain_weight: float = 1.0
     exempt: bool = False  # null-space only: the harm-keyed exemption on `RealData.exempt_prompts`
+    # null-space with `nullspace_contrastive` only: contrast with the harmful rows of `RealData.exempt_prompts`
+    # (asked and recast as instructions, prompt tokens only) instead of the training data.
+    harm_contrast: bool = False
 
 
 METHODS = [
@@ -279,7 +282,7 @@ def train(
         # Rows with the same settings on the base model share one estimate (the cache checks the weights);
         # a DPO stage starts from its own SFT model.
         key = hashlib.sha256(
-            repr((sorted(method.settings.items()), method.reference, method.exempt)).encode()
+            repr((sorted(method.settings.items()), method.reference, method.exempt, method.harm_contrast)).encode()
         ).hexdigest()[:12]
         cache = os.path.join(workdir, f"subspace-{key}" + (f"-dpo-{method.name}-{seed}" if dpo else ""))
         config = config_class(**arguments, **method.settings, nullspace_cache_path=cache + ".safetensors")
@@ -289,6 +292,10 @@ def train(
             extra.update(retain_dataset=data.references["general"], retain_weight=method.retain_weight)
         if method.exempt:
             extra["exempt_dataset"] = data.exempt_prompts
+        if method.harm_contrast:
+            prompts = data.exempt_prompts
+            harmful = [index for index, flag in enumerate(prompts["harmful"]) if flag]
+            extra["contrast_dataset"] = prompts.select(harmful).select_columns(["prompt"])
     else:
         trainer_class, config_class = (DPOTrainer, DPOConfig) if dpo else (SFTTrainer, SFTConfig)
         config = config_class(**arguments)

@@ -92,6 +92,8 @@ SWEEPS = {
     "projection keeps (`nullspace_scale_learning_rate`), against the default at its tuned rate",
     "keys-select": "`make bench-real`'s; the harm keys as the only freedom at the layers whose keys separate and do "
     "not leak (`make bench-harm-keys`), and at every MLP with a weaker KL retain loss",
+    "harm-contrast": "`make bench-real`'s; the contrastive rule contrasting the reference inputs with the harmful "
+    "training requests alone (asked and recast as instructions, prompt tokens only), at the default's energy, rates",
     "nspo": "`make bench-real`'s; NSPO's released setting as a diagnostic (MLP Linears only, eigenvalues above 5e-5 "
     "of the largest of raw statistics protected, attention, embeddings and LM head trained unconstrained)",
 }
@@ -176,7 +178,9 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
     `keys-select`: the harm keys as the only freedom, at the low-leak layers only (two rates) and at
     every MLP with a third of the retain weight. `rate`: the default at plain TRL's rate, as given
     and scaled by what the projection keeps, against the default at its tuned rate. `nspo`: NSPO's released
-    setting at plain TRL's rate and at 1e-4, to tell whether its generalisation came from what it leaves free."""
+    setting at plain TRL's rate and at 1e-4, to tell whether its generalisation came from what it leaves free.
+    `harm-contrast`: the contrastive rule contrasting with harmful requests alone, at the default's energy and
+    rates (compare with the default at 1.5e-4 and 3e-4 in `levers`)."""
     plain = Method("plain TRL", null_space=False)
     default = Method("null-space (default)", null_space=True)
     if sweep == "forms":
@@ -216,6 +220,12 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
     if sweep == "nspo":
         nspo = Method("NSPO's released setting (MLP only, 5e-5 relative threshold, raw)", True, NSPO_SETTINGS)
         return [(plain, "sft", PLAIN_AT_TARGETS), (nspo, "sft", PLAIN_AT_TARGETS), (nspo, "sft", 1e-4)]
+    if sweep == "harm-contrast":
+        # The default's energy (0.99) and rates, so only *where* the unprotected 1% of reference energy goes changes.
+        harm_contrast = Method(
+            "null-space, harm-only contrast (energy 0.99)", True, {"nullspace_contrastive": True}, harm_contrast=True
+        )
+        return [(plain, "sft", PLAIN_AT_TARGETS), (harm_contrast, "sft", 1.5e-4), (harm_contrast, "sft", 3e-4)]
     if sweep == "keys-select":
         low_leak = Method(
             "harm keys only, low-leak layers (energy 1.0)",

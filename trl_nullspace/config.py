@@ -145,6 +145,15 @@ class NullSpaceArguments:
             "directions of least reference energy."
         },
     )
+    nullspace_contrast_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "nullspace_contrastive: the data the reference inputs are contrasted with, in any format the "
+            "reference data takes (e.g. harmful prompts only, as a 'prompt' column: prompt tokens only); the "
+            "trainer's contrast_dataset= wins. Unset: the training data."
+        },
+    )
+    nullspace_contrast_split: str = field(default="train", metadata={"help": "Split of the contrast dataset."})
     nullspace_exempt_dataset: str | None = field(
         default=None,
         metadata={
@@ -306,6 +315,11 @@ class NullSpaceArguments:
                 "nullspace_contrastive needs nullspace_method='activation' and chooses its rank by nullspace_energy "
                 "(the unprotected share of reference energy); unset nullspace_eigenvalue_threshold and "
                 "nullspace_max_rank."
+            )
+        if self.nullspace_contrast_dataset is not None and not self.nullspace_contrastive:
+            raise ValueError(
+                "nullspace_contrast_dataset is the contrastive rule's data; set nullspace_contrastive=True to use it, "
+                "or unset it."
             )
         if self.nullspace_exempt_dataset is not None and self.nullspace_method != "activation":
             raise ValueError(

@@ -258,7 +258,7 @@ def check_cache_matches(path: str, header: dict[str, Any], expected: dict[str, A
         "target_modules": "the cache constrains other target modules",
         "normalize_tokens": "the cache weighted reference tokens differently (nullspace_normalize_tokens)",
         "contrastive": "the cache used another rank rule (nullspace_contrastive)",
-        "contrast_fingerprint": "the cache's contrastive rule saw other training data",
+        "contrast_fingerprint": "the cache's contrastive rule saw other contrast data (nullspace_contrast_dataset)",
         "exemption": "the cache exempted other layer inputs or none (nullspace_exempt_*)",
         "exempt_fingerprint": "the cache's harm keys came from other exempt prompts",
     }

@@ -100,7 +100,8 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
     `monitor_dataset` (held-out general data; over `args.nullspace_monitor_dataset`) turns on the
     live drift metrics of `trl_nullspace.training.monitor`. `exempt_dataset` (prompts with a boolean `harmful`
     column; over `args.nullspace_exempt_dataset`) frees each exempted layer input's harm key
-    (`trl_nullspace.estimation.exemption`).
+    (`trl_nullspace.estimation.exemption`). `contrast_dataset` (over `args.nullspace_contrast_dataset`)
+    is what `nullspace_contrastive` contrasts the reference data with, instead of the training data.
     """
 
     config_class: type[NullSpaceArguments]
@@ -112,6 +113,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
         reference_dataset: datasets.Dataset | None = None,
         monitor_dataset: datasets.Dataset | None = None,
         exempt_dataset: datasets.Dataset | None = None,
+        contrast_dataset: datasets.Dataset | None = None,
         **kwargs: Any,
     ):
         bound = inspect.signature(super().__init__).bind_partial(*args, **kwargs)
@@ -130,7 +132,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
                 f"{type(self).__name__} needs a {self.config_class.__name__} (or TRL's {trl_config.__name__}, "
                 f"taken with the null-space defaults); got {type(given).__name__}."
             )
-        # The training data as the user passed it, before TRL tokenises it: the contrastive rule's statistics.
+        # The training data as the user passed it, before TRL tokenises it: the contrastive rule's default data.
         self._raw_train_dataset = bound.arguments.get("train_dataset")
         super().__init__(*bound.args, **bound.kwargs)
         # Where the projections run (one process/DDP, DeepSpeed ZeRO, FSDP2): detected once, checked now.
@@ -147,7 +149,7 @@ class NullSpaceTrainerMixin(SubspaceSetupMixin):
         # What the set-up gathers under ZeRO-3 (estimate, anchors), at most, at once; None otherwise.
         self._nullspace_gather_peak = GatherPeak.of(self.model)
         self._reference_batches = self._load_reference_batches(reference_dataset)
-        self._contrast_batches = self._load_contrast_batches()
+        self._contrast_batches = self._load_contrast_batches(contrast_dataset)
         self._exemption = self._load_exemption(exempt_dataset)
         self.nullspace_subspace = self._load_or_estimate_subspace()
         self._check_same_subspace_on_every_process()

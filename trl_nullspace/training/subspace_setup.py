@@ -1,7 +1,7 @@
 """Where a null-space trainer's capability subspace comes from: a cache, or an estimate.
 
 `SubspaceSetupMixin` is the part of `NullSpaceTrainerMixin` that runs before anything is bound:
-it tokenizes the reference data (and the training data, for the contrastive rule, and the
+it tokenizes the reference data (and the contrast data, for the contrastive rule, and the
 harm-keyed exemption's prompts), loads a cache
 and checks that it still describes this model, or estimates the subspace (the data shared over
 the processes; under ZeRO-3 one decoder layer gathered at a time), and checks that every process
@@ -86,16 +86,28 @@ class SubspaceSetupMixin:
             num_samples=self.args.nullspace_reference_num_samples,
         )
 
-    def _load_contrast_batches(self) -> list[ReferenceBatch] | None:
-        """The training data's batches, for `nullspace_contrastive` (None otherwise)."""
+    def _load_contrast_batches(self, contrast_dataset: datasets.Dataset | None) -> list[ReferenceBatch] | None:
+        """The contrastive rule's batches: `contrast_dataset`, else `nullspace_contrast_dataset`, else the
+        training data as the user passed it; None without `nullspace_contrastive`."""
         if not self.args.nullspace_contrastive:
+            if contrast_dataset is not None:
+                raise ValueError(
+                    "contrast_dataset= is the contrastive rule's data; set nullspace_contrastive=True to use it, or "
+                    "leave it out."
+                )
             return None
-        if not isinstance(self._raw_train_dataset, datasets.Dataset):
-            raise ValueError(
-                "nullspace_contrastive needs train_dataset as a datasets.Dataset (its inputs shape the subspace); "
-                f"got {type(self._raw_train_dataset).__name__}."
+        if contrast_dataset is None and self.args.nullspace_contrast_dataset is not None:
+            contrast_dataset = load_dataset_from(
+                self.args.nullspace_contrast_dataset, self.args.nullspace_contrast_split
             )
-        return self._tokenize(self._raw_train_dataset)
+        if contrast_dataset is None:
+            contrast_dataset = self._raw_train_dataset
+        if not isinstance(contrast_dataset, datasets.Dataset):
+            raise ValueError(
+                "nullspace_contrastive needs its contrast data (contrast_dataset=, else train_dataset) as a "
+                f"datasets.Dataset (its inputs shape the subspace); got {type(contrast_dataset).__name__}."
+            )
+        return self._tokenize(contrast_dataset)
 
     def _load_exemption(self, exempt_dataset: datasets.Dataset | None) -> Exemption | None:
         """The harm-keyed exemption's prompts (`trl_nullspace.estimation.exemption`), split by their
