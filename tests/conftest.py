@@ -134,7 +134,7 @@ def projection_calls(monkeypatch) -> list[bool]:
 
 def train_and_measure(trainer) -> tuple[float, float]:
     """Train; return (max change of reference logits, summed change of the constrained parameters)."""
-    reference = trainer._reference_batches
+    reference = trainer.nullspace.source.reference_batches
     before = logits_on(trainer.model, reference)
     weights = snapshot_constrained(trainer)
     trainer.train()

@@ -83,7 +83,7 @@ def test_dense_architecture_keeps_reference_outputs(
         model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_eigenvalue_threshold=1e-10
     )
     plain_drift = plain_trl_drift(
-        model_type, DENSE[model_type], tokenizer, safety_dataset, trainer._reference_batches, tmp_path
+        model_type, DENSE[model_type], tokenizer, safety_dataset, trainer.nullspace.source.reference_batches, tmp_path
     )
     drift, moved = train_and_measure(trainer)
     assert moved > 1e-2, moved
@@ -133,7 +133,12 @@ def test_mixture_of_experts_constrains_every_expert_and_the_router(
     assert all(item.expert is None for item in sharded.constrained) and experts <= set(sharded.unconstrained)
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if name in experts}
     plain_drift = plain_trl_drift(
-        model_type, MIXTURE_OF_EXPERTS[model_type], tokenizer, safety_dataset, trainer._reference_batches, tmp_path
+        model_type,
+        MIXTURE_OF_EXPERTS[model_type],
+        tokenizer,
+        safety_dataset,
+        trainer.nullspace.source.reference_batches,
+        tmp_path,
     )
     drift, moved = train_and_measure(trainer)
     experts_moved = max(
@@ -260,7 +265,9 @@ def test_latent_attention_architecture_keeps_reference_outputs(
     constrained = {item.parameter_name for item in trainer.nullspace_projector.constrained}
     assert any(name.endswith("experts.down_proj") for name in constrained)
     assert any(name.endswith(("kv_b_proj.weight", "o_a_proj.weight")) for name in constrained)
-    plain_drift = plain_trl_drift(model_type, extra, tokenizer, safety_dataset, trainer._reference_batches, tmp_path)
+    plain_drift = plain_trl_drift(
+        model_type, extra, tokenizer, safety_dataset, trainer.nullspace.source.reference_batches, tmp_path
+    )
     drift, moved = train_and_measure(trainer)
     assert moved > 1e-2 and plain_drift > 1e-2, (moved, plain_drift)
     assert drift < 1e-3 and drift < plain_drift / 100, (drift, plain_drift)
@@ -275,7 +282,9 @@ def test_gpt2_conv1d_keeps_reference_outputs(tokenizer, safety_dataset, referenc
     )
     assert {item.transposed for item in trainer.nullspace_projector.constrained} == {True}
     assert len(trainer.nullspace_projector.constrained) == 8  # c_attn, c_proj, c_fc, mlp c_proj per layer
-    plain_drift = plain_trl_drift("gpt2", GPT2, tokenizer, safety_dataset, trainer._reference_batches, tmp_path)
+    plain_drift = plain_trl_drift(
+        "gpt2", GPT2, tokenizer, safety_dataset, trainer.nullspace.source.reference_batches, tmp_path
+    )
     drift, moved = train_and_measure(trainer)
     assert plain_drift > 1e-2, plain_drift
     assert moved > 1e-2 and drift < 1e-4, (moved, drift)
@@ -299,7 +308,7 @@ def test_gpt2_lora_keeps_reference_outputs(tokenizer, safety_dataset, reference_
         peft_config=gpt2_lora_config(),
     )
     assert all(".lora_A." in item.name for item in trainer.nullspace_projector.constrained)
-    reference = trainer._reference_batches
+    reference = trainer.nullspace.source.reference_batches
     before = logits_on(trainer.model, reference)
     trainer.train()
     lora_b = [p for n, p in trainer.model.named_parameters() if ".lora_B." in n]

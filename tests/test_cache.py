@@ -7,7 +7,7 @@ import torch
 from tests.conftest import make_sft_trainer
 from trl_nullspace import CacheMismatchError, load_subspace
 from trl_nullspace.data import toy
-from trl_nullspace.training.mixin import NullSpaceTrainerMixin
+from trl_nullspace.training.source import SubspaceSource
 
 
 def _trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset=None, **nullspace):
@@ -29,7 +29,7 @@ def test_cache_round_trip_reuses_the_subspace_without_estimating(
     def fail(self):
         raise AssertionError("estimated again although a matching cache exists")
 
-    monkeypatch.setattr(NullSpaceTrainerMixin, "estimate_subspace", fail)
+    monkeypatch.setattr(SubspaceSource, "estimate", fail)
     fresh_model = toy.build_tiny_qwen2(tokenizer, seed=0)  # same weights as `model`
     second = _trainer(fresh_model, tokenizer, safety_dataset, tmp_path)  # no reference data needed
     assert second.nullspace_subspace.targets == first.nullspace_subspace.targets
@@ -150,9 +150,9 @@ def test_a_reused_cache_after_a_constrained_stage_is_accepted(
     )
     first.train()
     second = _reuse_after(first, tokenizer, safety_dataset, reference_dataset, tmp_path)
-    before = logits_on(second.model, second._reference_batches)
+    before = logits_on(second.model, second.nullspace.source.reference_batches)
     second.train()
-    assert (logits_on(second.model, second._reference_batches) - before).abs().max().item() < 1e-4
+    assert (logits_on(second.model, second.nullspace.source.reference_batches) - before).abs().max().item() < 1e-4
 
 
 def test_a_reused_cache_without_reference_data_is_refused(
@@ -263,7 +263,7 @@ def test_a_cache_folder_keeps_one_file_per_setting(model, tokenizer, safety_data
     files = sorted(path.name for path in folder.iterdir())
     assert len(files) == 2 and all(name.startswith(model.config._name_or_path) for name in files), files
     assert first.nullspace_settings()["cache_path"] != second.nullspace_settings()["cache_path"]
-    assert trainer_at(0.9).nullspace_cache_file == first.nullspace_cache_file
+    assert trainer_at(0.9).nullspace.source.cache_file == first.nullspace.source.cache_file
     assert sorted(path.name for path in folder.iterdir()) == files  # loaded, not written again
 
 

@@ -12,7 +12,7 @@ import torch
 from tests.conftest import make_sft_trainer, training_kwargs
 from trl_nullspace import NullSpaceSFTConfig, NullSpaceSFTTrainer, load_subspace
 from trl_nullspace.data import toy
-from trl_nullspace.training.mixin import CHECKPOINT_FILE
+from trl_nullspace.training.source import CHECKPOINT_FILE
 
 SETTINGS = dict(nullspace_energy=0.9, nullspace_refresh_steps=2)
 

@@ -123,3 +123,39 @@ def test_the_core_imports_only_the_core(part):
     for file in files:
         outside = _imported_parts(file) - set(CORE) - {"_version"}
         assert not outside, f"{os.path.relpath(file, ROOT)} imports {sorted(outside)}: the core imports only itself"
+
+
+def test_the_mixin_is_thin_and_the_constraint_holds_the_state():
+    """The mixin overrides only the Trainer hooks where the constraint acts and adds only the public views
+    of it; the constraint's state lives in `CapabilityConstraint`, which never reads the Trainer."""
+    from transformers import Trainer
+
+    from trl_nullspace.training import constraint
+    from trl_nullspace.training.mixin import NullSpaceTrainerMixin
+
+    own = {name for name in vars(NullSpaceTrainerMixin) if not name.startswith("__")}
+    hooks = {name for name in own if hasattr(Trainer, name)}
+    assert hooks == {
+        "training_step",
+        "log",
+        "save_model",
+        "create_model_card",
+        "_save_checkpoint",
+        "train",
+        "_load_from_checkpoint",
+    }
+    views = {"nullspace_subspace", "nullspace_projector", "nullspace_backend", "nullspace_settings"}
+    views |= {"nullspace_start_summary", "estimate_subspace", "refresh_subspace"}
+    helpers = {"_add_drift_monitor", "_step_will_be_logged"}
+    assert own - hooks == views | helpers, own - hooks - views - helpers
+    source = open(constraint.__file__).read()
+    assert "Trainer" not in _imported_names(constraint.__file__) and "self.trainer" not in source
+
+
+def _imported_names(path: str) -> set[str]:
+    return {
+        alias.name
+        for node in ast.walk(ast.parse(open(path).read()))
+        if isinstance(node, ast.ImportFrom | ast.Import)
+        for alias in node.names
+    }

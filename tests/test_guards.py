@@ -142,7 +142,7 @@ def test_modules_to_save_are_refused(model, tokenizer, safety_dataset, reference
 
 def test_plain_lora_from_zero_still_trains_exactly(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
     trainer = _lora_trainer(model, tokenizer, safety_dataset, reference_dataset, tmp_path)
-    reference = trainer._reference_batches
+    reference = trainer.nullspace.source.reference_batches
     before = logits_on(trainer.model, reference)
     trainer.train()
     assert (logits_on(trainer.model, reference) - before).abs().max().item() < 1e-4
@@ -187,7 +187,7 @@ def test_start_line_counts_frozen_parameters_and_states_the_protected_energy(
 ):
     trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
     frozen = len(trainer.nullspace_projector.unconstrained)
-    trainer.nullspace_projector = trainer._bind(trainer.nullspace_subspace)  # as a resumed run binds again
+    trainer.nullspace.projector = trainer.nullspace.bind(trainer.model, trainer.nullspace.subspace)  # as a resumed run
     line = trainer.nullspace_start_summary()
     assert f"{frozen} other parameters frozen" in line and frozen > 0
     assert "of the reference data's layer-input energy on average" in line
@@ -228,7 +228,11 @@ def test_a_threshold_whose_dropped_directions_add_up_warns_with_the_residual(
     settings = trainer.nullspace_settings()
     worst = settings["energy_protected_least_basis"]
     measured = energy_in_span(
-        trainer.model, trainer._reference_batches, find_target_linears(trainer.model), trainer.nullspace_subspace, True
+        trainer.model,
+        trainer.nullspace.source.reference_batches,
+        find_target_linears(trainer.model),
+        trainer.nullspace_subspace,
+        True,
     )
     assert settings["reference_residual_max"] > 0.032
     assert abs(settings["reference_residual_max"] - (1 - measured[worst]) ** 0.5) < 1e-6
@@ -268,7 +272,7 @@ def test_bf16_weights_hold_only_to_the_bf16_floor_and_say_so(
             bf16_model(), tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_eigenvalue_threshold=1e-10
         )
     assert "approximate constraint: the constrained weights are held in bfloat16" in caplog.text
-    reference = trainer._reference_batches
+    reference = trainer.nullspace.source.reference_batches
     drift, moved = train_and_measure(trainer)
     plain = SFTTrainer(
         model=bf16_model(),

@@ -70,7 +70,7 @@ def test_each_kind_keeps_its_change_out_of_the_subspace_where_plain_trl_does_not
     null_space, plain = _trainers(kind, tokenizer, safety_dataset, reference_dataset, tmp_path)
     items = [item for item in null_space.nullspace_projector.constrained if item.kind == kind]
     assert items, f"nothing of kind {kind!r} was constrained"
-    reference = null_space._reference_batches
+    reference = null_space.nullspace.source.reference_batches
     drifts, shares = [], []
     for trainer in (null_space, plain):
         weights = dict(trainer.model.named_parameters())

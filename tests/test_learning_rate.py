@@ -8,8 +8,8 @@ import torch
 
 from tests.conftest import make_sft_trainer, train_and_measure
 from trl_nullspace.data import toy
+from trl_nullspace.training.constraint import RATE_SCALE_FILE
 from trl_nullspace.training.learning_rate import CALIBRATION_STEPS, MAX_SCALE
-from trl_nullspace.training.mixin import RATE_SCALE_FILE
 
 STEPS = CALIBRATION_STEPS + 2  # the calibration, then steps at the fixed scale
 
@@ -71,7 +71,9 @@ def test_a_resume_inside_the_calibration_neither_scales_twice_nor_forgets(
 
     resumed = _fresh_trainer(tokenizer, safety_dataset, reference_dataset, tmp_path / "resumed", **settings)
     resumed.train(resume_from_checkpoint=checkpoint)
-    assert resumed._nullspace_rate_scaler.scale == pytest.approx(full._nullspace_rate_scaler.scale, rel=1e-6)
+    assert resumed.nullspace.metrics.rate_scaler.scale == pytest.approx(
+        full.nullspace.metrics.rate_scaler.scale, rel=1e-6
+    )
     final = dict(full.model.named_parameters())
     for name, parameter in resumed.model.named_parameters():
         assert torch.allclose(parameter, final[name], atol=1e-5), name

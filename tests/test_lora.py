@@ -44,7 +44,7 @@ def test_lora_in_null_space_preserves_reference_logits(
             r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
         ),
     )
-    reference = trainer._reference_batches
+    reference = trainer.nullspace.source.reference_batches
     before = logits_on(trainer.model, reference)
     trainer.train()
 

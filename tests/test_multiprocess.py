@@ -396,7 +396,7 @@ def _assert_changes_are_orthogonal_to_the_bases(assets, output_dir) -> None:
 def _assert_checkpoint_anchors_are_the_base_models(assets, checkpoint) -> None:
     """Each ZeRO-3 rank keeps only its rows' anchors; the checkpoint must hold them whole: `W₀ U`."""
     from trl_nullspace import load_subspace
-    from trl_nullspace.training.mixin import CHECKPOINT_FILE
+    from trl_nullspace.training.source import CHECKPOINT_FILE
 
     subspace, header = load_subspace(os.path.join(str(checkpoint), CHECKPOINT_FILE))
     base = dict(AutoModelForCausalLM.from_pretrained(str(assets / "model")).named_parameters())

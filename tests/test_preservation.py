@@ -27,7 +27,7 @@ def _train_null_space(model, tokenizer, safety_dataset, reference_dataset, tmp_p
         processing_class=tokenizer,
         reference_dataset=reference_dataset,
     )
-    reference = trainer._reference_batches
+    reference = trainer.nullspace.source.reference_batches
     before = logits_on(trainer.model, reference)
     trainer.train()
     return trainer, reference, before

@@ -70,9 +70,9 @@ def test_dpo_preserves_reference_logits(model, tokenizer, preference_dataset, re
         processing_class=tokenizer,
         reference_dataset=reference_dataset,
     )
-    before = logits_on(trainer.model, trainer._reference_batches)
+    before = logits_on(trainer.model, trainer.nullspace.source.reference_batches)
     trainer.train()
-    assert (logits_on(trainer.model, trainer._reference_batches) - before).abs().max().item() < 1e-4
+    assert (logits_on(trainer.model, trainer.nullspace.source.reference_batches) - before).abs().max().item() < 1e-4
     rewards = [entry["rewards/margins"] for entry in trainer.state.log_history if "rewards/margins" in entry]
     assert rewards[-1] > 0  # it learned to prefer the refusal
 
@@ -200,7 +200,7 @@ def test_sft_then_dpo_reuses_one_cached_subspace(
         processing_class=tokenizer,
         reference_dataset=reference_dataset,
     )
-    reference = sft._reference_batches
+    reference = sft.nullspace.source.reference_batches
     base_logits = logits_on(sft.model, reference)
     sft.train()
 
@@ -215,9 +215,9 @@ def test_sft_then_dpo_reuses_one_cached_subspace(
             **dpo_kwargs,
         )
 
-    from trl_nullspace.training.mixin import NullSpaceTrainerMixin
+    from trl_nullspace.training.source import SubspaceSource
 
-    monkeypatch.setattr(NullSpaceTrainerMixin, "estimate_subspace", lambda self: pytest.fail("re-estimated"))
+    monkeypatch.setattr(SubspaceSource, "estimate", lambda self: pytest.fail("re-estimated"))
     dpo = NullSpaceDPOTrainer(
         model=sft.model,
         ref_model=copy.deepcopy(sft.model),

@@ -1,11 +1,10 @@
-"""Where a null-space trainer's capability subspace comes from: a cache, or an estimate.
+"""`SubspaceSource`: where a constraint's capability subspace comes from, a cache or an estimate.
 
-`SubspaceSetupMixin` is the part of `NullSpaceTrainerMixin` that runs before anything is bound:
-it tokenizes the reference data (and the contrast data, for the contrastive rule, and the
-harm-keyed exemption's prompts), loads a cache
-and checks that it still describes this model, or estimates the subspace (the data shared over
-the processes; under ZeRO-3 one decoder layer gathered at a time), and checks that every process
-holds the same bases. Binding, projecting, reporting and checkpoints stay in `trl_nullspace.training.mixin`.
+It tokenizes the data the subspace is estimated from (the reference data; the contrast data, for
+the contrastive rule; the harm-keyed exemption's prompts), loads a cache and checks that it still
+describes this model, or estimates the subspace (the data shared over the processes; under
+ZeRO-3 one decoder layer gathered at a time), and checks that every process holds the same bases.
+It knows nothing of projection or of the Trainer: `CapabilityConstraint` binds what it returns.
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ from typing import Any
 
 import datasets
 import torch
+from accelerate import Accelerator
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
@@ -37,9 +38,12 @@ from trl_nullspace.storage.cache import (
     save_subspace,
     saved_provenance,
 )
-from trl_nullspace.storage.fingerprint import weights_fingerprint
+from trl_nullspace.storage.fingerprint import architecture_fingerprint, weights_fingerprint
 
 logger = logging.get_logger(__name__)
+
+# In every checkpoint: the subspace and anchors it trained under (a hard link into the run's store).
+CHECKPOINT_FILE = "nullspace_subspace.safetensors"
 
 # A reused cache may miss at most REUSE_FACTOR times the share of the reference energy its estimate left out,
 # and never less than REUSE_FLOOR (an amplitude of 1e-3 of the inputs outside the span).
@@ -51,22 +55,40 @@ MEASURED_REFERENCE = (122, 14219)
 MEASURED_REFERENCE_WIDEST_INPUT = 1536  # SmolLM2-135M's down_proj input
 
 
-class SubspaceSetupMixin:
-    """Loads or estimates the trainer's subspace (`_load_or_estimate_subspace`); see the module."""
+class SubspaceSource:
+    """The subspace's data, cache and estimate for one trainer's `model` and `args`.
 
-    args: NullSpaceArguments
-    _reference_batches: list[ReferenceBatch] | None
-    _contrast_batches: list[ReferenceBatch] | None
-    _exemption: Exemption | None
-    _nullspace_gather_peak: GatherPeak | None
-    nullspace_cache_file: str | None  # the file `nullspace_cache_path` resolved to (`cache.resolve_cache_path`)
-    _nullspace_estimated_from: str  # fingerprint of the weights the subspace in use was estimated or loaded for
+    `reference_batches` (None: the subspace must come from a cache), `contrast_batches` (the
+    contrastive rule's, else None) and `exemption` are tokenized once, here. `cache_file` is the file
+    `nullspace_cache_path` resolved to; `estimated_from` the fingerprint of the weights the subspace
+    in use was estimated or loaded for (what a checkpoint and a refresh record); `gather_peak` what
+    the set-up gathered at once under ZeRO-3 (None otherwise).
+    """
 
-    def _reference_tokenizer(self) -> PreTrainedTokenizerBase:
-        """The text tokenizer, also when the processing class is a multimodal processor."""
-        if isinstance(self.processing_class, PreTrainedTokenizerBase):
-            return self.processing_class
-        return self.processing_class.tokenizer
+    def __init__(
+        self,
+        model: nn.Module,
+        args: NullSpaceArguments,
+        accelerator: Accelerator,
+        processing_class: Any,
+        reference_dataset: datasets.Dataset | None = None,
+        contrast_dataset: datasets.Dataset | None = None,
+        exempt_dataset: datasets.Dataset | None = None,
+        train_dataset: Any = None,
+    ):
+        self.model = model
+        self.args = args
+        self.accelerator = accelerator
+        # The text tokenizer, also when the processing class is a multimodal processor.
+        self.tokenizer: PreTrainedTokenizerBase = (
+            processing_class if isinstance(processing_class, PreTrainedTokenizerBase) else processing_class.tokenizer
+        )
+        self.gather_peak = GatherPeak.of(model)
+        self.cache_file: str | None = None
+        self.estimated_from = ""
+        self.reference_batches = self._load_reference_batches(reference_dataset)
+        self.contrast_batches = self._load_contrast_batches(contrast_dataset, train_dataset)
+        self.exemption = self._load_exemption(exempt_dataset)
 
     def _load_reference_batches(self, reference_dataset: datasets.Dataset | None) -> list[ReferenceBatch] | None:
         if reference_dataset is None and self.args.nullspace_reference_dataset is not None:
@@ -75,18 +97,22 @@ class SubspaceSetupMixin:
             )
         if reference_dataset is None:
             return None
-        return self._tokenize(reference_dataset)
+        return self.tokenize(reference_dataset)
 
-    def _tokenize(self, dataset: datasets.Dataset) -> list[ReferenceBatch]:
+    def tokenize(self, dataset: datasets.Dataset, num_samples: int | None = None) -> list[ReferenceBatch]:
+        """`dataset` as the estimate reads it: batches of `nullspace_reference_batch_size`, cut at
+        `nullspace_reference_max_length`, the first `num_samples` (default `nullspace_reference_num_samples`)."""
         return tokenize_reference(
             dataset,
-            self._reference_tokenizer(),
+            self.tokenizer,
             batch_size=self.args.nullspace_reference_batch_size,
             max_length=self.args.nullspace_reference_max_length,
-            num_samples=self.args.nullspace_reference_num_samples,
+            num_samples=self.args.nullspace_reference_num_samples if num_samples is None else num_samples,
         )
 
-    def _load_contrast_batches(self, contrast_dataset: datasets.Dataset | None) -> list[ReferenceBatch] | None:
+    def _load_contrast_batches(
+        self, contrast_dataset: datasets.Dataset | None, train_dataset: Any
+    ) -> list[ReferenceBatch] | None:
         """The contrastive rule's batches: `contrast_dataset`, else `nullspace_contrast_dataset`, else the
         training data as the user passed it; None without `nullspace_contrastive`."""
         if not self.args.nullspace_contrastive:
@@ -101,13 +127,13 @@ class SubspaceSetupMixin:
                 self.args.nullspace_contrast_dataset, self.args.nullspace_contrast_split
             )
         if contrast_dataset is None:
-            contrast_dataset = self._raw_train_dataset
+            contrast_dataset = train_dataset
         if not isinstance(contrast_dataset, datasets.Dataset):
             raise ValueError(
                 "nullspace_contrastive needs its contrast data (contrast_dataset=, else train_dataset) as a "
                 f"datasets.Dataset (its inputs shape the subspace); got {type(contrast_dataset).__name__}."
             )
-        return self._tokenize(contrast_dataset)
+        return self.tokenize(contrast_dataset)
 
     def _load_exemption(self, exempt_dataset: datasets.Dataset | None) -> Exemption | None:
         """The harm-keyed exemption's prompts (`trl_nullspace.estimation.exemption`), split by their
@@ -149,23 +175,35 @@ class SubspaceSetupMixin:
             )
         prompts = exempt_dataset.select_columns(["prompt"])
         return Exemption(
-            harmful=self._tokenize(prompts.select(harmful)),
-            benign=self._tokenize(prompts.select(benign)) if benign else None,
+            harmful=self.tokenize(prompts.select(harmful)),
+            benign=self.tokenize(prompts.select(benign)) if benign else None,
             modules=list(self.args.nullspace_exempt_modules),
             ridge=self.args.nullspace_exempt_ridge,
         )
 
-    def _expected_provenance(self, weights: str) -> dict[str, Any]:
+    def expected_provenance(self, weights: str) -> dict[str, Any]:
+        """What a cache or checkpoint estimated from `weights` with this source's data and settings records."""
         return expected_provenance(
-            self.model, self.args, self._reference_batches, weights, self._contrast_batches, self._exemption
+            self.model, self.args, self.reference_batches, weights, self.contrast_batches, self.exemption
         )
 
-    def _load_or_estimate_subspace(self) -> CapabilitySubspace:
-        if self.args.nullspace_refresh_steps is not None and self._reference_batches is None:
+    def saved_provenance(self) -> dict[str, Any]:
+        """The header a cache or checkpoint of the subspace in use is written with."""
+        return saved_provenance(self.model, self.estimated_from, self.expected_provenance(self.estimated_from))
+
+    def load_or_estimate(self) -> CapabilitySubspace:
+        """The cache at `nullspace_cache_path` if it matches this model, data and settings, else an estimate
+        (cached there, by the main process); the same on every process, checked."""
+        subspace = self._load_or_estimate()
+        self._check_same_on_every_process(subspace)
+        return subspace
+
+    def _load_or_estimate(self) -> CapabilitySubspace:
+        if self.args.nullspace_refresh_steps is not None and self.reference_batches is None:
             raise ValueError("nullspace_refresh_steps needs reference data to re-estimate the subspace from.")
-        weights = self._nullspace_estimated_from = weights_fingerprint(self.model)
-        expected = self._expected_provenance(weights)
-        path = self.nullspace_cache_file = resolve_cache_path(self.args.nullspace_cache_path, self.model, expected)
+        weights = self.estimated_from = weights_fingerprint(self.model)
+        expected = self.expected_provenance(weights)
+        path = self.cache_file = resolve_cache_path(self.args.nullspace_cache_path, self.model, expected)
         if path is not None and os.path.exists(path):
             try:
                 subspace = self._load_checked_cache(path, weights, expected)
@@ -178,14 +216,14 @@ class SubspaceSetupMixin:
             else:
                 logger.info("trl-nullspace: loaded the capability subspace from %s", path)
                 return subspace
-        if self._reference_batches is None:
+        if self.reference_batches is None:
             raise ValueError(
                 "No reference data for the capability subspace: pass reference_dataset=..., set "
                 "nullspace_reference_dataset, or point nullspace_cache_path at an existing cache."
             )
         subspace = self._estimate_with_weights_gathered()
         self._warn_if_reference_is_tiny(subspace)
-        if path is not None and self.is_world_process_zero():
+        if path is not None and self.accelerator.is_main_process:
             save_subspace(path, subspace, saved_provenance(self.model, weights, expected))
             logger.info("trl-nullspace: saved the capability subspace to %s", path)
         return subspace
@@ -205,9 +243,9 @@ class SubspaceSetupMixin:
         Every process ends with the same subspace; only the main process writes the cache."""
         if self.args.nullspace_method == "gradient":
             with gathered(self.model.parameters()):
-                return self.estimate_subspace()
-        with gathered_layer_by_layer(self.model, self._nullspace_gather_peak):
-            return self.estimate_subspace()
+                return self.estimate()
+        with gathered_layer_by_layer(self.model, self.gather_peak):
+            return self.estimate()
 
     def _check_reused_cache_still_fits(self, path: str, subspace: CapabilitySubspace) -> None:
         """A cache reused on weights it was not estimated from (`nullspace_cache_match_weights=False`)
@@ -225,17 +263,17 @@ class SubspaceSetupMixin:
                 "this model's reference gradients. Re-estimate it: delete the file or point nullspace_cache_path "
                 "elsewhere."
             )
-        if self._reference_batches is None:
+        if self.reference_batches is None:
             raise CacheMismatchError(
                 f"{path} was estimated from other weights (nullspace_cache_match_weights=False): pass the reference "
                 "data too, so the trainer can check that the cached subspace still holds this model's reference "
                 "inputs."
             )
         linears = find_target_linears(self.model, self.args.nullspace_target_modules)
-        with gathered_layer_by_layer(self.model, self._nullspace_gather_peak):
+        with gathered_layer_by_layer(self.model, self.gather_peak):
             shares = energy_in_span(
                 self.model,
-                self._reference_batches,
+                self.reference_batches,
                 linears,
                 subspace,
                 self.args.nullspace_normalize_tokens,
@@ -284,12 +322,12 @@ class SubspaceSetupMixin:
                 MEASURED_REFERENCE[1] / MEASURED_REFERENCE_WIDEST_INPUT,
             )
 
-    def _check_same_subspace_on_every_process(self) -> None:
+    def _check_same_on_every_process(self, subspace: CapabilitySubspace) -> None:
         """Every process projects its own replica, so all must hold the same bases, bit for bit."""
         if self.accelerator.num_processes == 1:
             return
         digest = hashlib.sha256()
-        for key, basis in sorted(self.nullspace_subspace.bases.items()):
+        for key, basis in sorted(subspace.bases.items()):
             digest.update(key.encode())
             digest.update(basis.detach().cpu().contiguous().numpy().tobytes())
         checksum = torch.tensor(
@@ -304,7 +342,37 @@ class SubspaceSetupMixin:
                 "would drift apart. Use one cache file for all processes (nullspace_cache_path)."
             )
 
-    def estimate_subspace(self) -> CapabilitySubspace:
+    def refresh(self) -> CapabilitySubspace:
+        """A new estimate from the current weights (`nullspace_refresh_steps`), which it then describes."""
+        subspace = self.estimate()
+        self.estimated_from = weights_fingerprint(self.model)  # collective under ZeRO-3, as the estimate
+        return subspace
+
+    def restore(self, checkpoint: str) -> tuple[CapabilitySubspace, dict[str, Any]]:
+        """The subspace a checkpoint trained under and its header (anchors included), which it then describes."""
+        path = os.path.join(checkpoint, CHECKPOINT_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{checkpoint} has no {CHECKPOINT_FILE}: it was not written by a null-space trainer, so the "
+                "subspace and anchors it trained under are unknown. Resume from a null-space checkpoint."
+            )
+        subspace, header = load_subspace(path)
+        check_cache_matches(path, header, {"architecture_fingerprint": architecture_fingerprint(self.model)})
+        self.estimated_from = header.get("weights_fingerprint", self.estimated_from)
+        return subspace, header
+
+    def reference_description(self) -> str:
+        """What the model card says the subspace was estimated from."""
+        name = self.args.nullspace_reference_dataset
+        batches = self.reference_batches
+        if batches is None:
+            return f"the cache `{self.cache_file}` (estimated before this run)"
+        examples = sum(batch.input_ids.shape[0] for batch in batches)
+        tokens = sum(int(batch.attention_mask.sum()) for batch in batches)
+        where = f"`{name}`" if name is not None else "a dataset passed to the trainer as `reference_dataset`"
+        return f"{where}, {examples} examples, {tokens} tokens"
+
+    def estimate(self) -> CapabilitySubspace:
         """Estimate the subspace from the reference batches with the current weights.
 
         With several processes and the activation method, each process reads its share of the
@@ -312,7 +380,7 @@ class SubspaceSetupMixin:
         from 1/world of the forward passes each (`settings["processes"]` records how many shared).
         """
         world = self.accelerator.num_processes
-        batches, contrast, exemption = self._reference_batches, self._contrast_batches, self._exemption
+        batches, contrast, exemption = self.reference_batches, self.contrast_batches, self.exemption
         every_set = [batches, contrast] + ([exemption.harmful, exemption.benign] if exemption is not None else [])
         shared = (
             world > 1
