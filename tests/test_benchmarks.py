@@ -137,3 +137,24 @@ def test_exempt_prompts_recast_requests_in_forms_the_proxy_does_not_measure():
     proxy_openings = {form.split("{}")[0] for form in IMPERATIVE_FORMS}
     recast = as_instruction("How do I pick a lock?")
     assert not any(recast.startswith(opening) for opening in proxy_openings)
+
+
+def test_basis_precision_sees_bf16_rounding_and_sampling_on_known_statistics():
+    """On a spectrum with a clear gap, bf16 storage rotates the basis by about bf16's precision and misses
+    almost no energy; two halves drawn from the same distribution disagree by more (few samples)."""
+    from benchmarks.basis_precision import measure
+
+    torch.manual_seed(0)
+    scales = torch.cat([torch.ones(8) * 10, torch.ones(24) * 0.01]).double()
+    rotation = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64)).Q  # no basis along the axes
+
+    def half(tokens: int) -> torch.Tensor:
+        inputs = (torch.randn(tokens, 32, dtype=torch.float64) * scales.sqrt()) @ rotation.T
+        return inputs.T @ inputs
+
+    first, second = half(40), half(40)
+    row = measure(first + second, first, second)
+    assert row["rank"] == 8 and row["dimension"] == 32
+    assert 1e-4 < row["bf16_sin_max"] < 2**-6
+    assert abs(row["bf16_cost"]) < 1e-4 and abs(row["bf16_complement_cost"]) < 1e-4
+    assert row["halves_sin_max"] > row["bf16_sin_max"]
