@@ -60,8 +60,8 @@ bench-harm-keys: real-model
 	$(PYTHON) -m benchmarks.harm_keys $(BENCH_ARGS)
 
 # Before any training: the share of general conversations', general prompts', harmful training requests' and
-# the proxy's unseen HarmBench-form requests' input energy that the default and the harm-only contrastive rule
-# leave free (docs/results/freed_energy_cpu.md; minutes on 2 CPU cores).
+# the proxy's unseen HarmBench-form requests' input energy that the default, the harm-only contrastive rule and
+# a same-role contrast (a prototype) leave free (docs/results/freed_energy_cpu.md; minutes on 2 CPU cores).
 bench-freed: real-model
 	$(PYTHON) -m benchmarks.freed_energy $(BENCH_ARGS)
 

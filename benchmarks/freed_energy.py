@@ -1,15 +1,18 @@
 """`make bench-freed`: what a rank rule leaves free, read before any training.
 
-A rule that frees 1% of the reference energy can free very different things. This estimates the
-default subspace (energy 0.99, tokens normalised) and the contrastive rule's with the same budget
-contrasted with the harmful training requests alone (`--sweep harm-contrast`'s setting) on
-SmolLM2-135M-Instruct, and measures, per layer input, the share of each set's input energy that
-lies *outside* the protected bases (what an update may move):
+A rule that frees 1% of the reference energy can free very different things. On
+SmolLM2-135M-Instruct, from one set of per-layer-input statistics (tokens normalised), this builds
+three protected bases with the same budget (1% of the general reference data's energy left free)
+and measures, per layer input, the share of each set's input energy that lies *outside* them (what
+an update may move):
 
-- the general reference data (whole conversations: what the budget is counted on);
-- the general reference data's user turns alone (prompt tokens, as the contrast data are);
-- the harmful training requests (the contrast data);
-- the proxy's unseen area recast in HarmBench's form (development proxy; what refusal must reach).
+- rules: the default (energy 0.99); the contrastive rule contrasted with the harmful training
+  requests alone (`--sweep harm-contrast`'s setting); and a **same-role** contrast, a prototype
+  (`same_role_basis`): directions ordered by harmful requests' energy per unit of general
+  *prompts'* energy, freed while the reference data's energy in them stays within the budget;
+- sets: the general reference data (whole conversations: what the budget is counted on), its user
+  turns alone (prompt tokens, as the contrast data are), the harmful training requests (the
+  contrast data) and the proxy's unseen area recast in HarmBench's form (what refusal must reach).
 
 Development data only; no held-out item is read.
 
@@ -24,21 +27,55 @@ import statistics
 import time
 
 import datasets
+import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from benchmarks.basis_precision import missed, statistics_of
 from benchmarks.real import BASE_ANSWERS_CACHE, machine_name, write_results
 from benchmarks.unseen_harm import UNSEEN_IMPERATIVE, proxy_sets
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.data.gguf import SMOLLM2_DIR, materialise_smollm2
-from trl_nullspace.estimation.activation import energy_in_span
-from trl_nullspace.estimation.estimate import estimate_subspace
+from trl_nullspace.estimation.activation import contrastive_basis, top_eigenvectors
+from trl_nullspace.estimation.rank import RankSelection
 from trl_nullspace.estimation.reference import tokenize_reference
 from trl_nullspace.evaluation.splits import training_side
 from trl_nullspace.evaluation.training_data import build_real_data
 from trl_nullspace.projection.targets import find_target_linears
 
-RULES = {"default (energy 0.99)": False, "harm-only contrast (energy 0.99)": True}
+DEFAULT = RankSelection(energy=0.99)
 LAYER_TYPES = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+
+
+def same_role_basis(reference: torch.Tensor, baseline: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
+    """The protected basis that frees the directions `contrast` (harmful prompts) uses most per unit of
+    `baseline` (general prompts: the same role), for as long as `reference`'s energy in them stays within
+    the default's budget (1 − 0.99). The complement of the freed span, orthonormal (fp64)."""
+    dimension = reference.shape[0]
+    identity = torch.eye(dimension, dtype=torch.float64)
+    reference, baseline, contrast = (matrix / matrix.trace() for matrix in (reference, baseline, contrast))
+    cholesky = torch.linalg.cholesky(baseline + 1e-9 * identity)
+    whitened = torch.linalg.solve_triangular(
+        cholesky, torch.linalg.solve_triangular(cholesky, contrast, upper=False).T, upper=False
+    )
+    vectors = torch.linalg.eigh((whitened + whitened.T) / 2)[1].flip(1)
+    ordered = torch.linalg.qr(torch.linalg.solve_triangular(cholesky.T, vectors, upper=True)).Q
+    leaked = torch.cumsum(((reference @ ordered) * ordered).sum(0), 0)
+    free = int((leaked <= 1.0 - DEFAULT.energy + 1e-12).sum().item())
+    return ordered[:, free:]
+
+
+def protected_bases(by_set: dict[str, dict[str, torch.Tensor]], key: str) -> dict[str, torch.Tensor]:
+    """Each rule's protected basis of layer input `key`."""
+    reference = by_set["general conversations"][key]
+    harmful = by_set["harmful training requests"][key]
+    return {
+        "default (energy 0.99)": top_eigenvectors(reference, DEFAULT)[0],
+        "harm-only contrast (energy 0.99)": contrastive_basis(reference, harmful, DEFAULT)[0],
+        "same-role contrast, prototype (energy 0.99)": same_role_basis(
+            reference, by_set["general user turns"][key], harmful
+        ),
+    }
 
 
 def format_report(result: dict) -> str:
@@ -47,7 +84,9 @@ def format_report(result: dict) -> str:
         "# What a rank rule leaves free, before training (`make bench-freed`)",
         "",
         f"SmolLM2-135M-Instruct on {result['machine']}, {result['seconds']:.0f} s. Per layer input, the share of "
-        "each set's input energy (tokens normalised) outside the protected bases, i.e. what an update may move; "
+        "each set's input energy (tokens normalised) outside each rule's protected bases, i.e. what an update may "
+        "move (every rule leaves 1% of the general conversations' energy free; the same-role contrast is a "
+        "prototype in `benchmarks/freed_energy.py`, not an option); "
         "each cell: mean over the layer inputs of that type (all: over every layer input). Sets: "
         + "; ".join(f"{name} ({count} examples)" for name, count in result["sets"].items())
         + ". Development data only.",
@@ -90,17 +129,13 @@ def main(argv: list[str] | None = None) -> None:
             [{"prompt": [{"role": "user", "content": prompt.text}]} for prompt in unseen]
         ),
     }
-    tokenized = {name: batches(dataset) for name, dataset in sets.items()}
     linears = find_target_linears(model, None)
+    by_set = {name: statistics_of(model, batches(dataset), linears) for name, dataset in tqdm(sets.items())}
     free: dict[str, dict[str, dict[str, float]]] = {}
-    for rule, contrastive in RULES.items():
-        settings = NullSpaceArguments(nullspace_contrastive=contrastive)
-        contrast = tokenized["harmful training requests"] if contrastive else None
-        subspace = estimate_subspace(model, tokenized["general conversations"], settings, True, contrast)
-        free[rule] = {}
-        for name, each in tokenized.items():
-            held = energy_in_span(model, each, linears, subspace, normalize_tokens=True)
-            free[rule][name] = {key: 1.0 - share for key, share in held.items()}
+    for key in tqdm(sorted(by_set["general conversations"]), desc="layer inputs"):
+        for rule, basis in protected_bases(by_set, key).items():
+            for name in sets:
+                free.setdefault(rule, {}).setdefault(name, {})[key] = missed(basis, by_set[name][key])
     result = {
         "machine": machine_name("cpu"),
         "seconds": time.perf_counter() - started,

@@ -158,3 +158,23 @@ def test_basis_precision_sees_bf16_rounding_and_sampling_on_known_statistics():
     assert 1e-4 < row["bf16_sin_max"] < 2**-6
     assert abs(row["bf16_cost"]) < 1e-4 and abs(row["bf16_complement_cost"]) < 1e-4
     assert row["halves_sin_max"] > row["bf16_sin_max"]
+
+
+def test_same_role_contrast_frees_what_harmful_prompts_use_and_general_prompts_do_not():
+    """Axis 2 is used by harmful and general prompts alike, axis 3 by harmful prompts only; both are cheap in
+    the reference data. Contrasted with the reference (mostly answers), axis 2 looks most harmful-specific and
+    is freed; contrasted with general prompts (the same role), axis 3 is, and axis 2 stays protected."""
+    from benchmarks.freed_energy import DEFAULT, same_role_basis
+    from trl_nullspace.estimation.activation import contrastive_basis
+
+    def diagonal(*values: float) -> torch.Tensor:
+        return torch.diag(torch.tensor(values, dtype=torch.float64)) + 1e-6 * torch.eye(len(values))
+
+    reference = diagonal(100, 10, 0.6, 0.7, 0.01, 0.01)
+    harmful = diagonal(1, 1, 50, 20, 0, 0)
+    general_prompts = diagonal(1, 1, 50, 0.1, 1, 1)
+    axis = torch.eye(6, dtype=torch.float64)
+    harm_only = contrastive_basis(reference, harmful, DEFAULT)[0].double()
+    same_role = same_role_basis(reference, general_prompts, harmful)
+    assert (harm_only.T @ axis[2]).norm() < 1e-3 and (harm_only.T @ axis[3]).norm() > 0.99
+    assert (same_role.T @ axis[3]).norm() < 1e-3 and (same_role.T @ axis[2]).norm() > 0.99
