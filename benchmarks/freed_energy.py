@@ -7,9 +7,10 @@ and measures, per layer input, the share of each set's input energy that lies *o
 an update may move):
 
 - rules: the default (energy 0.99); the contrastive rule contrasted with the harmful training
-  requests alone (`--sweep harm-contrast`'s setting); and a **same-role** contrast, a prototype
-  (`same_role_basis`): directions ordered by harmful requests' energy per unit of general
-  *prompts'* energy, freed while the reference data's energy in them stays within the budget;
+  requests alone (`--sweep harm-contrast`'s setting); and two **same-role** prototypes, both freed
+  while the reference data's energy in them stays within the budget: directions ordered by harmful
+  requests' energy per unit of general *prompts'* energy (`same_role_basis`), and by harmful
+  requests' energy beyond general prompts' (`difference_basis`);
 - sets: the general reference data (whole conversations: what the budget is counted on), its user
   turns alone (prompt tokens, as the contrast data are), the harmful training requests (the
   contrast data) and the proxy's unseen area recast in HarmBench's form (what refusal must reach).
@@ -65,6 +66,19 @@ def same_role_basis(reference: torch.Tensor, baseline: torch.Tensor, contrast: t
     return ordered[:, free:]
 
 
+def difference_basis(reference: torch.Tensor, baseline: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
+    """The protected basis that frees the directions where `contrast` (harmful prompts) carries the most
+    energy *beyond* `baseline` (general prompts), each statistic normalised to unit trace: the leading
+    eigenvectors of their difference with a positive eigenvalue, for as long as `reference`'s energy in
+    them stays within the default's budget. The complement of the freed span, orthonormal (fp64)."""
+    reference, baseline, contrast = (matrix / matrix.trace() for matrix in (reference, baseline, contrast))
+    values, vectors = torch.linalg.eigh(contrast - baseline)
+    values, ordered = values.flip(0), vectors.flip(1)
+    leaked = torch.cumsum(((reference @ ordered) * ordered).sum(0), 0)
+    free = int(((leaked <= 1.0 - DEFAULT.energy + 1e-12) & (values > 0)).cumprod(0).sum().item())
+    return ordered[:, free:]
+
+
 def protected_bases(by_set: dict[str, dict[str, torch.Tensor]], key: str) -> dict[str, torch.Tensor]:
     """Each rule's protected basis of layer input `key`."""
     reference = by_set["general conversations"][key]
@@ -73,6 +87,9 @@ def protected_bases(by_set: dict[str, dict[str, torch.Tensor]], key: str) -> dic
         "default (energy 0.99)": top_eigenvectors(reference, DEFAULT)[0],
         "harm-only contrast (energy 0.99)": contrastive_basis(reference, harmful, DEFAULT)[0],
         "same-role contrast, prototype (energy 0.99)": same_role_basis(
+            reference, by_set["general user turns"][key], harmful
+        ),
+        "same-role difference, prototype (energy 0.99)": difference_basis(
             reference, by_set["general user turns"][key], harmful
         ),
     }
@@ -85,8 +102,8 @@ def format_report(result: dict) -> str:
         "",
         f"SmolLM2-135M-Instruct on {result['machine']}, {result['seconds']:.0f} s. Per layer input, the share of "
         "each set's input energy (tokens normalised) outside each rule's protected bases, i.e. what an update may "
-        "move (every rule leaves 1% of the general conversations' energy free; the same-role contrast is a "
-        "prototype in `benchmarks/freed_energy.py`, not an option); "
+        "move (every rule leaves 1% of the general conversations' energy free; the same-role rules are "
+        "prototypes in `benchmarks/freed_energy.py`, not options); "
         "each cell: mean over the layer inputs of that type (all: over every layer input). Sets: "
         + "; ".join(f"{name} ({count} examples)" for name, count in result["sets"].items())
         + ". Development data only.",

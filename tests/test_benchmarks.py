@@ -163,8 +163,9 @@ def test_basis_precision_sees_bf16_rounding_and_sampling_on_known_statistics():
 def test_same_role_contrast_frees_what_harmful_prompts_use_and_general_prompts_do_not():
     """Axis 2 is used by harmful and general prompts alike, axis 3 by harmful prompts only; both are cheap in
     the reference data. Contrasted with the reference (mostly answers), axis 2 looks most harmful-specific and
-    is freed; contrasted with general prompts (the same role), axis 3 is, and axis 2 stays protected."""
-    from benchmarks.freed_energy import DEFAULT, same_role_basis
+    is freed; contrasted with general prompts (the same role, as a ratio or a difference), axis 3 is, and axis 2
+    stays protected."""
+    from benchmarks.freed_energy import DEFAULT, difference_basis, same_role_basis
     from trl_nullspace.estimation.activation import contrastive_basis
 
     def diagonal(*values: float) -> torch.Tensor:
@@ -178,3 +179,5 @@ def test_same_role_contrast_frees_what_harmful_prompts_use_and_general_prompts_d
     same_role = same_role_basis(reference, general_prompts, harmful)
     assert (harm_only.T @ axis[2]).norm() < 1e-3 and (harm_only.T @ axis[3]).norm() > 0.99
     assert (same_role.T @ axis[3]).norm() < 1e-3 and (same_role.T @ axis[2]).norm() > 0.99
+    difference = difference_basis(reference, general_prompts, harmful)
+    assert difference.shape[1] == 5 and (difference.T @ axis[3]).norm() < 1e-3
