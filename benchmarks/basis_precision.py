@@ -26,26 +26,19 @@ import os
 import statistics
 import time
 
-import matplotlib
+import torch
+from tqdm.auto import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from benchmarks.real import PRESETS, load_model_and_data, machine_name, trainer_reference_batches, write_results
+from trl_nullspace.config import NullSpaceArguments
+from trl_nullspace.data.gguf import SMOLLM2_DIR
+from trl_nullspace.estimation.activation import collect_in_passes, top_eigenvectors
+from trl_nullspace.estimation.modes import evaluating
+from trl_nullspace.estimation.reference import ReferenceBatch
+from trl_nullspace.projection.basis import orthonormal_complement
+from trl_nullspace.projection.targets import find_target_linears
 
-from benchmarks.real import BASE_ANSWERS_CACHE, machine_name, write_results  # noqa: E402
-from trl_nullspace.config import NullSpaceArguments  # noqa: E402
-from trl_nullspace.data.gguf import SMOLLM2_DIR, materialise_smollm2  # noqa: E402
-from trl_nullspace.estimation.activation import collect_in_passes, top_eigenvectors  # noqa: E402
-from trl_nullspace.estimation.modes import evaluating  # noqa: E402
-from trl_nullspace.estimation.rank import RankSelection  # noqa: E402
-from trl_nullspace.estimation.reference import ReferenceBatch, tokenize_reference  # noqa: E402
-from trl_nullspace.evaluation.training_data import build_real_data  # noqa: E402
-from trl_nullspace.projection.basis import orthonormal_complement  # noqa: E402
-from trl_nullspace.projection.targets import find_target_linears  # noqa: E402
-
-DEFAULT = RankSelection(energy=0.99)
+DEFAULT = NullSpaceArguments().nullspace_rank_selection  # the trainer's default rank rule (energy 0.99)
 
 
 def statistics_of(model, batches: list[ReferenceBatch], linears: dict) -> dict[str, torch.Tensor]:
@@ -137,6 +130,11 @@ def format_report(result: dict) -> str:
 
 
 def save_plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = result["rows"]
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
     floor = 1e-9
@@ -162,18 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", default="docs/results")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    path = materialise_smollm2(args.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    data = build_real_data(model, tokenizer, BASE_ANSWERS_CACHE, show_progress=False)
-    defaults = NullSpaceArguments()
-    batches = tokenize_reference(
-        data.references["general"],
-        tokenizer,
-        batch_size=defaults.nullspace_reference_batch_size,
-        max_length=defaults.nullspace_reference_max_length,
-        num_samples=defaults.nullspace_reference_num_samples,
-    )
+    model, tokenizer, data = load_model_and_data(PRESETS["cpu"], args.model_dir)
+    batches = trainer_reference_batches(data.references["general"], tokenizer)
     halves = [batches[0::2], batches[1::2]]
     linears = find_target_linears(model, None)
     half_a, half_b = (statistics_of(model, half, linears) for half in tqdm(halves, desc="statistics, by half"))

@@ -20,16 +20,12 @@ import time
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks.real import BASE_ANSWERS_CACHE, machine_name, write_results
-from trl_nullspace.config import NullSpaceArguments
-from trl_nullspace.data.gguf import SMOLLM2_DIR, materialise_smollm2
+from benchmarks.real import PRESETS, load_model_and_data, machine_name, trainer_reference_batches, write_results
+from trl_nullspace.data.gguf import SMOLLM2_DIR
 from trl_nullspace.estimation.activation import LayerOrder, collect_in_passes, statistic_bytes, top_eigenvectors
 from trl_nullspace.estimation.modes import evaluating
 from trl_nullspace.estimation.rank import RankSelection
-from trl_nullspace.estimation.reference import tokenize_reference
-from trl_nullspace.evaluation.training_data import build_real_data
 from trl_nullspace.projection.targets import find_target_linears
 
 LAYERS_PER_PASS = (None, 5, 1)  # None: one pass
@@ -104,18 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", default="docs/results")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    path = materialise_smollm2(args.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    data = build_real_data(model, tokenizer, BASE_ANSWERS_CACHE, show_progress=False)
-    defaults = NullSpaceArguments()
-    batches = tokenize_reference(
-        data.references["general"],
-        tokenizer,
-        batch_size=defaults.nullspace_reference_batch_size,
-        max_length=defaults.nullspace_reference_max_length,
-        num_samples=args.samples,
-    )
+    model, tokenizer, data = load_model_and_data(PRESETS["cpu"], args.model_dir)
+    batches = trainer_reference_batches(data.references["general"], tokenizer, num_samples=args.samples)
     linears = find_target_linears(model, None)
     rows = []
     runs = [(layers, end_early) for layers in LAYERS_PER_PASS for end_early in (False, True)]

@@ -30,21 +30,15 @@ import time
 import datasets
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks.basis_precision import missed, statistics_of
-from benchmarks.real import BASE_ANSWERS_CACHE, machine_name, write_results
+from benchmarks.basis_precision import DEFAULT, missed, statistics_of
+from benchmarks.real import PRESETS, load_model_and_data, machine_name, trainer_reference_batches, write_results
 from benchmarks.unseen_harm import UNSEEN_IMPERATIVE, proxy_sets
-from trl_nullspace.config import NullSpaceArguments
-from trl_nullspace.data.gguf import SMOLLM2_DIR, materialise_smollm2
+from trl_nullspace.data.gguf import SMOLLM2_DIR
 from trl_nullspace.estimation.activation import contrastive_basis, top_eigenvectors
-from trl_nullspace.estimation.rank import RankSelection
-from trl_nullspace.estimation.reference import tokenize_reference
 from trl_nullspace.evaluation.splits import training_side
-from trl_nullspace.evaluation.training_data import build_real_data
 from trl_nullspace.projection.targets import find_target_linears
 
-DEFAULT = RankSelection(energy=0.99)
 LAYER_TYPES = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
 
 
@@ -125,19 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", default="docs/results")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    path = materialise_smollm2(args.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    data = build_real_data(model, tokenizer, BASE_ANSWERS_CACHE, show_progress=False)
-    defaults = NullSpaceArguments()
-
-    def batches(dataset: datasets.Dataset):
-        size, length = defaults.nullspace_reference_batch_size, defaults.nullspace_reference_max_length
-        return tokenize_reference(dataset, tokenizer, size, length, defaults.nullspace_reference_num_samples)
-
+    preset = PRESETS["cpu"]
+    model, tokenizer, data = load_model_and_data(preset, args.model_dir)
     reference = data.references["general"]
     harmful = data.exempt_prompts.select([i for i, flag in enumerate(data.exempt_prompts["harmful"]) if flag])
-    unseen = proxy_sets(training_side().harmful_train[:200]).harmful[UNSEEN_IMPERATIVE]
+    unseen = proxy_sets(training_side().harmful_train[: preset.harmful_examples]).harmful[UNSEEN_IMPERATIVE]
     sets = {
         "general conversations": reference,
         "general user turns": datasets.Dataset.from_list([{"prompt": row["messages"][:1]} for row in reference]),
@@ -147,7 +133,10 @@ def main(argv: list[str] | None = None) -> None:
         ),
     }
     linears = find_target_linears(model, None)
-    by_set = {name: statistics_of(model, batches(dataset), linears) for name, dataset in tqdm(sets.items())}
+    by_set = {
+        name: statistics_of(model, trainer_reference_batches(dataset, tokenizer), linears)
+        for name, dataset in tqdm(sets.items())
+    }
     free: dict[str, dict[str, dict[str, float]]] = {}
     for key in tqdm(sorted(by_set["general conversations"]), desc="layer inputs"):
         for rule, basis in protected_bases(by_set, key).items():

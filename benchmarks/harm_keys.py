@@ -36,6 +36,7 @@ from benchmarks.real import (
     machine_name,
     quiet_start,
     timestamped,
+    trainer_reference_batches,
     write_results,
 )
 from benchmarks.unseen_harm import (
@@ -65,7 +66,6 @@ INPUTS = {
     "mlp.down_proj": "down_proj in",
 }
 POSITIVES = (TARGET, "unseen area", "seen areas")
-REFERENCE_SETTINGS = {"batch_size": 8, "max_length": 512, "num_samples": 512}  # the trainer's defaults
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -123,13 +123,11 @@ def measure(ridge: float, model_dir: str, show: Callable[[str], None]) -> dict:
     sets = proxy_sets(training_side().harmful_train[: preset.harmful_examples])
     linears = find_target_linears(base)
     leaders = {name: module for name, module in linears.items() if name.split(".", 3)[-1] in INPUTS}
-    reference = tokenize_reference(data.references["general"], tokenizer, **REFERENCE_SETTINGS)
+    reference = trainer_reference_batches(data.references["general"], tokenizer)
     exempt = data.exempt_prompts
     sides = {
-        flag: tokenize_reference(
-            exempt.select([index for index, harmful in enumerate(exempt["harmful"]) if harmful == flag]),
-            tokenizer,
-            **REFERENCE_SETTINGS,
+        flag: trainer_reference_batches(
+            exempt.select([index for index, harmful in enumerate(exempt["harmful"]) if harmful == flag]), tokenizer
         )
         for flag in (True, False)
     }

@@ -41,7 +41,9 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from benchmarks.baselines import RetainKLNullSpaceSFTTrainer, RetainKLSFTTrainer, with_replay
 from trl_nullspace import NullSpaceDPOConfig, NullSpaceDPOTrainer, NullSpaceSFTConfig, NullSpaceSFTTrainer
+from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.data.gguf import SMOLLM2_DIR, materialise_smollm2
+from trl_nullspace.estimation.reference import ReferenceBatch, tokenize_reference
 from trl_nullspace.evaluation.evaluate import BaseReference, EvaluationSettings, describe, evaluate_model
 from trl_nullspace.evaluation.splits import development_sets, held_out_sets
 from trl_nullspace.evaluation.training_data import RealData, build_real_data
@@ -707,6 +709,19 @@ def load_model_and_data(preset: Preset, model_dir: str) -> tuple[PreTrainedModel
     tokenizer = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path).to(preset.device).eval()
     return base, tokenizer, build_real_data(base, tokenizer, BASE_ANSWERS_CACHE, preset.harmful_examples)
+
+
+def trainer_reference_batches(dataset, tokenizer, num_samples: int | None = None) -> list[ReferenceBatch]:
+    """`dataset` tokenized as a null-space trainer at its defaults tokenizes reference data (its batch size,
+    length and, unless `num_samples` is given, number of examples), so a measurement reads what training reads."""
+    defaults = NullSpaceArguments()
+    return tokenize_reference(
+        dataset,
+        tokenizer,
+        batch_size=defaults.nullspace_reference_batch_size,
+        max_length=defaults.nullspace_reference_max_length,
+        num_samples=defaults.nullspace_reference_num_samples if num_samples is None else num_samples,
+    )
 
 
 def driver_parser(description: str, presets: Iterable[str], default_preset: str) -> argparse.ArgumentParser:
