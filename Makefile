@@ -61,7 +61,7 @@ bench-harm-keys: real-model
 
 # Before any training: the share of general conversations', general prompts', harmful training requests' and
 # the proxy's unseen HarmBench-form requests' input energy that the default, the harm-only contrastive rule and
-# two same-role prototypes leave free (docs/results/freed_energy_cpu.md; minutes on 2 CPU cores).
+# two same-role prototypes and a soft projector leave free (docs/results/freed_energy_cpu.md; minutes on 2 CPU cores).
 bench-freed: real-model
 	$(PYTHON) -m benchmarks.freed_energy $(BENCH_ARGS)
 

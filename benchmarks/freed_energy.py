@@ -2,15 +2,17 @@
 
 A rule that frees 1% of the reference energy can free very different things. On
 SmolLM2-135M-Instruct, from one set of per-layer-input statistics (tokens normalised), this builds
-three protected bases with the same budget (1% of the general reference data's energy left free)
-and measures, per layer input, the share of each set's input energy that lies *outside* them (what
-an update may move):
+each rule's free operator with the same budget (1% of the general reference data's energy left free)
+and measures, per layer input, the share of each set's input energy it lets through (what an update
+may move; for a protected basis `U`, the energy outside it):
 
 - rules: the default (energy 0.99); the contrastive rule contrasted with the harmful training
-  requests alone (`--sweep harm-contrast`'s setting); and two **same-role** prototypes, both freed
+  requests alone (`--sweep harm-contrast`'s setting); two **same-role** prototypes, both freed
   while the reference data's energy in them stays within the budget: directions ordered by harmful
   requests' energy per unit of general *prompts'* energy (`same_role_basis`), and by harmful
-  requests' energy beyond general prompts' (`difference_basis`);
+  requests' energy beyond general prompts' (`difference_basis`); and the **soft projector**
+  prototype (#27's lever 3), which damps every direction of the reference statistic by
+  `μ / (λᵢ + μ)` instead of cutting at an energy (`soft_free_operator`);
 - sets: the general reference data (whole conversations: what the budget is counted on), its user
   turns alone (prompt tokens, as the contrast data are), the harmful training requests (the
   contrast data) and the proxy's unseen area recast in HarmBench's form (what refusal must reach).
@@ -31,7 +33,7 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.basis_precision import DEFAULT, missed, statistics_of
+from benchmarks.basis_precision import DEFAULT, statistics_of
 from benchmarks.real import PRESETS, load_model_and_data, machine_name, trainer_reference_batches, write_results
 from benchmarks.unseen_harm import UNSEEN_IMPERATIVE, proxy_sets
 from trl_nullspace.data.gguf import SMOLLM2_DIR
@@ -73,11 +75,36 @@ def difference_basis(reference: torch.Tensor, baseline: torch.Tensor, contrast: 
     return ordered[:, free:]
 
 
-def protected_bases(by_set: dict[str, dict[str, torch.Tensor]], key: str) -> dict[str, torch.Tensor]:
-    """Each rule's protected basis of layer input `key`."""
+def soft_free_operator(reference: torch.Tensor, budget: float = 1.0 - DEFAULT.energy) -> torch.Tensor:
+    """The soft projector `F = μ (C + μI)⁻¹` of the reference statistic `C` (unit trace), with μ such
+    that the reference's energy it lets through, `tr(F C F)`, equals `budget` (bisection on log μ; that
+    share grows with μ). Every direction is damped by `μ / (λᵢ + μ)` instead of kept or cut (fp64)."""
+    values, vectors = torch.linalg.eigh(reference.double() / reference.trace())
+    values = values.clamp_min(0)
+
+    def leaked(mu: float) -> float:
+        return float((values * (mu / (values + mu)) ** 2).sum())
+
+    low, high = 1e-14, 1.0
+    for _ in range(100):
+        middle = (low * high) ** 0.5
+        low, high = (middle, high) if leaked(middle) < budget else (low, middle)
+    mu = (low * high) ** 0.5
+    return (vectors * (mu / (values + mu))) @ vectors.T
+
+
+def free_share(free: torch.Tensor, statistic: torch.Tensor) -> float:
+    """The share of `statistic`'s energy an update may move through the free operator `F`: `tr(F S F) / tr(S)`
+    (for a hard rule `F = I − U Uᵀ`, the energy outside span(U))."""
+    return float((free @ statistic.double() @ free).trace() / statistic.trace())
+
+
+def free_operators(by_set: dict[str, dict[str, torch.Tensor]], key: str) -> dict[str, torch.Tensor]:
+    """Each rule's free operator of layer input `key`: `I − U Uᵀ` for a protected basis `U`, or the soft
+    projector."""
     reference = by_set["general conversations"][key]
     harmful = by_set["harmful training requests"][key]
-    return {
+    bases = {
         "default (energy 0.99)": top_eigenvectors(reference, DEFAULT)[0],
         "harm-only contrast (energy 0.99)": contrastive_basis(reference, harmful, DEFAULT)[0],
         "same-role contrast, prototype (energy 0.99)": same_role_basis(
@@ -87,6 +114,10 @@ def protected_bases(by_set: dict[str, dict[str, torch.Tensor]], key: str) -> dic
             reference, by_set["general user turns"][key], harmful
         ),
     }
+    identity = torch.eye(reference.shape[0], dtype=torch.float64)
+    operators = {rule: identity - basis.double() @ basis.double().T for rule, basis in bases.items()}
+    operators["soft projector, prototype (1% of the reference energy)"] = soft_free_operator(reference)
+    return operators
 
 
 def format_report(result: dict) -> str:
@@ -96,8 +127,8 @@ def format_report(result: dict) -> str:
         "",
         f"SmolLM2-135M-Instruct on {result['machine']}, {result['seconds']:.0f} s. Per layer input, the share of "
         "each set's input energy (tokens normalised) outside each rule's protected bases, i.e. what an update may "
-        "move (every rule leaves 1% of the general conversations' energy free; the same-role rules are "
-        "prototypes in `benchmarks/freed_energy.py`, not options); "
+        "move (every rule leaves 1% of the general conversations' energy free; the same-role rules and the soft "
+        "projector are prototypes in `benchmarks/freed_energy.py`, not options); "
         "each cell: mean over the layer inputs of that type (all: over every layer input). Sets: "
         + "; ".join(f"{name} ({count} examples)" for name, count in result["sets"].items())
         + ". Development data only.",
@@ -139,9 +170,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     free: dict[str, dict[str, dict[str, float]]] = {}
     for key in tqdm(sorted(by_set["general conversations"]), desc="layer inputs"):
-        for rule, basis in protected_bases(by_set, key).items():
+        for rule, operator in free_operators(by_set, key).items():
             for name in sets:
-                free.setdefault(rule, {}).setdefault(name, {})[key] = missed(basis, by_set[name][key])
+                free.setdefault(rule, {}).setdefault(name, {})[key] = free_share(operator, by_set[name][key])
     result = {
         "machine": machine_name("cpu"),
         "seconds": time.perf_counter() - started,

@@ -181,3 +181,17 @@ def test_same_role_contrast_frees_what_harmful_prompts_use_and_general_prompts_d
     assert (same_role.T @ axis[3]).norm() < 1e-3 and (same_role.T @ axis[2]).norm() > 0.99
     difference = difference_basis(reference, general_prompts, harmful)
     assert difference.shape[1] == 5 and (difference.T @ axis[3]).norm() < 1e-3
+
+
+def test_soft_projector_lets_through_exactly_its_budget_and_damps_strong_directions_most():
+    """The soft prototype's μ is solved so that the reference energy let through is the budget; every
+    direction is damped by `μ / (λ + μ)`, so weak directions pass almost whole and strong ones barely."""
+    from benchmarks.freed_energy import free_share, soft_free_operator
+
+    reference = torch.diag(torch.tensor([100.0, 10.0, 1.0, 0.1, 0.01], dtype=torch.float64))
+    free = soft_free_operator(reference, budget=0.01)
+    assert abs(free_share(free, reference) - 0.01) < 1e-9
+    damping = torch.diagonal(free)
+    assert torch.all(damping[1:] > damping[:-1]) and damping[0] < 0.1 and damping[-1] > 0.5
+    hard = torch.eye(5, dtype=torch.float64) - torch.diag(torch.tensor([1.0, 1, 0, 0, 0], dtype=torch.float64))
+    assert abs(free_share(hard, reference) - 1.11 / 111.11) < 1e-9
