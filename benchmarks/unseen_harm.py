@@ -92,6 +92,8 @@ SWEEPS = {
     "projection keeps (`nullspace_scale_learning_rate`), against the default at its tuned rate",
     "keys-select": "`make bench-real`'s; the harm keys as the only freedom at the layers whose keys separate and do "
     "not leak (`make bench-harm-keys`), and at every MLP with a weaker KL retain loss",
+    "keys-select-kl": "`make bench-real`'s; the harm keys as the only freedom at the low-leak layers, with a weak "
+    "KL retain loss (weight 0.3), at the rate where the keys alone reached plain's refusal",
     "harm-contrast": "`make bench-real`'s; the contrastive rule contrasting the reference inputs with the harmful "
     "training requests alone (asked and recast as instructions, prompt tokens only), at the default's energy, rates",
     "nspo": "`make bench-real`'s; NSPO's released setting as a diagnostic (MLP Linears only, eigenvalues above 5e-5 "
@@ -176,7 +178,8 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
     instead of training on it. `forms`: plain TRL and the default on the two-form data. `depth`: only
     the first or the second half of the decoder layers trains (in the null space), the rest frozen.
     `keys-select`: the harm keys as the only freedom, at the low-leak layers only (two rates) and at
-    every MLP with a third of the retain weight. `rate`: the default at plain TRL's rate, as given
+    every MLP with a third of the retain weight; `keys-select-kl`: the low-leak keys with that weak retain loss at
+    the rate where they alone passed plain's refusal. `rate`: the default at plain TRL's rate, as given
     and scaled by what the projection keeps, against the default at its tuned rate. `nspo`: NSPO's released
     setting at plain TRL's rate and at 1e-4, to tell whether its generalisation came from what it leaves free.
     `harm-contrast`: the contrastive rule contrasting with harmful requests alone, at the default's energy and
@@ -244,6 +247,18 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
             (weak_kl, "sft", 1e-3),
             (low_leak, "sft", 1e-2),
         ]
+    if sweep == "keys-select-kl":
+        # The last lever the issue's notes left: the low-leak keys reached 137% of plain's gain at 1e-2 but 55% of
+        # its KL; a weak retain loss (0.3 cut the keys-at-every-MLP point's KL by a third) on top of them.
+        low_leak_kl = Method(
+            "harm keys only, low-leak layers + KL retain 0.3",
+            True,
+            {"nullspace_energy": 1.0, "nullspace_exempt_modules": low_leak_keyed_linears()},
+            exempt=True,
+            baseline="kl-retain",
+            retain_weight=0.3,
+        )
+        return [(plain, "sft", PLAIN_AT_TARGETS), (low_leak_kl, "sft", 1e-2)]
     if sweep == "constraint-shape":
         # Stopped after its third point (CPU time): NSPO's released setting (MLP only, eigenvalues above
         # 5e-5 of the largest of raw statistics, the rest unconstrained) was not measured; the harm keys
