@@ -112,7 +112,7 @@ def per_rank_bytes(
 ) -> dict[str, float]:
     """The constraint's bytes per rank under each backend (see the module's docstring), in GiB, and
     their share of that rank's training memory."""
-    bases = anchors = cut_rows = longest_row = 0.0
+    bases = anchors = cut_rows = longest_row = largest_basis = largest_stored = 0.0
     largest_residual = largest_local_residual = largest_staged = largest_local_gradient = 0.0
     # `nullspace_basis_storage: smaller`: the complement where d − k < k, and instead of its weights'
     # anchors their rows as last projected; per weight, the change and its kept part while projecting.
@@ -126,6 +126,8 @@ def per_rank_bytes(
         stored = size - rank if complement else rank
         stored_block = min(stored, max(1, block_bytes // (FP32 * size)))
         smaller_bases += size * stored * FP32
+        largest_basis = max(largest_basis, size * rank * FP32)  # in flight while split bases are gathered
+        largest_stored = max(largest_stored, size * stored * FP32)
         for rows in outputs:
             local = rows / world
             if complement:
@@ -158,6 +160,8 @@ def per_rank_bytes(
         "FSDP2, smaller + offload": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "ZeRO-3, smaller": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "ZeRO-3, smaller + offload": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "FSDP2, split bases": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "FSDP2, smaller + split bases": parameters * TRAINING_BYTES_PER_PARAMETER / world,
     }
     constraint = {
         "DDP": bases + anchors + largest_residual,
@@ -177,6 +181,9 @@ def per_rank_bytes(
         # gradient projection holds one weight's gradient copy and, with a complement, its kept part.
         "ZeRO-3, smaller": smaller_bases + smaller_state + max(smaller_transient, largest_local_gradient) + cut_rows,
         "ZeRO-3, smaller + offload": max(smaller_staged, largest_local_gradient) + cut_rows,
+        # `nullspace_shard_bases`: each rank its rows of every basis, and one basis whole while it is used.
+        "FSDP2, split bases": bases / world + largest_basis + anchors / world + largest_local_residual,
+        "FSDP2, smaller + split bases": smaller_bases / world + largest_stored + smaller_state + smaller_transient,
     }
     row = {
         "parameters_billions": parameters / 1e9,
@@ -193,7 +200,22 @@ def per_rank_bytes(
     row["offload: PCIe GiB per step"] = (2 * bases + anchors / world) / 2**30
     row["smaller + offload: host GiB"] = (smaller_bases + smaller_state) / 2**30
     row["smaller + offload: PCIe GiB per step"] = (2 * smaller_bases + smaller_state + previous_traffic) / 2**30
+    # Split bases: every basis all-gathered once per projection, twice per step under the `both` target.
+    row["split bases: received GiB per step"] = 2 * bases * (world - 1) / world / 2**30
+    row["smaller + split bases: received GiB per step"] = 2 * smaller_bases * (world - 1) / world / 2**30
+    row["FSDP2's own: received GiB per step"] = fsdp_own_traffic(parameters, world) / 2**30
     return row
+
+
+FSDP_MICRO_BATCHES = 8
+SPLIT_WORLD = 64  # the split bases' table adds this world size to `--world`'s (the scale issue's two)
+
+
+def fsdp_own_traffic(parameters: int, world: int, micro_batches: int = FSDP_MICRO_BATCHES) -> float:
+    """Bytes a rank receives per optimizer step in FSDP2's own collectives, bf16 throughout: the weights
+    all-gathered for the forward and again for the backward (resharded after the forward), and the gradients
+    reduce-scattered, at every micro-batch: `3 · 2 · parameters · (world − 1)/world` each."""
+    return micro_batches * 3 * WEIGHT_BYTES * parameters * (world - 1) / world
 
 
 def one_projection_flops(shape: Shape, fractions: dict[str, dict[str, float]], smaller: bool = False) -> float:
@@ -264,6 +286,7 @@ def report(
     budget_gib: float,
     flop_shares: dict,
     zero_shares: dict,
+    split: dict,
 ) -> str:
     lines = [
         "# What the constraint keeps per rank (`make bench-memory`)",
@@ -303,6 +326,30 @@ def report(
             f"{row['offload: PCIe GiB per step']:.1f} | {row['smaller + offload: host GiB']:.1f} | "
             f"{row['smaller + offload: node host GiB']:.1f} | {row['smaller + offload: PCIe GiB per step']:.1f} |"
             for name, row in table.items()
+        ],
+        "",
+        "Bases split over the ranks (`nullspace_shard_bases`, FSDP2): each rank keeps its rows of every basis "
+        "(or complement) and gathers one whole while the weights reading it are projected; the anchors (or, "
+        "with `smaller`, the weights as last projected) are each rank's rows, as before. Per rank, the "
+        "constraint's accelerator memory (share of training memory), and what a rank receives per optimizer step "
+        "in those all-gathers (every basis twice under the `both` target) against what it receives in FSDP2's "
+        f"own collectives at {FSDP_MICRO_BATCHES} micro-batches (bf16 weights gathered for forward and backward, "
+        "gradients reduce-scattered):",
+        "",
+        "| shape | ranks | basis: resident GiB | smaller: resident GiB | basis: received GiB per step (of FSDP2's "
+        "own) | smaller: received GiB per step (of FSDP2's own) |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {name} | {ranks} | {row['FSDP2, split bases: GiB']:.2f} ({row['FSDP2, split bases: share']:.0%}) | "
+            f"{row['FSDP2, smaller + split bases: GiB']:.2f} ({row['FSDP2, smaller + split bases: share']:.0%}) | "
+            f"{row['split bases: received GiB per step']:.1f} "
+            f"({row['split bases: received GiB per step'] / row[own]:.1%}) | "
+            f"{row['smaller + split bases: received GiB per step']:.1f} "
+            f"({row['smaller + split bases: received GiB per step'] / row[own]:.1%}) |"
+            for name in next(iter(split.values()))
+            for ranks, rows in split.items()
+            for row in [rows[name]]
+            for own in ["FSDP2's own: received GiB per step"]
         ],
         "",
         "The projection's FLOPs per optimizer step on one device, default `both` target, as a share of the "
@@ -377,6 +424,10 @@ def main(argv: list[str] | None = None) -> None:
     fractions = rank_fractions(options.cache)
     block_bytes = int(options.block_mib * 2**20)
     table = {shape.name: per_rank_bytes(shape, fractions, options.world, block_bytes) for shape in SHAPES}
+    split = {
+        world: {shape.name: per_rank_bytes(shape, fractions, world, block_bytes) for shape in SHAPES}
+        for world in sorted({options.world, SPLIT_WORLD})
+    }
     budget_gib = NullSpaceArguments.nullspace_statistics_budget_gib
     estimation = {shape.name: estimation_passes(shape, int(budget_gib * 2**30)) for shape in SHAPES}
     flop_shares = {
@@ -403,6 +454,7 @@ def main(argv: list[str] | None = None) -> None:
         budget_gib,
         flop_shares,
         zero_shares,
+        split,
     )
     os.makedirs(options.output_dir, exist_ok=True)
     with open(os.path.join(options.output_dir, "memory.json"), "w") as handle:
@@ -422,6 +474,7 @@ def main(argv: list[str] | None = None) -> None:
                     }
                     for name, shares in flop_shares.items()
                 },
+                "split_bases": {str(world): rows for world, rows in split.items()},
                 "zero_flops_share": {
                     name: {f"{target}, {micro} micro-batches": share for (target, micro), share in shares.items()}
                     for name, shares in zero_shares.items()

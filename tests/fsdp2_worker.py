@@ -13,6 +13,10 @@ how many blocks the largest basis was cut, and whether the copy was shared.
 With `--smaller` the reference set is large enough that some inputs keep over half their
 directions, and those bases are kept as complements (`nullspace_basis_storage="smaller"`); the
 line says how many, and the largest `(M − M₀) U` of any constrained weight.
+With `--shard-bases` the bases are split over the ranks by rows too (`nullspace_shard_bases`); the line
+says what share of the bases' bytes rank 0 keeps between projections, and whether each basis gathered
+on every rank is the unsharded one bit for bit. `weights=` is the trained weights' fingerprint, so
+two runs can be compared exactly.
 The line also says whether the sharded model's weights fingerprint (what a checkpoint records) is
 the unsharded model's, whether any parameter's rows split unevenly between the ranks, what share of
 the anchor rows rank 0 keeps, and whether the anchors gathered for a checkpoint are the whole ones.
@@ -43,6 +47,7 @@ def main() -> None:
     project_gradient = "--gradient" in sys.argv
     offload_block_bytes = 1024 if "--offload" in sys.argv else None
     smaller = "--smaller" in sys.argv
+    shard_bases = "--shard-bases" in sys.argv
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     tokenizer = build_char_tokenizer()
@@ -75,7 +80,16 @@ def main() -> None:
     # What a checkpoint records (every rank computes it): the unsharded model's, uneven shards too.
     fingerprint_same = int(weights_fingerprint(model) == unsharded_fingerprint)
     uneven = int(any(parameter.shape[0] % dist.get_world_size() for parameter in model.parameters()))
-    row_shards = RowShardProjector(model, projector.constrained)
+    stored_whole = {
+        id(item.shared): (item.shared, item.shared.whole(item.device).clone()) for item in projector.constrained
+    }
+    whole_bytes = sum(shared.resident_bytes for shared, _ in stored_whole.values())
+    row_shards = RowShardProjector(model, projector.constrained, shard_bases)
+    bases_kept = sum(shared.resident_bytes for shared, _ in stored_whole.values()) / whole_bytes
+    gathered_exact = 1
+    for shared, whole in stored_whole.values():
+        with shared.gathered():
+            gathered_exact &= int(torch.equal(shared.whole(whole.device), whole))
     row_shards.take_previous()  # the trainer does this when training begins
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     generator = torch.Generator().manual_seed(1 + dist.get_rank())
@@ -122,12 +136,14 @@ def main() -> None:
         .item()
         for name, value in initial.items()
     )
+    trained_fingerprint = weights_fingerprint(model)  # a collective: every rank computes it
     if dist.get_rank() == 0:
         print(
             f"RESULT drift={drift:.3e} moved={moved:.3e} invariant={invariant:.3e} complements={complements} "
             f"gradient_before={in_subspace['before']:.3e} gradient_after={in_subspace['after']:.3e} "
             f"fingerprint_same={fingerprint_same} uneven_shards={uneven} blocks={blocks} "
-            f"anchor_rows_kept={kept:.3f} anchors_whole={anchors_whole} node_shared={node_shared}",
+            f"anchor_rows_kept={kept:.3f} anchors_whole={anchors_whole} node_shared={node_shared} "
+            f"bases_kept={bases_kept:.3f} gathered_exact={gathered_exact} weights={trained_fingerprint}",
             flush=True,
         )
     dist.destroy_process_group()

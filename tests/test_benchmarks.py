@@ -100,6 +100,14 @@ def test_memory_formula_on_a_shape_counted_by_hand():
     # Resident under ZeRO-3: those, the largest change and kept part of one weight's rows (q's 4 rows
     # of 4, or o's 2 of 8: 2 · 16 floats) and the 34 split-row floats.
     assert smaller["ZeRO-3, smaller: GiB"] * 2**30 == (33 + 84 + 32 + 34) * 4
+    # Split bases (`nullspace_shard_bases`, FSDP2): half of the 66 basis floats, o_proj's whole 8·4 basis while
+    # it is gathered, half the anchors and the largest local residual (q's 4 rows of 2, o's 2 of 4: 8 floats);
+    # received per step: every basis twice, the other rank's half each time.
+    assert in_bytes["FSDP2, split bases: GiB"] == (66 / 2 + 32 + 84 / 2 + 8) * 4
+    assert in_bytes["split bases: received GiB per step"] == 2 * 66 / 2 * 4
+    # With complements: half of their 33 floats, o_proj's 8×2 complement in flight, the weights' rows and the
+    # largest change and kept part, as resident.
+    assert smaller["FSDP2, smaller + split bases: GiB"] * 2**30 == (33 / 2 + 16 + 84 + 32) * 4
 
 
 def test_unseen_harm_proxy_reads_no_held_out_item_and_refuses_a_trained_area():

@@ -222,6 +222,30 @@ def test_sharded_backends_refuse_options_they_cannot_honour(
         backend_for(trainer.args, accelerator_launched_with(backend), trainer.model, "T")
 
 
+def test_sharded_bases_are_refused_where_nothing_splits_them(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    """`nullspace_shard_bases` is honoured by FSDP2 only: one process and DeepSpeed refuse it by name, with the
+    alternative, instead of keeping the bases whole while the run's settings say they are split."""
+    with pytest.raises(NotImplementedError, match="nullspace_shard_bases under FSDP2 only.*one process or DDP"):
+        make_sft_trainer(
+            model,
+            tokenizer,
+            safety_dataset,
+            tmp_path,
+            reference_dataset,
+            nullspace_energy=0.9,
+            nullspace_shard_bases=True,
+        )
+    trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+    trainer.args.nullspace_shard_bases = True
+    with pytest.raises(NotImplementedError, match=r"this run: DeepSpeed\).*use nullspace_offload"):
+        backend_for(trainer.args, accelerator_launched_with("deepspeed"), trainer.model, "T")
+    backend_for(trainer.args, accelerator_launched_with("fsdp2"), trainer.model, "T")  # accepted
+    with pytest.raises(ValueError, match="nullspace_shard_bases and nullspace_offload"):
+        NullSpaceSFTConfig(output_dir=str(tmp_path), nullspace_shard_bases=True, nullspace_offload=True)
+
+
 @pytest.mark.parametrize(
     "optim, target, message",
     [

@@ -545,23 +545,11 @@ def test_fsdp2_row_shards_keep_reference_outputs():
     so the first assertion can fail. With `--offload` the bases and anchors stay in host memory and
     are applied in blocks of a few columns (`nullspace_offload`), and with `--smaller` complements
     replace the bases where smaller: the same guarantees must hold."""
-    results = {}
-    for flag in ("", "--no-projection", "--gradient", "--gradient --offload", "--gradient --smaller --offload"):
-        completed = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545"]
-            + [os.path.join(ROOT, "tests", "fsdp2_worker.py")]
-            + flag.split(),
-            cwd=ROOT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT")]
-        ok = completed.returncode == 0 or _finished_before_teardown_abort(completed, bool(lines))
-        assert ok and lines, completed.stdout[-3000:] + completed.stderr[-3000:]
-        line = lines[0]
-        results[flag] = dict(item.split("=") for item in line.split()[1:])
+    flags = ("", "--no-projection", "--gradient", "--gradient --offload", "--gradient --smaller --offload")
+    results = {
+        flag: _fsdp2_worker(flag, 2)
+        for flag in flags + ("--gradient --shard-bases", "--gradient --smaller --shard-bases")
+    }
     assert float(results[""]["drift"]) < 1e-4
     assert float(results[""]["moved"]) > 1e-2
     assert float(results["--no-projection"]["drift"]) > 1e-2
@@ -588,6 +576,43 @@ def test_fsdp2_row_shards_keep_reference_outputs():
     # Each rank keeps about half the anchor rows, and a checkpoint gathers them whole.
     for result in results.values():
         assert 0.3 < float(result["anchor_rows_kept"]) < 0.7 and result["anchors_whole"] == "1", result
+    # Bases split over the ranks (`nullspace_shard_bases`): each rank keeps half of their bytes, every basis
+    # gathered on every rank is the whole one bit for bit, and training is bit for bit the unsharded run's.
+    sharded = results["--gradient --shard-bases"]
+    assert 0.45 < float(sharded["bases_kept"]) < 0.55 and results["--gradient"]["bases_kept"] == "1.000"
+    assert sharded["gathered_exact"] == "1" and sharded["weights"] == results["--gradient"]["weights"]
+    assert sharded["weights"] != results["--no-projection"]["weights"]
+    sharded_complements = results["--gradient --smaller --shard-bases"]
+    assert int(sharded_complements["complements"]) > 0 and sharded_complements["gathered_exact"] == "1"
+    assert 0.45 < float(sharded_complements["bases_kept"]) < 0.55
+    assert float(sharded_complements["invariant"]) < 1e-5 and float(sharded_complements["gradient_after"]) < 1e-5
+
+
+def test_fsdp2_bases_split_over_four_ranks_train_as_whole_bases_do():
+    """4 CPU processes: each keeps a quarter of every basis' rows (the last ranks' zero-padded) and gathers one
+    basis at a time; the trained weights are bit for bit those of the run that keeps every basis whole."""
+    sharded, whole = (_fsdp2_worker(flag, 4) for flag in ("--gradient --shard-bases", "--gradient"))
+    assert 0.2 < float(sharded["bases_kept"]) < 0.3 and sharded["gathered_exact"] == "1"
+    assert sharded["weights"] == whole["weights"] and float(sharded["drift"]) < 1e-4
+    assert float(sharded["anchor_rows_kept"]) < 0.3
+
+
+def _fsdp2_worker(flags: str, processes: int) -> dict[str, str]:
+    """`tests/fsdp2_worker.py` under torchrun with `flags`, on `processes` CPU processes: its RESULT line's fields."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29545"]
+        + [os.path.join(ROOT, "tests", "fsdp2_worker.py")]
+        + flags.split(),
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT")]
+    ok = completed.returncode == 0 or _finished_before_teardown_abort(completed, bool(lines))
+    assert ok and lines, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return dict(item.split("=") for item in lines[0].split()[1:])
 
 
 def test_deepspeed_resume_restores_the_checkpoint_subspace(assets, tmp_path):

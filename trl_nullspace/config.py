@@ -89,6 +89,15 @@ class NullSpaceArguments:
             "FSDP2 and DeepSpeed ZeRO-3."
         },
     )
+    nullspace_shard_bases: bool = field(
+        default=False,
+        metadata={
+            "help": "Under FSDP2: keep 1/world of every basis' rows on each rank and gather one basis whole just "
+            "before the weights that read it are projected (exact: the same fp32 bytes), so the bases' memory "
+            "falls as 1/world plus one basis, for one all-gather of every basis per projection (twice per step "
+            "under the default 'both' target). FSDP2 only; not with nullspace_offload."
+        },
+    )
     nullspace_deepspeed_projection: str = field(
         default="in_step",
         metadata={
@@ -343,6 +352,11 @@ class NullSpaceArguments:
         if self.nullspace_statistics_budget_gib is not None and not self.nullspace_statistics_budget_gib > 0:
             raise ValueError(
                 f"nullspace_statistics_budget_gib must be positive or None, got {self.nullspace_statistics_budget_gib}"
+            )
+        if self.nullspace_shard_bases and self.nullspace_offload:
+            raise ValueError(
+                "nullspace_shard_bases and nullspace_offload are two ways to take the bases off the accelerator "
+                "(split over the ranks, or in host memory); set one of them."
             )
         if not self.nullspace_offload_block_mib > 0:
             raise ValueError(f"nullspace_offload_block_mib must be positive, got {self.nullspace_offload_block_mib}.")

@@ -60,9 +60,18 @@ class ConstraintBackend(ABC):
     def projects_updates(self) -> bool:
         return self.args.nullspace_projection_target in ("update", "both")
 
-    @abstractmethod
+    # Whether this backend splits the bases over the ranks when `nullspace_shard_bases` asks.
+    shards_bases = False
+
     def check_supported(self, model: nn.Module, trainer_name: str) -> None:
-        """Refuse, with the cause and the fix, what this backend cannot constrain (at set-up)."""
+        """Refuse, with the cause and the fix, what this backend cannot constrain (at set-up); backends
+        extend it with their own refusals."""
+        if self.args.nullspace_shard_bases and not self.shards_bases:
+            raise NotImplementedError(
+                f"{trainer_name} supports nullspace_shard_bases under FSDP2 only (this run: {self.name}). On one "
+                "process or under DDP turn it off; under DeepSpeed ZeRO use nullspace_offload to take the bases "
+                "off the accelerator."
+            )
 
     def supported(self, projector: SubspaceProjector) -> SubspaceProjector:
         """The part of `projector` this backend can run (the rest is frozen by the trainer, with a warning)."""

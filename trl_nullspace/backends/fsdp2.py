@@ -9,10 +9,16 @@ and removes `G_r U Uᵀ` from its rows of the reduced gradient before the step.
 `FSDP2Backend` runs that projector at the trainer's moments; FSDP1's flat parameters are refused
 (the projection would not reach the masters), and so is the gradient method (its flattened bases
 have no rows).
+
+With `nullspace_shard_bases` the bases are split over the ranks too (`SharedBasis.shard_rows`): the
+projections then run one distinct basis at a time, each gathered whole just before the weights that
+read it (q/k/v share one) and freed after, so a rank holds 1/world of every basis plus one whole,
+and receives every basis once per projection (twice per step under the default `both` target).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,7 +27,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from trl_nullspace.backends.sharded import ShardedBackend
 from trl_nullspace.config import NullSpaceArguments
-from trl_nullspace.projection.basis import gather_anchors
+from trl_nullspace.projection.basis import SharedBasis, gather_anchors
 from trl_nullspace.projection.constrained import ConstrainedParameter, ProjectionStats, diverged_step_error, total_norm
 from trl_nullspace.projection.projector import SubspaceProjector
 
@@ -67,14 +73,32 @@ class _RowShard:
 
 
 class RowShardProjector:
-    """Enforces `M U = A` on FSDP2's row shards; built after `fully_shard` swapped the parameters."""
+    """Enforces `M U = A` on FSDP2's row shards; built after `fully_shard` swapped the parameters.
 
-    def __init__(self, model: nn.Module, constrained: list[ConstrainedParameter]):
+    With `shard_bases`, each distinct basis keeps only this rank's rows (of FSDP's mesh) and is
+    gathered whole for the weights that read it, one basis at a time (module docstring)."""
+
+    def __init__(self, model: nn.Module, constrained: list[ConstrainedParameter], shard_bases: bool = False):
         parameters = dict(model.named_parameters())
         missing = [item.name for item in constrained if item.name not in parameters]
         if missing:
             raise RuntimeError(f"FSDP renamed or dropped constrained parameters, e.g. {missing[:3]}.")
         self.shards = [_RowShard(item, parameters[item.name]) for item in constrained]
+        # Every rank binds the same weights in the same order, so the gathers below line up.
+        self.by_basis: dict[int, tuple[SharedBasis, list[_RowShard]]] = {}
+        for shard in self.shards:
+            self.by_basis.setdefault(id(shard.item.shared), (shard.item.shared, []))[1].append(shard)
+        if shard_bases:
+            for shared, shards in self.by_basis.values():
+                parameter = shards[0].parameter
+                mesh = parameter.device_mesh if isinstance(parameter.data, DTensor) else None
+                shared.shard_rows(mesh.get_group() if mesh is not None else None)
+
+    def _each_shard_with_its_basis(self) -> Iterator[_RowShard]:
+        """Every shard, grouped by basis, each basis whole (gathered if row-sharded) while its shards are used."""
+        for shared, shards in self.by_basis.values():
+            with shared.gathered():
+                yield from shards
 
     def take_previous(self) -> None:
         """With complement bases: record each rank's rows of the weights before training."""
@@ -90,7 +114,11 @@ class RowShardProjector:
 
     def project_gradients(self) -> torch.Tensor:
         """Remove every local gradient shard's component in the subspace; returns this rank's removed norm."""
-        removed = [coefficients for shard in self.shards if (coefficients := shard.project_gradient()) is not None]
+        removed = [
+            coefficients
+            for shard in self._each_shard_with_its_basis()
+            if (coefficients := shard.project_gradient()) is not None
+        ]
         return total_norm(removed) if removed else torch.zeros(())
 
     def enforce_anchors(self) -> torch.Tensor:
@@ -99,10 +127,13 @@ class RowShardProjector:
         The finiteness check is this backend's only guard against a diverged step (the gradients
         are never seen whole), so it reads one flag per step; the norm itself stays on the device.
         """
-        residuals = [shard.enforce_anchor() for shard in self.shards]
+        shards, residuals = [], []
+        for shard in self._each_shard_with_its_basis():  # each inside its basis' gather
+            shards.append(shard)
+            residuals.append(shard.enforce_anchor())
         norm = total_norm(residuals)
         if not torch.isfinite(norm):
-            bad = [s.item.name for s, r in zip(self.shards, residuals, strict=True) if not torch.isfinite(r).all()]
+            bad = [s.item.name for s, r in zip(shards, residuals, strict=True) if not torch.isfinite(r).all()]
             raise diverged_step_error(bad)
         return norm
 
@@ -111,6 +142,7 @@ class FSDP2Backend(ShardedBackend):
     """FSDP2's row shards: the gradient projected locally before the step, the masters after it."""
 
     name = "FSDP"
+    shards_bases = True
 
     def __init__(self, args: NullSpaceArguments, accelerator: Any):
         super().__init__(args, accelerator)
@@ -135,7 +167,7 @@ class FSDP2Backend(ShardedBackend):
         self._shards = None  # built again as training begins, on the sharded parameters
 
     def begin_training(self, model: nn.Module) -> None:
-        self._shards = RowShardProjector(model, self.projector.constrained)
+        self._shards = RowShardProjector(model, self.projector.constrained, self.args.nullspace_shard_bases)
 
     def take_previous(self) -> None:
         self._shards.take_previous()
@@ -148,3 +180,8 @@ class FSDP2Backend(ShardedBackend):
 
     def after_step(self) -> torch.Tensor | None:
         return self._shards.enforce_anchors() if self.projects_updates else None
+
+    def summary(self) -> str:
+        if not self.args.nullspace_shard_bases:
+            return ""
+        return " Bases split over the ranks by rows, each gathered whole while the weights that read it are projected."

@@ -22,9 +22,6 @@ class LocalBackend(ConstraintBackend):
     name = "one process or DDP"
     optimizer_steps_module_parameters = True
 
-    def check_supported(self, model: nn.Module, trainer_name: str) -> None:
-        """Every option is supported here: each process holds whole weights and gradients."""
-
     def begin_training(self, model: nn.Module) -> None:
         """Nothing to build: DDP's wrapper shares the parameters the projector was bound to."""
 

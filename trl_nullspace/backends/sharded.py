@@ -33,6 +33,7 @@ class ShardedBackend(ConstraintBackend):
     """A backend that projects row shards of the fp32 masters (module docstring)."""
 
     def check_supported(self, model: nn.Module, trainer_name: str) -> None:
+        super().check_supported(model, trainer_name)
         if self.args.nullspace_scale_learning_rate:
             raise NotImplementedError(
                 f"{trainer_name} supports nullspace_scale_learning_rate on one process and under DDP only: under "

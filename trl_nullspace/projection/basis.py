@@ -1,14 +1,17 @@
-"""Where the constraint's state lives: the bases and anchors, whole with the weights or offloaded.
+"""Where the constraint's state lives: the bases and anchors, whole with the weights, offloaded, or
+split over the ranks.
 
 Every weight that reads one input shares that input's basis (`SharedBasis`), one copy per device,
 or its orthonormal complement where that is smaller. Offloaded, bases and anchors stay in host
-memory as column blocks that the projections stage to the accelerator one at a time; sharded
-backends keep only the anchor rows their rank projects (`Anchor.keep_rows`) and gather them whole
-for checkpoints (`gather_anchors`).
+memory as column blocks that the projections stage to the accelerator one at a time. Row-sharded
+(`SharedBasis.shard_rows`), each rank keeps 1/world of every basis' rows and the projections gather
+one basis whole at a time (`SharedBasis.gathered`). Sharded backends keep only the anchor rows their
+rank projects (`Anchor.keep_rows`) and gather them whole for checkpoints (`gather_anchors`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -47,6 +50,11 @@ class SharedBasis:
     `block_bytes`, and `blocks` stages them to the accelerator one at a time. Block-wise projection
     is exact: U's columns are orthonormal, so removing `(M U_b − A_b) U_bᵀ` leaves `M U_c` unchanged
     for every other block `c`, and the blocks applied one after another equal the whole projection.
+
+    Row-sharded (`shard_rows`), each rank keeps `ceil(n / world)` of the stored matrix's rows and the
+    whole matrix exists only inside `gathered()`: one all-gather of exact fp32 bytes, so every
+    projection is bit for bit the unsharded one. Resident: 1/world of the basis; in flight: one
+    basis whole; traffic: the basis, (world − 1)/world of it received, at every `gathered()`.
     """
 
     def __init__(
@@ -64,6 +72,8 @@ class SharedBasis:
         self.stored_columns = basis.shape[1]
         self.offloaded = block_bytes is not None
         self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._row_shard: torch.Tensor | None = None  # this rank's rows, padded to `ceil(n / world)`
+        self._group: dist.ProcessGroup | None = None
         self._host_blocks: list[torch.Tensor] = []
         self.node_shared = False  # offloaded blocks read from one host copy per node (`node_memory`)
         if self.offloaded:
@@ -82,6 +92,52 @@ class SharedBasis:
             self.columns = [slice(0, self.stored_columns)]
             self._copies[(basis.device, torch.float32)] = basis
 
+    @property
+    def row_sharded(self) -> bool:
+        return self._row_shard is not None
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes this basis holds between projections: its row shard, or its device copies (offloaded: host)."""
+        if self._row_shard is not None:
+            return self._row_shard.numel() * self._row_shard.element_size()
+        held = self._host_blocks if self.offloaded else self._copies.values()
+        return sum(tensor.numel() * tensor.element_size() for tensor in held)
+
+    def shard_rows(self, group: dist.ProcessGroup | None = None) -> None:
+        """Keep only this rank's rows of the stored matrix (`ceil(n / world)` of them, zero-padded on the
+        last ranks so that every shard has one shape), freeing the whole copies; `gathered()` then
+        rebuilds it for each projection. Every rank of `group` must shard the same bases."""
+        if self.offloaded:
+            raise RuntimeError("An offloaded basis lives in host memory; it is not also split over the ranks.")
+        if self.row_sharded:
+            return
+        whole = next(tensor for (_, dtype), tensor in self._copies.items() if dtype == torch.float32)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        chunk = -(-self.dimension // world)
+        shard = whole.new_zeros(chunk, self.stored_columns)
+        rows = whole[rank * chunk : (rank + 1) * chunk]
+        shard[: rows.shape[0]] = rows
+        self._row_shard, self._group = shard, group
+        self._copies = {}
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[None]:
+        """Within this block the basis is whole (`whole`, `blocks`) on the device of its row shard: one
+        all-gather, a collective every rank enters for the same bases in the same order. A no-op for a
+        basis that is not row-sharded."""
+        if self._row_shard is None:
+            yield
+            return
+        world = dist.get_world_size(self._group)
+        pieces = [torch.empty_like(self._row_shard) for _ in range(world)]
+        dist.all_gather(pieces, self._row_shard, group=self._group)
+        self._copies = {(self._row_shard.device, torch.float32): torch.cat(pieces)[: self.dimension]}
+        try:
+            yield
+        finally:
+            self._copies = {}
+
     def whole(self, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """All of `U` (or `N`) on `device` in `dtype`; made once and shared by every weight that uses it."""
         if self.offloaded:
@@ -90,6 +146,8 @@ class SharedBasis:
                     "An offloaded basis is staged block by block; it is never whole on the accelerator."
                 )
             return torch.cat(self._host_blocks, dim=1).to(dtype)
+        if not self._copies:
+            raise RuntimeError("This basis is split over the ranks: read it inside `gathered()`.")
         key = (torch.device(device), dtype)
         if key not in self._copies:
             source = next(iter(self._copies.values()))
@@ -99,6 +157,9 @@ class SharedBasis:
     def move(self, device: torch.device) -> None:
         """Keep the copies on `device` only (the weights are now stepped there), freeing the others."""
         if self.offloaded:
+            return
+        if self._row_shard is not None:
+            self._row_shard = self._row_shard.to(device)
             return
         dtypes = {dtype for _, dtype in self._copies}
         source = next(iter(self._copies.values()))
