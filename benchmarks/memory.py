@@ -113,6 +113,9 @@ def per_rank_bytes(
     """The constraint's bytes per rank under each backend (see the module's docstring), in GiB, and
     their share of that rank's training memory."""
     bases = anchors = cut_rows = longest_row = largest_basis = largest_stored = 0.0
+    # `nullspace_step_snapshot`: each rank's rows of every constrained weight, copied for the step only, and
+    # while one weight's step is projected its change (and, with a basis, its coefficients).
+    snapshot = largest_step_change = 0.0
     largest_residual = largest_local_residual = largest_staged = largest_local_gradient = 0.0
     # `nullspace_basis_storage: smaller`: the complement where d − k < k, and instead of its weights'
     # anchors their rows as last projected; per weight, the change and its kept part while projecting.
@@ -130,6 +133,8 @@ def per_rank_bytes(
         largest_stored = max(largest_stored, size * stored * FP32)
         for rows in outputs:
             local = rows / world
+            snapshot += local * size * FP32
+            largest_step_change = max(largest_step_change, local * (size + (0 if complement else rank)) * FP32)
             if complement:
                 smaller_state += local * size * FP32
                 previous_traffic += 2 * local * size * FP32  # to the accelerator and back, offloaded
@@ -162,6 +167,8 @@ def per_rank_bytes(
         "ZeRO-3, smaller + offload": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "FSDP2, split bases": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "FSDP2, smaller + split bases": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "FSDP2, split bases + step snapshots": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "FSDP2, smaller + split bases + step snapshots": parameters * TRAINING_BYTES_PER_PARAMETER / world,
     }
     constraint = {
         "DDP": bases + anchors + largest_residual,
@@ -184,6 +191,10 @@ def per_rank_bytes(
         # `nullspace_shard_bases`: each rank its rows of every basis, and one basis whole while it is used.
         "FSDP2, split bases": bases / world + largest_basis + anchors / world + largest_local_residual,
         "FSDP2, smaller + split bases": smaller_bases / world + largest_stored + smaller_state + smaller_transient,
+        # `nullspace_step_snapshot` too: no anchors or weights as last projected between steps (the snapshot
+        # during the step is counted apart, `step snapshot: GiB during the step`).
+        "FSDP2, split bases + step snapshots": bases / world + largest_basis + largest_step_change,
+        "FSDP2, smaller + split bases + step snapshots": smaller_bases / world + largest_stored + largest_step_change,
     }
     row = {
         "parameters_billions": parameters / 1e9,
@@ -204,6 +215,8 @@ def per_rank_bytes(
     row["split bases: received GiB per step"] = 2 * bases * (world - 1) / world / 2**30
     row["smaller + split bases: received GiB per step"] = 2 * smaller_bases * (world - 1) / world / 2**30
     row["FSDP2's own: received GiB per step"] = fsdp_own_traffic(parameters, world) / 2**30
+    row["step snapshot: GiB during the step"] = snapshot / 2**30
+    row["step snapshot: share during the step"] = snapshot / training["FSDP2"]
     return row
 
 
@@ -331,17 +344,23 @@ def report(
         "Bases split over the ranks (`nullspace_shard_bases`, FSDP2): each rank keeps its rows of every basis "
         "(or complement) and gathers one whole while the weights reading it are projected; the anchors (or, "
         "with `smaller`, the weights as last projected) are each rank's rows, as before. Per rank, the "
-        "constraint's accelerator memory (share of training memory), and what a rank receives per optimizer step "
+        "constraint's accelerator memory (share of training memory); with `nullspace_step_snapshot` too, what it "
+        "holds between optimizer steps (no anchors or weights as last projected) and its snapshot of its rows of "
+        "the constrained weights during each step; and what a rank receives per optimizer step "
         "in those all-gathers (every basis twice under the `both` target) against what it receives in FSDP2's "
         f"own collectives at {FSDP_MICRO_BATCHES} micro-batches (bf16 weights gathered for forward and backward, "
         "gradients reduce-scattered):",
         "",
-        "| shape | ranks | basis: resident GiB | smaller: resident GiB | basis: received GiB per step (of FSDP2's "
-        "own) | smaller: received GiB per step (of FSDP2's own) |",
-        "|---|---|---|---|---|---|",
+        "| shape | ranks | basis: resident GiB | smaller: resident GiB | basis + step snapshots: between steps "
+        "GiB | smaller + step snapshots: between steps GiB | the snapshot, during the step GiB | basis: received "
+        "GiB per step (of FSDP2's own) | smaller: received GiB per step (of FSDP2's own) |",
+        "|---|---|---|---|---|---|---|---|---|",
         *[
             f"| {name} | {ranks} | {row['FSDP2, split bases: GiB']:.2f} ({row['FSDP2, split bases: share']:.0%}) | "
             f"{row['FSDP2, smaller + split bases: GiB']:.2f} ({row['FSDP2, smaller + split bases: share']:.0%}) | "
+            f"{row[f'{snap}: GiB']:.2f} ({row[f'{snap}: share']:.1%}) | "
+            f"{row[f'{small_snap}: GiB']:.2f} ({row[f'{small_snap}: share']:.1%}) | "
+            f"{row['step snapshot: GiB during the step']:.2f} ({row['step snapshot: share during the step']:.0%}) | "
             f"{row['split bases: received GiB per step']:.1f} "
             f"({row['split bases: received GiB per step'] / row[own]:.1%}) | "
             f"{row['smaller + split bases: received GiB per step']:.1f} "
@@ -350,6 +369,8 @@ def report(
             for ranks, rows in split.items()
             for row in [rows[name]]
             for own in ["FSDP2's own: received GiB per step"]
+            for snap in ["FSDP2, split bases + step snapshots"]
+            for small_snap in ["FSDP2, smaller + split bases + step snapshots"]
         ],
         "",
         "The projection's FLOPs per optimizer step on one device, default `both` target, as a share of the "

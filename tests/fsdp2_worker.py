@@ -13,6 +13,9 @@ how many blocks the largest basis was cut, and whether the copy was shared.
 With `--smaller` the reference set is large enough that some inputs keep over half their
 directions, and those bases are kept as complements (`nullspace_basis_storage="smaller"`); the
 line says how many, and the largest `(M − M₀) U` of any constrained weight.
+With `--step-snapshot` no anchors are recorded, and each rank copies its rows just before every step and
+projects that step's change (`nullspace_step_snapshot`); `anchor_rows_kept=0` then says nothing is held between
+steps.
 With `--shard-bases` the bases are split over the ranks by rows too (`nullspace_shard_bases`); the line
 says what share of the bases' bytes rank 0 keeps between projections, and whether each basis gathered
 on every rank is the unsharded one bit for bit. `weights=` is the trained weights' fingerprint, so
@@ -48,6 +51,7 @@ def main() -> None:
     offload_block_bytes = 1024 if "--offload" in sys.argv else None
     smaller = "--smaller" in sys.argv
     shard_bases = "--shard-bases" in sys.argv
+    step_snapshot = "--step-snapshot" in sys.argv
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     tokenizer = build_char_tokenizer()
@@ -65,6 +69,8 @@ def main() -> None:
     complements = sum(item.shared.complement for item in projector.constrained)
     node_shared = int(all(item.shared.node_shared for item in projector.constrained))
     blocks = max(len(item.shared.columns) for item in projector.constrained)
+    if step_snapshot:
+        projector.use_step_snapshots()  # the trainer's `nullspace_step_snapshot`: no anchors recorded
     projector.initialise_anchors(track_updates=True)
     for name, parameter in model.named_parameters():
         if name in projector.unconstrained:
@@ -111,6 +117,8 @@ def main() -> None:
             in_subspace["before"] = max(in_subspace["before"], largest_gradient_coefficient())
             row_shards.project_gradients()
             in_subspace["after"] = max(in_subspace["after"], largest_gradient_coefficient())
+        if step_snapshot:
+            row_shards.take_previous()  # the trainer's before_step: this step's change is measured from here
         optimizer.step()
         optimizer.zero_grad()
         if project:
@@ -119,7 +127,8 @@ def main() -> None:
     # Each rank keeps its rows' anchors only; a checkpoint gathers them whole again.
     # (With complements, the weights as last projected take the anchors' place, a shard's rows too.)
     states = [s.item.anchor_state or s.item.previous_state for s in row_shards.shards]
-    kept = sum(state.held().shape[0] for state in states) / sum(s.item.matrix_shape[0] for s in row_shards.shards)
+    held = [state for state in states if state is not None]
+    kept = sum(state.held().shape[0] for state in held) / sum(s.item.matrix_shape[0] for s in row_shards.shards)
     gathered = row_shards.full_anchors()
     anchors_whole = int(
         gathered.keys() == initial_anchors.keys()

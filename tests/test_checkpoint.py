@@ -35,13 +35,20 @@ def _trainer(tokenizer, safety_dataset, reference_dataset, tmp_path, nullspace=N
 OFFLOADED = {"nullspace_offload": True, "nullspace_offload_block_mib": 2**-10}
 
 
-@pytest.mark.parametrize("nullspace", [None, OFFLOADED], ids=["resident", "offloaded"])
+# Step snapshots keep no anchors: a checkpoint has none, and the resumed run keeps the constraint from its weights.
+STEP_SNAPSHOTS = {"nullspace_step_snapshot": True}
+
+
+@pytest.mark.parametrize(
+    "nullspace", [None, OFFLOADED, STEP_SNAPSHOTS], ids=["resident", "offloaded", "step snapshots"]
+)
 def test_resume_reproduces_the_uninterrupted_run(tokenizer, safety_dataset, reference_dataset, tmp_path, nullspace):
     full = _trainer(tokenizer, safety_dataset, reference_dataset, tmp_path, nullspace)
     full.train()
     checkpoint = os.path.join(str(tmp_path / "out"), "checkpoint-3")
     saved, header = load_subspace(os.path.join(checkpoint, CHECKPOINT_FILE))
-    assert header["anchors"]  # update target: anchors travel with the checkpoint
+    # update target: anchors travel with the checkpoint, unless step snapshots replace them
+    assert bool(header["anchors"]) == (nullspace is not STEP_SNAPSHOTS)
 
     resumed = _trainer(tokenizer, safety_dataset, reference_dataset, tmp_path / "resumed", nullspace)
     fresh_bases = {key: basis.clone() for key, basis in resumed.nullspace_subspace.bases.items()}

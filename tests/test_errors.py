@@ -246,6 +246,31 @@ def test_sharded_bases_are_refused_where_nothing_splits_them(
         NullSpaceSFTConfig(output_dir=str(tmp_path), nullspace_shard_bases=True, nullspace_offload=True)
 
 
+def test_step_snapshots_are_refused_where_they_would_not_apply(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    """`nullspace_step_snapshot` replaces the anchors of the update projection: DeepSpeed's master projections keep
+    anchors, the 'gradient' target projects no update, and offloading would move the snapshot through host memory."""
+    trainer = make_sft_trainer(
+        model,
+        tokenizer,
+        safety_dataset,
+        tmp_path,
+        reference_dataset,
+        nullspace_energy=0.9,
+        nullspace_step_snapshot=True,
+    )
+    with pytest.raises(NotImplementedError, match=r"nullspace_step_snapshot on one process, DDP and FSDP2 only"):
+        backend_for(trainer.args, accelerator_launched_with("deepspeed"), trainer.model, "T")
+    backend_for(trainer.args, accelerator_launched_with("fsdp2"), trainer.model, "T")  # accepted
+    for option, message in (
+        ({"nullspace_projection_target": "gradient"}, "the 'gradient' target projects none"),
+        ({"nullspace_offload": True}, "not supported with nullspace_offload yet"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            NullSpaceSFTConfig(output_dir=str(tmp_path), nullspace_step_snapshot=True, **option)
+
+
 @pytest.mark.parametrize(
     "optim, target, message",
     [

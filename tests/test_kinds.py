@@ -30,12 +30,12 @@ def test_every_registered_kind_runs_in_the_matrix():
     assert set(registered_kinds()) == set(CASES)
 
 
-def _trainers(kind, tokenizer, safety_dataset, reference_dataset, tmp_path):
+def _trainers(kind, tokenizer, safety_dataset, reference_dataset, tmp_path, **options):
     model_type, extra, settings, lora = CASES[kind]
     peft_config = LoraConfig(**lora) if lora else None
     null_space = NullSpaceSFTTrainer(
         model=build(model_type, tokenizer, extra),
-        args=NullSpaceSFTConfig(**training_kwargs(tmp_path / "null-space"), **settings),
+        args=NullSpaceSFTConfig(**training_kwargs(tmp_path / "null-space"), **settings, **options),
         train_dataset=safety_dataset,
         processing_class=tokenizer,
         reference_dataset=reference_dataset,
@@ -61,13 +61,17 @@ def _subspace_share(items, weights_of, before) -> float:
     return max(shares)
 
 
+@pytest.mark.parametrize("step_snapshot", [False, True], ids=["anchors", "step snapshots"])
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_each_kind_keeps_its_change_out_of_the_subspace_where_plain_trl_does_not(
-    kind, tokenizer, safety_dataset, reference_dataset, tmp_path
+    kind, step_snapshot, tokenizer, safety_dataset, reference_dataset, tmp_path
 ):
     """Every kind's invariant: what training changed in a constrained tensor lies outside its basis, so
-    (activation kinds) reference outputs stay put; plain TRL's change of the same tensors does not."""
-    null_space, plain = _trainers(kind, tokenizer, safety_dataset, reference_dataset, tmp_path)
+    (activation kinds) reference outputs stay put; plain TRL's change of the same tensors does not. The
+    same with each step's change projected from a snapshot instead of anchors (`nullspace_step_snapshot`)."""
+    null_space, plain = _trainers(
+        kind, tokenizer, safety_dataset, reference_dataset, tmp_path, nullspace_step_snapshot=step_snapshot
+    )
     items = [item for item in null_space.nullspace_projector.constrained if item.kind == kind]
     assert items, f"nothing of kind {kind!r} was constrained"
     reference = null_space.nullspace.source.reference_batches

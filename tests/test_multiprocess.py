@@ -548,7 +548,12 @@ def test_fsdp2_row_shards_keep_reference_outputs():
     flags = ("", "--no-projection", "--gradient", "--gradient --offload", "--gradient --smaller --offload")
     results = {
         flag: _fsdp2_worker(flag, 2)
-        for flag in flags + ("--gradient --shard-bases", "--gradient --smaller --shard-bases")
+        for flag in flags
+        + (
+            "--gradient --shard-bases",
+            "--gradient --smaller --shard-bases --step-snapshot",
+            "--gradient --step-snapshot",
+        )
     }
     assert float(results[""]["drift"]) < 1e-4
     assert float(results[""]["moved"]) > 1e-2
@@ -574,18 +579,26 @@ def test_fsdp2_row_shards_keep_reference_outputs():
     assert results[""]["uneven_shards"] == "1"
     assert results[""]["fingerprint_same"] == "1"
     # Each rank keeps about half the anchor rows, and a checkpoint gathers them whole.
-    for result in results.values():
-        assert 0.3 < float(result["anchor_rows_kept"]) < 0.7 and result["anchors_whole"] == "1", result
+    for flag, result in results.items():
+        if "--step-snapshot" not in flag:
+            assert 0.3 < float(result["anchor_rows_kept"]) < 0.7 and result["anchors_whole"] == "1", result
     # Bases split over the ranks (`nullspace_shard_bases`): each rank keeps half of their bytes, every basis
     # gathered on every rank is the whole one bit for bit, and training is bit for bit the unsharded run's.
     sharded = results["--gradient --shard-bases"]
     assert 0.45 < float(sharded["bases_kept"]) < 0.55 and results["--gradient"]["bases_kept"] == "1.000"
     assert sharded["gathered_exact"] == "1" and sharded["weights"] == results["--gradient"]["weights"]
     assert sharded["weights"] != results["--no-projection"]["weights"]
-    sharded_complements = results["--gradient --smaller --shard-bases"]
+    # Step snapshots (`nullspace_step_snapshot`): each rank copies its rows before every step and projects that
+    # step's change; nothing is held between steps (no anchor or weight rows), and the change since the start
+    # stays orthogonal to every basis, with bases and with split complements.
+    snapshots = results["--gradient --step-snapshot"]
+    assert float(snapshots["drift"]) < 1e-4 and float(snapshots["moved"]) > 1e-2
+    assert float(snapshots["invariant"]) < 1e-5 and snapshots["anchor_rows_kept"] == "0.000"
+    sharded_complements = results["--gradient --smaller --shard-bases --step-snapshot"]
     assert int(sharded_complements["complements"]) > 0 and sharded_complements["gathered_exact"] == "1"
     assert 0.45 < float(sharded_complements["bases_kept"]) < 0.55
     assert float(sharded_complements["invariant"]) < 1e-5 and float(sharded_complements["gradient_after"]) < 1e-5
+    assert sharded_complements["anchor_rows_kept"] == "0.000" and float(sharded_complements["moved"]) > 1e-2
 
 
 def test_fsdp2_bases_split_over_four_ranks_train_as_whole_bases_do():

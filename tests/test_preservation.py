@@ -230,6 +230,40 @@ def test_smaller_storage_trains_as_the_basis(model, tokenizer, safety_dataset, t
     assert _largest_change_in_subspace(plain.model, initial, subspace, names) > 1e-2
 
 
+@pytest.mark.parametrize("storage", ["basis", "smaller"])
+def test_step_snapshots_train_as_the_anchors_and_hold_nothing_between_steps(
+    model, tokenizer, safety_dataset, tmp_path, storage
+):
+    """`nullspace_step_snapshot`: each optimizer step's change is projected from a copy of the weights taken just
+    before it, and no anchors (nor weights as last projected) are kept. The run must end where the run with kept
+    state does (to fp32 round-off), keep every weight's change orthogonal to its basis, and hold no state after
+    training; with complements and bases mixed (`smaller`), each path is checked."""
+    import copy
+
+    import datasets
+
+    from trl_nullspace.data import toy
+
+    reference = datasets.Dataset.from_dict(toy.as_text(toy.general_examples(40, seed=1)))
+    settings = dict(nullspace_eigenvalue_threshold=None, nullspace_energy=0.999, nullspace_basis_storage=storage)
+    kept_model, initial = copy.deepcopy(model), copy.deepcopy(model.state_dict())
+    trainer, _, _ = _train_null_space(
+        model, tokenizer, safety_dataset, reference, tmp_path / "snapshots", nullspace_step_snapshot=True, **settings
+    )
+    constrained = trainer.nullspace_projector.constrained
+    assert all(item.anchor_state is None and item.previous_state is None for item in constrained)
+    assert (storage == "smaller") == any(item.shared.complement for item in constrained)
+    kept, _, _ = _train_null_space(kept_model, tokenizer, safety_dataset, reference, tmp_path / "kept", **settings)
+    assert any(
+        item.anchor_state is not None or item.previous_state is not None
+        for item in kept.nullspace_projector.constrained
+    )
+    gap, moved = _gap_and_move(trainer.model, kept.model, initial)
+    assert gap < 1e-5 and moved > 1e-2, (gap, moved)
+    subspace, names = trainer.nullspace_subspace, [item.name for item in constrained]
+    assert _largest_change_in_subspace(trainer.model, initial, subspace, names) < 1e-4
+
+
 def _gap_and_move(trained, other, initial: dict) -> tuple[float, float]:
     """The largest weight difference between two trained models, and how far the first moved."""
     weights = dict(other.named_parameters())

@@ -89,6 +89,17 @@ class NullSpaceArguments:
             "FSDP2 and DeepSpeed ZeRO-3."
         },
     )
+    nullspace_step_snapshot: bool = field(
+        default=False,
+        metadata={
+            "help": "Project each optimizer step's change, from a snapshot of the weights (each rank its rows) taken "
+            "just before the step and freed after it, instead of the change since training began: no anchors "
+            "(nor, with nullspace_basis_storage='smaller', the weights as last projected) are held between steps or "
+            "saved in checkpoints. The same constraint, exact to fp32 round-off per step; the snapshot costs 4 bytes "
+            "per constrained parameter (over the ranks under FSDP2) during the step only. With the 'update' or "
+            "'both' target; one process, DDP and FSDP2; not with nullspace_offload."
+        },
+    )
     nullspace_shard_bases: bool = field(
         default=False,
         metadata={
@@ -352,6 +363,16 @@ class NullSpaceArguments:
         if self.nullspace_statistics_budget_gib is not None and not self.nullspace_statistics_budget_gib > 0:
             raise ValueError(
                 f"nullspace_statistics_budget_gib must be positive or None, got {self.nullspace_statistics_budget_gib}"
+            )
+        if self.nullspace_step_snapshot and self.nullspace_projection_target == "gradient":
+            raise ValueError(
+                "nullspace_step_snapshot changes how the update is projected after each step, and the 'gradient' "
+                "target projects none: set nullspace_projection_target to 'both' or 'update', or unset it."
+            )
+        if self.nullspace_step_snapshot and self.nullspace_offload:
+            raise ValueError(
+                "nullspace_step_snapshot is not supported with nullspace_offload yet (the snapshot would cross to "
+                "host memory and back at every step); set one of them."
             )
         if self.nullspace_shard_bases and self.nullspace_offload:
             raise ValueError(

@@ -60,8 +60,10 @@ class ConstraintBackend(ABC):
     def projects_updates(self) -> bool:
         return self.args.nullspace_projection_target in ("update", "both")
 
-    # Whether this backend splits the bases over the ranks when `nullspace_shard_bases` asks.
+    # Whether this backend splits the bases over the ranks when `nullspace_shard_bases` asks, and whether
+    # it projects each step's change from a snapshot when `nullspace_step_snapshot` asks.
     shards_bases = False
+    takes_step_snapshots = False
 
     def check_supported(self, model: nn.Module, trainer_name: str) -> None:
         """Refuse, with the cause and the fix, what this backend cannot constrain (at set-up); backends
@@ -71,6 +73,11 @@ class ConstraintBackend(ABC):
                 f"{trainer_name} supports nullspace_shard_bases under FSDP2 only (this run: {self.name}). On one "
                 "process or under DDP turn it off; under DeepSpeed ZeRO use nullspace_offload to take the bases "
                 "off the accelerator."
+            )
+        if self.args.nullspace_step_snapshot and not self.takes_step_snapshots:
+            raise NotImplementedError(
+                f"{trainer_name} supports nullspace_step_snapshot on one process, DDP and FSDP2 only (this run: "
+                f"{self.name}): its projections of the masters keep anchors. Turn it off."
             )
 
     def supported(self, projector: SubspaceProjector) -> SubspaceProjector:

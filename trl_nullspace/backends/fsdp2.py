@@ -143,6 +143,7 @@ class FSDP2Backend(ShardedBackend):
 
     name = "FSDP"
     shards_bases = True
+    takes_step_snapshots = True
 
     def __init__(self, args: NullSpaceArguments, accelerator: Any):
         super().__init__(args, accelerator)

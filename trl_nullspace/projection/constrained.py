@@ -13,6 +13,11 @@ Two ways to apply it (`nullspace_projection_target`):
     when training starts. This is the projection of the cumulative update `M − M₀` onto the null
     space, whatever the optimizer did, and needs only `A` (d_out×k), not a copy of `M₀`. For a
     LoRA `A` matrix the anchor is zero, so `B A U = 0` holds for any `B`.
+
+With step snapshots (`nullspace_step_snapshot`) no anchor is kept: the weights are copied just
+before the optimizer step (`take_previous`), and after it `M ← M − ((M − S) U) Uᵀ` projects that
+step's change alone and frees the copy `S`. `M U = S U` then holds step by step, so `M U = M₀ U`
+up to one fp32 round-off per step, and nothing is held between steps.
 """
 
 from __future__ import annotations
@@ -117,6 +122,8 @@ class ConstrainedParameter:
         self.compute_dtype = compute_dtype
         self.flat = flat
         self.zero_anchor = zero_anchor
+        # Project each step's change from a snapshot taken before it, keeping no anchor (module docstring).
+        self.step_snapshots = False
         self.anchor_state: Anchor | None = None  # `A = M₀ U`, for the `update` projection
         # With a complement basis instead: the weights (or a shard's rows) as last projected.
         self.previous_state: Anchor | None = None
@@ -153,9 +160,9 @@ class ConstrainedParameter:
             self.anchor_state.keep_rows(first, count)
 
     def take_previous(self, matrix: torch.Tensor | None = None, first_row: int = 0) -> None:
-        """With a complement basis: record the weights now (or the rows `matrix` of them from
-        `first_row` on, a shard's), the point the next `update` projection keeps the change from."""
-        if not self.shared.complement:
+        """With a complement basis or step snapshots: record the weights now (or the rows `matrix` of
+        them from `first_row` on, a shard's), the point the next `update` projection keeps the change from."""
+        if not self.shared.complement and not self.step_snapshots:
             return
         matrix = self.matrix_view(self.parameter.data) if matrix is None else matrix
         keep = host_copy if self.shared.offloaded else torch.Tensor.clone
@@ -259,6 +266,9 @@ class ConstrainedParameter:
             self.anchor_state = None
             self.enforce_anchor()
             return
+        if self.step_snapshots:
+            self.anchor_state = None
+            return
         matrix = self.matrix_view(self.parameter.data)
         keep = host_copy if self.shared.offloaded else torch.Tensor.contiguous
         blocks = [
@@ -284,6 +294,11 @@ class ConstrainedParameter:
         """
         if self.shared.complement:
             return self._enforce_with_complement(matrix, rows, anchored)
+        if anchored and self.step_snapshots:
+            if self.previous_state is not None:
+                return self._enforce_step(matrix, rows)
+            if not self.zero_anchor:  # a LoRA `A` is projected whole (its anchor is zero); nothing else may be
+                raise RuntimeError(f"{self.name}: no snapshot of the weights before the step (take_previous).")
         anchors = self.anchor_state if anchored else None
         norms = []
         for index, block in enumerate(self.shared.blocks(matrix.device, self.compute_dtype)):
@@ -295,6 +310,26 @@ class ConstrainedParameter:
                 return residual
             norms.append(torch.linalg.vector_norm(residual))
         if not norms:  # nothing protected for this weight
+            return torch.zeros((), dtype=torch.float32, device=matrix.device)
+        return torch.linalg.vector_norm(torch.stack(norms))
+
+    def _enforce_step(self, matrix: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        """`M ← M − ((M − S) U) Uᵀ` in place, `S` the snapshot taken before the step (`take_previous`; the
+        rows `rows` of it for a shard): the step's change keeps only its part outside span(U), so `M U = S U`.
+        Frees the snapshot; returns the norm of `(M − S) U`. Block by block where offloaded (exact: the
+        blocks are orthonormal, and each reads the step's change, which the others leave unchanged in it)."""
+        held = self.previous_state.block(0, rows)
+        change = matrix.float() - held.to(matrix.device, non_blocking=True).float()
+        norms = []
+        for block in self.shared.blocks(matrix.device, self.compute_dtype):
+            residual = change.to(block.dtype) @ block
+            if matrix.dtype == torch.float32 and block.dtype == torch.float32:
+                matrix.addmm_(residual, block.T, alpha=-1)
+            else:
+                matrix.sub_((residual @ block.T).to(matrix.dtype))
+            norms.append(torch.linalg.vector_norm(residual.float()))
+        self.previous_state = None
+        if not norms:
             return torch.zeros((), dtype=torch.float32, device=matrix.device)
         return torch.linalg.vector_norm(torch.stack(norms))
 
@@ -316,7 +351,10 @@ class ConstrainedParameter:
             matrix.copy_(kept)
         else:
             matrix.copy_(previous.float() + kept)
-            held.copy_(matrix, non_blocking=True)
+            if self.step_snapshots:
+                self.previous_state = None  # the next step's snapshot is taken before it
+            else:
+                held.copy_(matrix, non_blocking=True)
         return removed_sq.sqrt()
 
 

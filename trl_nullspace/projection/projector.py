@@ -127,8 +127,13 @@ class SubspaceProjector:
             return []
         return [item.name for item in items if not torch.isfinite(item.parameter.grad).all()]
 
+    def use_step_snapshots(self) -> None:
+        """Project each step's change from a snapshot taken before it, with no anchors (`nullspace_step_snapshot`)."""
+        for item in self.constrained:
+            item.step_snapshots = True
+
     def take_previous(self) -> None:
-        """With complement bases: record every constrained weight before training (`take_previous`)."""
+        """With complement bases or step snapshots: record every constrained weight now (`take_previous`)."""
         for item in self.constrained:
             item.take_previous()
 
@@ -151,6 +156,11 @@ class SubspaceProjector:
     def restore_anchors(self, anchors: dict[str, torch.Tensor]) -> None:
         """Put back anchors saved by `anchors()`, e.g. from a checkpoint; names must match exactly."""
         recorded = {item.name for item in self.constrained if item.has_anchor}
+        if recorded and not anchors:
+            raise ValueError(
+                "This checkpoint holds no anchors: it was saved with nullspace_step_snapshot (or the 'gradient' "
+                "target). Resume it with the same setting."
+            )
         if set(anchors) != recorded:
             missing, unknown = sorted(recorded - set(anchors)), sorted(set(anchors) - recorded)
             raise ValueError(f"Saved anchors do not match this model: missing {missing[:3]}, unknown {unknown[:3]}.")

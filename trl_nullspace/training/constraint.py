@@ -76,6 +76,8 @@ class CapabilityConstraint:
         )
         projector = self.backend.supported(projector)  # the rest frozen, with a warning
         projector.check_trainable_directions()
+        if self.args.nullspace_step_snapshot:
+            projector.use_step_snapshots()  # before the anchors: none is recorded then
         # ZeRO-3 may have partitioned the weights already (zero.Init): each is gathered in turn.
         peak = self.source.gather_peak
         projector.initialise_anchors(
@@ -141,8 +143,13 @@ class CapabilityConstraint:
         )
 
     def _take_previous(self) -> None:
-        """With complement bases, the weights the first `update` projection keeps the change from."""
-        if self.args.nullspace_projection_target == "gradient" or self.args.nullspace_basis_storage == "basis":
+        """With complement bases, the weights the first `update` projection keeps the change from (with step
+        snapshots, each step takes its own in `before_step`)."""
+        if (
+            self.args.nullspace_projection_target == "gradient"
+            or self.args.nullspace_basis_storage == "basis"
+            or self.args.nullspace_step_snapshot
+        ):
             return
         self.backend.take_previous()
 
@@ -160,6 +167,8 @@ class CapabilityConstraint:
         stats = self.backend.before_step(model, step, measure)
         if stats is not None:
             self.metrics.observe_gradient(stats, optimizer, scheduler)
+        if self.args.nullspace_step_snapshot:
+            self.backend.take_previous()  # the weights this step's change is measured from, freed after it
 
     def after_step(self) -> None:
         """`optimizer.step()` has run: the backend restores the constraint on the weights."""
@@ -198,7 +207,12 @@ class CapabilityConstraint:
         """Bind the subspace and anchors `checkpoint` trained under (before TRL's loop resumes)."""
         self.subspace, header = self.source.restore(checkpoint)
         self.projector = self.bind(model, self.subspace)
-        self.projector.restore_anchors(header["anchors"])
+        # Step snapshots keep no anchors: the constraint is kept from the loaded weights on, step by step.
+        if not self.args.nullspace_step_snapshot:
+            self.projector.restore_anchors(header["anchors"])
+        self._restore_rate_scale(checkpoint)
+
+    def _restore_rate_scale(self, checkpoint: str) -> None:
         rate_scale = os.path.join(checkpoint, RATE_SCALE_FILE)
         if self.metrics.rate_scaler is not None and os.path.exists(rate_scale):
             with open(rate_scale) as handle:

@@ -36,6 +36,7 @@ def constraint_settings(constraint: CapabilityConstraint) -> dict[str, Any]:
         "offload_shared_on_node": any(item.shared.node_shared for item in projector.constrained),
         "basis_storage": args.nullspace_basis_storage,
         "shard_bases": args.nullspace_shard_bases,
+        "step_snapshot": args.nullspace_step_snapshot,
         "weights_with_complements": sum(item.shared.complement for item in projector.constrained),
         "rank_selection": args.nullspace_rank_selection.to_dict(),
         "target_modules": args.nullspace_target_modules,
