@@ -46,6 +46,7 @@ from trl_nullspace.storage.cache import load_subspace
 CACHE = os.path.join("outputs", "recipes", "smollm2-135m_subspace.safetensors")
 FP32 = 4
 FP64 = 8
+BF16 = 2
 TRAINING_BYTES_PER_PARAMETER = 14  # bf16 weights 2 + fp32 master 4 + Adam moments 8
 WEIGHT_BYTES = 2  # the bf16 weights ZeRO-1/2 keep whole on every rank
 KINDS = {
@@ -116,6 +117,7 @@ def per_rank_bytes(
     # `nullspace_step_snapshot`: each rank's rows of every constrained weight, copied for the step only, and
     # while one weight's step is projected its change (and, with a basis, its coefficients).
     snapshot = largest_step_change = 0.0
+    smaller_bases_bf16 = largest_stored_bf16 = 0.0
     largest_residual = largest_local_residual = largest_staged = largest_local_gradient = 0.0
     # `nullspace_basis_storage: smaller`: the complement where d − k < k, and instead of its weights'
     # anchors their rows as last projected; per weight, the change and its kept part while projecting.
@@ -129,8 +131,12 @@ def per_rank_bytes(
         stored = size - rank if complement else rank
         stored_block = min(stored, max(1, block_bytes // (FP32 * size)))
         smaller_bases += size * stored * FP32
+        # `nullspace_complement_dtype: bfloat16`: complements in 2 bytes, bases kept as U in 4.
+        smaller_bases_bf16 += size * stored * (BF16 if complement else FP32)
         largest_basis = max(largest_basis, size * rank * FP32)  # in flight while split bases are gathered
         largest_stored = max(largest_stored, size * stored * FP32)
+        # In flight with bf16 complements: the gathered bf16 bytes and their fp32 reading, 6 bytes an element.
+        largest_stored_bf16 = max(largest_stored_bf16, size * stored * (BF16 + FP32 if complement else FP32))
         for rows in outputs:
             local = rows / world
             snapshot += local * size * FP32
@@ -169,6 +175,7 @@ def per_rank_bytes(
         "FSDP2, smaller + split bases": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "FSDP2, split bases + step snapshots": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "FSDP2, smaller + split bases + step snapshots": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "FSDP2, bf16 smaller + split bases + step snapshots": parameters * TRAINING_BYTES_PER_PARAMETER / world,
     }
     constraint = {
         "DDP": bases + anchors + largest_residual,
@@ -195,6 +202,9 @@ def per_rank_bytes(
         # during the step is counted apart, `step snapshot: GiB during the step`).
         "FSDP2, split bases + step snapshots": bases / world + largest_basis + largest_step_change,
         "FSDP2, smaller + split bases + step snapshots": smaller_bases / world + largest_stored + largest_step_change,
+        "FSDP2, bf16 smaller + split bases + step snapshots": smaller_bases_bf16 / world
+        + largest_stored_bf16
+        + largest_step_change,
     }
     row = {
         "parameters_billions": parameters / 1e9,
@@ -214,6 +224,7 @@ def per_rank_bytes(
     # Split bases: every basis all-gathered once per projection, twice per step under the `both` target.
     row["split bases: received GiB per step"] = 2 * bases * (world - 1) / world / 2**30
     row["smaller + split bases: received GiB per step"] = 2 * smaller_bases * (world - 1) / world / 2**30
+    row["bf16 smaller + split bases: received GiB per step"] = 2 * smaller_bases_bf16 * (world - 1) / world / 2**30
     row["FSDP2's own: received GiB per step"] = fsdp_own_traffic(parameters, world) / 2**30
     row["step snapshot: GiB during the step"] = snapshot / 2**30
     row["step snapshot: share during the step"] = snapshot / training["FSDP2"]
@@ -352,25 +363,30 @@ def report(
         "gradients reduce-scattered):",
         "",
         "| shape | ranks | basis: resident GiB | smaller: resident GiB | basis + step snapshots: between steps "
-        "GiB | smaller + step snapshots: between steps GiB | the snapshot, during the step GiB | basis: received "
-        "GiB per step (of FSDP2's own) | smaller: received GiB per step (of FSDP2's own) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "GiB | smaller + step snapshots: between steps GiB | bf16 smaller + step snapshots: between steps GiB | "
+        "the snapshot, during the step GiB | basis: received GiB per step (of FSDP2's own) | smaller: received GiB "
+        "per step (of FSDP2's own) | bf16 smaller: received GiB per step (of FSDP2's own) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *[
             f"| {name} | {ranks} | {row['FSDP2, split bases: GiB']:.2f} ({row['FSDP2, split bases: share']:.0%}) | "
             f"{row['FSDP2, smaller + split bases: GiB']:.2f} ({row['FSDP2, smaller + split bases: share']:.0%}) | "
             f"{row[f'{snap}: GiB']:.2f} ({row[f'{snap}: share']:.1%}) | "
             f"{row[f'{small_snap}: GiB']:.2f} ({row[f'{small_snap}: share']:.1%}) | "
+            f"{row[f'{bf16_snap}: GiB']:.2f} ({row[f'{bf16_snap}: share']:.1%}) | "
             f"{row['step snapshot: GiB during the step']:.2f} ({row['step snapshot: share during the step']:.0%}) | "
             f"{row['split bases: received GiB per step']:.1f} "
             f"({row['split bases: received GiB per step'] / row[own]:.1%}) | "
             f"{row['smaller + split bases: received GiB per step']:.1f} "
-            f"({row['smaller + split bases: received GiB per step'] / row[own]:.1%}) |"
+            f"({row['smaller + split bases: received GiB per step'] / row[own]:.1%}) | "
+            f"{row['bf16 smaller + split bases: received GiB per step']:.1f} "
+            f"({row['bf16 smaller + split bases: received GiB per step'] / row[own]:.1%}) |"
             for name in next(iter(split.values()))
             for ranks, rows in split.items()
             for row in [rows[name]]
             for own in ["FSDP2's own: received GiB per step"]
             for snap in ["FSDP2, split bases + step snapshots"]
             for small_snap in ["FSDP2, smaller + split bases + step snapshots"]
+            for bf16_snap in ["FSDP2, bf16 smaller + split bases + step snapshots"]
         ],
         "",
         "The projection's FLOPs per optimizer step on one device, default `both` target, as a share of the "

@@ -16,6 +16,8 @@ line says how many, and the largest `(M − M₀) U` of any constrained weight.
 With `--step-snapshot` no anchors are recorded, and each rank copies its rows just before every step and
 projects that step's change (`nullspace_step_snapshot`); `anchor_rows_kept=0` then says nothing is held between
 steps.
+With `--bf16-complements` the complements are stored in bf16 (`nullspace_complement_dtype`), and `invariant`
+is measured against exactly what the stored complements leave out.
 With `--shard-bases` the bases are split over the ranks by rows too (`nullspace_shard_bases`); the line
 says what share of the bases' bytes rank 0 keeps between projections, and whether each basis gathered
 on every rank is the unsharded one bit for bit. `weights=` is the trained weights' fingerprint, so
@@ -40,6 +42,7 @@ from trl_nullspace.data.toy import as_text, build_char_tokenizer, build_tiny_qwe
 from trl_nullspace.estimation.activation import estimate_activation_subspace
 from trl_nullspace.estimation.rank import RankSelection
 from trl_nullspace.estimation.reference import tokenize_reference
+from trl_nullspace.projection.basis import orthonormal_complement
 from trl_nullspace.projection.projector import SubspaceProjector
 from trl_nullspace.projection.targets import find_target_linears
 from trl_nullspace.storage.fingerprint import weights_fingerprint
@@ -64,7 +67,12 @@ def main() -> None:
     linears = find_target_linears(model, None)
     subspace = estimate_activation_subspace(model, reference, linears, selection, False)
     projector = SubspaceProjector.bind(
-        model, subspace, offload_block_bytes=offload_block_bytes, smaller_storage=smaller, share_host=share_on_node
+        model,
+        subspace,
+        offload_block_bytes=offload_block_bytes,
+        smaller_storage=smaller,
+        share_host=share_on_node,
+        complement_dtype=torch.bfloat16 if "--bf16-complements" in sys.argv else torch.float32,
     )
     complements = sum(item.shared.complement for item in projector.constrained)
     node_shared = int(all(item.shared.node_shared for item in projector.constrained))
@@ -137,12 +145,20 @@ def main() -> None:
     drift = (logits_on(model, reference) - before).abs().max().item()
     parameters = dict(model.named_parameters())
     moved = max((parameters[name].full_tensor() - value).abs().max().item() for name, value in initial.items())
-    # The guarantee itself: every constrained weight's change is orthogonal to its basis.
+    items = {item.name: item for item in projector.constrained}
+
+    def protected(item) -> torch.Tensor:
+        """What the change must stay out of: the basis, or exactly what the stored complement leaves out (with
+        bf16 complements, the rounded span's complement). Gathering a split complement is a collective."""
+        if not item.shared.complement:
+            return subspace.basis_for(item.name.removesuffix(".weight"))
+        with item.shared.gathered():
+            stored = item.shared.whole(item.device, item.shared.stored_dtype)
+        return orthonormal_complement(stored.double())
+
+    # The guarantee itself: every constrained weight's change is orthogonal to what it protects.
     invariant = max(
-        ((parameters[name].full_tensor() - value) @ subspace.basis_for(name.removesuffix(".weight")))
-        .abs()
-        .max()
-        .item()
+        ((parameters[name].full_tensor() - value) @ protected(items[name])).abs().max().item()
         for name, value in initial.items()
     )
     trained_fingerprint = weights_fingerprint(model)  # a collective: every rank computes it

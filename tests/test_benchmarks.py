@@ -108,6 +108,12 @@ def test_memory_formula_on_a_shape_counted_by_hand():
     # With complements: half of their 33 floats, o_proj's 8×2 complement in flight, the weights' rows and the
     # largest change and kept part, as resident.
     assert smaller["FSDP2, smaller + split bases: GiB"] * 2**30 == (33 / 2 + 16 + 84 + 32) * 4
+    # Step snapshots hold no weights' rows between steps: half the complements, o_proj's in flight, and one
+    # weight's step change (q's 4 rows of 4, or o's 2 of 8: 16 floats); in bf16 the complements take 2 bytes and
+    # the one in flight 6 (its bf16 bytes and their fp32 reading).
+    assert smaller["FSDP2, smaller + split bases + step snapshots: GiB"] * 2**30 == (33 / 2 + 16 + 16) * 4
+    assert smaller["FSDP2, bf16 smaller + split bases + step snapshots: GiB"] * 2**30 == 33 + 16 * 6 + 16 * 4
+    assert smaller["step snapshot: GiB during the step"] * 2**30 == 84 * 4  # each rank's rows of every weight
 
 
 def test_unseen_harm_proxy_reads_no_held_out_item_and_refuses_a_trained_area():

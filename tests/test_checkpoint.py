@@ -62,6 +62,17 @@ def test_resume_reproduces_the_uninterrupted_run(tokenizer, safety_dataset, refe
         assert torch.allclose(parameter, final[name], atol=1e-5), name
 
 
+def test_a_step_snapshot_checkpoint_resumed_with_anchors_is_refused(
+    tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    """A checkpoint saved with `nullspace_step_snapshot` has no anchors: resuming it with anchors expected names the
+    setting instead of failing on a name mismatch."""
+    _trainer(tokenizer, safety_dataset, reference_dataset, tmp_path, STEP_SNAPSHOTS).train()
+    resumed = _trainer(tokenizer, safety_dataset, reference_dataset, tmp_path / "resumed")
+    with pytest.raises(ValueError, match="holds no anchors.*nullspace_step_snapshot"):
+        resumed.train(resume_from_checkpoint=os.path.join(str(tmp_path / "out"), "checkpoint-3"))
+
+
 def test_resume_from_a_checkpoint_without_subspace_is_refused(
     model, tokenizer, safety_dataset, reference_dataset, tmp_path
 ):

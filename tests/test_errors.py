@@ -271,6 +271,31 @@ def test_step_snapshots_are_refused_where_they_would_not_apply(
             NullSpaceSFTConfig(output_dir=str(tmp_path), nullspace_step_snapshot=True, **option)
 
 
+def test_bf16_complements_are_refused_where_they_are_not_checked(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    """bf16 storage applies to complements only (a basis U must stay orthonormal), is checked on one process,
+    DDP and FSDP2, and not with offload: anything else is refused by name."""
+    for option in ({}, {"nullspace_basis_storage": "smaller", "nullspace_offload": True}):
+        with pytest.raises(ValueError, match="nullspace_complement_dtype applies to the complements"):
+            NullSpaceSFTConfig(output_dir=str(tmp_path), nullspace_complement_dtype="bfloat16", **option)
+    trainer = make_sft_trainer(
+        model,
+        tokenizer,
+        safety_dataset,
+        tmp_path,
+        reference_dataset,
+        nullspace_energy=0.9,
+        nullspace_basis_storage="smaller",
+        nullspace_complement_dtype="bfloat16",
+    )
+    with pytest.raises(
+        NotImplementedError, match="nullspace_complement_dtype='bfloat16' on one process, DDP and FSDP2"
+    ):
+        backend_for(trainer.args, accelerator_launched_with("deepspeed"), trainer.model, "T")
+    backend_for(trainer.args, accelerator_launched_with("fsdp2"), trainer.model, "T")  # accepted
+
+
 @pytest.mark.parametrize(
     "optim, target, message",
     [

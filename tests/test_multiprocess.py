@@ -603,11 +603,17 @@ def test_fsdp2_row_shards_keep_reference_outputs():
 
 def test_fsdp2_bases_split_over_four_ranks_train_as_whole_bases_do():
     """4 CPU processes: each keeps a quarter of every basis' rows (the last ranks' zero-padded) and gathers one
-    basis at a time; the trained weights are bit for bit those of the run that keeps every basis whole."""
+    basis at a time; the trained weights are bit for bit those of the run that keeps every basis whole. The
+    smallest-state setting (complements in bf16, split, each step snapshotted) holds nothing but its quarter of
+    the complements between steps and keeps every change out of what the stored complements leave out."""
     sharded, whole = (_fsdp2_worker(flag, 4) for flag in ("--gradient --shard-bases", "--gradient"))
     assert 0.2 < float(sharded["bases_kept"]) < 0.3 and sharded["gathered_exact"] == "1"
     assert sharded["weights"] == whole["weights"] and float(sharded["drift"]) < 1e-4
     assert float(sharded["anchor_rows_kept"]) < 0.3
+    smallest = _fsdp2_worker("--gradient --smaller --shard-bases --step-snapshot --bf16-complements", 4)
+    assert int(smallest["complements"]) > 0 and 0.2 < float(smallest["bases_kept"]) < 0.3
+    assert smallest["anchor_rows_kept"] == "0.000" and smallest["gathered_exact"] == "1"
+    assert float(smallest["invariant"]) < 1e-6 and float(smallest["moved"]) > 1e-2, smallest
 
 
 def _fsdp2_worker(flags: str, processes: int) -> dict[str, str]:

@@ -264,6 +264,50 @@ def test_step_snapshots_train_as_the_anchors_and_hold_nothing_between_steps(
     assert _largest_change_in_subspace(trainer.model, initial, subspace, names) < 1e-4
 
 
+@pytest.mark.parametrize("step_snapshot", [False, True], ids=["kept state", "step snapshots"])
+def test_bf16_complements_keep_every_change_out_of_the_span_they_store(
+    model, tokenizer, safety_dataset, tmp_path, step_snapshot
+):
+    """`nullspace_complement_dtype="bfloat16"`: complements stored in half the bytes. Each projection leaves the
+    step's change inside the stored (rounded) span, so the change since the start is orthogonal to that span's
+    complement to fp32 round-off, over many steps (no error compounds: accumulated weights are never projected
+    again), whether the state is kept or each step is snapshotted."""
+    import datasets
+
+    from trl_nullspace.data import toy
+    from trl_nullspace.projection.basis import orthonormal_complement
+
+    reference = datasets.Dataset.from_dict(toy.as_text(toy.general_examples(40, seed=1)))
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    trainer, _, _ = _train_null_space(
+        model,
+        tokenizer,
+        safety_dataset,
+        reference,
+        tmp_path,
+        nullspace_eigenvalue_threshold=None,
+        nullspace_energy=0.999,
+        nullspace_basis_storage="smaller",
+        nullspace_complement_dtype="bfloat16",
+        nullspace_step_snapshot=step_snapshot,
+    )
+    complements = [item for item in trainer.nullspace_projector.constrained if item.shared.complement]
+    assert complements and all(item.shared.stored_dtype == torch.bfloat16 for item in complements)
+    weights = dict(trainer.model.named_parameters())
+    in_stored, in_estimated, moved = 0.0, 0.0, 0.0
+    for item in complements:
+        stored = item.shared.whole(item.device, torch.bfloat16)
+        assert item.shared.resident_bytes == stored.numel() * 2  # no fp32 copy kept beside it
+        protected = orthonormal_complement(stored.double()).double()  # exactly what the stored span leaves out
+        change = (weights[item.name].detach() - initial[item.name]).double()
+        in_stored = max(in_stored, (change @ protected).abs().max().item())
+        estimated = trainer.nullspace_subspace.basis_for(item.name.removesuffix(".weight")).double()
+        in_estimated = max(in_estimated, (change @ estimated).abs().max().item())
+        moved = max(moved, change.abs().max().item())
+    assert in_stored < 1e-6 and moved > 1e-2, (in_stored, moved)
+    assert in_stored < in_estimated / 100  # the rounding rotates the span, and the constraint follows the stored one
+
+
 def _gap_and_move(trained, other, initial: dict) -> tuple[float, float]:
     """The largest weight difference between two trained models, and how far the first moved."""
     weights = dict(other.named_parameters())

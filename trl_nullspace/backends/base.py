@@ -60,10 +60,12 @@ class ConstraintBackend(ABC):
     def projects_updates(self) -> bool:
         return self.args.nullspace_projection_target in ("update", "both")
 
-    # Whether this backend splits the bases over the ranks when `nullspace_shard_bases` asks, and whether
-    # it projects each step's change from a snapshot when `nullspace_step_snapshot` asks.
+    # Whether this backend splits the bases over the ranks when `nullspace_shard_bases` asks, whether it
+    # projects each step's change from a snapshot when `nullspace_step_snapshot` asks, and whether its
+    # projections have been checked with complements stored in bf16 (`nullspace_complement_dtype`).
     shards_bases = False
     takes_step_snapshots = False
+    low_precision_complements = False
 
     def check_supported(self, model: nn.Module, trainer_name: str) -> None:
         """Refuse, with the cause and the fix, what this backend cannot constrain (at set-up); backends
@@ -73,6 +75,11 @@ class ConstraintBackend(ABC):
                 f"{trainer_name} supports nullspace_shard_bases under FSDP2 only (this run: {self.name}). On one "
                 "process or under DDP turn it off; under DeepSpeed ZeRO use nullspace_offload to take the bases "
                 "off the accelerator."
+            )
+        if self.args.nullspace_complement_dtype != "float32" and not self.low_precision_complements:
+            raise NotImplementedError(
+                f"{trainer_name} supports nullspace_complement_dtype='{self.args.nullspace_complement_dtype}' on one "
+                f"process, DDP and FSDP2 only (this run: {self.name}). Keep the complements in float32."
             )
         if self.args.nullspace_step_snapshot and not self.takes_step_snapshots:
             raise NotImplementedError(
@@ -94,8 +101,8 @@ class ConstraintBackend(ABC):
 
     @abstractmethod
     def take_previous(self) -> None:
-        """With complement bases: record the weights (each rank its own rows) that the first update
-        projection keeps the change from."""
+        """With complement bases (as training begins) or step snapshots (before each step): record the weights
+        (each rank its own rows) that the next update projection keeps the change from."""
 
     @abstractmethod
     def before_step(self, model: nn.Module, step: int, measure: bool) -> ProjectionStats | None:

@@ -101,7 +101,8 @@ class RowShardProjector:
                 yield from shards
 
     def take_previous(self) -> None:
-        """With complement bases: record each rank's rows of the weights before training."""
+        """With complement bases (before training) or step snapshots (before each step): record each rank's rows
+        of the weights, the point the next `update` projection keeps the change from."""
         for shard in self.shards:
             shard.item.take_previous(shard.local_matrix(), shard.start)
 
@@ -144,6 +145,7 @@ class FSDP2Backend(ShardedBackend):
     name = "FSDP"
     shards_bases = True
     takes_step_snapshots = True
+    low_precision_complements = True
 
     def __init__(self, args: NullSpaceArguments, accelerator: Any):
         super().__init__(args, accelerator)

@@ -22,6 +22,7 @@ class LocalBackend(ConstraintBackend):
     name = "one process or DDP"
     optimizer_steps_module_parameters = True
     takes_step_snapshots = True
+    low_precision_complements = True
 
     def begin_training(self, model: nn.Module) -> None:
         """Nothing to build: DDP's wrapper shares the parameters the projector was bound to."""

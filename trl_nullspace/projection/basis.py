@@ -52,9 +52,17 @@ class SharedBasis:
     for every other block `c`, and the blocks applied one after another equal the whole projection.
 
     Row-sharded (`shard_rows`), each rank keeps `ceil(n / world)` of the stored matrix's rows and the
-    whole matrix exists only inside `gathered()`: one all-gather of exact fp32 bytes, so every
+    whole matrix exists only inside `gathered()`: one all-gather of the exact stored bytes, so every
     projection is bit for bit the unsharded one. Resident: 1/world of the basis; in flight: one
     basis whole; traffic: the basis, (world − 1)/world of it received, at every `gathered()`.
+
+    A complement may be stored in bf16 (`stored_dtype`): half the bytes, read in fp32 when used (a
+    transient copy, never kept). `N` is then not exactly orthonormal, but every projection through it,
+    `change ← change N Nᵀ`, leaves the change inside span(N) exactly, so what it protects is exactly the
+    rounded span's orthogonal complement, which the fp32 estimate differs from by a rotation of about
+    2⁻⁹ (`make bench-precision`). `N Nᵀ` is not idempotent, so it is only ever applied to each step's
+    change, never to accumulated weights (the complement path's invariant). A basis `U` stays fp32:
+    `M − (M U − A) Uᵀ` needs an orthonormal `U` to be exact.
     """
 
     def __init__(
@@ -63,12 +71,16 @@ class SharedBasis:
         block_bytes: int | None = None,
         complement: bool = False,
         share_host: ShareHost | None = None,
+        stored_dtype: torch.dtype = torch.float32,
     ):
         basis = basis.detach().to(torch.float32)
         self.dimension, self.rank = basis.shape  # `rank`: the protected directions, k, either way
         self.complement = complement
+        if stored_dtype != torch.float32 and not complement:
+            raise ValueError("Only a complement may be stored in low precision: a basis U must stay orthonormal.")
+        self.stored_dtype = stored_dtype
         if complement:
-            basis = orthonormal_complement(basis)
+            basis = orthonormal_complement(basis).to(device=basis.device, dtype=stored_dtype)
         self.stored_columns = basis.shape[1]
         self.offloaded = block_bytes is not None
         self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -90,7 +102,7 @@ class SharedBasis:
                 self._host_blocks, self.node_shared = share_host(blocks)
         else:
             self.columns = [slice(0, self.stored_columns)]
-            self._copies[(basis.device, torch.float32)] = basis
+            self._copies[(basis.device, stored_dtype)] = basis
 
     @property
     def row_sharded(self) -> bool:
@@ -112,7 +124,7 @@ class SharedBasis:
             raise RuntimeError("An offloaded basis lives in host memory; it is not also split over the ranks.")
         if self.row_sharded:
             return
-        whole = next(tensor for (_, dtype), tensor in self._copies.items() if dtype == torch.float32)
+        whole = next(tensor for (_, dtype), tensor in self._copies.items() if dtype == self.stored_dtype)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         chunk = -(-self.dimension // world)
         shard = whole.new_zeros(chunk, self.stored_columns)
@@ -132,7 +144,7 @@ class SharedBasis:
         world = dist.get_world_size(self._group)
         pieces = [torch.empty_like(self._row_shard) for _ in range(world)]
         dist.all_gather(pieces, self._row_shard, group=self._group)
-        self._copies = {(self._row_shard.device, torch.float32): torch.cat(pieces)[: self.dimension]}
+        self._copies = {(self._row_shard.device, self.stored_dtype): torch.cat(pieces)[: self.dimension]}
         try:
             yield
         finally:
@@ -151,6 +163,8 @@ class SharedBasis:
         key = (torch.device(device), dtype)
         if key not in self._copies:
             source = next(iter(self._copies.values()))
+            if self.stored_dtype != torch.float32 and dtype != self.stored_dtype:
+                return source.to(device=device, dtype=dtype)  # read in fp32 when used, never kept so
             self._copies[key] = source.to(device=device, dtype=dtype)
         return self._copies[key]
 
@@ -192,8 +206,10 @@ class SharedBases:
         smaller: bool = False,
         device: torch.device | None = None,
         share_host: ShareHost | None = None,
+        complement_dtype: torch.dtype = torch.float32,
     ):
         self.subspace = subspace
+        self.complement_dtype = complement_dtype  # what a complement is stored in (`SharedBasis`)
         self.offload_block_bytes = offload_block_bytes
         self.share_host = share_host
         self.smaller = smaller  # keep the complement where it is smaller than the basis
@@ -208,7 +224,8 @@ class SharedBases:
             complement = self.smaller and dimension - rank < rank
             if complement and self.device is not None:
                 basis = basis.to(self.device)
-            self._shared[key] = SharedBasis(basis, self.offload_block_bytes, complement, self.share_host)
+            dtype = self.complement_dtype if complement else torch.float32
+            self._shared[key] = SharedBasis(basis, self.offload_block_bytes, complement, self.share_host, dtype)
         return self._shared[key]
 
 

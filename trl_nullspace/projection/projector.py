@@ -44,6 +44,7 @@ class SubspaceProjector:
         offload_block_bytes: int | None = None,
         smaller_storage: bool = False,
         share_host: ShareHost | None = None,
+        complement_dtype: torch.dtype = torch.float32,
     ) -> SubspaceProjector:
         """Match the subspace's targets to the model's trainable parameters, module by module: the
         first registered kind of the subspace's method that matches a module binds it
@@ -52,10 +53,11 @@ class SubspaceProjector:
         With `offload_block_bytes`, bases and anchors stay in host memory and are staged to the
         accelerator in column blocks of at most that size (`SharedBasis`). With `smaller_storage`,
         each basis' complement is kept instead where it is smaller (computed on the model's device).
-        `share_host` makes the offloaded host copies (one per node: `node_memory.share_on_node`).
+        `share_host` makes the offloaded host copies (one per node: `node_memory.share_on_node`);
+        `complement_dtype` is what the complements are stored in (`SharedBasis`).
         """
         device = next(model.parameters()).device
-        bases = SharedBases(subspace, offload_block_bytes, smaller_storage, device, share_host)
+        bases = SharedBases(subspace, offload_block_bytes, smaller_storage, device, share_host, complement_dtype)
         kinds = kinds_for(subspace.method)
         targets = set(subspace.targets)
         constrained: list[ConstrainedParameter] = []

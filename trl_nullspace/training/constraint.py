@@ -73,6 +73,7 @@ class CapabilityConstraint:
             offload_block_bytes=self.args.nullspace_offload_block_bytes,
             smaller_storage=self.args.nullspace_basis_storage == "smaller",
             share_host=share_on_node if self.args.nullspace_offload_share_node else None,
+            complement_dtype=getattr(torch, self.args.nullspace_complement_dtype),
         )
         projector = self.backend.supported(projector)  # the rest frozen, with a warning
         projector.check_trainable_directions()

@@ -37,6 +37,7 @@ def constraint_settings(constraint: CapabilityConstraint) -> dict[str, Any]:
         "basis_storage": args.nullspace_basis_storage,
         "shard_bases": args.nullspace_shard_bases,
         "step_snapshot": args.nullspace_step_snapshot,
+        "complement_dtype": args.nullspace_complement_dtype,
         "weights_with_complements": sum(item.shared.complement for item in projector.constrained),
         "rank_selection": args.nullspace_rank_selection.to_dict(),
         "target_modules": args.nullspace_target_modules,
@@ -74,8 +75,11 @@ def start_summary(constraint: CapabilityConstraint, learning_rate: float) -> str
     complements = ""
     if settings["basis_storage"] == "smaller":
         complements = f" ({settings['weights_with_complements']} through their bases' complements)"
+    projection = settings["projection_target"] + (
+        " (each step's change, no anchors)" if settings["step_snapshot"] else ""
+    )
     summary = (
-        f"trl-nullspace: {settings['method']} subspace, {settings['projection_target']} projection; "
+        f"trl-nullspace: {settings['method']} subspace, {projection} projection; "
         f"{settings['bases']} bases of rank {settings['rank_min']}–{settings['rank_max']} "
         f"({settings['subspace_mib']} MiB{where}) "
         f"constrain {settings['constrained_parameters']} weights"
