@@ -327,7 +327,11 @@ def report(
         "Accelerator memory of the constraint per rank, GiB (share of the rank's training memory):",
         "",
     ]
-    backends = [column.removesuffix(": GiB") for column in next(iter(table.values())) if column.endswith(": GiB")]
+    backends = [  # the split bases have a table of their own, at two world sizes
+        column.removesuffix(": GiB")
+        for column in next(iter(table.values()))
+        if column.endswith(": GiB") and "split bases" not in column
+    ]
     head = ["shape", "parameters (B)", "bases GiB", "anchors GiB", *backends]
     lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, row in table.items():
@@ -437,7 +441,11 @@ def report(
         "under ZeRO-1/2 (whose `world` flat slices cut at most world − 1 rows), `B + A/world` in host memory and "
         "`2B + A/world` copied per step under the default `both` target. With `nullspace_basis_storage: smaller` "
         "the complement `N` (d × (d − k)) replaces `U` where it is smaller, and each rank keeps its rows of those "
-        "weights as last projected (4·(d_out/world)·d) instead of their anchors; ZeRO-3 adds the split rows. "
+        "weights as last projected (4·(d_out/world)·d) instead of their anchors; ZeRO-3 adds the split rows. Split "
+        "bases (FSDP2) keep `B/world` plus the largest basis whole in flight (with bf16 complements, 2 bytes an "
+        "element stored and 6 in flight, its bf16 bytes and their fp32 reading); step snapshots replace the anchors "
+        "or weights as last projected by one weight's step change while it is projected, and a copy of each rank's "
+        "rows of every constrained weight during the optimizer step (`4·Σ_weights (d_out/world)·d`). "
         "Training memory: 14 bytes per "
         "parameter under DDP, `2 + 12/world` under ZeRO-1/2, `14/world` under ZeRO-3 and FSDP2. The scale "
         "issue's target is at most 10% under ZeRO-3 on 8 ranks.",
