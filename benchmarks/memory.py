@@ -278,6 +278,17 @@ def zero_flops_share(
     return flops / (6 * shape.parameters() * ZERO_TOKENS_PER_RANK)
 
 
+def sharded_step_flops_share(
+    shape: Shape, fractions: dict[str, dict[str, float]], world: int, micro_batches: int, smaller: bool
+) -> float:
+    """The `both` target once per optimizer step, each rank projecting its 1/world share of every weight (FSDP2,
+    ZeRO-3 at its step's start), over the rank's training FLOPs for `micro_batches` of `ZERO_TOKENS_PER_RANK`
+    tokens: the scale issue's criterion (at most 3% at 8 micro-batches of 8k tokens). Step snapshots do the same
+    products (one subtraction more)."""
+    flops = 2 * one_projection_flops(shape, fractions, smaller) / world
+    return flops / (6 * shape.parameters() * ZERO_TOKENS_PER_RANK * micro_batches)
+
+
 def estimation_passes(shape: Shape, budget_bytes: int) -> dict[str, float]:
     """The activation estimate's fp64 statistics (one d×d matrix per distinct layer input) and the
     passes over the reference data `nullspace_statistics_budget_gib` splits them into. The planner
@@ -311,6 +322,7 @@ def report(
     flop_shares: dict,
     zero_shares: dict,
     split: dict,
+    step_shares: dict,
 ) -> str:
     lines = [
         "# What the constraint keeps per rank (`make bench-memory`)",
@@ -418,6 +430,14 @@ def report(
             for name, zero in zero_shares.items()
         ],
         "",
+        f"The scale issue's criterion: the `both` target once per step, sharded over {world} ranks (FSDP2, ZeRO-3), "
+        f"at {FSDP_MICRO_BATCHES} micro-batches of {ZERO_TOKENS_PER_RANK} tokens per rank, as a share of the rank's "
+        "training FLOPs (target: at most 3%):",
+        "",
+        "| shape | basis | smaller |",
+        "|---|---|---|",
+        *[f"| {name} | {shares[False]:.2%} | {shares[True]:.2%} |" for name, shares in step_shares.items()],
+        "",
         f"Estimation (activation method) with the default `nullspace_statistics_budget_gib: {budget_gib:g}`: the "
         "fp64 statistics of every layer input, the passes over the reference data that keep the statistics "
         "held at once within the budget, and the decoder-layer work of all passes in whole forward passes (each "
@@ -482,6 +502,13 @@ def main(argv: list[str] | None = None) -> None:
         }
         for shape in SHAPES
     }
+    step_shares = {
+        shape.name: {
+            smaller: sharded_step_flops_share(shape, fractions, options.world, FSDP_MICRO_BATCHES, smaller)
+            for smaller in (False, True)
+        }
+        for shape in SHAPES
+    }
     zero_shares = {
         shape.name: {
             (target, micro): zero_flops_share(shape, fractions, options.world, target, micro)
@@ -500,6 +527,7 @@ def main(argv: list[str] | None = None) -> None:
         flop_shares,
         zero_shares,
         split,
+        step_shares,
     )
     os.makedirs(options.output_dir, exist_ok=True)
     with open(os.path.join(options.output_dir, "memory.json"), "w") as handle:
@@ -520,6 +548,10 @@ def main(argv: list[str] | None = None) -> None:
                     for name, shares in flop_shares.items()
                 },
                 "split_bases": {str(world): rows for world, rows in split.items()},
+                "sharded_step_flops_share": {
+                    name: {"smaller" if smaller else "basis": share for smaller, share in shares.items()}
+                    for name, shares in step_shares.items()
+                },
                 "zero_flops_share": {
                     name: {f"{target}, {micro} micro-batches": share for (target, micro), share in shares.items()}
                     for name, shares in zero_shares.items()

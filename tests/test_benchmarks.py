@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks.frontier import target_verdicts
-from benchmarks.memory import Shape, per_rank_bytes
+from benchmarks.memory import Shape, per_rank_bytes, sharded_step_flops_share
 from benchmarks.speed import OwnWorkTimer
 from benchmarks.tax import general_perplexity_and_kl
 from benchmarks.unseen_harm import (
@@ -114,6 +114,9 @@ def test_memory_formula_on_a_shape_counted_by_hand():
     assert smaller["FSDP2, smaller + split bases + step snapshots: GiB"] * 2**30 == (33 / 2 + 16 + 16) * 4
     assert smaller["FSDP2, bf16 smaller + split bases + step snapshots: GiB"] * 2**30 == 33 + 16 * 6 + 16 * 4
     assert smaller["step snapshot: GiB during the step"] * 2**30 == 84 * 4  # each rank's rows of every weight
+    # The scale issue's FLOP criterion: 4·d_out·d·k per weight (q/k/v 4·16·4·2, o 4·4·8·4, gate/up 4·12·4·2,
+    # down 4·4·6·3: 1696), twice for the `both` target, split over 2 ranks, against 6·248 parameters·8·8192 tokens.
+    assert sharded_step_flops_share(shape, half, 2, 8, False) == 2 * 1696 / 2 / (6 * 248 * 8 * 8192)
 
 
 def test_unseen_harm_proxy_reads_no_held_out_item_and_refuses_a_trained_area():
