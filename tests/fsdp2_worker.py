@@ -18,6 +18,8 @@ projects that step's change (`nullspace_step_snapshot`); `anchor_rows_kept=0` th
 steps.
 With `--bf16-complements` the complements are stored in bf16 (`nullspace_complement_dtype`), and `invariant`
 is measured against exactly what the stored complements leave out.
+With `--corrupt-rank1` too, one bit of one basis differs on rank 1: splitting must be refused on every rank
+(`RESULT refused_on_rankN=1`).
 With `--shard-bases` the bases are split over the ranks by rows too (`nullspace_shard_bases`); the line
 says what share of the bases' bytes rank 0 keeps between projections, and whether each basis gathered
 on every rank is the unsharded one bit for bit. `weights=` is the trained weights' fingerprint, so
@@ -66,6 +68,10 @@ def main() -> None:
     reference = tokenize_reference(datasets.Dataset.from_dict(texts), tokenizer, batch_size=8, max_length=64)
     linears = find_target_linears(model, None)
     subspace = estimate_activation_subspace(model, reference, linears, selection, False)
+    if "--corrupt-rank1" in sys.argv and dist.get_rank() == 1:  # one bit of one basis differs on one rank
+        key = sorted(subspace.bases)[0]
+        subspace.bases[key] = subspace.bases[key].clone()
+        subspace.bases[key][0, 0] = torch.nextafter(subspace.bases[key][0, 0], torch.tensor(2.0))
     projector = SubspaceProjector.bind(
         model,
         subspace,
@@ -98,7 +104,12 @@ def main() -> None:
         id(item.shared): (item.shared, item.shared.whole(item.device).clone()) for item in projector.constrained
     }
     whole_bytes = sum(shared.resident_bytes for shared, _ in stored_whole.values())
-    row_shards = RowShardProjector(model, projector.constrained, shard_bases)
+    try:
+        row_shards = RowShardProjector(model, projector.constrained, shard_bases)
+    except RuntimeError as error:  # `--corrupt-rank1`: every rank must refuse, none may wait in a collective
+        print(f"RESULT refused_on_rank{dist.get_rank()}={int('different bytes' in str(error))}", flush=True)
+        dist.destroy_process_group()
+        return
     bases_kept = sum(shared.resident_bytes for shared, _ in stored_whole.values()) / whole_bytes
     gathered_exact = 1
     for shared, whole in stored_whole.values():

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
@@ -72,6 +73,36 @@ class _RowShard:
         return self.item.enforce_on(matrix, rows=slice(self.start, self.start + matrix.shape[0]))
 
 
+def split_bases(constrained: list[ConstrainedParameter], parameter: nn.Parameter) -> None:
+    """Split every distinct basis of `constrained` over the ranks of FSDP's mesh (that of `parameter`, one of
+    the sharded weights), one at a time: each is moved to the weights' device whole, checksummed and cut to
+    this rank's rows before the next one moves, so the set-up never holds more than one basis whole there."""
+    group = parameter.device_mesh.get_group() if isinstance(parameter.data, DTensor) else None
+    distinct = list({id(item.shared): item.shared for item in constrained}.values())
+    checksums = []
+    for shared in distinct:
+        shared.move(parameter.device)
+        checksums.append(shared.bits_checksum())
+        shared.shard_rows(group)
+    check_same_bytes_on_every_rank(torch.stack(checksums), group)
+
+
+def check_same_bytes_on_every_rank(checksums: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+    """Refuse bases that differ between the ranks once split (`checksums`: one per basis, `bits_checksum`).
+    Each rank computes its complements itself (a QR on its own device), and a split basis is the rows of
+    every rank's copy put together: copies that differ in any bit would make a matrix no rank estimated."""
+    gathered = [torch.empty_like(checksums) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, checksums, group=group)
+    differing = [index for index in range(len(checksums)) if any(g[index] != checksums[index] for g in gathered)]
+    if differing:
+        raise RuntimeError(
+            f"The ranks hold different bytes for {len(differing)} of {len(checksums)} bases (e.g. number "
+            f"{differing[0]}), so splitting them would join rows of different matrices. Load one subspace cache "
+            "on every rank (nullspace_cache_path) and keep the ranks' devices and torch versions alike, or turn "
+            "nullspace_shard_bases off."
+        )
+
+
 class RowShardProjector:
     """Enforces `M U = A` on FSDP2's row shards; built after `fully_shard` swapped the parameters.
 
@@ -83,16 +114,13 @@ class RowShardProjector:
         missing = [item.name for item in constrained if item.name not in parameters]
         if missing:
             raise RuntimeError(f"FSDP renamed or dropped constrained parameters, e.g. {missing[:3]}.")
+        if shard_bases and constrained:
+            split_bases(constrained, parameters[constrained[0].name])
         self.shards = [_RowShard(item, parameters[item.name]) for item in constrained]
         # Every rank binds the same weights in the same order, so the gathers below line up.
         self.by_basis: dict[int, tuple[SharedBasis, list[_RowShard]]] = {}
         for shard in self.shards:
             self.by_basis.setdefault(id(shard.item.shared), (shard.item.shared, []))[1].append(shard)
-        if shard_bases:
-            for shared, shards in self.by_basis.values():
-                parameter = shards[0].parameter
-                mesh = parameter.device_mesh if isinstance(parameter.data, DTensor) else None
-                shared.shard_rows(mesh.get_group() if mesh is not None else None)
 
     def _each_shard_with_its_basis(self) -> Iterator[_RowShard]:
         """Every shard, grouped by basis, each basis whole (gathered if row-sharded) while its shards are used."""

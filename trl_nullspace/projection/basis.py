@@ -20,6 +20,7 @@ import torch.distributed as dist
 from trl_nullspace.estimation.subspace import CapabilitySubspace
 
 FP32_BYTES = 4
+CHECKSUM_CHUNK = 2**24  # values per step of `SharedBasis.bits_checksum` (two int64 copies: 256 MiB)
 # Host copies of a basis' blocks, and whether the node's processes share them (`node_memory.share_on_node`).
 ShareHost = Callable[[list[torch.Tensor]], tuple[list[torch.Tensor], bool]]
 
@@ -115,6 +116,19 @@ class SharedBasis:
             return self._row_shard.numel() * self._row_shard.element_size()
         held = self._host_blocks if self.offloaded else self._copies.values()
         return sum(tensor.numel() * tensor.element_size() for tensor in held)
+
+    def bits_checksum(self) -> torch.Tensor:
+        """An int64 checksum of the stored matrix's exact bits, computed where it lives (no host copy): the
+        bits weighted by their position, so a changed or moved value changes it. Exact integer arithmetic,
+        so equal bytes give equal checksums on every device."""
+        stored = next(tensor for (_, dtype), tensor in self._copies.items() if dtype == self.stored_dtype)
+        bits = stored.contiguous().reshape(-1).view(torch.int16 if stored.element_size() == 2 else torch.int32)
+        total = torch.zeros((), dtype=torch.int64, device=bits.device)
+        for start in range(0, bits.numel(), CHECKSUM_CHUNK):  # int64 copies of one chunk at a time
+            piece = bits[start : start + CHECKSUM_CHUNK].to(torch.int64)
+            weights = torch.arange(start, start + piece.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
+            total += (piece * weights).sum()
+        return total
 
     def shard_rows(self, group: dist.ProcessGroup | None = None) -> None:
         """Keep only this rank's rows of the stored matrix (`ceil(n / world)` of them, zero-padded on the
