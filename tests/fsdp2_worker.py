@@ -20,6 +20,8 @@ With `--bf16-complements` the complements are stored in bf16 (`nullspace_complem
 is measured against exactly what the stored complements leave out.
 With `--corrupt-rank1` too, one bit of one basis differs on rank 1: splitting must be refused on every rank
 (`RESULT refused_on_rankN=1`).
+With `--gather-blocks` too, split bases larger than 1 KiB are gathered a few columns at a time by each weight
+that reads them (`gathered_by_block` counts them).
 With `--shard-bases` the bases are split over the ranks by rows too (`nullspace_shard_bases`); the line
 says what share of the bases' bytes rank 0 keeps between projections, and whether each basis gathered
 on every rank is the unsharded one bit for bit. `weights=` is the trained weights' fingerprint, so
@@ -50,6 +52,14 @@ from trl_nullspace.projection.targets import find_target_linears
 from trl_nullspace.storage.fingerprint import weights_fingerprint
 
 
+def stored_matrix(item) -> torch.Tensor:
+    """The basis or complement `item` reads, whole, in its stored dtype, however it is kept (split bases are
+    gathered: a collective)."""
+    with item.shared.gathered():
+        blocks = list(item.shared.blocks(item.device, item.shared.stored_dtype))
+    return torch.cat(blocks, dim=1)
+
+
 def main() -> None:
     project = "--no-projection" not in sys.argv
     project_gradient = "--gradient" in sys.argv
@@ -57,6 +67,7 @@ def main() -> None:
     smaller = "--smaller" in sys.argv
     shard_bases = "--shard-bases" in sys.argv
     step_snapshot = "--step-snapshot" in sys.argv
+    gather_block_bytes = 1024 if "--gather-blocks" in sys.argv else None
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     tokenizer = build_char_tokenizer()
@@ -100,21 +111,20 @@ def main() -> None:
     # What a checkpoint records (every rank computes it): the unsharded model's, uneven shards too.
     fingerprint_same = int(weights_fingerprint(model) == unsharded_fingerprint)
     uneven = int(any(parameter.shape[0] % dist.get_world_size() for parameter in model.parameters()))
-    stored_whole = {
-        id(item.shared): (item.shared, item.shared.whole(item.device).clone()) for item in projector.constrained
-    }
+    stored_whole = {id(item.shared): (item.shared, stored_matrix(item)) for item in projector.constrained}
     whole_bytes = sum(shared.resident_bytes for shared, _ in stored_whole.values())
     try:
-        row_shards = RowShardProjector(model, projector.constrained, shard_bases)
+        row_shards = RowShardProjector(model, projector.constrained, shard_bases, gather_block_bytes)
     except RuntimeError as error:  # `--corrupt-rank1`: every rank must refuse, none may wait in a collective
         print(f"RESULT refused_on_rank{dist.get_rank()}={int('different bytes' in str(error))}", flush=True)
         dist.destroy_process_group()
         return
     bases_kept = sum(shared.resident_bytes for shared, _ in stored_whole.values()) / whole_bytes
     gathered_exact = 1
-    for shared, whole in stored_whole.values():
-        with shared.gathered():
-            gathered_exact &= int(torch.equal(shared.whole(whole.device), whole))
+    items = {item.name: item for item in projector.constrained}
+    for item in items.values():
+        gathered_exact &= int(torch.equal(stored_matrix(item), stored_whole[id(item.shared)][1]))
+    gathered_by_block = sum(shared.row_sharded and len(shared.columns) > 1 for shared, _ in stored_whole.values())
     row_shards.take_previous()  # the trainer does this when training begins
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     generator = torch.Generator().manual_seed(1 + dist.get_rank())
@@ -156,16 +166,13 @@ def main() -> None:
     drift = (logits_on(model, reference) - before).abs().max().item()
     parameters = dict(model.named_parameters())
     moved = max((parameters[name].full_tensor() - value).abs().max().item() for name, value in initial.items())
-    items = {item.name: item for item in projector.constrained}
 
     def protected(item) -> torch.Tensor:
         """What the change must stay out of: the basis, or exactly what the stored complement leaves out (with
         bf16 complements, the rounded span's complement). Gathering a split complement is a collective."""
         if not item.shared.complement:
             return subspace.basis_for(item.name.removesuffix(".weight"))
-        with item.shared.gathered():
-            stored = item.shared.whole(item.device, item.shared.stored_dtype)
-        return orthonormal_complement(stored.double())
+        return orthonormal_complement(stored_matrix(item).double())
 
     # The guarantee itself: every constrained weight's change is orthogonal to what it protects.
     invariant = max(
@@ -179,7 +186,8 @@ def main() -> None:
             f"gradient_before={in_subspace['before']:.3e} gradient_after={in_subspace['after']:.3e} "
             f"fingerprint_same={fingerprint_same} uneven_shards={uneven} blocks={blocks} "
             f"anchor_rows_kept={kept:.3f} anchors_whole={anchors_whole} node_shared={node_shared} "
-            f"bases_kept={bases_kept:.3f} gathered_exact={gathered_exact} weights={trained_fingerprint}",
+            f"bases_kept={bases_kept:.3f} gathered_exact={gathered_exact} gathered_by_block={gathered_by_block} "
+            f"weights={trained_fingerprint}",
             flush=True,
         )
     dist.destroy_process_group()

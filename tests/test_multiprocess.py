@@ -590,6 +590,12 @@ def test_fsdp2_row_shards_keep_reference_outputs():
     assert sharded["weights"] != results["--no-projection"]["weights"]
     # Ranks whose copies of a basis differ in one bit (each computes its complements itself) would join rows of
     # different matrices: every rank refuses to split them, and none is left waiting in a collective.
+    # Split bases larger than a block are gathered a few columns at a time, by each weight that reads them, and
+    # the anchors are cut into the same blocks: the gradient and the change still stay out of every basis.
+    by_block = _fsdp2_worker("--gradient --shard-bases --gather-blocks", 2)
+    assert int(by_block["gathered_by_block"]) > 0 and sharded["gathered_by_block"] == "0"
+    assert float(by_block["invariant"]) < 1e-5 and float(by_block["gradient_after"]) < 1e-6, by_block
+    assert float(by_block["drift"]) < 1e-4 and float(by_block["moved"]) > 1e-2
     refused = _fsdp2_worker("--gradient --shard-bases --corrupt-rank1", 2)
     assert refused == {"refused_on_rank0": "1", "refused_on_rank1": "1"}, refused
     # Step snapshots (`nullspace_step_snapshot`): each rank copies its rows before every step and projects that
@@ -614,8 +620,11 @@ def test_fsdp2_bases_split_over_four_ranks_train_as_whole_bases_do():
     assert 0.2 < float(sharded["bases_kept"]) < 0.3 and sharded["gathered_exact"] == "1"
     assert sharded["weights"] == whole["weights"] and float(sharded["drift"]) < 1e-4
     assert float(sharded["anchor_rows_kept"]) < 0.3
-    smallest = _fsdp2_worker("--gradient --smaller --shard-bases --step-snapshot --bf16-complements", 4)
+    smallest = _fsdp2_worker(
+        "--gradient --smaller --shard-bases --step-snapshot --bf16-complements --gather-blocks", 4
+    )
     assert int(smallest["complements"]) > 0 and 0.2 < float(smallest["bases_kept"]) < 0.3
+    assert int(smallest["gathered_by_block"]) > 0
     assert smallest["anchor_rows_kept"] == "0.000" and smallest["gathered_exact"] == "1"
     assert float(smallest["invariant"]) < 1e-6 and float(smallest["moved"]) > 1e-2, smallest
 

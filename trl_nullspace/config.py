@@ -137,7 +137,8 @@ class NullSpaceArguments:
     nullspace_offload_block_mib: float = field(
         default=64,
         metadata={
-            "help": "With nullspace_offload: the largest block of a basis copied to the accelerator at once (MiB)."
+            "help": "With nullspace_offload: the largest block of a basis copied to the accelerator at once (MiB); "
+            "with nullspace_shard_bases: the largest gathered at once (larger bases are gathered block by block)."
         },
     )
     nullspace_offload_share_node: bool = field(

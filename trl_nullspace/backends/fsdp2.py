@@ -13,7 +13,10 @@ have no rows).
 With `nullspace_shard_bases` the bases are split over the ranks too (`SharedBasis.shard_rows`): the
 projections then run one distinct basis at a time, each gathered whole just before the weights that
 read it (q/k/v share one) and freed after, so a rank holds 1/world of every basis plus one whole,
-and receives every basis once per projection (twice per step under the default `both` target).
+and receives every basis once per projection (twice per step under the default `both` target). A basis
+larger than `nullspace_offload_block_mib` is gathered one column block at a time instead, by each weight
+that reads it (at real shapes only `down_proj`'s input is, which one weight reads), so no more than a
+block is whole at once.
 """
 
 from __future__ import annotations
@@ -73,18 +76,23 @@ class _RowShard:
         return self.item.enforce_on(matrix, rows=slice(self.start, self.start + matrix.shape[0]))
 
 
-def split_bases(constrained: list[ConstrainedParameter], parameter: nn.Parameter) -> None:
+def split_bases(constrained: list[ConstrainedParameter], parameter: nn.Parameter, block_bytes: int | None) -> None:
     """Split every distinct basis of `constrained` over the ranks of FSDP's mesh (that of `parameter`, one of
     the sharded weights), one at a time: each is moved to the weights' device whole, checksummed and cut to
-    this rank's rows before the next one moves, so the set-up never holds more than one basis whole there."""
+    this rank's rows before the next one moves, so the set-up never holds more than one basis whole there.
+    A basis larger than `block_bytes` is gathered block by block later (`SharedBasis.shard_rows`), and its
+    weights' anchors are cut into the same column blocks."""
     group = parameter.device_mesh.get_group() if isinstance(parameter.data, DTensor) else None
     distinct = list({id(item.shared): item.shared for item in constrained}.values())
     checksums = []
     for shared in distinct:
         shared.move(parameter.device)
         checksums.append(shared.bits_checksum())
-        shared.shard_rows(group)
+        shared.shard_rows(group, block_bytes)
     check_same_bytes_on_every_rank(torch.stack(checksums), group)
+    for item in constrained:
+        if item.anchor_state is not None and len(item.anchor_state.blocks) != len(item.shared.columns):
+            item.set_anchor(item.anchor)
 
 
 def check_same_bytes_on_every_rank(checksums: torch.Tensor, group: dist.ProcessGroup | None) -> None:
@@ -107,15 +115,22 @@ class RowShardProjector:
     """Enforces `M U = A` on FSDP2's row shards; built after `fully_shard` swapped the parameters.
 
     With `shard_bases`, each distinct basis keeps only this rank's rows (of FSDP's mesh) and is
-    gathered whole for the weights that read it, one basis at a time (module docstring)."""
+    gathered whole for the weights that read it, one basis at a time, or, where larger than
+    `gather_block_bytes`, one column block at a time by each weight that reads it (module docstring)."""
 
-    def __init__(self, model: nn.Module, constrained: list[ConstrainedParameter], shard_bases: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        constrained: list[ConstrainedParameter],
+        shard_bases: bool = False,
+        gather_block_bytes: int | None = None,
+    ):
         parameters = dict(model.named_parameters())
         missing = [item.name for item in constrained if item.name not in parameters]
         if missing:
             raise RuntimeError(f"FSDP renamed or dropped constrained parameters, e.g. {missing[:3]}.")
         if shard_bases and constrained:
-            split_bases(constrained, parameters[constrained[0].name])
+            split_bases(constrained, parameters[constrained[0].name], gather_block_bytes)
         self.shards = [_RowShard(item, parameters[item.name]) for item in constrained]
         # Every rank binds the same weights in the same order, so the gathers below line up.
         self.by_basis: dict[int, tuple[SharedBasis, list[_RowShard]]] = {}
@@ -198,7 +213,12 @@ class FSDP2Backend(ShardedBackend):
         self._shards = None  # built again as training begins, on the sharded parameters
 
     def begin_training(self, model: nn.Module) -> None:
-        self._shards = RowShardProjector(model, self.projector.constrained, self.args.nullspace_shard_bases)
+        self._shards = RowShardProjector(
+            model,
+            self.projector.constrained,
+            self.args.nullspace_shard_bases,
+            gather_block_bytes=int(self.args.nullspace_offload_block_mib * 2**20),
+        )
 
     def take_previous(self) -> None:
         self._shards.take_previous()

@@ -87,6 +87,7 @@ class SharedBasis:
         self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._row_shard: torch.Tensor | None = None  # this rank's rows, padded to `ceil(n / world)`
         self._group: dist.ProcessGroup | None = None
+        self._gathered_by_block = False  # split and larger than a block: `blocks()` gathers each block
         self._host_blocks: list[torch.Tensor] = []
         self.node_shared = False  # offloaded blocks read from one host copy per node (`node_memory`)
         if self.offloaded:
@@ -130,10 +131,12 @@ class SharedBasis:
             total += (piece * weights).sum()
         return total
 
-    def shard_rows(self, group: dist.ProcessGroup | None = None) -> None:
+    def shard_rows(self, group: dist.ProcessGroup | None = None, block_bytes: int | None = None) -> None:
         """Keep only this rank's rows of the stored matrix (`ceil(n / world)` of them, zero-padded on the
         last ranks so that every shard has one shape), freeing the whole copies; `gathered()` then
-        rebuilds it for each projection. Every rank of `group` must shard the same bases."""
+        rebuilds it for each projection. A matrix larger than `block_bytes` is instead gathered one column
+        block at a time by `blocks()`, by each weight that reads it, so no more than a block is ever whole
+        (exact: the blocks' columns are orthonormal). Every rank of `group` must shard the same bases."""
         if self.offloaded:
             raise RuntimeError("An offloaded basis lives in host memory; it is not also split over the ranks.")
         if self.row_sharded:
@@ -146,19 +149,34 @@ class SharedBasis:
         shard[: rows.shape[0]] = rows
         self._row_shard, self._group = shard, group
         self._copies = {}
+        width = (
+            self.stored_columns
+            if block_bytes is None
+            else max(1, block_bytes // (whole.element_size() * chunk * world))
+        )
+        if width < self.stored_columns:
+            self.columns = [
+                slice(start, min(start + width, self.stored_columns)) for start in range(0, self.stored_columns, width)
+            ]
+            self._gathered_by_block = True
+
+    def _gather(self, columns: slice) -> torch.Tensor:
+        """The stored matrix's `columns`, all rows, from every rank's shard: one all-gather into one buffer."""
+        world = dist.get_world_size(self._group)
+        piece = self._row_shard[:, columns].contiguous()
+        whole = piece.new_empty(world * piece.shape[0], piece.shape[1])
+        dist.all_gather_single(whole, piece, group=self._group)
+        return whole[: self.dimension]
 
     @contextlib.contextmanager
     def gathered(self) -> Iterator[None]:
         """Within this block the basis is whole (`whole`, `blocks`) on the device of its row shard: one
         all-gather, a collective every rank enters for the same bases in the same order. A no-op for a
-        basis that is not row-sharded."""
-        if self._row_shard is None:
+        basis that is not row-sharded, or that `blocks()` gathers block by block."""
+        if self._row_shard is None or self._gathered_by_block:
             yield
             return
-        world = dist.get_world_size(self._group)
-        pieces = [torch.empty_like(self._row_shard) for _ in range(world)]
-        dist.all_gather(pieces, self._row_shard, group=self._group)
-        self._copies = {(self._row_shard.device, self.stored_dtype): torch.cat(pieces)[: self.dimension]}
+        self._copies = {(self._row_shard.device, self.stored_dtype): self._gather(slice(0, self.stored_columns))}
         try:
             yield
         finally:
@@ -196,6 +214,10 @@ class SharedBasis:
     def blocks(self, device: torch.device, dtype: torch.dtype) -> Iterator[torch.Tensor]:
         """`U`'s column blocks on `device`, in the order of `columns`: the whole basis as one block,
         or, offloaded, each block copied from host memory when it is reached (and freed after)."""
+        if self._gathered_by_block:
+            for columns in self.columns:  # a collective per block: every rank's weights ask in the same order
+                yield self._gather(columns).to(device=device, dtype=dtype)
+            return
         if not self.offloaded:
             yield self.whole(device, dtype)
             return
@@ -205,9 +227,10 @@ class SharedBasis:
     def split(self, coefficients: torch.Tensor) -> list[torch.Tensor]:
         """Coefficients on `U` (rows×k, e.g. an anchor) cut into the blocks' columns, stored where the
         blocks are: host memory if offloaded, else where `coefficients` is."""
-        if not self.offloaded:
+        if len(self.columns) == 1 and not self.offloaded:
             return [coefficients]
-        return [host_copy(coefficients[:, columns]) for columns in self.columns]
+        keep = host_copy if self.offloaded else torch.Tensor.clone
+        return [keep(coefficients[:, columns]) for columns in self.columns]
 
 
 class SharedBases:

@@ -286,8 +286,8 @@ class ConstrainedParameter:
     def enforce_on(self, matrix: torch.Tensor, rows: slice | None = None, anchored: bool = True) -> torch.Tensor:
         """`matrix ← matrix − (matrix U − A) Uᵀ` in place, for the whole weight or for the block `rows`
         of its rows (FSDP2's shards) with the matching anchor rows; `anchored=False` uses `A = 0`
-        (a gradient). Returns `matrix U − A`, or, when an offloaded basis is applied block by block,
-        its norm: a tensor whose 2-norm is the residual's either way.
+        (a gradient). Returns `matrix U − A`, or, when a basis is applied block by block (offloaded, or
+        split and gathered by block), its norm: a tensor whose 2-norm is the residual's either way.
 
         For fp32 weights and products each block is two fused kernels (`addmm`), because per-step
         cost on a GPU is dominated by kernel launches at a few hundred parameters, not by the FLOPs.
@@ -306,7 +306,7 @@ class ConstrainedParameter:
             if anchors is not None:
                 anchor = anchors.block(index, rows).to(matrix.device, non_blocking=True)
             residual = _enforce_block(matrix, block, anchor)
-            if not self.shared.offloaded:
+            if len(self.shared.columns) == 1:  # one block: the residual itself
                 return residual
             norms.append(torch.linalg.vector_norm(residual))
         if not norms:  # nothing protected for this weight
