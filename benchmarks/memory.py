@@ -108,6 +108,13 @@ def rank_fractions(cache: str) -> dict[str, dict[str, float]]:
     return {kind: {"mean": statistics.mean(values), "max": max(values)} for kind, values in fractions.items()}
 
 
+def gathered_at_once(size: int, columns: float, element_bytes: int, block_bytes: int) -> float:
+    """Elements of a split basis (size × columns) whole at once: all of it, or one column block of at most
+    `block_bytes` where it is larger (`SharedBasis.shard_rows`)."""
+    width = max(1, block_bytes // (element_bytes * size))
+    return size * min(columns, width)
+
+
 def per_rank_bytes(
     shape: Shape, fractions: dict[str, dict[str, float]], world: int, block_bytes: int
 ) -> dict[str, float]:
@@ -133,10 +140,13 @@ def per_rank_bytes(
         smaller_bases += size * stored * FP32
         # `nullspace_complement_dtype: bfloat16`: complements in 2 bytes, bases kept as U in 4.
         smaller_bases_bf16 += size * stored * (BF16 if complement else FP32)
-        largest_basis = max(largest_basis, size * rank * FP32)  # in flight while split bases are gathered
-        largest_stored = max(largest_stored, size * stored * FP32)
-        # In flight with bf16 complements: the gathered bf16 bytes and their fp32 reading, 6 bytes an element.
-        largest_stored_bf16 = max(largest_stored_bf16, size * stored * (BF16 + FP32 if complement else FP32))
+        # In flight while split bases are gathered: the whole basis, or one block of at most `block_bytes` (as
+        # stored) where it is larger; with bf16 complements the block's bf16 bytes and their fp32 reading.
+        largest_basis = max(largest_basis, gathered_at_once(size, rank, FP32, block_bytes) * FP32)
+        largest_stored = max(largest_stored, gathered_at_once(size, stored, FP32, block_bytes) * FP32)
+        stored_bytes = BF16 if complement else FP32
+        in_flight = gathered_at_once(size, stored, stored_bytes, block_bytes) * (stored_bytes + FP32 * complement)
+        largest_stored_bf16 = max(largest_stored_bf16, in_flight)
         for rows in outputs:
             local = rows / world
             snapshot += local * size * FP32

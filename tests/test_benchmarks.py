@@ -100,18 +100,18 @@ def test_memory_formula_on_a_shape_counted_by_hand():
     # Resident under ZeRO-3: those, the largest change and kept part of one weight's rows (q's 4 rows
     # of 4, or o's 2 of 8: 2 · 16 floats) and the 34 split-row floats.
     assert smaller["ZeRO-3, smaller: GiB"] * 2**30 == (33 + 84 + 32 + 34) * 4
-    # Split bases (`nullspace_shard_bases`, FSDP2): half of the 66 basis floats, o_proj's whole 8·4 basis while
-    # it is gathered, half the anchors and the largest local residual (q's 4 rows of 2, o's 2 of 4: 8 floats);
-    # received per step: every basis twice, the other rank's half each time.
-    assert in_bytes["FSDP2, split bases: GiB"] == (66 / 2 + 32 + 84 / 2 + 8) * 4
+    # Split bases (`nullspace_shard_bases`, FSDP2): half of the 66 basis floats, one 32-byte block in flight (the
+    # bases larger than a block are gathered a block at a time: 8 floats), half the anchors and the largest local
+    # residual (q's 4 rows of 2, o's 2 of 4: 8 floats); received per step: every basis twice, half each time.
+    assert in_bytes["FSDP2, split bases: GiB"] == (66 / 2 + 8 + 84 / 2 + 8) * 4
     assert in_bytes["split bases: received GiB per step"] == 2 * 66 / 2 * 4
-    # With complements: half of their 33 floats, o_proj's 8×2 complement in flight, the weights' rows and the
-    # largest change and kept part, as resident.
-    assert smaller["FSDP2, smaller + split bases: GiB"] * 2**30 == (33 / 2 + 16 + 84 + 32) * 4
-    # Step snapshots hold no weights' rows between steps: half the complements, o_proj's in flight, and one
-    # weight's step change (q's 4 rows of 4, or o's 2 of 8: 16 floats); in bf16 the complements take 2 bytes and
-    # the one in flight 6 (its bf16 bytes and their fp32 reading).
-    assert smaller["FSDP2, smaller + split bases + step snapshots: GiB"] * 2**30 == (33 / 2 + 16 + 16) * 4
+    # With complements: half of their 33 floats, one block of o_proj's 8×2 complement in flight (8 floats), the
+    # weights' rows and the largest change and kept part, as resident.
+    assert smaller["FSDP2, smaller + split bases: GiB"] * 2**30 == (33 / 2 + 8 + 84 + 32) * 4
+    # Step snapshots hold no weights' rows between steps: half the complements, the block in flight, and one
+    # weight's step change (q's 4 rows of 4, or o's 2 of 8: 16 floats); in bf16 the complements take 2 bytes, and
+    # a 32-byte block holds all of o_proj's 16 values, 6 bytes each in flight (bf16 and their fp32 reading).
+    assert smaller["FSDP2, smaller + split bases + step snapshots: GiB"] * 2**30 == (33 / 2 + 8 + 16) * 4
     assert smaller["FSDP2, bf16 smaller + split bases + step snapshots: GiB"] * 2**30 == 33 + 16 * 6 + 16 * 4
     assert smaller["step snapshot: GiB during the step"] * 2**30 == 84 * 4  # each rank's rows of every weight
     # The scale issue's FLOP criterion: 4·d_out·d·k per weight (q/k/v 4·16·4·2, o 4·4·8·4, gate/up 4·12·4·2,
