@@ -231,13 +231,13 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
             "null-space, harm-only contrast (energy 0.99)", True, {"nullspace_contrastive": True}, harm_contrast=True
         )
         return [(plain, "sft", PLAIN_AT_TARGETS), (harm_contrast, "sft", 1.5e-4), (harm_contrast, "sft", 3e-4)]
+    low_leak = Method(
+        "harm keys only, low-leak layers (energy 1.0)",
+        True,
+        {"nullspace_energy": 1.0, "nullspace_exempt_modules": low_leak_keyed_linears()},
+        exempt=True,
+    )
     if sweep == "keys-select":
-        low_leak = Method(
-            "harm keys only, low-leak layers (energy 1.0)",
-            True,
-            {"nullspace_energy": 1.0, "nullspace_exempt_modules": low_leak_keyed_linears()},
-            exempt=True,
-        )
         weak_kl = dataclasses.replace(
             keys_only, name=keys_only.name + " + KL retain 0.3", baseline="kl-retain", retain_weight=0.3
         )
@@ -250,13 +250,8 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
     if sweep == "keys-select-kl":
         # The last lever the notes left: the low-leak keys reached 137% of plain's gain at 1e-2 but 55% of
         # its KL; a weak retain loss (0.3 cut the keys-at-every-MLP point's KL by a third) on top of them.
-        low_leak_kl = Method(
-            "harm keys only, low-leak layers + KL retain 0.3",
-            True,
-            {"nullspace_energy": 1.0, "nullspace_exempt_modules": low_leak_keyed_linears()},
-            exempt=True,
-            baseline="kl-retain",
-            retain_weight=0.3,
+        low_leak_kl = dataclasses.replace(
+            low_leak, name="harm keys only, low-leak layers + KL retain 0.3", baseline="kl-retain", retain_weight=0.3
         )
         return [(plain, "sft", PLAIN_AT_TARGETS), (low_leak_kl, "sft", 1e-2)]
     if sweep == "constraint-shape":
