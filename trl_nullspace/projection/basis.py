@@ -191,7 +191,8 @@ class SharedBasis:
                 )
             return torch.cat(self._host_blocks, dim=1).to(dtype)
         if not self._copies:
-            raise RuntimeError("This basis is split over the ranks: read it inside `gathered()`.")
+            where = "through `blocks()`, block by block" if self._gathered_by_block else "inside `gathered()`"
+            raise RuntimeError(f"This basis is split over the ranks: read it {where}.")
         key = (torch.device(device), dtype)
         if key not in self._copies:
             source = next(iter(self._copies.values()))
