@@ -31,7 +31,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from trl_nullspace.backends.sharded import ShardedBackend
 from trl_nullspace.config import NullSpaceArguments
-from trl_nullspace.projection.basis import SharedBasis, gather_anchors
+from trl_nullspace.projection.anchors import gather_anchors
+from trl_nullspace.projection.basis import SharedBasis
 from trl_nullspace.projection.constrained import ConstrainedParameter, ProjectionStats, diverged_step_error, total_norm
 from trl_nullspace.projection.projector import SubspaceProjector
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from trl_nullspace.projection.basis import Anchor, SharedBasis, host_copy
+from trl_nullspace.projection.anchors import Anchor
+from trl_nullspace.projection.basis import SharedBasis, host_copy
 
 
 @dataclass

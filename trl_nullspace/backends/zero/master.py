@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from trl_nullspace.backends.zero.fragments import MasterFragment
-from trl_nullspace.projection.basis import gather_anchors
+from trl_nullspace.projection.anchors import gather_anchors
 from trl_nullspace.projection.constrained import ConstrainedParameter, diverged_step_error
 
 
