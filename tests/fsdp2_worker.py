@@ -19,7 +19,7 @@ steps.
 With `--bf16-complements` the complements are stored in bf16 (`nullspace_complement_dtype`), and `invariant`
 is measured against exactly what the stored complements leave out.
 With `--corrupt-rank1` too, one bit of one basis differs on rank 1: splitting must be refused on every rank
-(`RESULT refused_on_rankN=1`).
+(`RESULT refused=1,1`: one flag per rank, gathered on rank 0).
 With `--gather-blocks` too, split bases larger than 1 KiB are gathered a few columns at a time by each weight
 that reads them (`gathered_by_block` counts them).
 With `--shard-bases` the bases are split over the ranks by rows too (`nullspace_shard_bases`); the line
@@ -116,7 +116,11 @@ def main() -> None:
     try:
         row_shards = RowShardProjector(model, projector.constrained, shard_bases, gather_block_bytes)
     except RuntimeError as error:  # `--corrupt-rank1`: every rank must refuse, none may wait in a collective
-        print(f"RESULT refused_on_rank{dist.get_rank()}={int('different bytes' in str(error))}", flush=True)
+        refused = torch.tensor([int("different bytes" in str(error))])
+        flags = [torch.zeros_like(refused) for _ in range(dist.get_world_size())]
+        dist.all_gather(flags, refused)  # every rank got here, or this would hang
+        if dist.get_rank() == 0:
+            print(f"RESULT refused={','.join(str(int(flag)) for flag in flags)}", flush=True)
         dist.destroy_process_group()
         return
     bases_kept = sum(shared.resident_bytes for shared, _ in stored_whole.values()) / whole_bytes
