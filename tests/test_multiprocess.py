@@ -552,7 +552,6 @@ def test_fsdp2_row_shards_keep_reference_outputs():
         + (
             "--gradient --shard-bases",
             "--gradient --smaller --shard-bases --step-snapshot",
-            "--gradient --step-snapshot",
         )
     }
     assert float(results[""]["drift"]) < 1e-4
@@ -600,10 +599,7 @@ def test_fsdp2_row_shards_keep_reference_outputs():
     assert refused == {"refused": "1,1"}, refused
     # Step snapshots (`nullspace_step_snapshot`): each rank copies its rows before every step and projects that
     # step's change; nothing is held between steps (no anchor or weight rows), and the change since the start
-    # stays orthogonal to every basis, with bases and with split complements.
-    snapshots = results["--gradient --step-snapshot"]
-    assert float(snapshots["drift"]) < 1e-4 and float(snapshots["moved"]) > 1e-2
-    assert float(snapshots["invariant"]) < 1e-5 and snapshots["anchor_rows_kept"] == "0.000"
+    # stays orthogonal to every basis, those kept as bases and the split complements alike.
     sharded_complements = results["--gradient --smaller --shard-bases --step-snapshot"]
     assert int(sharded_complements["complements"]) > 0 and sharded_complements["gathered_exact"] == "1"
     assert 0.45 < float(sharded_complements["bases_kept"]) < 0.55
