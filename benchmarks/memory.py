@@ -24,7 +24,12 @@ does not change storage), counted from the shapes, not measured on an accelerato
   cut (ZeRO-3: at most world − 1 rows per weight; ZeRO-1/2: at most world − 1 in all) and, under
   ZeRO-3, that gradient copy. Over PCIe per optimizer step: the bases twice under the default `both`
   target (gradient, then update, each once per step whatever the accumulation) and the local anchor
-  rows once.
+  rows once;
+- under FSDP2 with `nullspace_shard_bases`: each rank's rows of every basis, one basis (or one block
+  of a larger one) whole in flight, and every basis received twice per step, against FSDP2's own
+  traffic; with `nullspace_step_snapshot` no anchors or weights as last projected between steps, and
+  a copy of each rank's rows during the step; with `nullspace_complement_dtype: bfloat16` complements
+  in 2 bytes (6 in flight); at `--world` and at 64 ranks. And the scale issue's FLOP criterion.
 Training memory per rank: bf16 weights 2 + fp32 master 4 + Adam's moments 8 bytes per parameter,
 replicated under DDP, the 12 optimizer bytes partitioned under ZeRO-1/2, all 14 under ZeRO-3/FSDP2
 (the scale issue's target: the constraint at most 10% of it under ZeRO-3 on 8 ranks).
