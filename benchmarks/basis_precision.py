@@ -21,7 +21,6 @@ batches, B: odd batches; the whole set is their sum):
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -29,9 +28,15 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.real import PRESETS, load_model_and_data, machine_name, trainer_reference_batches, write_results
+from benchmarks.real import (
+    PRESETS,
+    driver_parser,
+    load_model_and_data,
+    machine_name,
+    trainer_reference_batches,
+    write_results,
+)
 from trl_nullspace.config import NullSpaceArguments
-from trl_nullspace.data.gguf import SMOLLM2_DIR
 from trl_nullspace.estimation.activation import collect_in_passes, top_eigenvectors
 from trl_nullspace.estimation.modes import evaluating
 from trl_nullspace.estimation.reference import ReferenceBatch
@@ -155,12 +160,10 @@ def save_plot(result: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", default=SMOLLM2_DIR)
-    parser.add_argument("--output-dir", default="docs/results")
+    parser = driver_parser(__doc__, ("cpu",), "cpu")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    model, tokenizer, data = load_model_and_data(PRESETS["cpu"], args.model_dir)
+    model, tokenizer, data = load_model_and_data(PRESETS[args.preset], args.model_dir)
     batches = trainer_reference_batches(data.references["general"], tokenizer)
     halves = [batches[0::2], batches[1::2]]
     linears = find_target_linears(model, None)

@@ -14,15 +14,20 @@ same in every run; the table says how far apart they are.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.real import PRESETS, load_model_and_data, machine_name, trainer_reference_batches, write_results
-from trl_nullspace.data.gguf import SMOLLM2_DIR
+from benchmarks.real import (
+    PRESETS,
+    driver_parser,
+    load_model_and_data,
+    machine_name,
+    trainer_reference_batches,
+    write_results,
+)
 from trl_nullspace.estimation.activation import LayerOrder, collect_in_passes, statistic_bytes, top_eigenvectors
 from trl_nullspace.estimation.modes import evaluating
 from trl_nullspace.estimation.rank import RankSelection
@@ -94,13 +99,11 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = driver_parser(__doc__, ("cpu",), "cpu")
     parser.add_argument("--samples", type=int, default=64, help="general-chat reference examples")
-    parser.add_argument("--model-dir", default=SMOLLM2_DIR)
-    parser.add_argument("--output-dir", default="docs/results")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    model, tokenizer, data = load_model_and_data(PRESETS["cpu"], args.model_dir)
+    model, tokenizer, data = load_model_and_data(PRESETS[args.preset], args.model_dir)
     batches = trainer_reference_batches(data.references["general"], tokenizer, num_samples=args.samples)
     linears = find_target_linears(model, None)
     rows = []

@@ -24,7 +24,6 @@ Development data only; no held-out item is read.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -34,9 +33,15 @@ import torch
 from tqdm.auto import tqdm
 
 from benchmarks.basis_precision import DEFAULT, statistics_of
-from benchmarks.real import PRESETS, load_model_and_data, machine_name, trainer_reference_batches, write_results
+from benchmarks.real import (
+    PRESETS,
+    driver_parser,
+    load_model_and_data,
+    machine_name,
+    trainer_reference_batches,
+    write_results,
+)
 from benchmarks.unseen_harm import UNSEEN_IMPERATIVE, proxy_sets
-from trl_nullspace.data.gguf import SMOLLM2_DIR
 from trl_nullspace.estimation.activation import contrastive_basis, top_eigenvectors
 from trl_nullspace.evaluation.splits import training_side
 from trl_nullspace.projection.targets import find_target_linears
@@ -145,12 +150,10 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", default=SMOLLM2_DIR)
-    parser.add_argument("--output-dir", default="docs/results")
+    parser = driver_parser(__doc__, ("cpu",), "cpu")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    preset = PRESETS["cpu"]
+    preset = PRESETS[args.preset]
     model, tokenizer, data = load_model_and_data(preset, args.model_dir)
     reference = data.references["general"]
     harmful = data.exempt_prompts.select([i for i, flag in enumerate(data.exempt_prompts["harmful"]) if flag])
