@@ -310,9 +310,7 @@ class ConstrainedParameter:
             if len(self.shared.columns) == 1:  # one block: the residual itself
                 return residual
             norms.append(torch.linalg.vector_norm(residual))
-        if not norms:  # nothing protected for this weight
-            return torch.zeros((), dtype=torch.float32, device=matrix.device)
-        return torch.linalg.vector_norm(torch.stack(norms))
+        return _combined_norm(norms, matrix.device)
 
     def _enforce_step(self, matrix: torch.Tensor, rows: slice | None) -> torch.Tensor:
         """`M ← M − ((M − S) U) Uᵀ` in place, `S` the snapshot taken before the step (`take_previous`; the
@@ -324,15 +322,10 @@ class ConstrainedParameter:
         norms = []
         for block in self.shared.blocks(matrix.device, self.compute_dtype):
             residual = change.to(block.dtype) @ block
-            if matrix.dtype == torch.float32 and block.dtype == torch.float32:
-                matrix.addmm_(residual, block.T, alpha=-1)
-            else:
-                matrix.sub_((residual @ block.T).to(matrix.dtype))
+            _remove_along(matrix, residual, block)
             norms.append(torch.linalg.vector_norm(residual.float()))
         self.previous_state = None
-        if not norms:
-            return torch.zeros((), dtype=torch.float32, device=matrix.device)
-        return torch.linalg.vector_norm(torch.stack(norms))
+        return _combined_norm(norms, matrix.device)
 
     def _enforce_with_complement(self, matrix: torch.Tensor, rows: slice | None, anchored: bool) -> torch.Tensor:
         """`M ← P + (M − P) N Nᵀ` in place, `P` the weights as last projected (`take_previous`; zero
@@ -364,13 +357,28 @@ def _enforce_block(matrix: torch.Tensor, block: torch.Tensor, anchor: torch.Tens
     `matrix B − anchor` in fp32 (products in the block's dtype)."""
     if matrix.dtype == torch.float32 and block.dtype == torch.float32:
         residual = matrix @ block if anchor is None else torch.addmm(anchor, matrix, block, beta=-1)
-        matrix.addmm_(residual, block.T, alpha=-1)
-        return residual
-    residual = (matrix.to(block.dtype) @ block).float()
-    if anchor is not None:
-        residual -= anchor
-    matrix.sub_((residual.to(block.dtype) @ block.T).to(matrix.dtype))
+    else:
+        residual = (matrix.to(block.dtype) @ block).float()
+        if anchor is not None:
+            residual -= anchor
+    _remove_along(matrix, residual, block)
     return residual
+
+
+def _remove_along(matrix: torch.Tensor, coefficients: torch.Tensor, block: torch.Tensor) -> None:
+    """`matrix ← matrix − coefficients Bᵀ` in place: one fused kernel for fp32, else the product in the
+    block's dtype."""
+    if matrix.dtype == torch.float32 and block.dtype == torch.float32:
+        matrix.addmm_(coefficients, block.T, alpha=-1)
+    else:
+        matrix.sub_((coefficients.to(block.dtype) @ block.T).to(matrix.dtype))
+
+
+def _combined_norm(norms: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The 2-norm of the blocks' norms (zero where nothing is protected)."""
+    if not norms:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def diverged_step_error(names: list[str]) -> FloatingPointError:
