@@ -132,11 +132,13 @@ class RowShardProjector:
             raise RuntimeError(f"FSDP renamed or dropped constrained parameters, e.g. {missing[:3]}.")
         if shard_bases and constrained:
             split_bases(constrained, parameters[constrained[0].name], gather_block_bytes)
-        self.shards = [_RowShard(item, parameters[item.name]) for item in constrained]
         # Every rank binds the same weights in the same order, so the gathers below line up.
         self.by_basis: dict[int, tuple[SharedBasis, list[_RowShard]]] = {}
-        for shard in self.shards:
-            self.by_basis.setdefault(id(shard.item.shared), (shard.item.shared, []))[1].append(shard)
+        for item in constrained:
+            self.by_basis.setdefault(id(item.shared), (item.shared, []))[1].append(
+                _RowShard(item, parameters[item.name])
+            )
+        self.shards = [shard for _, shards in self.by_basis.values() for shard in shards]  # in projection order
 
     def _each_shard_with_its_basis(self) -> Iterator[_RowShard]:
         """Every shard, grouped by basis, each basis whole (gathered if row-sharded) while its shards are used."""
@@ -172,13 +174,10 @@ class RowShardProjector:
         The finiteness check is this backend's only guard against a diverged step (the gradients
         are never seen whole), so it reads one flag per step; the norm itself stays on the device.
         """
-        shards, residuals = [], []
-        for shard in self._each_shard_with_its_basis():  # each inside its basis' gather
-            shards.append(shard)
-            residuals.append(shard.enforce_anchor())
+        residuals = [shard.enforce_anchor() for shard in self._each_shard_with_its_basis()]  # `self.shards`' order
         norm = total_norm(residuals)
         if not torch.isfinite(norm):
-            bad = [s.item.name for s, r in zip(shards, residuals, strict=True) if not torch.isfinite(r).all()]
+            bad = [s.item.name for s, r in zip(self.shards, residuals, strict=True) if not torch.isfinite(r).all()]
             raise diverged_step_error(bad)
         return norm
 
