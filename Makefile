@@ -42,7 +42,9 @@ bench-real-full: real-model
 	$(PYTHON) -m benchmarks.real --preset cpu-full $(BENCH_ARGS)
 
 # Energy × learning rate against plain TRL's learning rates, on the held-out sets (about 90 minutes on
-# 2 CPU cores; 7 on one H100 with --preset gpu). Reads the trade-off; chooses nothing.
+# 2 CPU cores; 7 on one H100 with --preset gpu). Reads the trade-off; chooses nothing. BENCH_ARGS="--sweep
+# harm-keys": the held-out confirmation of the harm keys at the low-leak layers against the default, replay and a
+# KL retain loss (docs/results/real_frontier-harm-keys_cpu.*, about 45 minutes on 2 CPU cores).
 bench-frontier: real-model
 	$(PYTHON) -m benchmarks.frontier --preset cpu $(BENCH_ARGS)
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.harm_key_layers import AUROC_BAR, LEAK_BAR, TARGET, passing_layers
 from benchmarks.real import (
     PRESETS,
     driver_parser,
@@ -39,16 +40,7 @@ from benchmarks.real import (
     trainer_reference_batches,
     write_results,
 )
-from benchmarks.unseen_harm import (
-    AUROC_BAR,
-    LEAK_BAR,
-    SEEN,
-    TARGET,
-    UNSEEN,
-    UNSEEN_IMPERATIVE,
-    passing_layers,
-    proxy_sets,
-)
+from benchmarks.unseen_harm import SEEN, UNSEEN, UNSEEN_IMPERATIVE, proxy_sets
 from trl_nullspace.config import DEFAULT_ENERGY
 from trl_nullspace.estimation.activation import InputCovarianceCollector, top_eigenvectors
 from trl_nullspace.estimation.exemption import harm_key

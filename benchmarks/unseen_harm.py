@@ -30,7 +30,6 @@ by `make bench-real`/`make bench-frontier`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from benchmarks.frontier import (
     plain_at_targets,
     plot_refusal_against_drift,
 )
+from benchmarks.harm_key_layers import LOW_LEAK_KEYS, LOW_LEAK_KEYS_KL
 from benchmarks.real import (
     BASE_ANSWERS_CACHE,
     KL_RETAIN,
@@ -109,12 +109,6 @@ NSPO_SETTINGS = {
     "nullspace_projection_target": "update",
     "nullspace_freeze_untargeted": False,
 }
-TARGET = "unseen area, HarmBench's form"  # the set a harm key must separate (`make bench-harm-keys`)
-AUROC_BAR, LEAK_BAR = 0.85, 0.2  # the frontier issue's falsification thresholds for a harm key
-HARM_KEYS_RESULTS = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "results", "harm_keys_cpu.json")
-# Which Linears read each layer input `make bench-harm-keys` measures (gate and up share the MLP's input).
-KEYED_LINEARS = {"MLP in": ("mlp.gate_proj", "mlp.up_proj"), "down_proj in": ("mlp.down_proj",)}
-
 DECODER_LAYERS = 30  # SmolLM2-135M's
 LAYER_LINEARS = (
     "self_attn.q_proj",
@@ -142,31 +136,6 @@ def with_instruction_forms(prompts: list[Prompt]) -> list[Prompt]:
             request = match.group(1)
             recast.append(Prompt(request[0].upper() + request[1:] + ".", prompt.source, prompt.category))
     return prompts + recast
-
-
-def passing_layers(rows: list[dict], input_name: str) -> list[int]:
-    """The layers whose harm key at `input_name` passes both of the issue's bars: it separates the unseen
-    area's requests in HarmBench's form from general prompts and look-alikes (AUROC ≥ 0.85) and general
-    inputs carry little of it (leak ≤ 0.2). `rows` are `make bench-harm-keys`' per-layer measurements."""
-    return [
-        row["layer"]
-        for row in rows
-        if row["input"] == input_name and row["auroc"][TARGET] >= AUROC_BAR and row["leak"] <= LEAK_BAR
-    ]
-
-
-def low_leak_keyed_linears(results_path: str = HARM_KEYS_RESULTS) -> list[str]:
-    """`nullspace_exempt_modules` suffixes for the MLP Linears whose input's harm key passed both bars in
-    the committed `make bench-harm-keys` measurement (development sets only), so a keyed freedom goes
-    only where it separates harm and general inputs barely carry it."""
-    with open(results_path) as handle:
-        rows = json.load(handle)["rows"]
-    return [
-        f"layers.{layer}.{linear}"
-        for input_name, linears in KEYED_LINEARS.items()
-        for layer in passing_layers(rows, input_name)
-        for linear in linears
-    ]
 
 
 def points(sweep: str) -> list[tuple[Method, str, float]]:
@@ -231,12 +200,7 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
             "null-space, harm-only contrast (energy 0.99)", True, {"nullspace_contrastive": True}, harm_contrast=True
         )
         return [(plain, "sft", PLAIN_AT_TARGETS), (harm_contrast, "sft", 1.5e-4), (harm_contrast, "sft", 3e-4)]
-    low_leak = Method(
-        "harm keys only, low-leak layers (energy 1.0)",
-        True,
-        {"nullspace_energy": 1.0, "nullspace_exempt_modules": low_leak_keyed_linears()},
-        exempt=True,
-    )
+    low_leak = LOW_LEAK_KEYS
     if sweep == "keys-select":
         weak_kl = dataclasses.replace(
             keys_only, name=keys_only.name + " + KL retain 0.3", baseline="kl-retain", retain_weight=0.3
@@ -250,10 +214,7 @@ def points(sweep: str) -> list[tuple[Method, str, float]]:
     if sweep == "keys-select-kl":
         # The last lever the issue's notes left: the low-leak keys reached 137% of plain's gain at 1e-2 but 55% of
         # its KL; a weak retain loss (0.3 cut the keys-at-every-MLP point's KL by a third) on top of them.
-        low_leak_kl = dataclasses.replace(
-            low_leak, name="harm keys only, low-leak layers + KL retain 0.3", baseline="kl-retain", retain_weight=0.3
-        )
-        return [(plain, "sft", PLAIN_AT_TARGETS), (low_leak_kl, "sft", 1e-2)]
+        return [(plain, "sft", PLAIN_AT_TARGETS), (LOW_LEAK_KEYS_KL, "sft", 1e-2)]
     if sweep == "constraint-shape":
         # Stopped after its third point (CPU time): NSPO's released setting (MLP only, eigenvalues above
         # 5e-5 of the largest of raw statistics, the rest unconstrained) was not measured; the harm keys

@@ -52,6 +52,7 @@ def _point(do_not_answer: float, harmbench: float, over_refusal: float, kl: floa
         refusal_do_not_answer=do_not_answer,
         refusal_harmbench=harmbench,
         over_refusal_lookalikes=over_refusal,
+        over_refusal_general=over_refusal,
         kl_general=kl,
         nll_code_rise=code,
     )
