@@ -11,8 +11,9 @@ assumption, stated in the output: larger models' spectra may be more or less con
 What the code allocates per rank, in fp32 (the trainer's default; `nullspace_projection_dtype`
 does not change storage), counted from the shapes, not measured on an accelerator:
 - bases `Σ_inputs d·k`, whole on every rank under every backend (one basis per distinct input,
-  shared by the weights that read it), and anchors `Σ_weights d_out·k`, whole under DDP,
-  each rank's rows only under ZeRO and FSDP2 (ZeRO-1/2 project inside DeepSpeed's step, each rank
+  shared by the weights that read it) except ZeRO-1/2, whose ranks keep only the bases of the weights
+  their contiguous flat range reaches (the largest such set is counted), and anchors `Σ_weights d_out·k`,
+  whole under DDP, each rank's rows only under ZeRO and FSDP2 (ZeRO-1/2 project inside DeepSpeed's step, each rank
   its own master fragment);
 - while projecting: DDP and FSDP2 one weight's residual at a time (its local rows × k); ZeRO every
   weight's local rows of coefficients at once (the anchors / world); under ZeRO-3 also an fp32 copy
@@ -120,6 +121,24 @@ def gathered_at_once(size: int, columns: float, element_bytes: int, block_bytes:
     return size * min(columns, width)
 
 
+def zero12_bases_kept(shape: Shape, fractions: dict[str, dict[str, float]], world: int) -> float:
+    """The most basis bytes a ZeRO-1/2 rank keeps (`zero.in_step.release_unread_bases`): the constrained weights
+    flattened in the model's order (one parameter group: the trainer freezes the rest) and cut into `world`
+    equal ranges, each rank keeps the distinct bases of the weights its range reaches."""
+    basis_bytes, weights = [], []
+    for index, (kind, size, outputs) in enumerate(shape.inputs()):
+        basis_bytes.append(size * fractions[kind]["mean"] * size * FP32)
+        weights += [(rows * size, index) for rows in outputs]
+    total = sum(numel for numel, _ in weights)
+    kept: list[set[int]] = [set() for _ in range(world)]
+    start = 0
+    for numel, index in weights:  # value `e` of the flat group is in rank `e · world // total`'s range
+        for rank in range(start * world // total, (start + numel - 1) * world // total + 1):
+            kept[rank].add(index)
+        start += numel
+    return max(sum(basis_bytes[index] for index in indices) for indices in kept)
+
+
 def per_rank_bytes(
     shape: Shape, fractions: dict[str, dict[str, float]], world: int, block_bytes: int
 ) -> dict[str, float]:
@@ -195,8 +214,9 @@ def per_rank_bytes(
     constraint = {
         "DDP": bases + anchors + largest_residual,
         # Projected inside DeepSpeed's step, each rank its own fragment's rows (`backends.zero.in_step`), the
-        # gradient too (no hook in backward); ZeRO-3 projects the gradient at its step's start.
-        "ZeRO-1/2": bases + 2 * anchors / world,
+        # gradient too (no hook in backward), keeping only the bases its fragment reads; ZeRO-3 projects the
+        # gradient at its step's start.
+        "ZeRO-1/2": zero12_bases_kept(shape, fractions, world) + 2 * anchors / world,
         "ZeRO-3": bases + 2 * anchors / world + largest_local_gradient,
         "FSDP2": bases + anchors / world + largest_local_residual,
         # ZeRO-1/2 cut the flat weights into `world` slices: at most world − 1 cut rows in all; the
@@ -467,8 +487,10 @@ def report(
         ],
         "",
         "Formula, per rank (bytes, fp32), with bases `B = 4·Σ_inputs d·k` and anchors `A = 4·Σ_weights d_out·k`: "
-        "DDP `B + A + 4·max d_out·k`; ZeRO-1/2 `B + 2A/world` (each rank's rows of the anchors and of the "
-        "coefficients, gradient and masters projected inside DeepSpeed's step); ZeRO-3 `B + 2A/world + G` with "
+        "DDP `B + A + 4·max d_out·k`; ZeRO-1/2 `B₁₂ + 2A/world` (`B₁₂`: the bases of the weights the largest of "
+        "the `world` equal ranges of the flattened constrained weights reaches, the only ones a rank keeps; each "
+        "rank's rows of the anchors and of the coefficients, gradient and masters projected inside DeepSpeed's "
+        "step); ZeRO-3 `B + 2A/world + G` with "
         "`G = 4·max d_out·d/world` (one weight's gradient partition in fp32); FSDP2 "
         "`B + A/world + 4·max (d_out/world)·k`; with offload "
         "`S = 4·max (d + 2·d_out/world)·k_b` on the accelerator under FSDP2 (`k_b` = the columns of one block) "

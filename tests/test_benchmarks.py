@@ -88,9 +88,11 @@ def test_memory_formula_on_a_shape_counted_by_hand():
     # ZeRO-3 adds one split row per weight (4+4+4+8+4+4+6 = 34 floats) and that gradient copy.
     assert in_bytes["ZeRO-3 + offload: GiB"] == 34 * 4 + 96 + 64
     # ZeRO-1/2 project inside DeepSpeed's step, each rank its rows, as ZeRO-3, the gradient in place
-    # (a view of the fp32 partition, no copy); offloaded, their 2 flat slices cut at most one row in
-    # all, at most the longest (o_proj's, 8 floats).
-    assert in_bytes["ZeRO-1/2: GiB"] == in_bytes["ZeRO-3: GiB"] - 64
+    # (a view of the fp32 partition, no copy), and keep only the bases their flat range reaches: of q, k, v, o,
+    # gate, up, down (32+16+16+32+24+24+24 values) the second half starts inside o, so that rank keeps o's, the
+    # MLP's and down's bases (32 + 8 + 18 floats, more than the first's 8 + 32). Offloaded, their 2 flat slices
+    # cut at most one row in all, at most the longest (o_proj's, 8 floats).
+    assert in_bytes["ZeRO-1/2: GiB"] == (58 + 84) * 4
     assert in_bytes["ZeRO-1/2 + offload: GiB"] == 8 * 4 + 96
     assert in_bytes["offload: PCIe GiB per step"] == (2 * 66 + 84 / 2) * 4
     # At k/d = 3/4 every complement is the smaller: bases 4·1 + 8·2 + 4·1 + 6·1.5 = 33 floats, and

@@ -295,6 +295,10 @@ def test_deepspeed_zero2_projects_inside_its_step_and_completes_the_row_two_rank
     single = load_file(str(tmp_path / "single" / "model.safetensors"))
     assert _max_difference(load_file(str(tmp_path / "zero2" / "model.safetensors")), single) < 1e-4
     assert "inside DeepSpeed's step (the gradient once per step" in output, output[-3000:]
+    # Each rank keeps only the bases its contiguous partition reads (offloaded ones stay in host memory):
+    # the first rank's partition ends inside layer 1, so layer 2's bases are not among them.
+    kept, distinct = map(int, re.search(r"this rank keeps (\d+) of (\d+) bases", output).groups())
+    assert (kept == distinct) if storage == "offload" else (0 < kept < distinct), (kept, distinct)
     if storage == "gradient target":
         assert "step (the gradient once per step before the optimizer):" in output, output[-3000:]
         return

@@ -234,3 +234,18 @@ def test_complement_storage_moves_lora_a_into_the_null_space_and_keeps_it_there(
         lora_a.add_(torch.randn(4, 16))
     item.enforce_anchor()
     assert (lora_a.detach() @ basis).abs().max() < 1e-5 and not item.has_anchor
+
+
+def test_a_released_basis_frees_its_bytes_and_refuses_to_be_read():
+    """ZeRO-1/2 ranks release the bases no fragment of theirs reads: the bytes go, and a projection that
+    reached for one anyway would raise instead of running without it. Offloaded bases stay in host memory."""
+    basis = torch.linalg.qr(torch.randn(16, 4)).Q
+    resident = SharedBasis(basis)
+    resident.release()
+    assert resident.released and resident.resident_bytes == 0
+    with pytest.raises(RuntimeError, match="released on this rank"):
+        next(resident.blocks(torch.device("cpu"), torch.float32))
+    resident.move(torch.device("cpu"))  # moving what is not held is a no-op, not an error
+    offloaded = SharedBasis(basis, block_bytes=64)
+    offloaded.release()
+    assert not offloaded.released and offloaded.resident_bytes == 16 * 4 * 4

@@ -89,6 +89,7 @@ class SharedBasis:
         self._gathered_by_block = False  # split and larger than a block: `blocks()` gathers each block
         self._host_blocks: list[torch.Tensor] = []
         self.node_shared = False  # offloaded blocks read from one host copy per node (`node_memory`)
+        self.released = False  # no weight this rank projects reads it (`release`)
         if self.offloaded:
             width = max(1, block_bytes // (FP32_BYTES * max(self.dimension, 1)))
             # At least one block, empty for an expert no reference token reached (rank 0).
@@ -159,6 +160,16 @@ class SharedBasis:
             ]
             self._gathered_by_block = True
 
+    def release(self) -> None:
+        """Free this rank's copies of a basis that none of the rows it projects reads (ZeRO-1/2: a rank's
+        contiguous partition reaches only some layers' weights). Exact: what this rank projects never
+        reads it; any read afterwards raises instead of projecting without it. An offloaded basis stays
+        (its host blocks may be shared by the node's processes)."""
+        if self.offloaded or self._row_shard is not None:
+            return
+        self._copies = {}
+        self.released = True
+
     def _gather(self, columns: slice) -> torch.Tensor:
         """The stored matrix's `columns`, all rows, from every rank's shard: one all-gather into one buffer."""
         world = dist.get_world_size(self._group)
@@ -189,6 +200,11 @@ class SharedBasis:
                     "An offloaded basis is staged block by block; it is never whole on the accelerator."
                 )
             return torch.cat(self._host_blocks, dim=1).to(dtype)
+        if self.released:
+            raise RuntimeError(
+                "This basis was released on this rank: none of the weight rows its DeepSpeed ZeRO-1/2 partition "
+                "holds reads it (`SharedBasis.release`), so projecting with it here is a bug; please report it."
+            )
         if not self._copies:
             where = "through `blocks()`, block by block" if self._gathered_by_block else "inside `gathered()`"
             raise RuntimeError(f"This basis is split over the ranks: read it {where}.")
@@ -202,7 +218,7 @@ class SharedBasis:
 
     def move(self, device: torch.device) -> None:
         """Keep the copies on `device` only (the weights are now stepped there), freeing the others."""
-        if self.offloaded:
+        if self.offloaded or self.released:
             return
         if self._row_shard is not None:
             self._row_shard = self._row_shard.to(device)

@@ -151,6 +151,12 @@ class MasterFragment:
             for piece in (fragment_pieces(start, numel, self.row_length) if numel else [])
         ]
 
+    @property
+    def holds_rows(self) -> bool:
+        """Whether this rank projects any of the weight's rows (its partition reaches the weight, or it
+        keeps the whole weight): if not, no projection here reads the weight's basis."""
+        return bool(self.pieces) or self.replicated
+
     def exchanged_slot(self, piece: _Piece) -> int | None:
         """Where `piece`'s first row sits among the exchanged rows, if it is one (all rows are, for a
         weight every rank keeps whole; else only the rows a partition boundary cuts)."""
@@ -245,6 +251,8 @@ class MasterFragment:
         blocks are orthonormal, so each leaves the others' products unchanged), or `G ← G N Nᵀ` with
         a complement `N`; cut rows' products come from their completed copies in `exchanged`."""
         shared = self.item.shared
+        if not self.holds_rows:
+            return
         kept = torch.zeros_like(gradient) if shared.complement else None
         for block in shared.blocks(gradient.device, torch.float32):
             coefficients = self._row_products(gradient, exchanged, block)
@@ -258,6 +266,8 @@ class MasterFragment:
     def project_gradient(self, gradient: torch.Tensor, coefficients: torch.Tensor) -> None:
         """`G ← G − (G U) Uᵀ` on this fragment's gradient, given its completed rows of `G U`. Unlike
         the masters', nothing is written back here: the caller's `zero.GradientAccess` stores it."""
+        if not self.holds_rows:
+            return
         subtract_fragment_projection(self.pieces, gradient, self.item.basis, coefficients)
 
     def write_back(self, master: torch.Tensor) -> None:
@@ -288,6 +298,8 @@ class MasterFragment:
 
     def local_coefficients(self, master: torch.Tensor) -> torch.Tensor:
         """This fragment's share of `M U` on its rows (complete except on the exchanged rows)."""
+        if not self.holds_rows:
+            return torch.zeros(0, self.item.rank, dtype=torch.float32, device=self.item.device)
         basis = self.item.basis
         coefficients = torch.zeros(self.local_rows, basis.shape[1], dtype=torch.float32, device=basis.device)
         add_fragment_coefficients(self.pieces, master, basis, coefficients)
@@ -302,6 +314,8 @@ class MasterFragment:
 
     def subtract(self, master: torch.Tensor, residual: torch.Tensor) -> None:
         """Remove `(M U − A) Uᵀ` from the master fragment and make the module's copies agree."""
+        if not self.holds_rows:
+            return
         basis = self.item.basis
         subtract_fragment_projection(self.pieces, master, basis, residual)
         self.write_back(master)

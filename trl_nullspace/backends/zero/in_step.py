@@ -117,6 +117,9 @@ class InStepZeroProjector:
         self._gradient_projected = False
         if self.projects_gradients:
             self._hooks.append(inner.register_step_pre_hook(self._before_inner_step))
+        # Every projection of this run now reads only this rank's fragments, unless the gradient is still
+        # projected whole by the hooks in backward: the bases no fragment reads can go.
+        self.bases_kept = release_unread_bases(self._fragments()) if self.projects_gradients or not gradient else None
 
     def _before_inner_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Project the constrained group's gradient (the first group DeepSpeed steps) and redo the
@@ -177,14 +180,38 @@ class InStepZeroProjector:
         """Where the projection runs and what travels per step (per DeepSpeed parameter group), for the log."""
         where = "the gradient once per step before the optimizer, " if self.projects_gradients else ""
         where += "the masters after it" if self.update else ""
-        return f"ZeRO-1/2 projection inside DeepSpeed's step ({where.removesuffix(', ')}): " + " | ".join(
-            projector.summary() for projector in self.groups.values()
+        kept = "" if self.bases_kept is None else f"; {self.bases_kept}"
+        return (
+            f"ZeRO-1/2 projection inside DeepSpeed's step ({where.removesuffix(', ')}): "
+            + " | ".join(projector.summary() for projector in self.groups.values())
+            + kept
         )
 
     def remove(self) -> None:
         """Stop projecting inside DeepSpeed's step (the trainer bound a new subspace)."""
         for hook in self._hooks:
             hook.remove()
+
+
+def release_unread_bases(fragments: list[MasterFragment]) -> str:
+    """Free the bases that none of this rank's fragments reads (`SharedBasis.release`) and say, for the
+    log, how many distinct bases and bytes this rank keeps.
+
+    A ZeRO-1/2 rank's partition of a parameter group is one contiguous range of its flattened weights,
+    so it reaches about 1/world of the layers plus the ones its two ends cut: the bases held fall as
+    1/world (B/world plus at most two per group), with no new communication."""
+    distinct = {id(fragment.item.shared): fragment.item.shared for fragment in fragments}
+    read = {id(fragment.item.shared) for fragment in fragments if fragment.holds_rows}
+    total_bytes = sum(shared.resident_bytes for shared in distinct.values())
+    for key, shared in distinct.items():
+        if key not in read:
+            shared.release()
+    kept = [shared for shared in distinct.values() if not shared.released]
+    kept_bytes = sum(shared.resident_bytes for shared in kept)
+    return (
+        f"this rank keeps {len(kept)} of {len(distinct)} bases ({kept_bytes / 2**20:.2f} of "
+        f"{total_bytes / 2**20:.2f} MiB; offloaded ones stay in host memory)"
+    )
 
 
 class _FlatPartitionGradient:

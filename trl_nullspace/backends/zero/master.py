@@ -179,7 +179,7 @@ class ZeroMasterProjector:
         coefficients = self._completed_coefficients(masters)
         squares = []
         for fragment, master, local in zip(self.fragments, masters, coefficients, strict=True):
-            residual = fragment.residual(local.to(fragment.item.basis.device))
+            residual = fragment.residual(local.to(fragment.item.device))
             fragment.subtract(master, residual)
             # Fragments live where their masters do (the CPU under optimizer offload): sum on one device.
             squares.append(residual.square().sum().to(self.communication_device))
