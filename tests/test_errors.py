@@ -222,11 +222,71 @@ def test_sharded_backends_refuse_options_they_cannot_honour(
         backend_for(trainer.args, accelerator_launched_with(backend), trainer.model, "T")
 
 
-def test_sharded_bases_are_refused_where_nothing_splits_them(
-    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+@pytest.mark.parametrize(
+    "option, deepspeed_refusal, conflicts",
+    [
+        (
+            {"nullspace_shard_bases": True},
+            r"this run: DeepSpeed\).*ZeRO-1/2 each rank already keeps only the bases",
+            [
+                (
+                    {"nullspace_shard_bases": True, "nullspace_offload": True},
+                    "nullspace_shard_bases and nullspace_offload",
+                )
+            ],
+        ),
+        (
+            {"nullspace_step_snapshot": True},
+            "nullspace_step_snapshot on one process, DDP and FSDP2 only",
+            [
+                (
+                    {"nullspace_step_snapshot": True, "nullspace_projection_target": "gradient"},
+                    "the 'gradient' target projects none",
+                ),
+                (
+                    {"nullspace_step_snapshot": True, "nullspace_offload": True},
+                    "not supported with nullspace_offload yet",
+                ),
+            ],
+        ),
+        (
+            {"nullspace_basis_storage": "smaller", "nullspace_complement_dtype": "bfloat16"},
+            "nullspace_complement_dtype='bfloat16' on one process, DDP and FSDP2",
+            [
+                ({"nullspace_complement_dtype": "bfloat16"}, "nullspace_complement_dtype applies to the complements"),
+                (
+                    {
+                        "nullspace_complement_dtype": "bfloat16",
+                        "nullspace_basis_storage": "smaller",
+                        "nullspace_offload": True,
+                    },
+                    "nullspace_complement_dtype applies to the complements",
+                ),
+            ],
+        ),
+    ],
+    ids=["split bases", "step snapshots", "bf16 complements"],
+)
+def test_fsdp2_storage_options_are_refused_where_they_are_not_built(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path, option, deepspeed_refusal, conflicts
 ):
-    """`nullspace_shard_bases` is honoured by FSDP2 only: one process and DeepSpeed refuse it by name, with the
-    alternative, instead of keeping the bases whole while the run's settings say they are split."""
+    """The storage options built for FSDP2 (split bases, step snapshots, bf16 complements) are refused by name
+    under DeepSpeed, which would keep the bases whole, keep anchors or store fp32 while the run's settings say
+    otherwise; FSDP2 accepts them; and settings they cannot combine with are refused as the config is made."""
+    trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+    for key, value in option.items():
+        setattr(trainer.args, key, value)
+    with pytest.raises(NotImplementedError, match=deepspeed_refusal):
+        backend_for(trainer.args, accelerator_launched_with("deepspeed"), trainer.model, "T")
+    backend_for(trainer.args, accelerator_launched_with("fsdp2"), trainer.model, "T")  # accepted
+    for settings, message in conflicts:
+        with pytest.raises(ValueError, match=message):
+            NullSpaceSFTConfig(output_dir=str(tmp_path), **settings)
+
+
+def test_split_bases_are_refused_on_one_process(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
+    """On one process (and DDP) nothing splits the bases: the trainer refuses the option with the alternative
+    instead of keeping them whole while the run's settings say they are split."""
     with pytest.raises(NotImplementedError, match="nullspace_shard_bases under FSDP2 only.*one process or DDP"):
         make_sft_trainer(
             model,
@@ -237,63 +297,6 @@ def test_sharded_bases_are_refused_where_nothing_splits_them(
             nullspace_energy=0.9,
             nullspace_shard_bases=True,
         )
-    trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
-    trainer.args.nullspace_shard_bases = True
-    with pytest.raises(NotImplementedError, match=r"this run: DeepSpeed\).*use nullspace_offload"):
-        backend_for(trainer.args, accelerator_launched_with("deepspeed"), trainer.model, "T")
-    backend_for(trainer.args, accelerator_launched_with("fsdp2"), trainer.model, "T")  # accepted
-    with pytest.raises(ValueError, match="nullspace_shard_bases and nullspace_offload"):
-        NullSpaceSFTConfig(output_dir=str(tmp_path), nullspace_shard_bases=True, nullspace_offload=True)
-
-
-def test_step_snapshots_are_refused_where_they_would_not_apply(
-    model, tokenizer, safety_dataset, reference_dataset, tmp_path
-):
-    """`nullspace_step_snapshot` replaces the anchors of the update projection: DeepSpeed's master projections keep
-    anchors, the 'gradient' target projects no update, and offloading would move the snapshot through host memory."""
-    trainer = make_sft_trainer(
-        model,
-        tokenizer,
-        safety_dataset,
-        tmp_path,
-        reference_dataset,
-        nullspace_energy=0.9,
-        nullspace_step_snapshot=True,
-    )
-    with pytest.raises(NotImplementedError, match=r"nullspace_step_snapshot on one process, DDP and FSDP2 only"):
-        backend_for(trainer.args, accelerator_launched_with("deepspeed"), trainer.model, "T")
-    backend_for(trainer.args, accelerator_launched_with("fsdp2"), trainer.model, "T")  # accepted
-    for option, message in (
-        ({"nullspace_projection_target": "gradient"}, "the 'gradient' target projects none"),
-        ({"nullspace_offload": True}, "not supported with nullspace_offload yet"),
-    ):
-        with pytest.raises(ValueError, match=message):
-            NullSpaceSFTConfig(output_dir=str(tmp_path), nullspace_step_snapshot=True, **option)
-
-
-def test_bf16_complements_are_refused_where_they_are_not_checked(
-    model, tokenizer, safety_dataset, reference_dataset, tmp_path
-):
-    """bf16 storage applies to complements only (a basis U must stay orthonormal), is checked on one process,
-    DDP and FSDP2, and not with offload: anything else is refused by name."""
-    for option in ({}, {"nullspace_basis_storage": "smaller", "nullspace_offload": True}):
-        with pytest.raises(ValueError, match="nullspace_complement_dtype applies to the complements"):
-            NullSpaceSFTConfig(output_dir=str(tmp_path), nullspace_complement_dtype="bfloat16", **option)
-    trainer = make_sft_trainer(
-        model,
-        tokenizer,
-        safety_dataset,
-        tmp_path,
-        reference_dataset,
-        nullspace_energy=0.9,
-        nullspace_basis_storage="smaller",
-        nullspace_complement_dtype="bfloat16",
-    )
-    with pytest.raises(
-        NotImplementedError, match="nullspace_complement_dtype='bfloat16' on one process, DDP and FSDP2"
-    ):
-        backend_for(trainer.args, accelerator_launched_with("deepspeed"), trainer.model, "T")
-    backend_for(trainer.args, accelerator_launched_with("fsdp2"), trainer.model, "T")  # accepted
 
 
 @pytest.mark.parametrize(
