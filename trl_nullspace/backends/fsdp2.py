@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from trl_nullspace.backends.agreement import items_differing_between_ranks
 from trl_nullspace.backends.sharded import ShardedBackend
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.projection.anchors import gather_anchors
@@ -100,9 +101,7 @@ def check_same_bytes_on_every_rank(checksums: torch.Tensor, group: dist.ProcessG
     """Refuse bases that differ between the ranks once split (`checksums`: one per basis, `bits_checksum`).
     Each rank computes its complements itself (a QR on its own device), and a split basis is the rows of
     every rank's copy put together: copies that differ in any bit would make a matrix no rank estimated."""
-    gathered = [torch.empty_like(checksums) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, checksums, group=group)
-    differing = [index for index in range(len(checksums)) if any(g[index] != checksums[index] for g in gathered)]
+    differing = items_differing_between_ranks(checksums, group)
     if differing:
         raise RuntimeError(
             f"The ranks hold different bytes for {len(differing)} of {len(checksums)} bases (e.g. number "

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
+from trl_nullspace.backends.agreement import items_differing_between_ranks
 from trl_nullspace.backends.zero.gather import GatherPeak, gathered, gathered_layer_by_layer
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.data.loading import load_dataset_from
@@ -335,11 +336,10 @@ class SubspaceSource:
             dtype=torch.int64,
             device=self.accelerator.device,
         )
-        gathered = self.accelerator.gather(checksum)
-        if not torch.all(gathered == gathered[0]):
+        if items_differing_between_ranks(checksum):
             raise RuntimeError(
-                f"Processes hold different capability subspaces (checksums {gathered.tolist()}); their replicas "
-                "would drift apart. Use one cache file for all processes (nullspace_cache_path)."
+                f"Processes hold different capability subspaces (this one's checksum: {checksum.item()}); their "
+                "replicas would drift apart. Use one cache file for all processes (nullspace_cache_path)."
             )
 
     def refresh(self) -> CapabilitySubspace:
