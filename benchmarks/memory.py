@@ -210,6 +210,8 @@ def per_rank_bytes(
         "FSDP2, split bases + step snapshots": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "FSDP2, smaller + split bases + step snapshots": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "FSDP2, bf16 smaller + split bases + step snapshots": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "ZeRO-3, split bases": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "ZeRO-3, smaller + split bases": parameters * TRAINING_BYTES_PER_PARAMETER / world,
     }
     constraint = {
         "DDP": bases + anchors + largest_residual,
@@ -240,6 +242,19 @@ def per_rank_bytes(
         "FSDP2, bf16 smaller + split bases + step snapshots": smaller_bases_bf16 / world
         + largest_stored_bf16
         + largest_step_change,
+        # ZeRO-3 with split bases projects as with offload or complements (`RowExchangeZeroProjector`): the split
+        # rows' values travel, each rank keeps its anchor rows (or weights as last projected) and the gradient copy.
+        "ZeRO-3, split bases": bases / world
+        + largest_basis
+        + anchors / world
+        + largest_local_residual
+        + cut_rows
+        + largest_local_gradient,
+        "ZeRO-3, smaller + split bases": smaller_bases / world
+        + largest_stored
+        + smaller_state
+        + max(smaller_transient, largest_local_gradient)
+        + cut_rows,
     }
     row = {
         "parameters_billions": parameters / 1e9,
@@ -438,6 +453,24 @@ def report(
             for snap in ["FSDP2, split bases + step snapshots"]
             for small_snap in ["FSDP2, smaller + split bases + step snapshots"]
             for bf16_snap in ["FSDP2, bf16 smaller + split bases + step snapshots"]
+        ],
+        "",
+        "The same split under DeepSpeed ZeRO-3 (`nullspace_shard_bases`): each rank its rows of every basis (or "
+        "complement) and one whole, or one block, in flight, beside its anchor rows (or weights as last projected), "
+        "the rows partitions cut and one weight's fp32 gradient partition; received per step as under FSDP2. Step "
+        "snapshots and bf16 complements are not built under DeepSpeed:",
+        "",
+        "| shape | ranks | ZeRO-3, split bases: resident GiB | ZeRO-3, smaller + split bases: resident GiB |",
+        "|---|---|---|---|",
+        *[
+            f"| {name} | {ranks} | "
+            + " | ".join(
+                f"{rows[name][f'{column}: GiB']:.2f} ({rows[name][f'{column}: share']:.0%})"
+                for column in ("ZeRO-3, split bases", "ZeRO-3, smaller + split bases")
+            )
+            + " |"
+            for name in next(iter(split.values()))
+            for ranks, rows in split.items()
         ],
         "",
         "The projection's FLOPs per optimizer step on one device, default `both` target, as a share of the "

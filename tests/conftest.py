@@ -96,13 +96,12 @@ def make_sft_trainer(
     )
 
 
-def accelerator_launched_with(backend: str) -> SimpleNamespace:
+def accelerator_launched_with(backend: str, zero_stage: int = 2) -> SimpleNamespace:
     """What `backend_for` reads of an Accelerator that `accelerate launch` set up for `backend`
-    ('deepspeed', 'fsdp1', 'fsdp2'), so a refusal is tested without starting that backend."""
-    plugin = object()
+    ('deepspeed' at `zero_stage`, 'fsdp1', 'fsdp2'), so a refusal is tested without starting that backend."""
     state = SimpleNamespace(
-        deepspeed_plugin=plugin if backend == "deepspeed" else None,
-        fsdp_plugin=plugin if backend.startswith("fsdp") else None,
+        deepspeed_plugin=SimpleNamespace(zero_stage=zero_stage) if backend == "deepspeed" else None,
+        fsdp_plugin=object() if backend.startswith("fsdp") else None,
     )
     return SimpleNamespace(state=state, is_fsdp2=backend == "fsdp2")
 

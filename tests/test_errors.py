@@ -227,7 +227,7 @@ def test_sharded_backends_refuse_options_they_cannot_honour(
     [
         (
             {"nullspace_shard_bases": True},
-            r"this run: DeepSpeed\).*ZeRO-1/2 each rank already keeps only the bases",
+            r"under ZeRO-3 and FSDP2 \(this run: ZeRO-2\).*ZeRO-1/2 each rank already keeps only the bases",
             [
                 (
                     {"nullspace_shard_bases": True, "nullspace_offload": True},
@@ -286,8 +286,11 @@ def test_fsdp2_storage_options_are_refused_where_they_are_not_built(
 
 def test_split_bases_are_refused_on_one_process(model, tokenizer, safety_dataset, reference_dataset, tmp_path):
     """On one process (and DDP) nothing splits the bases: the trainer refuses the option with the alternative
-    instead of keeping them whole while the run's settings say they are split."""
-    with pytest.raises(NotImplementedError, match="nullspace_shard_bases under FSDP2 only.*one process or DDP"):
+    instead of keeping them whole while the run's settings say they are split. ZeRO-3 splits them."""
+    trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+    trainer.args.nullspace_shard_bases = True
+    backend_for(trainer.args, accelerator_launched_with("deepspeed", zero_stage=3), trainer.model, "T")  # accepted
+    with pytest.raises(NotImplementedError, match="under FSDP2 and DeepSpeed ZeRO-3 only.*one process or under DDP"):
         make_sft_trainer(
             model,
             tokenizer,

@@ -410,7 +410,9 @@ def _assert_checkpoint_anchors_are_the_base_models(assets, checkpoint) -> None:
         assert torch.allclose(anchor, expected, atol=1e-5), name
 
 
-@pytest.mark.parametrize("method", ["activation", "gradient", "offload", "smaller", "gradient target"])
+@pytest.mark.parametrize(
+    "method", ["activation", "gradient", "offload", "smaller", "split smaller", "gradient target"]
+)
 def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_between_ranks(tmp_path, method):
     """ZeRO-3 with every weight partitioned (persistence threshold 0, unlike the shipped config on
     this tiny model) and an odd intermediate size, so the 2 partitions of each gate/up weight split
@@ -422,7 +424,10 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     complements kept where smaller (`nullspace_basis_storage: smaller`, on enough reference tokens that
     some inputs keep over half their directions), whose changes stay orthogonal to every basis. With
     the `gradient` target alone, each rank's gradient partition is projected once per step at the
-    start of DeepSpeed's step, its split rows exchanged, and the run matches the single process'."""
+    start of DeepSpeed's step, its split rows exchanged, and the run matches the single process'. With the
+    bases (and complements) split over the ranks by rows as well (`nullspace_shard_bases`), each gathered whole,
+    or 1 KiB at a time where larger, while the weights that read it are projected, each rank keeps about half
+    their bytes and the run matches the single process' all the same."""
     assets = tmp_path / "assets"
     write_toy_assets(str(assets))
     tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
@@ -450,7 +455,7 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     recipe = os.path.join(ROOT, "recipes", "sft.py")
 
     overrides = {"nullspace_method": "gradient" if method == "gradient" else "activation"}
-    overrides |= STORAGE_SETTINGS.get(method, {})
+    overrides |= STORAGE_SETTINGS.get(method.removeprefix("split "), {})
     if method == "gradient target":
         overrides["nullspace_projection_target"] = "gradient"
     if method == "gradient":
@@ -461,6 +466,8 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
         settings = yaml.safe_load(open(_config(assets, tmp_path, name, batch_size, True)))
         if name == "zero3" and method in ("activation", "offload"):  # a checkpoint: anchors gathered whole
             settings |= {"save_strategy": "steps", "save_steps": 6}
+        if name == "zero3" and method.startswith("split"):
+            settings |= {"nullspace_shard_bases": True, "nullspace_offload_block_mib": 2**-10}
         configs[name].write_text(yaml.safe_dump(settings | overrides))
     _train(recipe, str(configs["single"]))
     output = _train(recipe, str(configs["zero3"]), str(accelerate_path))
@@ -470,10 +477,15 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     assert "ZeRO-3 gradient projection once per step at the start of DeepSpeed's step" in output, output[-3000:]
     if method == "gradient target":
         return
-    if method == "smaller":
+    if method.endswith("smaller"):
         complements, weights = map(int, re.search(r"(\d+) of (\d+) as complements", output).groups())
         assert 0 < complements < weights, (complements, weights)
         _assert_changes_are_orthogonal_to_the_bases(assets, tmp_path / "zero3")
+    if method == "split smaller":
+        kept, whole = map(float, re.search(r"by rows \(([\d.]+) of ([\d.]+) MiB kept here", output).groups())
+        assert 0.4 * whole < kept < 0.6 * whole, (kept, whole)
+        return
+    if method == "smaller":
         # 56 reference examples, 7 batches: the processes estimated from 4 and 3 (the second ran a
         # fourth forward uncounted, to keep step with the first's layer gathers), statistics summed,
         # and the bases are the single process' (which read all 7).

@@ -116,10 +116,12 @@ class NullSpaceArguments:
     nullspace_shard_bases: bool = field(
         default=False,
         metadata={
-            "help": "Under FSDP2: keep 1/world of every basis' rows on each rank and gather one basis whole just "
-            "before the weights that read it are projected (exact: the same fp32 bytes), so the bases' memory "
-            "falls as 1/world plus one basis, for one all-gather of every basis per projection (twice per step "
-            "under the default 'both' target). FSDP2 only; not with nullspace_offload."
+            "help": "Under FSDP2 and DeepSpeed ZeRO-3: keep 1/world of every basis' rows on each rank and gather one "
+            "basis whole (beyond nullspace_offload_block_mib, one column block) just before the weights that read it "
+            "are projected (exact: the same stored bytes), so the bases' memory falls as 1/world plus one block, for "
+            "one all-gather of every basis per projection (twice per step under the default 'both' target). Not "
+            "under ZeRO-1/2 (each rank already keeps only the bases its partition reads) and not with "
+            "nullspace_offload."
         },
     )
     nullspace_deepspeed_projection: str = field(

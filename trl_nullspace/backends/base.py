@@ -72,10 +72,9 @@ class ConstraintBackend(ABC):
         extend it with their own refusals."""
         if self.args.nullspace_shard_bases and not self.shards_bases:
             raise NotImplementedError(
-                f"{trainer_name} supports nullspace_shard_bases under FSDP2 only (this run: {self.name}). On one "
-                "process or under DDP turn it off. Under DeepSpeed turn it off too: under ZeRO-1/2 each rank "
-                "already keeps only the bases its partition reads; under ZeRO-3 use nullspace_offload to take the "
-                "bases off the accelerator."
+                f"{trainer_name} supports nullspace_shard_bases under FSDP2 and DeepSpeed ZeRO-3 only (this run: "
+                f"{self.name}): on one process or under DDP each rank projects whole weights with whole bases. Turn "
+                "it off, or take the bases off the accelerator with nullspace_offload."
             )
         if self.args.nullspace_complement_dtype != "float32" and not self.low_precision_complements:
             raise NotImplementedError(

@@ -25,12 +25,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from trl_nullspace.backends.agreement import items_differing_between_ranks
 from trl_nullspace.backends.sharded import ShardedBackend
+from trl_nullspace.backends.split_bases import split_bases
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.projection.anchors import gather_anchors
 from trl_nullspace.projection.basis import SharedBasis
@@ -78,39 +77,6 @@ class _RowShard:
         return self.item.enforce_on(matrix, rows=slice(self.start, self.start + matrix.shape[0]))
 
 
-def split_bases(constrained: list[ConstrainedParameter], parameter: nn.Parameter, block_bytes: int | None) -> None:
-    """Split every distinct basis of `constrained` over the ranks of FSDP's mesh (that of `parameter`, one of
-    the sharded weights), one at a time: each is moved to the weights' device whole, checksummed and cut to
-    this rank's rows before the next one moves, so the set-up never holds more than one basis whole there.
-    A basis larger than `block_bytes` is gathered block by block later (`SharedBasis.shard_rows`), and its
-    weights' anchors are cut into the same column blocks."""
-    group = parameter.device_mesh.get_group() if isinstance(parameter.data, DTensor) else None
-    distinct = list({id(item.shared): item.shared for item in constrained}.values())
-    checksums = []
-    for shared in distinct:
-        shared.move(parameter.device)
-        checksums.append(shared.bits_checksum())
-        shared.shard_rows(group, block_bytes)
-    check_same_bytes_on_every_rank(torch.stack(checksums), group)
-    for item in constrained:
-        if item.anchor_state is not None and len(item.anchor_state.blocks) != len(item.shared.columns):
-            item.set_anchor(item.anchor)
-
-
-def check_same_bytes_on_every_rank(checksums: torch.Tensor, group: dist.ProcessGroup | None) -> None:
-    """Refuse bases that differ between the ranks once split (`checksums`: one per basis, `bits_checksum`).
-    Each rank computes its complements itself (a QR on its own device), and a split basis is the rows of
-    every rank's copy put together: copies that differ in any bit would make a matrix no rank estimated."""
-    differing = items_differing_between_ranks(checksums, group)
-    if differing:
-        raise RuntimeError(
-            f"The ranks hold different bytes for {len(differing)} of {len(checksums)} bases (e.g. number "
-            f"{differing[0]}), so splitting them would join rows of different matrices. Load one subspace cache "
-            "on every rank (nullspace_cache_path) and keep the ranks' devices and torch versions alike, or turn "
-            "nullspace_shard_bases off."
-        )
-
-
 class RowShardProjector:
     """Enforces `M U = A` on FSDP2's row shards; built after `fully_shard` swapped the parameters.
 
@@ -130,7 +96,9 @@ class RowShardProjector:
         if missing:
             raise RuntimeError(f"FSDP renamed or dropped constrained parameters, e.g. {missing[:3]}.")
         if shard_bases and constrained:
-            split_bases(constrained, parameters[constrained[0].name], gather_block_bytes)
+            parameter = parameters[constrained[0].name]  # one of the sharded weights: FSDP's mesh and device
+            group = parameter.device_mesh.get_group() if isinstance(parameter.data, DTensor) else None
+            split_bases(constrained, parameter.device, group, gather_block_bytes)
         # Every rank binds the same weights in the same order, so the gathers below line up.
         self.by_basis: dict[int, tuple[SharedBasis, list[_RowShard]]] = {}
         for item in constrained:

@@ -40,6 +40,13 @@ class Anchor:
         self.first_row = first
         self.sharded = True
 
+    def recut(self, columns: list[slice]) -> Anchor:
+        """The same rows cut into other column blocks (its basis was split over the ranks and is now
+        gathered block by block: `SharedBasis.shard_rows`)."""
+        held = self.held()
+        keep = host_copy if self.offloaded else torch.Tensor.contiguous
+        return Anchor([keep(held[:, block]) for block in columns], self.offloaded, self.first_row, self.total_rows)
+
     def block(self, index: int, rows: slice | None = None) -> torch.Tensor:
         """Column block `index`, for all rows or for the weight's rows `rows` (which this anchor holds)."""
         block = self.blocks[index]

@@ -118,6 +118,11 @@ class SharedBasis:
         held = self._host_blocks if self.offloaded else self._copies.values()
         return sum(tensor.numel() * tensor.element_size() for tensor in held)
 
+    @property
+    def whole_bytes(self) -> int:
+        """Bytes of the whole stored matrix, however it is held (split, offloaded or released)."""
+        return self.dimension * self.stored_columns * self.stored_dtype.itemsize
+
     def bits_checksum(self) -> torch.Tensor:
         """An int64 checksum of the stored matrix's exact bits, computed where it lives (no host copy): the
         bits weighted by their position, so a changed or moved value changes it. Exact integer arithmetic,
@@ -239,6 +244,14 @@ class SharedBasis:
             return
         for block in self._host_blocks:
             yield block.to(device=device, dtype=dtype, non_blocking=True)
+
+    def take_part_in_gathers(self) -> None:
+        """Enter the collectives `blocks()` makes, without using what they gather: a rank with none of a
+        weight's rows to project must still take part when its split basis is gathered block by block by
+        each weight that reads it, or the other ranks would wait for it."""
+        if self._gathered_by_block:
+            for columns in self.columns:
+                self._gather(columns)
 
     def split(self, coefficients: torch.Tensor) -> list[torch.Tensor]:
         """Coefficients on `U` (rows×k, e.g. an anchor) cut into the blocks' columns, stored where the

@@ -37,6 +37,7 @@ class ZeroBackend(ShardedBackend):
     """DeepSpeed ZeRO's partitioned fp32 masters (module docstring)."""
 
     name = "DeepSpeed"
+    shards_bases = True  # ZeRO-3 (ZeRO-1/2 keep only the bases their partition reads instead: `check_supported`)
 
     def __init__(self, args: NullSpaceArguments, accelerator: Any):
         super().__init__(args, accelerator)
@@ -50,13 +51,27 @@ class ZeroBackend(ShardedBackend):
 
     @property
     def row_exchange(self) -> bool:
-        """Offloaded or complement bases: the split rows' values travel instead of coefficients."""
-        return self.args.nullspace_offload or self.args.nullspace_basis_storage == "smaller"
+        """Offloaded, complement or split bases: the split rows' values travel instead of coefficients."""
+        args = self.args
+        return args.nullspace_offload or args.nullspace_basis_storage == "smaller" or args.nullspace_shard_bases
 
     def check_supported(self, model: nn.Module, trainer_name: str) -> None:
         super().check_supported(model, trainer_name)
+        stage = self.accelerator.state.deepspeed_plugin.zero_stage
+        if self.args.nullspace_shard_bases and stage != 3:
+            raise NotImplementedError(
+                f"{trainer_name} splits the bases over the ranks (nullspace_shard_bases) under ZeRO-3 and FSDP2 (this "
+                f"run: ZeRO-{stage}). Turn it off: under ZeRO-1/2 each rank already keeps only the bases its "
+                "partition reads, with no communication."
+            )
         if self.row_exchange and self.args.nullspace_method != "activation":
-            option = "nullspace_offload" if self.args.nullspace_offload else "nullspace_basis_storage='smaller'"
+            option = (
+                "nullspace_offload"
+                if self.args.nullspace_offload
+                else "nullspace_shard_bases"
+                if self.args.nullspace_shard_bases
+                else "nullspace_basis_storage='smaller'"
+            )
             raise NotImplementedError(
                 f"{trainer_name} supports {option} under DeepSpeed with the activation method only (this run: "
                 f"nullspace_method={self.args.nullspace_method!r}): its projection exchanges the weight rows that "
@@ -119,7 +134,12 @@ class ZeroBackend(ShardedBackend):
                 gradient=self.projects_gradients,
             )
         if self.row_exchange:  # refuses ZeRO-1/2 weights: every row would travel
-            return RowExchangeZeroProjector(constrained, device)
+            return RowExchangeZeroProjector(
+                constrained,
+                device,
+                shard_bases=self.args.nullspace_shard_bases,
+                gather_block_bytes=int(self.args.nullspace_offload_block_mib * 2**20),
+            )
         return ZeroMasterProjector(constrained, device)
 
     def _remove_gradient_hooks(self) -> None:

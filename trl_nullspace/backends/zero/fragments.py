@@ -190,7 +190,8 @@ class MasterFragment:
         """`M ← P + (M − P) N Nᵀ` on this fragment (and the module's whole copy, if kept), block by
         block of `N`; cut rows' changes come whole from `exchanged`. Returns the squared norm removed."""
         item, parameter = self.item, self.item.parameter
-        if not self.pieces and not self.replicated:
+        if not self.holds_rows:
+            item.shared.take_part_in_gathers()
             return torch.zeros((), dtype=torch.float32, device=master.device)
         kept = torch.zeros_like(change)
         kept_whole = torch.zeros_like(exchanged) if self.replicated else None
@@ -230,7 +231,8 @@ class MasterFragment:
         `exchanged`. Returns the squared norm of `M U − A` on this fragment's rows."""
         item, parameter = self.item, self.item.parameter
         squares = torch.zeros((), dtype=torch.float32, device=master.device)
-        if not self.pieces and not self.replicated:
+        if not self.holds_rows:
+            item.shared.take_part_in_gathers()
             return squares
         anchor = item.anchor_state
         for index, block in enumerate(item.shared.blocks(master.device, torch.float32)):
@@ -252,6 +254,7 @@ class MasterFragment:
         a complement `N`; cut rows' products come from their completed copies in `exchanged`."""
         shared = self.item.shared
         if not self.holds_rows:
+            shared.take_part_in_gathers()
             return
         kept = torch.zeros_like(gradient) if shared.complement else None
         for block in shared.blocks(gradient.device, torch.float32):

@@ -20,23 +20,28 @@ orthonormal basis `U` n×k, anchor `A = M₀ U`):
     its ZeRO-3 low-precision partition and, where it corrects a whole module copy, subtracts the
     same from it, so replicas match the masters before the next forward. Inside ZeRO-1/2's step,
     DeepSpeed's own copy and all-gather carry the projected masters to every module copy.
-The extra memory is the bases (whole on every rank), the anchors (the rows a rank holds, gathered
-whole again for checkpoints; whole where a module copy is corrected), the coefficients of the rows
-each rank covers and the buffer.
+The extra memory is the bases (whole on every rank, except those a ZeRO-1/2 rank's fragments
+never read, `in_step.release_unread_bases`, or split by rows with `nullspace_shard_bases` under
+ZeRO-3), the anchors (the rows a rank holds, gathered whole again for checkpoints; whole where a
+module copy is corrected), the coefficients of the rows each rank covers and the buffer.
 
-`RowExchangeZeroProjector` is the variant for offloaded bases and complement bases (ZeRO-3, and
-ZeRO-1/2 inside DeepSpeed's step): the split rows' values (or changes) travel instead of
-coefficients, and each rank then projects its fragment alone.
+`RowExchangeZeroProjector` is the variant for offloaded bases, complement bases (ZeRO-3, and
+ZeRO-1/2 inside DeepSpeed's step) and bases split over the ranks (ZeRO-3): the split rows' values
+(or changes) travel instead of coefficients, and each rank then projects its fragment alone, one
+column block at a time, so a split basis can be gathered a block at a time with no collective but
+the gather per block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
+from trl_nullspace.backends.split_bases import split_bases
 from trl_nullspace.backends.zero.fragments import MasterFragment
 from trl_nullspace.projection.anchors import gather_anchors
 from trl_nullspace.projection.constrained import ConstrainedParameter, diverged_step_error
@@ -70,7 +75,7 @@ def fragments_anchors(fragments: list[MasterFragment], device: torch.device) -> 
 
 
 def projected_in_place(
-    fragments: list[MasterFragment],
+    fragments: Iterable[MasterFragment],
     access: GradientAccess,
     completed: Iterable[torch.Tensor],
     project: Callable[[MasterFragment, torch.Tensor, torch.Tensor], None],
@@ -215,10 +220,25 @@ class RowExchangeZeroProjector:
         constrained: list[ConstrainedParameter],
         communication_device: torch.device,
         stage12_boundaries: dict[str, list[int]] | None = None,
+        shard_bases: bool = False,
+        gather_block_bytes: int | None = None,
     ):
+        """With `shard_bases` (ZeRO-3), each rank keeps its rows of every basis and the projections gather one
+        basis whole (beyond `gather_block_bytes`, one column block) just before the weights that read it, the
+        fragments taken grouped by basis, in the same order on every rank (`split_bases`)."""
         self.communication_device = communication_device
+        self.shard_bases = shard_bases
         boundaries = stage12_boundaries or {}
+        if shard_bases:  # grouped by basis, in the order the bases first appear: the same on every rank
+            by_basis: dict[int, list[ConstrainedParameter]] = {}
+            for item in constrained:
+                by_basis.setdefault(id(item.shared), []).append(item)
+            constrained = [item for items in by_basis.values() for item in items]
         self.fragments = [MasterFragment(item, boundaries.get(item.name)) for item in constrained]
+        if shard_bases:
+            # After the fragments kept their anchor rows and moved to their masters; gathered on the device the
+            # collectives use.
+            split_bases([fragment.item for fragment in self.fragments], communication_device, None, gather_block_bytes)
         replicated = [fragment.item.name for fragment in self.fragments if fragment.replicated and not fragment.stage3]
         if replicated:
             raise NotImplementedError(
@@ -248,11 +268,31 @@ class RowExchangeZeroProjector:
         """What travels per step, for the log."""
         complements = sum(fragment.item.shared.complement for fragment in self.fragments)
         where = "host memory" if any(f.item.shared.offloaded for f in self.fragments) else "the accelerator"
+        if self.shard_bases:
+            distinct = {id(f.item.shared): f.item.shared for f in self.fragments}.values()
+            held = sum(shared.resident_bytes for shared in distinct) / 2**20
+            whole = sum(shared.whole_bytes for shared in distinct) / 2**20
+            where += (
+                f", split over the ranks by rows ({held:.3f} of {whole:.3f} MiB kept here), each gathered while the "
+                "weights that read it are projected"
+            )
         return (
             f"ZeRO projection all-reduces {self.exchanged_numel} of {self.whole_numel} weight values per step "
             f"(the rows partitions split); bases from {where}, {complements} of {len(self.fragments)} as "
             f"complements; {anchor_rows_kept(self.fragments)}"
         )
+
+    def _in_projection_order(self) -> Iterator[MasterFragment]:
+        """The fragments in order, each split basis whole (gathered: a collective every rank enters in the same
+        order) while the fragments that read it are projected; gathered block by block inside `blocks()` where
+        it is larger than a block. Without split bases, simply the fragments."""
+        if not self.shard_bases:
+            yield from self.fragments
+            return
+        for _, group in itertools.groupby(self.fragments, key=lambda fragment: id(fragment.item.shared)):
+            fragments = list(group)
+            with fragments[0].item.shared.gathered():
+                yield from fragments
 
     def _completed_rows(self, values_and_checks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Every fragment's exchanged rows of the first of each pair, in the fragments' order, made
@@ -283,7 +323,11 @@ class RowExchangeZeroProjector:
         gradients = (access.read(fragment) for fragment in self.fragments)
         rows = self._completed_rows((gradient, gradient) for gradient in gradients)
         return projected_in_place(
-            self.fragments, access, rows, MasterFragment.project_gradient_in_blocks, self.communication_device
+            self._in_projection_order(),
+            access,
+            rows,
+            MasterFragment.project_gradient_in_blocks,
+            self.communication_device,
         )
 
     @torch.no_grad()
@@ -295,7 +339,9 @@ class RowExchangeZeroProjector:
         changes = [fragment.exchange_values(master) for fragment, master in zip(self.fragments, masters, strict=True)]
         completed = self._completed_rows(zip(changes, masters, strict=True))
         squares = [torch.zeros((), dtype=torch.float32, device=self.communication_device)]
-        for fragment, master, change, rows in zip(self.fragments, masters, changes, completed, strict=True):
+        for fragment, master, change, rows in zip(
+            self._in_projection_order(), masters, changes, completed, strict=True
+        ):
             rows = rows.to(master.device)
             if fragment.item.shared.complement:
                 removed = fragment.enforce_with_complement(master, change, rows)
