@@ -30,7 +30,8 @@ does not change storage), counted from the shapes, not measured on an accelerato
   of a larger one) whole in flight, and every basis received twice per step, against FSDP2's own
   traffic; with `nullspace_step_snapshot` no anchors or weights as last projected between steps, and
   a copy of each rank's rows during the step; with `nullspace_complement_dtype: bfloat16` complements
-  in 2 bytes (6 in flight); at `--world` and at 64 ranks. And the scale issue's FLOP criterion.
+  in 2 bytes (6 in flight); at `--world` and at 64 ranks. Under ZeRO-3 the same split and snapshots (not
+  bf16), beside the rows partitions cut and one weight's gradient copy. And the scale issue's FLOP criterion.
 Training memory per rank: bf16 weights 2 + fp32 master 4 + Adam's moments 8 bytes per parameter,
 replicated under DDP, the 12 optimizer bytes partitioned under ZeRO-1/2, all 14 under ZeRO-3/FSDP2
 (the scale issue's target: the constraint at most 10% of it under ZeRO-3 on 8 ranks).
@@ -212,6 +213,8 @@ def per_rank_bytes(
         "FSDP2, bf16 smaller + split bases + step snapshots": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "ZeRO-3, split bases": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "ZeRO-3, smaller + split bases": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "ZeRO-3, split bases + step snapshots": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "ZeRO-3, smaller + split bases + step snapshots": parameters * TRAINING_BYTES_PER_PARAMETER / world,
     }
     constraint = {
         "DDP": bases + anchors + largest_residual,
@@ -254,6 +257,16 @@ def per_rank_bytes(
         + largest_stored
         + smaller_state
         + max(smaller_transient, largest_local_gradient)
+        + cut_rows,
+        # With step snapshots (taken at the start of DeepSpeed's step): no anchors or weights as last projected between
+        # steps; one weight's change (and kept part) while it is projected, or the gradient copy before the step.
+        "ZeRO-3, split bases + step snapshots": bases / world
+        + largest_basis
+        + max(largest_step_change, largest_local_gradient)
+        + cut_rows,
+        "ZeRO-3, smaller + split bases + step snapshots": smaller_bases / world
+        + largest_stored
+        + max(smaller_transient, largest_step_change, largest_local_gradient)
         + cut_rows,
     }
     row = {
@@ -455,18 +468,25 @@ def report(
             for bf16_snap in ["FSDP2, bf16 smaller + split bases + step snapshots"]
         ],
         "",
-        "The same split under DeepSpeed ZeRO-3 (`nullspace_shard_bases`): each rank its rows of every basis (or "
+        "The same split under DeepSpeed ZeRO-3 (`nullspace_shard_bases`), per rank: its rows of every basis (or "
         "complement) and one whole, or one block, in flight, beside its anchor rows (or weights as last projected), "
-        "the rows partitions cut and one weight's fp32 gradient partition; received per step as under FSDP2. Step "
-        "snapshots and bf16 complements are not built under DeepSpeed:",
+        "the rows partitions cut and one weight's fp32 gradient partition; with `nullspace_step_snapshot`, what it "
+        "holds between steps (no anchors or weights as last projected; the snapshot during the step is as under "
+        "FSDP2); received per step as under FSDP2. bf16 complements are not built under DeepSpeed:",
         "",
-        "| shape | ranks | ZeRO-3, split bases: resident GiB | ZeRO-3, smaller + split bases: resident GiB |",
-        "|---|---|---|---|",
+        "| shape | ranks | split bases: resident GiB | smaller + split bases: resident GiB | split bases + step "
+        "snapshots: between steps GiB | smaller + split bases + step snapshots: between steps GiB |",
+        "|---|---|---|---|---|---|",
         *[
             f"| {name} | {ranks} | "
             + " | ".join(
-                f"{rows[name][f'{column}: GiB']:.2f} ({rows[name][f'{column}: share']:.0%})"
-                for column in ("ZeRO-3, split bases", "ZeRO-3, smaller + split bases")
+                f"{rows[name][f'{column}: GiB']:.2f} ({rows[name][f'{column}: share']:.1%})"
+                for column in (
+                    "ZeRO-3, split bases",
+                    "ZeRO-3, smaller + split bases",
+                    "ZeRO-3, split bases + step snapshots",
+                    "ZeRO-3, smaller + split bases + step snapshots",
+                )
             )
             + " |"
             for name in next(iter(split.values()))

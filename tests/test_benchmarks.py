@@ -122,6 +122,10 @@ def test_memory_formula_on_a_shape_counted_by_hand():
     # o_proj's 8-float block, the weights' 84 rows, the largest change and kept part (32 floats), the split rows.
     assert in_bytes["ZeRO-3, split bases: GiB"] == (66 / 2 + 8 + 84 / 2 + 8 + 34 + 16) * 4
     assert smaller["ZeRO-3, smaller + split bases: GiB"] * 2**30 == (33 / 2 + 8 + 84 + 32 + 34) * 4
+    # With step snapshots no anchors or weights' rows stay between steps: one weight's change and coefficients
+    # (q's or o's: 4·(4+2) or 2·(8+4) = 24 floats) or, with complements, its change and kept part (32 floats).
+    assert in_bytes["ZeRO-3, split bases + step snapshots: GiB"] == (66 / 2 + 8 + 24 + 34) * 4
+    assert smaller["ZeRO-3, smaller + split bases + step snapshots: GiB"] * 2**30 == (33 / 2 + 8 + 32 + 34) * 4
     # The scale issue's FLOP criterion: 4·d_out·d·k per weight (q/k/v 4·16·4·2, o 4·4·8·4, gate/up 4·12·4·2,
     # down 4·4·6·3: 1696), twice for the `both` target, split over 2 ranks, against 6·248 parameters·8·8192 tokens.
     assert sharded_step_flops_share(shape, half, 2, 8, False) == 2 * 1696 / 2 / (6 * 248 * 8 * 8192)

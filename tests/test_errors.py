@@ -237,7 +237,7 @@ def test_sharded_backends_refuse_options_they_cannot_honour(
         ),
         (
             {"nullspace_step_snapshot": True},
-            "nullspace_step_snapshot on one process, DDP and FSDP2 only",
+            r"nullspace_step_snapshot under DeepSpeed ZeRO-3 only \(this run: ZeRO-2",
             [
                 (
                     {"nullspace_step_snapshot": True, "nullspace_projection_target": "gradient"},

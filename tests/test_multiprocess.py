@@ -411,7 +411,8 @@ def _assert_checkpoint_anchors_are_the_base_models(assets, checkpoint) -> None:
 
 
 @pytest.mark.parametrize(
-    "method", ["activation", "gradient", "offload", "smaller", "split smaller", "gradient target"]
+    "method",
+    ["activation", "gradient", "offload", "smaller", "split smaller", "split smaller snapshots", "gradient target"],
 )
 def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_between_ranks(tmp_path, method):
     """ZeRO-3 with every weight partitioned (persistence threshold 0, unlike the shipped config on
@@ -427,7 +428,9 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     start of DeepSpeed's step, its split rows exchanged, and the run matches the single process'. With the
     bases (and complements) split over the ranks by rows as well (`nullspace_shard_bases`), each gathered whole,
     or 1 KiB at a time where larger, while the weights that read it are projected, each rank keeps about half
-    their bytes and the run matches the single process' all the same."""
+    their bytes and the run matches the single process' all the same; and with step snapshots too (each rank
+    copies its master fragments at the start of DeepSpeed's step and the projection keeps only the step's change
+    outside the subspace), no anchor row is kept, and the run matches the single process' with snapshots."""
     assets = tmp_path / "assets"
     write_toy_assets(str(assets))
     tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
@@ -455,7 +458,9 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     recipe = os.path.join(ROOT, "recipes", "sft.py")
 
     overrides = {"nullspace_method": "gradient" if method == "gradient" else "activation"}
-    overrides |= STORAGE_SETTINGS.get(method.removeprefix("split "), {})
+    overrides |= STORAGE_SETTINGS.get(method.removeprefix("split ").removesuffix(" snapshots"), {})
+    if method.endswith("snapshots"):
+        overrides["nullspace_step_snapshot"] = True
     if method == "gradient target":
         overrides["nullspace_projection_target"] = "gradient"
     if method == "gradient":
@@ -474,16 +479,21 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
 
     trained = load_file(str(tmp_path / "zero3" / "model.safetensors"))
     assert _max_difference(trained, load_file(str(tmp_path / "single" / "model.safetensors"))) < 1e-4
-    assert "ZeRO-3 gradient projection once per step at the start of DeepSpeed's step" in output, output[-3000:]
+    started = "and step snapshots of each rank's masters " if method.endswith("snapshots") else ""
+    assert f"ZeRO-3 gradient projection once per step {started}at the start of DeepSpeed's step" in output, output[
+        -3000:
+    ]
     if method == "gradient target":
         return
-    if method.endswith("smaller"):
+    if "smaller" in method:
         complements, weights = map(int, re.search(r"(\d+) of (\d+) as complements", output).groups())
         assert 0 < complements < weights, (complements, weights)
         _assert_changes_are_orthogonal_to_the_bases(assets, tmp_path / "zero3")
-    if method == "split smaller":
+    if method.startswith("split"):
         kept, whole = map(float, re.search(r"by rows \(([\d.]+) of ([\d.]+) MiB kept here", output).groups())
         assert 0.4 * whole < kept < 0.6 * whole, (kept, whole)
+        anchor_rows = int(re.search(r"this rank keeps (\d+) of \d+ anchor rows", output).group(1))
+        assert (anchor_rows == 0) == method.endswith("snapshots"), anchor_rows
         return
     if method == "smaller":
         # 56 reference examples, 7 batches: the processes estimated from 4 and 3 (the second ran a

@@ -109,8 +109,9 @@ class NullSpaceArguments:
             "just before the step and freed after it, instead of the change since training began: no anchors "
             "(nor, with nullspace_basis_storage='smaller', the weights as last projected) are held between steps or "
             "saved in checkpoints. The same constraint, exact to fp32 round-off per step; the snapshot costs 4 bytes "
-            "per constrained parameter (over the ranks under FSDP2) during the step only. With the 'update' or "
-            "'both' target; one process, DDP and FSDP2; not with nullspace_offload."
+            "per constrained parameter (over the ranks under FSDP2 and ZeRO-3) during the step only. With the "
+            "'update' or 'both' target; one process, DDP, FSDP2 and DeepSpeed ZeRO-3 (taken at the start of "
+            "DeepSpeed's step); not under ZeRO-1/2 and not with nullspace_offload."
         },
     )
     nullspace_shard_bases: bool = field(

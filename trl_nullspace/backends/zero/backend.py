@@ -37,7 +37,9 @@ class ZeroBackend(ShardedBackend):
     """DeepSpeed ZeRO's partitioned fp32 masters (module docstring)."""
 
     name = "DeepSpeed"
-    shards_bases = True  # ZeRO-3 (ZeRO-1/2 keep only the bases their partition reads instead: `check_supported`)
+    # ZeRO-3 (`check_supported` refuses both under ZeRO-1/2, which keep only the bases their partition reads).
+    shards_bases = True
+    takes_step_snapshots = True
 
     def __init__(self, args: NullSpaceArguments, accelerator: Any):
         super().__init__(args, accelerator)
@@ -53,7 +55,12 @@ class ZeroBackend(ShardedBackend):
     def row_exchange(self) -> bool:
         """Offloaded, complement or split bases: the split rows' values travel instead of coefficients."""
         args = self.args
-        return args.nullspace_offload or args.nullspace_basis_storage == "smaller" or args.nullspace_shard_bases
+        return (
+            args.nullspace_offload
+            or args.nullspace_basis_storage == "smaller"
+            or args.nullspace_shard_bases
+            or args.nullspace_step_snapshot
+        )
 
     def check_supported(self, model: nn.Module, trainer_name: str) -> None:
         super().check_supported(model, trainer_name)
@@ -64,13 +71,28 @@ class ZeroBackend(ShardedBackend):
                 f"run: ZeRO-{stage}). Turn it off: under ZeRO-1/2 each rank already keeps only the bases its "
                 "partition reads, with no communication."
             )
+        if self.args.nullspace_step_snapshot and stage != 3:
+            raise NotImplementedError(
+                f"{trainer_name} supports nullspace_step_snapshot under DeepSpeed ZeRO-3 only (this run: "
+                f"ZeRO-{stage}; also one process, DDP and FSDP2): under ZeRO-1/2 the masters are projected with "
+                "anchors. Turn it off, or use ZeRO-3."
+            )
+        if self.args.nullspace_step_snapshot and self.args.nullspace_deepspeed_projection != "in_step":
+            raise NotImplementedError(
+                f"{trainer_name} takes the step snapshots at the start of DeepSpeed's step, and "
+                "nullspace_deepspeed_projection='around_step' keeps the projections out of it. Use 'in_step' (the "
+                "default), or turn nullspace_step_snapshot off."
+            )
         if self.row_exchange and self.args.nullspace_method != "activation":
-            option = (
-                "nullspace_offload"
-                if self.args.nullspace_offload
-                else "nullspace_shard_bases"
-                if self.args.nullspace_shard_bases
-                else "nullspace_basis_storage='smaller'"
+            option = next(
+                name
+                for name, on in (
+                    ("nullspace_offload", self.args.nullspace_offload),
+                    ("nullspace_shard_bases", self.args.nullspace_shard_bases),
+                    ("nullspace_step_snapshot", self.args.nullspace_step_snapshot),
+                    ("nullspace_basis_storage='smaller'", True),
+                )
+                if on
             )
             raise NotImplementedError(
                 f"{trainer_name} supports {option} under DeepSpeed with the activation method only (this run: "
@@ -102,11 +124,21 @@ class ZeroBackend(ShardedBackend):
         if isinstance(self._master, InStepZeroProjector) and self._master.projects_gradients:
             self._remove_gradient_hooks()
         zero3_optimizer = self._zero_optimizer(stages=(3,))
-        if in_step and self.projects_gradients and zero3_optimizer is not None:
+        snapshots = self.args.nullspace_step_snapshot
+        if in_step and (self.projects_gradients or snapshots) and zero3_optimizer is not None:
             if supports_step_start_projection(zero3_optimizer):
                 engine = self.accelerator.deepspeed_engine_wrapped.engine
-                self._zero3_gradients = Zero3GradientProjector(self._master, zero3_optimizer, engine.fp16_enabled())
-                self._remove_gradient_hooks()
+                self._zero3_gradients = Zero3GradientProjector(
+                    self._master, zero3_optimizer, engine.fp16_enabled(), self.projects_gradients, snapshots
+                )
+                if self.projects_gradients:
+                    self._remove_gradient_hooks()
+            elif snapshots:
+                raise NotImplementedError(
+                    "This DeepSpeed version's ZeRO-3 optimizer lacks the local-gradient API the start of its step is "
+                    "reached through, so no step snapshot can be taken before it steps. Turn nullspace_step_snapshot "
+                    "off, or use FSDP2."
+                )
         micro_batches = self.args.gradient_accumulation_steps
         if self._gradient_hooks and micro_batches > 1:
             logger.warning(
@@ -154,7 +186,11 @@ class ZeroBackend(ShardedBackend):
         return self.accelerator.deepspeed_engine_wrapped.engine.optimizer
 
     def take_previous(self) -> None:
-        """With complement bases: each rank records its own rows of the weights, once partitioned."""
+        """With complement bases: each rank records its own rows of the weights, once partitioned. Step snapshots
+        are taken at the start of DeepSpeed's step instead (`Zero3GradientProjector`): the trainer's moment before
+        the step comes after DeepSpeed has stepped."""
+        if self.args.nullspace_step_snapshot:
+            return
         if isinstance(self._master, RowExchangeZeroProjector | InStepZeroProjector):
             self._master.take_previous()
 

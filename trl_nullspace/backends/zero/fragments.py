@@ -166,16 +166,23 @@ class MasterFragment:
             return None  # whole rows: no boundary inside them
         return self.exchanged_rows.index(self.first_row + piece.row)
 
+    @property
+    def projects_change(self) -> bool:
+        """Whether the update projection works on the change since a recorded point (a complement basis: since
+        last projected; step snapshots: since just before the step) rather than on the weights and an anchor."""
+        return self.item.shared.complement or self.item.step_snapshots
+
     def take_previous(self) -> None:
-        """With a complement basis: record this fragment's master values now (`ConstrainedParameter.take_previous`)."""
-        if self.item.shared.complement:
+        """With a complement basis or step snapshots: record this fragment's master values now
+        (`ConstrainedParameter.take_previous`)."""
+        if self.projects_change:
             master = self.master()
             self.previous = host_copy(master) if self.item.shared.offloaded else master.clone()
 
     def exchange_values(self, master: torch.Tensor) -> torch.Tensor:
-        """What the cut rows' pieces exchange: the weights, or with a complement basis their change
-        since last projected (the projection needs `(M − P) N`, from whole rows)."""
-        if not self.item.shared.complement:
+        """What the cut rows' pieces exchange: the weights, or with a complement basis or step snapshots their
+        change since the recorded point (the projection needs `(M − P) N` or `(M − S) U`, from whole rows)."""
+        if not self.projects_change:
             return master
         previous = getattr(self, "previous", None)
         if previous is None:
@@ -203,7 +210,10 @@ class MasterFragment:
         removed_sq = (change - kept).square().sum()
         previous = self.previous.to(master.device, non_blocking=True)
         master.copy_(previous + kept)
-        self.previous.copy_(master, non_blocking=True)
+        if item.step_snapshots:
+            self.previous = None  # the next step's snapshot is taken at its start
+        else:
+            self.previous.copy_(master, non_blocking=True)
         if kept_whole is not None:
             matrix = parameter.data.view(self.rows, self.row_length)
             matrix.sub_((exchanged - kept_whole).to(device=matrix.device, dtype=matrix.dtype))
@@ -225,18 +235,23 @@ class MasterFragment:
             products[piece.row : piece.row + piece.rows] = rows @ block
         return products
 
-    def enforce_streamed(self, master: torch.Tensor, exchanged: torch.Tensor) -> torch.Tensor:
+    def enforce_streamed(
+        self, master: torch.Tensor, exchanged: torch.Tensor, change: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`M ← M − (M U − A) Uᵀ` on this fragment (and the module's whole copy, if kept), one
         column block of `U` at a time; cut rows' coefficients come from their completed copies in
-        `exchanged`. Returns the squared norm of `M U − A` on this fragment's rows."""
+        `exchanged`. With step snapshots (`change` = `M − S`, no anchor) `M ← M − ((M − S) U) Uᵀ`
+        instead, and the snapshot is freed. Returns the squared norm removed on this fragment's rows."""
         item, parameter = self.item, self.item.parameter
         squares = torch.zeros((), dtype=torch.float32, device=master.device)
         if not self.holds_rows:
             item.shared.take_part_in_gathers()
+            self.previous = None
             return squares
         anchor = item.anchor_state
+        values = master if change is None else change
         for index, block in enumerate(item.shared.blocks(master.device, torch.float32)):
-            coefficients = self._row_products(master, exchanged, block)
+            coefficients = self._row_products(values, exchanged, block)
             if anchor is not None:
                 rows = slice(self.first_row, self.first_row + self.local_rows)
                 coefficients -= anchor.block(index, rows).to(block.device, non_blocking=True)
@@ -246,6 +261,8 @@ class MasterFragment:
                 matrix.sub_((coefficients @ block.T).to(device=matrix.device, dtype=matrix.dtype))
             squares += coefficients.square().sum()
         self.write_back(master)
+        if change is not None:
+            self.previous = None  # the next step's snapshot is taken at its start
         return squares
 
     def project_gradient_in_blocks(self, gradient: torch.Tensor, exchanged: torch.Tensor) -> None:

@@ -260,7 +260,8 @@ class RowExchangeZeroProjector:
         return fragments_anchors(self.fragments, self.communication_device)
 
     def take_previous(self) -> None:
-        """With complement bases: record every fragment's master values before training."""
+        """With complement bases (before training) or step snapshots (at the start of each DeepSpeed step):
+        record every fragment's master values."""
         for fragment in self.fragments:
             fragment.take_previous()
 
@@ -334,18 +335,20 @@ class RowExchangeZeroProjector:
     def enforce_anchors(self) -> torch.Tensor:
         """`M ← M − (M U − A) Uᵀ` on the master weights (with a complement, `M ← P + (M − P) N Nᵀ`),
         block by block; returns the norm removed over this rank's rows (a device tensor, read only
-        when the trainer logs)."""
+        when the trainer logs). With a complement or step snapshots each weight's change is formed twice, for
+        the exchange and for its projection, so that no more than one weight's is held at once."""
         masters = [fragment.master() for fragment in self.fragments]
-        changes = [fragment.exchange_values(master) for fragment, master in zip(self.fragments, masters, strict=True)]
-        completed = self._completed_rows(zip(changes, masters, strict=True))
+        completed = self._completed_rows(
+            (fragment.exchange_values(master), master)
+            for fragment, master in zip(self.fragments, masters, strict=True)
+        )
         squares = [torch.zeros((), dtype=torch.float32, device=self.communication_device)]
-        for fragment, master, change, rows in zip(
-            self._in_projection_order(), masters, changes, completed, strict=True
-        ):
+        for fragment, master, rows in zip(self._in_projection_order(), masters, completed, strict=True):
+            change = fragment.exchange_values(master)
             rows = rows.to(master.device)
             if fragment.item.shared.complement:
                 removed = fragment.enforce_with_complement(master, change, rows)
             else:
-                removed = fragment.enforce_streamed(master, rows)
+                removed = fragment.enforce_streamed(master, rows, change if fragment.projects_change else None)
             squares.append(removed.to(self.communication_device))
         return torch.stack(squares).sum().sqrt()

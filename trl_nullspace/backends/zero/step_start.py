@@ -15,6 +15,10 @@ offloaded gradient norms. DeepSpeed accumulates gradients in the model's dtype u
 so each read may be an fp32 copy: one weight's partition at a time, read once for the exchanged
 coefficients and once to project it, never the rank's whole gradient at once.
 
+With step snapshots (`nullspace_step_snapshot`) the same moment records each rank's master fragments,
+the point the update projection after the step keeps the change from (`RowExchangeZeroProjector`):
+the trainer's own moment before the step comes after DeepSpeed has stepped.
+
 ZeRO-3's optimizer is not a `torch.optim.Optimizer` and has no step hooks, and its inner optimizer is
 stepped once per sub-group after the clipping. So this wraps the `step` of the one optimizer instance
 the engine steps; after each step the trainer checks that the projection ran, so a DeepSpeed that
@@ -41,20 +45,26 @@ def supports_step_start_projection(zero3_optimizer: Any) -> bool:
 
 
 class Zero3GradientProjector:
-    """Projects each rank's ZeRO-3 gradient partitions at the start of DeepSpeed's step (module docstring)."""
+    """Projects each rank's ZeRO-3 gradient partitions at the start of DeepSpeed's step, and takes the step
+    snapshots there (module docstring)."""
 
     def __init__(
         self,
         projector: ZeroMasterProjector | RowExchangeZeroProjector,
         zero3_optimizer: Any,
         loss_scaled: bool,
+        gradients: bool = True,
+        snapshots: bool = False,
     ):
         """`projector`: the run's projector of ZeRO-3 masters, whose fragments lie where the gradient
         partitions do. `loss_scaled` (fp16): a NaN or inf gradient is an overflow that DeepSpeed skips
-        the step for, so it is left unprojected; otherwise the projector raises, naming the weights."""
+        the step for, so it is left unprojected; otherwise the projector raises, naming the weights.
+        `gradients`: project the gradient; `snapshots`: record the masters (a `RowExchangeZeroProjector`'s)."""
         self.projector = projector
         self.zero3_optimizer = zero3_optimizer
         self.loss_scaled = loss_scaled
+        self.gradients = gradients
+        self.snapshots = snapshots
         self._ran = False
         self._unwrapped_step = zero3_optimizer.step
         zero3_optimizer.step = self._projected_step  # this instance only; `remove` restores it
@@ -65,7 +75,13 @@ class Zero3GradientProjector:
 
     @torch.no_grad()
     def project(self) -> None:
-        """`G ← G − (G U) Uᵀ` (a complement: `G ← G N Nᵀ`) on this rank's gradient partitions."""
+        """Record the masters (step snapshots), then `G ← G − (G U) Uᵀ` (a complement: `G ← G N Nᵀ`) on this
+        rank's gradient partitions."""
+        if self.snapshots:
+            self.projector.take_previous()  # a skipped step then projects a zero change
+        if not self.gradients:
+            self._ran = True
+            return
         if self.loss_scaled and self._any_rank_overflowed():
             self._ran = True  # DeepSpeed finds the overflow and skips this step
             return
@@ -96,15 +112,18 @@ class Zero3GradientProjector:
         ran, self._ran = self._ran, False
         if not ran:
             raise RuntimeError(
-                "DeepSpeed ZeRO-3 stepped without the trl-nullspace gradient projection running at the start of its "
-                "step: this DeepSpeed version steps its optimizer another way, and the constraint would not hold. "
+                "DeepSpeed ZeRO-3 stepped without the trl-nullspace gradient projection (or step snapshot) running at "
+                "the start of its step: this DeepSpeed version steps its optimizer another way, and the constraint "
+                "would not hold. "
                 "Please report it with your DeepSpeed version; nullspace_projection_target='update' or FSDP2 work "
                 "meanwhile."
             )
 
     def summary(self) -> str:
-        """Where the gradient is projected, for the log."""
-        return "ZeRO-3 gradient projection once per step at the start of DeepSpeed's step, each rank its partition"
+        """Where the gradient is projected and the snapshots are taken, for the log."""
+        parts = ["ZeRO-3 gradient projection once per step"] if self.gradients else []
+        parts += ["step snapshots of each rank's masters"] if self.snapshots else []
+        return " and ".join(parts) + " at the start of DeepSpeed's step, each rank its partition"
 
     def remove(self) -> None:
         """Stop projecting (the trainer bound a new subspace): DeepSpeed's own step again."""
