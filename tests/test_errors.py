@@ -271,14 +271,21 @@ def test_fsdp2_storage_options_are_refused_where_they_are_not_built(
     model, tokenizer, safety_dataset, reference_dataset, tmp_path, option, deepspeed_refusal, conflicts
 ):
     """The storage options built for FSDP2 (split bases, step snapshots, bf16 complements) are refused by name
-    under DeepSpeed, which would keep the bases whole, keep anchors or store fp32 while the run's settings say
-    otherwise; FSDP2 accepts them; and settings they cannot combine with are refused as the config is made."""
+    under DeepSpeed ZeRO-2, which would keep the bases whole, keep anchors or store fp32 while the run's settings
+    say otherwise; FSDP2 accepts them, and ZeRO-3 all but bf16 complements; and settings they cannot combine with
+    are refused as the config is made."""
     trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
     for key, value in option.items():
         setattr(trainer.args, key, value)
     with pytest.raises(NotImplementedError, match=deepspeed_refusal):
         backend_for(trainer.args, accelerator_launched_with("deepspeed"), trainer.model, "T")
     backend_for(trainer.args, accelerator_launched_with("fsdp2"), trainer.model, "T")  # accepted
+    zero3 = accelerator_launched_with("deepspeed", zero_stage=3)
+    if "nullspace_complement_dtype" in option:
+        with pytest.raises(NotImplementedError, match="nullspace_complement_dtype='bfloat16' on one process"):
+            backend_for(trainer.args, zero3, trainer.model, "T")
+    else:
+        backend_for(trainer.args, zero3, trainer.model, "T")  # accepted
     for settings, message in conflicts:
         with pytest.raises(ValueError, match=message):
             NullSpaceSFTConfig(output_dir=str(tmp_path), **settings)
@@ -382,3 +389,15 @@ def test_a_config_starts_without_warnings_the_user_cannot_act_on(tmp_path):
         check=True,
     )
     assert "gradient_checkpointing" not in ours.stderr
+
+
+def test_zero3_step_snapshots_need_the_start_of_deepspeeds_step(
+    model, tokenizer, safety_dataset, reference_dataset, tmp_path
+):
+    """Under ZeRO-3 the snapshot is taken at the start of DeepSpeed's step; 'around_step' runs nothing there, so
+    the two together are refused instead of projecting a change measured after the step (zero)."""
+    trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
+    trainer.args.nullspace_step_snapshot = True
+    trainer.args.nullspace_deepspeed_projection = "around_step"
+    with pytest.raises(NotImplementedError, match="takes the step snapshots at the start of DeepSpeed's step"):
+        backend_for(trainer.args, accelerator_launched_with("deepspeed", zero_stage=3), trainer.model, "T")
