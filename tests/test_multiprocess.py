@@ -49,6 +49,17 @@ def _plain_recipe(tmp_path) -> str:
 
 # The bases' storage options, on the toy model: offloaded in blocks of 4 columns; complements where
 # smaller, on enough reference tokens that some inputs keep over half their directions.
+# ZeRO-3 and FSDP2 at their smallest: complements where smaller, split over the ranks (gathered 1 KiB at a
+# time where larger), each step's change projected from a snapshot (no anchors).
+SPLIT_SNAPSHOTS = {
+    "nullspace_basis_storage": "smaller",
+    "nullspace_eigenvalue_threshold": None,
+    "nullspace_energy": 0.999,
+    "nullspace_reference_num_samples": 56,
+    "nullspace_shard_bases": True,
+    "nullspace_offload_block_mib": 2**-10,
+    "nullspace_step_snapshot": True,
+}
 STORAGE_SETTINGS = {
     "offload": {"nullspace_offload": True, "nullspace_offload_block_mib": 2**-10},
     "smaller": {
@@ -669,23 +680,28 @@ def _fsdp2_worker(flags: str, processes: int) -> dict[str, str]:
     return dict(item.split("=") for item in lines[0].split()[1:])
 
 
-def test_deepspeed_resume_restores_the_checkpoint_subspace(assets, tmp_path):
-    """ZeRO-2, 2 processes: stop at a checkpoint, resume with a config whose rank rule would give
-    another subspace; the checkpoint's subspace and anchors win, so the resumed run ends where the
-    uninterrupted one did (it would not with the fresh subspace)."""
-    accelerate_config = _cpu_accelerate_config(tmp_path, "zero2.yaml", 29546)
+@pytest.mark.parametrize("shipped, port, storage", [("zero2.yaml", 29546, {}), ("zero3.yaml", 29556, SPLIT_SNAPSHOTS)])
+def test_deepspeed_resume_restores_the_checkpoint_subspace(assets, tmp_path, shipped, port, storage):
+    """2 processes: stop at a checkpoint, resume with a config whose rank rule would give another
+    subspace; the checkpoint's subspace and anchors win, so the resumed run ends where the
+    uninterrupted one did (it would not with the fresh subspace). Under ZeRO-2 as shipped, and under
+    the shipped ZeRO-3 (its small weights kept whole on every rank) with complements where smaller
+    split over the ranks and step snapshots: a checkpoint with no anchors, whose reloaded subspace
+    is split again with the same bytes on both ranks (checksummed), resumes exactly as well."""
+    accelerate_config = _cpu_accelerate_config(tmp_path, shipped, port)
     recipe = os.path.join(ROOT, "recipes", "sft.py")
     full = _config(assets, tmp_path, "full", 4, True)
-    settings = yaml.safe_load(open(full)) | {"save_strategy": "steps", "save_steps": 3}
+    settings = yaml.safe_load(open(full)) | {"save_strategy": "steps", "save_steps": 3} | storage
     (tmp_path / "full.yaml").write_text(yaml.safe_dump(settings))
     _train(recipe, full, accelerate_config)
 
     resumed = settings | {
         "output_dir": str(tmp_path / "resumed"),
         "resume_from_checkpoint": str(tmp_path / "full" / "checkpoint-3"),
-        "nullspace_eigenvalue_threshold": 1.0e-2,
         "nullspace_cache_path": None,
     }
+    # Another rank rule of the same kind: a larger threshold, or a lower energy.
+    resumed |= {"nullspace_energy": 0.9} if storage else {"nullspace_eigenvalue_threshold": 1.0e-2}
     (tmp_path / "resumed.yaml").write_text(yaml.safe_dump(resumed))
     _train(recipe, str(tmp_path / "resumed.yaml"), accelerate_config)
     difference = _max_difference(
