@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -215,8 +216,9 @@ def save_plot(result: dict, path: str) -> None:
         )
         axis.set_xlabel("KL from the base model on held-out general answers (log) ↓")
         axis.set_title(title)
-    axes[0].legend(fontsize=7, loc="upper left")
-    figure.suptitle(f"SmolLM2-135M-Instruct, boundary safety SFT: {SWEEPS[result['sweep']]} (labels: lr)")
+    axes[0].legend(fontsize=7, loc="lower right")  # the points lie above the base model's refusal
+    title = f"SmolLM2-135M-Instruct, boundary safety SFT: {SWEEPS[result['sweep']]} (labels: lr)"
+    figure.suptitle(textwrap.fill(title, 140), fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=130)
     plt.close(figure)
