@@ -1,10 +1,12 @@
-"""Where the bases live: whole with the weights, offloaded, or split over the ranks.
+"""Where the bases live: whole with the weights, offloaded, split over the ranks, or nowhere on a rank
+that never reads them.
 
 Every weight that reads one input shares that input's basis (`SharedBasis`), one copy per device,
 or its orthonormal complement where that is smaller. Offloaded, bases stay in host memory as column
 blocks that the projections stage to the accelerator one at a time. Row-sharded
 (`SharedBasis.shard_rows`), each rank keeps 1/world of every basis' rows and the projections gather
-one basis whole at a time (`SharedBasis.gathered`), or a large one block by block. The anchors,
+one basis whole at a time (`SharedBasis.gathered`), or a large one block by block. Released
+(`SharedBasis.release`), a rank holds none of a basis none of its rows reads (ZeRO-1/2). The anchors,
 stored like their basis' blocks, are `projection.anchors`.
 """
 
