@@ -29,10 +29,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from trl_nullspace.backends.sharded import ShardedBackend
-from trl_nullspace.backends.split_bases import split_bases
+from trl_nullspace.backends.split_bases import grouped_by_basis, split_bases, with_bases_gathered
 from trl_nullspace.config import NullSpaceArguments
 from trl_nullspace.projection.anchors import gather_anchors
-from trl_nullspace.projection.basis import SharedBasis
 from trl_nullspace.projection.constrained import ConstrainedParameter, ProjectionStats, diverged_step_error, total_norm
 from trl_nullspace.projection.projector import SubspaceProjector
 
@@ -99,19 +98,12 @@ class RowShardProjector:
             parameter = parameters[constrained[0].name]  # one of the sharded weights: FSDP's mesh and device
             group = parameter.device_mesh.get_group() if isinstance(parameter.data, DTensor) else None
             split_bases(constrained, parameter.device, group, gather_block_bytes)
-        # Every rank binds the same weights in the same order, so the gathers below line up.
-        self.by_basis: dict[int, tuple[SharedBasis, list[_RowShard]]] = {}
-        for item in constrained:
-            self.by_basis.setdefault(id(item.shared), (item.shared, []))[1].append(
-                _RowShard(item, parameters[item.name])
-            )
-        self.shards = [shard for _, shards in self.by_basis.values() for shard in shards]  # in projection order
+        # In projection order: grouped by basis, the same on every rank, so the gathers line up.
+        self.shards = [_RowShard(item, parameters[item.name]) for item in grouped_by_basis(constrained)]
 
     def _each_shard_with_its_basis(self) -> Iterator[_RowShard]:
         """Every shard, grouped by basis, each basis whole (gathered if row-sharded) while its shards are used."""
-        for shared, shards in self.by_basis.values():
-            with shared.gathered():
-                yield from shards
+        return with_bases_gathered(self.shards)
 
     def take_previous(self) -> None:
         """With complement bases (before training) or step snapshots (before each step): record each rank's rows

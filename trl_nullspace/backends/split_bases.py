@@ -5,15 +5,54 @@ gather one whole (or, beyond the block size, one column block) just before the w
 A split basis is the rows of every rank's copy put together, so the copies must agree bit for bit
 before they are cut: each rank computes complements itself (a QR on its own device), so they can
 differ, and a checksum of each basis' exact bits is compared across the ranks first.
+
+The gathers are collectives, so every rank must reach the bases in the same order: the sharded
+projectors take their weights grouped by basis (`grouped_by_basis`) and walk them with each basis
+whole while its weights are projected (`with_bases_gathered`).
 """
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from typing import Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from trl_nullspace.backends.agreement import items_differing_between_ranks
+from trl_nullspace.projection.basis import SharedBasis
 from trl_nullspace.projection.constrained import ConstrainedParameter
+
+
+class _ProjectsAWeight(Protocol):
+    item: ConstrainedParameter
+
+
+Holder = TypeVar("Holder", bound=_ProjectsAWeight)
+
+
+def distinct_bases(constrained: Iterable[ConstrainedParameter]) -> list[SharedBasis]:
+    """Each basis the weights read, once (q/k/v share one), in the order they first appear."""
+    return list({id(item.shared): item.shared for item in constrained}.values())
+
+
+def grouped_by_basis(constrained: Iterable[ConstrainedParameter]) -> list[ConstrainedParameter]:
+    """The weights with those reading one basis next to each other, the bases in the order they first appear:
+    the same on every rank, which binds the same weights in the same order."""
+    by_basis: dict[int, list[ConstrainedParameter]] = {}
+    for item in constrained:
+        by_basis.setdefault(id(item.shared), []).append(item)
+    return [item for items in by_basis.values() for item in items]
+
+
+def with_bases_gathered(holders: Iterable[Holder]) -> Iterator[Holder]:
+    """`holders` in order, each run of them reading one basis inside that basis' `gathered()` (whole, a
+    collective, if split; a no-op otherwise). A basis gathered block by block is gathered inside `blocks()`."""
+    for _, run in itertools.groupby(holders, key=lambda holder: id(holder.item.shared)):
+        run = list(run)
+        with run[0].item.shared.gathered():
+            yield from run
 
 
 def split_bases(
@@ -27,9 +66,8 @@ def split_bases(
     so the set-up never holds more than one basis whole there. A basis larger than `block_bytes` is gathered
     block by block later (`SharedBasis.shard_rows`), and its weights' anchors are cut into the same column
     blocks (whole anchors, or the rows a rank already kept)."""
-    distinct = list({id(item.shared): item.shared for item in constrained}.values())
     checksums = []
-    for shared in distinct:
+    for shared in distinct_bases(constrained):
         shared.move(device)
         checksums.append(shared.bits_checksum())
         shared.shard_rows(group, block_bytes)

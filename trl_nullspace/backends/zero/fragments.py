@@ -210,9 +210,7 @@ class MasterFragment:
         removed_sq = (change - kept).square().sum()
         previous = self.previous.to(master.device, non_blocking=True)
         master.copy_(previous + kept)
-        if item.step_snapshots:
-            self.previous = None  # the next step's snapshot is taken at its start
-        else:
+        if not item.step_snapshots:  # a snapshot is freed by the caller instead; the next step takes its own
             self.previous.copy_(master, non_blocking=True)
         if kept_whole is not None:
             matrix = parameter.data.view(self.rows, self.row_length)
@@ -235,21 +233,17 @@ class MasterFragment:
             products[piece.row : piece.row + piece.rows] = rows @ block
         return products
 
-    def enforce_streamed(
-        self, master: torch.Tensor, exchanged: torch.Tensor, change: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def enforce_streamed(self, master: torch.Tensor, exchanged: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """`M ← M − (M U − A) Uᵀ` on this fragment (and the module's whole copy, if kept), one
-        column block of `U` at a time; cut rows' coefficients come from their completed copies in
-        `exchanged`. With step snapshots (`change` = `M − S`, no anchor) `M ← M − ((M − S) U) Uᵀ`
-        instead, and the snapshot is freed. Returns the squared norm removed on this fragment's rows."""
+        column block of `U` at a time, `values` being `exchange_values(M)`: the weights themselves, or
+        with step snapshots their change `M − S` (no anchor: `M ← M − ((M − S) U) Uᵀ`). Cut rows' products
+        come from their completed copies in `exchanged`. Returns the squared norm removed on this fragment's rows."""
         item, parameter = self.item, self.item.parameter
         squares = torch.zeros((), dtype=torch.float32, device=master.device)
         if not self.holds_rows:
             item.shared.take_part_in_gathers()
-            self.previous = None
             return squares
         anchor = item.anchor_state
-        values = master if change is None else change
         for index, block in enumerate(item.shared.blocks(master.device, torch.float32)):
             coefficients = self._row_products(values, exchanged, block)
             if anchor is not None:
@@ -261,8 +255,6 @@ class MasterFragment:
                 matrix.sub_((coefficients @ block.T).to(device=matrix.device, dtype=matrix.dtype))
             squares += coefficients.square().sum()
         self.write_back(master)
-        if change is not None:
-            self.previous = None  # the next step's snapshot is taken at its start
         return squares
 
     def project_gradient_in_blocks(self, gradient: torch.Tensor, exchanged: torch.Tensor) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from trl_nullspace.backends.split_bases import distinct_bases
 from trl_nullspace.backends.zero.fragments import MasterFragment, stage12_fragment
 from trl_nullspace.backends.zero.master import RowExchangeZeroProjector, ZeroMasterProjector, fragments_anchors
 from trl_nullspace.projection.constrained import ConstrainedParameter
@@ -200,13 +201,13 @@ def release_unread_bases(fragments: list[MasterFragment]) -> str:
     A ZeRO-1/2 rank's partition of a parameter group is one contiguous range of its flattened weights,
     so it reaches about 1/world of the layers plus the ones its two ends cut: the bases held fall as
     1/world (B/world plus at most two per group), with no new communication."""
-    distinct = {id(fragment.item.shared): fragment.item.shared for fragment in fragments}
-    read = {id(fragment.item.shared) for fragment in fragments if fragment.holds_rows}
-    total_bytes = sum(shared.resident_bytes for shared in distinct.values())
-    for key, shared in distinct.items():
-        if key not in read:
+    distinct = distinct_bases(fragment.item for fragment in fragments)
+    read = {id(shared) for shared in distinct_bases(fragment.item for fragment in fragments if fragment.holds_rows)}
+    total_bytes = sum(shared.resident_bytes for shared in distinct)
+    for shared in distinct:
+        if id(shared) not in read:
             shared.release()
-    kept = [shared for shared in distinct.values() if not shared.released]
+    kept = [shared for shared in distinct if not shared.released]
     kept_bytes = sum(shared.resident_bytes for shared in kept)
     return (
         f"this rank keeps {len(kept)} of {len(distinct)} bases ({kept_bytes / 2**20:.2f} of "

@@ -34,14 +34,13 @@ the gather per block.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-from trl_nullspace.backends.split_bases import split_bases
+from trl_nullspace.backends.split_bases import distinct_bases, grouped_by_basis, split_bases, with_bases_gathered
 from trl_nullspace.backends.zero.fragments import MasterFragment
 from trl_nullspace.projection.anchors import gather_anchors
 from trl_nullspace.projection.constrained import ConstrainedParameter, diverged_step_error
@@ -229,11 +228,8 @@ class RowExchangeZeroProjector:
         self.communication_device = communication_device
         self.shard_bases = shard_bases
         boundaries = stage12_boundaries or {}
-        if shard_bases:  # grouped by basis, in the order the bases first appear: the same on every rank
-            by_basis: dict[int, list[ConstrainedParameter]] = {}
-            for item in constrained:
-                by_basis.setdefault(id(item.shared), []).append(item)
-            constrained = [item for items in by_basis.values() for item in items]
+        if shard_bases:
+            constrained = grouped_by_basis(constrained)
         self.fragments = [MasterFragment(item, boundaries.get(item.name)) for item in constrained]
         if shard_bases:
             # After the fragments kept their anchor rows and moved to their masters; gathered on the device the
@@ -270,7 +266,7 @@ class RowExchangeZeroProjector:
         complements = sum(fragment.item.shared.complement for fragment in self.fragments)
         where = "host memory" if any(f.item.shared.offloaded for f in self.fragments) else "the accelerator"
         if self.shard_bases:
-            distinct = {id(f.item.shared): f.item.shared for f in self.fragments}.values()
+            distinct = distinct_bases(fragment.item for fragment in self.fragments)
             held = sum(shared.resident_bytes for shared in distinct) / 2**20
             whole = sum(shared.whole_bytes for shared in distinct) / 2**20
             where += (
@@ -287,13 +283,7 @@ class RowExchangeZeroProjector:
         """The fragments in order, each split basis whole (gathered: a collective every rank enters in the same
         order) while the fragments that read it are projected; gathered block by block inside `blocks()` where
         it is larger than a block. Without split bases, simply the fragments."""
-        if not self.shard_bases:
-            yield from self.fragments
-            return
-        for _, group in itertools.groupby(self.fragments, key=lambda fragment: id(fragment.item.shared)):
-            fragments = list(group)
-            with fragments[0].item.shared.gathered():
-                yield from fragments
+        return with_bases_gathered(self.fragments)
 
     def _completed_rows(self, values_and_checks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Every fragment's exchanged rows of the first of each pair, in the fragments' order, made
@@ -349,6 +339,8 @@ class RowExchangeZeroProjector:
             if fragment.item.shared.complement:
                 removed = fragment.enforce_with_complement(master, change, rows)
             else:
-                removed = fragment.enforce_streamed(master, rows, change if fragment.projects_change else None)
+                removed = fragment.enforce_streamed(master, rows, change)
+            if fragment.item.step_snapshots:
+                fragment.previous = None  # the next step's snapshot is taken at its start
             squares.append(removed.to(self.communication_device))
         return torch.stack(squares).sum().sqrt()
