@@ -49,15 +49,23 @@ def low_leak_keyed_linears(results_path: str = HARM_KEYS_RESULTS) -> list[str]:
     ]
 
 
-# The frontier issue's best opt-ins on its development proxy (`make bench-unseen`, sweeps `keys-select` and
-# `keys-select-kl`; docs/results/real_levers.md): every reference direction protected (energy 1.0) except one harm
-# key per MLP input at the low-leak layers, alone and with a weak KL retain loss on the general answers.
-LOW_LEAK_KEYS = Method(
-    "harm keys only, low-leak layers (energy 1.0)",
-    null_space=True,
-    settings={"nullspace_energy": 1.0, "nullspace_exempt_modules": low_leak_keyed_linears()},
-    exempt=True,
-)
-LOW_LEAK_KEYS_KL = dataclasses.replace(
-    LOW_LEAK_KEYS, name="harm keys only, low-leak layers + KL retain 0.3", baseline="kl-retain", retain_weight=0.3
-)
+def low_leak_keys(retain_weight: float | None = None) -> Method:
+    """The frontier issue's best opt-in on its development proxy (`make bench-unseen`, sweeps `keys-select` and
+    `keys-select-kl`; docs/results/real_levers.md): every reference direction protected (energy 1.0) except one
+    harm key per MLP input at the low-leak layers; with `retain_weight`, a KL retain loss on the general answers
+    too. Built when a sweep asks (it reads the committed measurement), so `make bench-harm-keys`, which writes
+    that measurement, never needs it to import."""
+    keys = Method(
+        "harm keys only, low-leak layers (energy 1.0)",
+        null_space=True,
+        settings={"nullspace_energy": 1.0, "nullspace_exempt_modules": low_leak_keyed_linears()},
+        exempt=True,
+    )
+    if retain_weight is None:
+        return keys
+    return dataclasses.replace(
+        keys,
+        name=f"harm keys only, low-leak layers + KL retain {retain_weight:g}",
+        baseline="kl-retain",
+        retain_weight=retain_weight,
+    )
