@@ -22,10 +22,10 @@ does not change storage), counted from the shapes, not measured on an accelerato
 - with `nullspace_offload`: bases and anchors in host memory instead, and on the accelerator one
   staged block at a time: the basis block (d × k_b, at most the block size), its anchor rows and
   residual (2 · local rows × k_b); under ZeRO also the buffer of rows that partition boundaries
-  cut (ZeRO-3: at most world − 1 rows per weight; ZeRO-1/2: at most world − 1 in all) and, under
-  ZeRO-3, that gradient copy. Over PCIe per optimizer step: the bases twice under the default `both`
-  target (gradient, then update, each once per step whatever the accumulation) and the local anchor
-  rows once;
+  cut (ZeRO-3: at most world − 1 rows per weight, exchanged in runs of at most one block, two runs
+  held at once; ZeRO-1/2: at most world − 1 in all) and, under ZeRO-3, that gradient copy. Over
+  PCIe per optimizer step: the bases twice under the default `both` target (gradient, then update,
+  each once per step whatever the accumulation) and the local anchor rows once;
 - under FSDP2 with `nullspace_shard_bases`: each rank's rows of every basis, one basis (or one block
   of a larger one) whole in flight, and every basis received twice per step, against FSDP2's own
   traffic; with `nullspace_step_snapshot` no anchors or weights as last projected between steps, and
@@ -145,7 +145,7 @@ def per_rank_bytes(
 ) -> dict[str, float]:
     """The constraint's bytes per rank under each backend (see the module's docstring), in GiB, and
     their share of that rank's training memory."""
-    bases = anchors = cut_rows = longest_row = largest_basis = largest_stored = 0.0
+    bases = anchors = cut_rows = largest_cut = largest_weight = longest_row = largest_basis = largest_stored = 0.0
     # `nullspace_step_snapshot`: each rank's rows of every constrained weight, copied for the step only, and
     # while one weight's step is projected its change (and, with a basis, its coefficients).
     snapshot = largest_step_change = 0.0
@@ -192,7 +192,12 @@ def per_rank_bytes(
             # ZeRO-3 at the start of its step: one weight's bf16 gradient partition read in fp32.
             largest_local_gradient = max(largest_local_gradient, rows / world * size * FP32)
             cut_rows += min(rows, world - 1) * size * FP32  # ZeRO-3: at most one row per boundary per weight
+            largest_cut = max(largest_cut, min(rows, world - 1) * size * FP32)
+            largest_weight = max(largest_weight, rows * size * FP32)
             longest_row = max(longest_row, size * FP32)
+    # ZeRO-3 exchanges the cut rows in runs of whole weights of at most one block (a larger weight alone), each
+    # just before its weights are projected: at most two runs held at once (`master.exchange_runs`).
+    exchanged_at_once = min(cut_rows, 2 * max(block_bytes, largest_cut))
     parameters = shape.parameters()
     training = {
         "DDP": parameters * TRAINING_BYTES_PER_PARAMETER,
@@ -227,14 +232,17 @@ def per_rank_bytes(
         # ZeRO-1/2 cut the flat weights into `world` slices: at most world − 1 cut rows in all; the
         # gradient is projected in the step too (no hook's copies).
         "ZeRO-1/2 + offload": (world - 1) * longest_row + largest_staged,
-        "ZeRO-3 + offload": cut_rows + largest_staged + largest_local_gradient,
+        "ZeRO-3 + offload": exchanged_at_once + largest_staged + largest_local_gradient,
         "FSDP2 + offload": largest_staged,
         "FSDP2, smaller": smaller_bases + smaller_state + smaller_transient,
         "FSDP2, smaller + offload": smaller_staged,
         # ZeRO-3 with complements exchanges the split rows' values (`RowExchangeZeroProjector`); its
         # gradient projection holds one weight's gradient copy and, with a complement, its kept part.
-        "ZeRO-3, smaller": smaller_bases + smaller_state + max(smaller_transient, largest_local_gradient) + cut_rows,
-        "ZeRO-3, smaller + offload": max(smaller_staged, largest_local_gradient) + cut_rows,
+        "ZeRO-3, smaller": smaller_bases
+        + smaller_state
+        + max(smaller_transient, largest_local_gradient)
+        + exchanged_at_once,
+        "ZeRO-3, smaller + offload": max(smaller_staged, largest_local_gradient) + exchanged_at_once,
         # `nullspace_shard_bases`: each rank its rows of every basis, and one basis whole while it is used.
         "FSDP2, split bases": bases / world + largest_basis + anchors / world + largest_local_residual,
         "FSDP2, smaller + split bases": smaller_bases / world + largest_stored + smaller_state + smaller_transient,
@@ -251,23 +259,23 @@ def per_rank_bytes(
         + largest_basis
         + anchors / world
         + largest_local_residual
-        + cut_rows
+        + exchanged_at_once
         + largest_local_gradient,
         "ZeRO-3, smaller + split bases": smaller_bases / world
         + largest_stored
         + smaller_state
         + max(smaller_transient, largest_local_gradient)
-        + cut_rows,
+        + exchanged_at_once,
         # With step snapshots (taken at the start of DeepSpeed's step): no anchors or weights as last projected between
         # steps; one weight's change (and kept part) while it is projected, or the gradient copy before the step.
         "ZeRO-3, split bases + step snapshots": bases / world
         + largest_basis
         + max(largest_step_change, largest_local_gradient)
-        + cut_rows,
+        + exchanged_at_once,
         "ZeRO-3, smaller + split bases + step snapshots": smaller_bases / world
         + largest_stored
         + max(smaller_transient, largest_step_change, largest_local_gradient)
-        + cut_rows,
+        + exchanged_at_once,
     }
     row = {
         "parameters_billions": parameters / 1e9,
@@ -289,6 +297,17 @@ def per_rank_bytes(
     row["smaller + split bases: received GiB per step"] = 2 * smaller_bases * (world - 1) / world / 2**30
     row["bf16 smaller + split bases: received GiB per step"] = 2 * smaller_bases_bf16 * (world - 1) / world / 2**30
     row["FSDP2's own: received GiB per step"] = fsdp_own_traffic(parameters, world) / 2**30
+    # The alternative the scale issue names, not built: each weight owned whole by one rank (byte-balanced), as
+    # distributed Muon implementations do. Per projection a rank receives the other ranks' rows of the weights it
+    # owns (fp32 gradient or change) and, once projected, its rows of everyone else's: twice 4·C/world ·
+    # (world − 1)/world for C constrained values, twice per step under `both`; it keeps its owned share of the
+    # stored bases and one owned weight whole in flight.
+    constrained = sum(size * sum(outputs) for _, size, outputs in shape.inputs())
+    row["owned weights: received GiB per step"] = 2 * 2 * FP32 * constrained * (world - 1) / world**2 / 2**30
+    row["owned weights, smaller + step snapshots: GiB"] = (smaller_bases / world + largest_weight) / 2**30
+    row["owned weights, smaller + step snapshots: share"] = (smaller_bases / world + largest_weight) / training[
+        "FSDP2"
+    ]
     row["step snapshot: GiB during the step"] = snapshot / 2**30
     row["step snapshot: share during the step"] = snapshot / training["FSDP2"]
     return row
@@ -493,6 +512,27 @@ def report(
             for ranks, rows in split.items()
         ],
         "",
+        "Whole-weight ownership, the alternative to split bases (not built; as distributed Muon implementations "
+        "own each weight whole on one rank): each rank keeps the stored bases of the weights it owns (byte-balanced, "
+        "1/world of them) and one owned weight whole while it is projected, and per projection receives the other "
+        "ranks' rows of its weights and then its rows of everyone else's, in fp32. Against split bases with "
+        "`smaller`, per rank:",
+        "",
+        "| shape | ranks | split bases, smaller + step snapshots: between steps GiB | owned weights: GiB | "
+        "split bases, smaller: received GiB per step | owned weights: received GiB per step |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {name} | {ranks} | {row[f'{split_column}: GiB']:.2f} ({row[f'{split_column}: share']:.1%}) | "
+            f"{row[f'{owned}: GiB']:.2f} ({row[f'{owned}: share']:.1%}) | "
+            f"{row['smaller + split bases: received GiB per step']:.1f} | "
+            f"{row['owned weights: received GiB per step']:.1f} |"
+            for name in next(iter(split.values()))
+            for ranks, rows in split.items()
+            for row in [rows[name]]
+            for split_column in ["FSDP2, smaller + split bases + step snapshots"]
+            for owned in ["owned weights, smaller + step snapshots"]
+        ],
+        "",
         "The projection's FLOPs per optimizer step on one device, default `both` target, as a share of the "
         "training step's 6·parameters·tokens (a floor on its own-work share, however fast the kernels):",
         "",
@@ -547,7 +587,8 @@ def report(
         "`G = 4·max d_out·d/world` (one weight's gradient partition in fp32); FSDP2 "
         "`B + A/world + 4·max (d_out/world)·k`; with offload "
         "`S = 4·max (d + 2·d_out/world)·k_b` on the accelerator under FSDP2 (`k_b` = the columns of one block) "
-        "and `S + G + 4·Σ_weights (world − 1)·d` (the split rows) under ZeRO-3, `S + 4·(world − 1)·max d` "
+        "and `S + G + X` under ZeRO-3, with `X = min(4·Σ_weights (world − 1)·d, 2·max(block, 4·(world − 1)·max d))` "
+        "(the split rows, exchanged in runs of at most one block, two held at once), `S + 4·(world − 1)·max d` "
         "under ZeRO-1/2 (whose `world` flat slices cut at most world − 1 rows), `B + A/world` in host memory and "
         "`2B + A/world` copied per step under the default `both` target. With `nullspace_basis_storage: smaller` "
         "the complement `N` (d × (d − k)) replaces `U` where it is smaller, and each rank keeps its rows of those "

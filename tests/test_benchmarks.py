@@ -85,8 +85,9 @@ def test_memory_formula_on_a_shape_counted_by_hand():
     # Offloaded, 32-byte blocks: the largest staged block is q's, 2 columns of a 4-wide basis plus
     # 2 · 8/2 rows of anchor and residual: (4 + 8) · 2 floats.
     assert in_bytes["FSDP2 + offload: GiB"] == 96
-    # ZeRO-3 adds one split row per weight (4+4+4+8+4+4+6 = 34 floats) and that gradient copy.
-    assert in_bytes["ZeRO-3 + offload: GiB"] == 34 * 4 + 96 + 64
+    # ZeRO-3 adds one split row per weight (4+4+4+8+4+4+6 = 34 floats), exchanged in runs of whole weights of
+    # one 32-byte block (o_proj's 8-float row alone), two runs held at most: 16 floats; and that gradient copy.
+    assert in_bytes["ZeRO-3 + offload: GiB"] == 16 * 4 + 96 + 64
     # ZeRO-1/2 project inside DeepSpeed's step, each rank its rows, as ZeRO-3, the gradient in place
     # (a view of the fp32 partition, no copy), and keep only the bases their flat range reaches: of q, k, v, o,
     # gate, up, down (32+16+16+32+24+24+24 values) the second half starts inside o, so that rank keeps o's, the
@@ -101,8 +102,8 @@ def test_memory_formula_on_a_shape_counted_by_hand():
     smaller = per_rank_bytes(shape, three_quarters, world=2, block_bytes=32)
     assert smaller["smaller + offload: host GiB"] * 2**30 == (33 + 84) * 4
     # Resident under ZeRO-3: those, the largest change and kept part of one weight's rows (q's 4 rows
-    # of 4, or o's 2 of 8: 2 · 16 floats) and the 34 split-row floats.
-    assert smaller["ZeRO-3, smaller: GiB"] * 2**30 == (33 + 84 + 32 + 34) * 4
+    # of 4, or o's 2 of 8: 2 · 16 floats) and the 16 split-row floats held at once.
+    assert smaller["ZeRO-3, smaller: GiB"] * 2**30 == (33 + 84 + 32 + 16) * 4
     # Split bases (`nullspace_shard_bases`, FSDP2): half of the 66 basis floats, one 32-byte block in flight (the
     # bases larger than a block are gathered a block at a time: 8 floats), half the anchors and the largest local
     # residual (q's 4 rows of 2, o's 2 of 4: 8 floats); received per step: every basis twice, half each time.
@@ -118,14 +119,20 @@ def test_memory_formula_on_a_shape_counted_by_hand():
     assert smaller["FSDP2, bf16 smaller + split bases + step snapshots: GiB"] * 2**30 == 33 + 16 * 6 + 16 * 4
     assert smaller["step snapshot: GiB during the step"] * 2**30 == 84 * 4  # each rank's rows of every weight
     # Split under ZeRO-3: half the bases, the 8-float block in flight, half the anchors, the largest local residual
-    # (8 floats), the 34 split-row floats and the 16-float gradient copy; with complements, half their 33 floats,
-    # o_proj's 8-float block, the weights' 84 rows, the largest change and kept part (32 floats), the split rows.
-    assert in_bytes["ZeRO-3, split bases: GiB"] == (66 / 2 + 8 + 84 / 2 + 8 + 34 + 16) * 4
-    assert smaller["ZeRO-3, smaller + split bases: GiB"] * 2**30 == (33 / 2 + 8 + 84 + 32 + 34) * 4
+    # (8 floats), the 16 split-row floats held at once and the 16-float gradient copy; with complements, half their
+    # 33 floats, o_proj's 8-float block, the weights' 84 rows, the largest change and kept part (32 floats), the
+    # split rows.
+    assert in_bytes["ZeRO-3, split bases: GiB"] == (66 / 2 + 8 + 84 / 2 + 8 + 16 + 16) * 4
+    assert smaller["ZeRO-3, smaller + split bases: GiB"] * 2**30 == (33 / 2 + 8 + 84 + 32 + 16) * 4
     # With step snapshots no anchors or weights' rows stay between steps: one weight's change and coefficients
     # (q's or o's: 4·(4+2) or 2·(8+4) = 24 floats) or, with complements, its change and kept part (32 floats).
-    assert in_bytes["ZeRO-3, split bases + step snapshots: GiB"] == (66 / 2 + 8 + 24 + 34) * 4
-    assert smaller["ZeRO-3, smaller + split bases + step snapshots: GiB"] * 2**30 == (33 / 2 + 8 + 32 + 34) * 4
+    assert in_bytes["ZeRO-3, split bases + step snapshots: GiB"] == (66 / 2 + 8 + 24 + 16) * 4
+    assert smaller["ZeRO-3, smaller + split bases + step snapshots: GiB"] * 2**30 == (33 / 2 + 8 + 32 + 16) * 4
+    # Whole-weight ownership (not built): half the 33 complement floats and one owned weight whole (q's or o's 32
+    # values); per step it receives, twice per projection and twice per step, a quarter of the 168 constrained
+    # values (4·16 + 8·4 + 4·12 + 6·4), the other rank's half of its half.
+    assert smaller["owned weights, smaller + step snapshots: GiB"] * 2**30 == (33 / 2 + 32) * 4
+    assert in_bytes["owned weights: received GiB per step"] == 4 * 168 / 4 * 4
     # The scale issue's FLOP criterion: 4·d_out·d·k per weight (q/k/v 4·16·4·2, o 4·4·8·4, gate/up 4·12·4·2,
     # down 4·4·6·3: 1696), twice for the `both` target, split over 2 ranks, against 6·248 parameters·8·8192 tokens.
     assert sharded_step_flops_share(shape, half, 2, 8, False) == 2 * 1696 / 2 / (6 * 248 * 8 * 8192)

@@ -253,7 +253,10 @@ def test_sharded_backends_refuse_options_they_cannot_honour(
             {"nullspace_basis_storage": "smaller", "nullspace_complement_dtype": "bfloat16"},
             "nullspace_complement_dtype='bfloat16' on one process, DDP and FSDP2",
             [
-                ({"nullspace_complement_dtype": "bfloat16"}, "nullspace_complement_dtype applies to the complements"),
+                (
+                    {"nullspace_complement_dtype": "bfloat16", "nullspace_basis_storage": "basis"},
+                    "nullspace_complement_dtype applies to the complements",
+                ),
                 (
                     {
                         "nullspace_complement_dtype": "bfloat16",

@@ -256,7 +256,10 @@ def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
     in host memory. ZeRO-3 projects each rank's partition of the reduced gradient once per step too,
     at the start of DeepSpeed's step (DeepSpeed then clips the projected gradient), and the masters
     after it; the shipped config also partitions the module's weights at load (zero3_init_flag), so
-    estimation and anchors gather them."""
+    estimation gathers them. Under ZeRO-3 the storage options are left unset, so the run uses what they
+    choose there (`storage_choice`): bases split over the ranks and each step's change projected from a
+    snapshot taken at the start of DeepSpeed's step, with no anchors; it must match the single process,
+    which keeps anchors and whole bases, all the same."""
     accelerate_config = _cpu_accelerate_config(tmp_path, shipped, port)
     if offload_optimizer:
         launch = yaml.safe_load(open(accelerate_config))
@@ -270,7 +273,14 @@ def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
     assert _max_difference(trained, single_process_run) < 1e-4
     assert _reference_logit_drift(assets, tmp_path / "zero") < 1e-4
     if shipped == "zero3.yaml":
-        assert "ZeRO-3 gradient projection once per step at the start of DeepSpeed's step" in output, output[-3000:]
+        started = "ZeRO-3 gradient projection once per step and step snapshots of each rank's masters at the start"
+        assert started in output, output[-3000:]
+        chosen = (
+            "Storage chosen for DeepSpeed (options left unset): complements where smaller, bases split over the "
+            "ranks, each step's change projected from a snapshot (no anchors)."
+        )
+        assert chosen in output and "kept here" in output, output[-3000:]
+        assert re.search(r"this rank keeps 0 of \d+ anchor rows", output), output[-3000:]
     else:
         found = re.search(
             r"inside DeepSpeed's step \(the gradient once per step.*all-reduces (\d+) of (\d+) coeff", output
@@ -470,8 +480,9 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
 
     overrides = {"nullspace_method": "gradient" if method == "gradient" else "activation"}
     overrides |= STORAGE_SETTINGS.get(method.removeprefix("split ").removesuffix(" snapshots"), {})
-    if method.endswith("snapshots"):
-        overrides["nullspace_step_snapshot"] = True
+    # Each case names its storage: ZeRO-3's unset options would choose split bases and snapshots.
+    overrides |= {"nullspace_shard_bases": False, "nullspace_step_snapshot": method.endswith("snapshots")}
+    overrides.setdefault("nullspace_basis_storage", "basis")
     if method == "gradient target":
         overrides["nullspace_projection_target"] = "gradient"
     if method == "gradient":
@@ -482,9 +493,10 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
         settings = yaml.safe_load(open(_config(assets, tmp_path, name, batch_size, True)))
         if name == "zero3" and method in ("activation", "offload"):  # a checkpoint: anchors gathered whole
             settings |= {"save_strategy": "steps", "save_steps": 6}
+        settings |= overrides
         if name == "zero3" and method.startswith("split"):
             settings |= {"nullspace_shard_bases": True, "nullspace_offload_block_mib": 2**-10}
-        configs[name].write_text(yaml.safe_dump(settings | overrides))
+        configs[name].write_text(yaml.safe_dump(settings))
     _train(recipe, str(configs["single"]))
     output = _train(recipe, str(configs["zero3"]), str(accelerate_path))
 

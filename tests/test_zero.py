@@ -3,6 +3,8 @@ matrix into contiguous fragments (as ZeRO partitions it) must give back exactly 
 fragments' shares are summed, and `M − R Uᵀ` when each fragment subtracts its part. And ZeRO-3's
 gradient projection at the start of DeepSpeed's step, against a stand-in for its optimizer."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,7 +15,7 @@ from trl_nullspace.backends.zero.fragments import (
     rows_cut_by,
     subtract_fragment_projection,
 )
-from trl_nullspace.backends.zero.master import RowExchangeZeroProjector, ZeroMasterProjector
+from trl_nullspace.backends.zero.master import RowExchangeZeroProjector, ZeroMasterProjector, exchange_runs
 from trl_nullspace.backends.zero.step_start import Zero3GradientProjector
 from trl_nullspace.projection.constrained import ConstrainedParameter
 
@@ -149,3 +151,11 @@ def test_zero3_gradient_projection_writes_back_each_partition_and_refuses_a_step
     optimizer.step()  # fp16: an overflow DeepSpeed skips the step for, left as it is
     projection.check_ran()
     assert all(torch.allclose(optimizer.gradients[id(p)], kept[id(p)], equal_nan=True) for p in parameters)
+
+
+def test_cut_rows_are_exchanged_in_runs_that_fit_the_block():
+    """ZeRO-3 cuts every weight world − 1 times: the cut rows are exchanged in runs of whole weights that fit in
+    the block (a larger weight alone), in order, so a rank never holds every weight's cut rows at once."""
+    fragments = [SimpleNamespace(exchanged_rows=range(rows), row_length=50) for rows in (2, 2, 6, 1, 0, 1)]
+    assert exchange_runs(fragments, 800) == [slice(0, 2), slice(2, 3), slice(3, 6)]
+    assert exchange_runs(fragments, None) == [slice(0, 6)]

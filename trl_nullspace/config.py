@@ -20,7 +20,7 @@ from trl_nullspace.estimation.rank import RankSelection
 METHODS = ("activation", "gradient")
 PROJECTION_TARGETS = ("update", "gradient", "both")
 PROJECTION_DTYPES = ("float32", "bfloat16")
-BASIS_STORAGES = ("basis", "smaller")
+BASIS_STORAGES = ("auto", "basis", "smaller")
 COMPLEMENT_DTYPES = ("float32", "bfloat16")
 DEEPSPEED_PROJECTIONS = ("in_step", "around_step")
 DEFAULT_ENERGY = 0.99
@@ -72,19 +72,22 @@ class NullSpaceArguments:
         },
     )
     nullspace_basis_storage: str = field(
-        default="basis",
+        default="auto",
         metadata={
             "help": "'basis': keep each basis U (d×k) and the anchors M₀U. 'smaller': where the complement N "
             "(d×(d−k)) is smaller, keep it instead and project with N Nᵀ = I − U Uᵀ, which needs no anchors but "
             "a copy of the weights as last projected, and (d−k)/k of the FLOPs (at the default energy real "
-            "models keep k of 70–90% of d). Single device, DDP, FSDP2 and DeepSpeed ZeRO-3.",
+            "models keep k of 70–90% of d). 'auto' (default): 'smaller' under FSDP2 and DeepSpeed ZeRO-3 (with "
+            "the lean storage, `backends.storage_choice`), 'basis' elsewhere. Single device, DDP, FSDP2 and "
+            "DeepSpeed ZeRO-1/2/3.",
             "choices": list(BASIS_STORAGES),
         },
     )
     nullspace_complement_dtype: str = field(
         default="float32",
         metadata={
-            "help": "With nullspace_basis_storage='smaller': what the complements are stored in. 'bfloat16' halves "
+            "help": "With nullspace_basis_storage='smaller' (or 'auto', which this then makes 'smaller' on every "
+            "backend): what the complements are stored in. 'bfloat16' halves "
             "their memory (and, with nullspace_shard_bases, what the gathers move). Exact relative to the stored "
             "span: every projection leaves each step's change inside it, and that span is about 2^-9 from the "
             "fp32 estimate's, which costs a measured 2e-7 of the reference energy at the median layer input (at "
@@ -102,8 +105,8 @@ class NullSpaceArguments:
             "FSDP2 and DeepSpeed ZeRO-3."
         },
     )
-    nullspace_step_snapshot: bool = field(
-        default=False,
+    nullspace_step_snapshot: bool | None = field(
+        default=None,
         metadata={
             "help": "Project each optimizer step's change, from a snapshot of the weights (each rank its rows) taken "
             "just before the step and freed after it, instead of the change since training began: no anchors "
@@ -111,18 +114,20 @@ class NullSpaceArguments:
             "saved in checkpoints. The same constraint, exact to fp32 round-off per step; the snapshot costs 4 bytes "
             "per constrained parameter (over the ranks under FSDP2 and ZeRO-3) during the step only. With the "
             "'update' or 'both' target; one process, DDP, FSDP2 and DeepSpeed ZeRO-3 (taken at the start of "
-            "DeepSpeed's step); not under ZeRO-1/2 and not with nullspace_offload."
+            "DeepSpeed's step); not under ZeRO-1/2 and not with nullspace_offload. Unset (default): on under FSDP2 "
+            "and ZeRO-3 where it is built (the lean storage, `backends.storage_choice`), off elsewhere."
         },
     )
-    nullspace_shard_bases: bool = field(
-        default=False,
+    nullspace_shard_bases: bool | None = field(
+        default=None,
         metadata={
             "help": "Under FSDP2 and DeepSpeed ZeRO-3: keep 1/world of every basis' rows on each rank and gather one "
             "basis whole (beyond nullspace_offload_block_mib, one column block) just before the weights that read it "
             "are projected (exact: the same stored bytes), so the bases' memory falls as 1/world plus one block, for "
             "one all-gather of every basis per projection (twice per step under the default 'both' target). Not "
             "under ZeRO-1/2 (each rank already keeps only the bases its partition reads) and not with "
-            "nullspace_offload."
+            "nullspace_offload. Unset (default): on under FSDP2 and ZeRO-3 with the activation method and without "
+            "offload (the lean storage, `backends.storage_choice`), off elsewhere."
         },
     )
     nullspace_deepspeed_projection: str = field(
@@ -141,7 +146,9 @@ class NullSpaceArguments:
         default=64,
         metadata={
             "help": "With nullspace_offload: the largest block of a basis copied to the accelerator at once (MiB); "
-            "with nullspace_shard_bases: the largest gathered at once (larger bases are gathered block by block)."
+            "with nullspace_shard_bases: the largest gathered at once (larger bases are gathered block by block); "
+            "under ZeRO-3 with either, complements or step snapshots: the most weight rows that partitions cut "
+            "exchanged at once (more are exchanged in runs)."
         },
     )
     nullspace_offload_share_node: bool = field(
@@ -392,11 +399,12 @@ class NullSpaceArguments:
                 f"got {self.nullspace_complement_dtype!r}."
             )
         if self.nullspace_complement_dtype != "float32" and (
-            self.nullspace_basis_storage != "smaller" or self.nullspace_offload
+            self.nullspace_basis_storage == "basis" or self.nullspace_offload
         ):
             raise ValueError(
-                "nullspace_complement_dtype applies to the complements nullspace_basis_storage='smaller' keeps, and "
-                "not with nullspace_offload yet: set nullspace_basis_storage='smaller' without offload, or unset it."
+                "nullspace_complement_dtype applies to the complements nullspace_basis_storage='smaller' keeps (as "
+                "'auto' does when it is set), and not with nullspace_offload yet: set nullspace_basis_storage to "
+                "'smaller' or 'auto' without offload, or unset it."
             )
         if self.nullspace_step_snapshot and self.nullspace_offload:
             raise ValueError(

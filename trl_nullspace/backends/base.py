@@ -66,6 +66,14 @@ class ConstraintBackend(ABC):
     shards_bases = False
     takes_step_snapshots = False
     low_precision_complements = False
+    # What the storage options left unset became here (`storage_choice`), for the start summary.
+    chosen_storage: tuple[str, ...] = ()
+
+    @property
+    def lean_storage_built(self) -> bool:
+        """Whether the unset storage options choose the lean storage here (`storage_choice`): where it is
+        built and tested, and the anchored whole bases' memory is what keeps large models out."""
+        return False
 
     def check_supported(self, model: nn.Module, trainer_name: str) -> None:
         """Refuse, with the cause and the fix, what this backend cannot constrain (at set-up); backends
@@ -125,4 +133,9 @@ class ConstraintBackend(ABC):
 
     def summary(self) -> str:
         """Where this backend's projections run, for the start summary ('' where nothing is worth saying)."""
-        return ""
+        return self.chosen_storage_summary()
+
+    def chosen_storage_summary(self) -> str:
+        if not self.chosen_storage:
+            return ""
+        return f" Storage chosen for {self.name} (options left unset): {', '.join(self.chosen_storage)}."

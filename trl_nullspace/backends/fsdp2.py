@@ -157,6 +157,10 @@ class FSDP2Backend(ShardedBackend):
     def shards(self) -> RowShardProjector | None:
         return self._shards
 
+    @property
+    def lean_storage_built(self) -> bool:
+        return True
+
     def check_supported(self, model: nn.Module, trainer_name: str) -> None:
         super().check_supported(model, trainer_name)
         if not self.accelerator.is_fsdp2:
@@ -193,5 +197,8 @@ class FSDP2Backend(ShardedBackend):
 
     def summary(self) -> str:
         if not self.args.nullspace_shard_bases:
-            return ""
-        return " Bases split over the ranks by rows, each gathered whole while the weights that read it are projected."
+            return self.chosen_storage_summary()
+        return (
+            " Bases split over the ranks by rows, each gathered whole while the weights that read it are projected."
+            + self.chosen_storage_summary()
+        )

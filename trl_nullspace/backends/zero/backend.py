@@ -62,6 +62,12 @@ class ZeroBackend(ShardedBackend):
             or args.nullspace_step_snapshot
         )
 
+    @property
+    def lean_storage_built(self) -> bool:
+        """ZeRO-3 with its projections in DeepSpeed's step, where the step snapshots are taken."""
+        stage = self.accelerator.state.deepspeed_plugin.zero_stage
+        return stage == 3 and self.args.nullspace_deepspeed_projection == "in_step"
+
     def check_supported(self, model: nn.Module, trainer_name: str) -> None:
         super().check_supported(model, trainer_name)
         stage = self.accelerator.state.deepspeed_plugin.zero_stage
@@ -171,6 +177,7 @@ class ZeroBackend(ShardedBackend):
                 device,
                 shard_bases=self.args.nullspace_shard_bases,
                 gather_block_bytes=int(self.args.nullspace_offload_block_mib * 2**20),
+                exchange_block_bytes=int(self.args.nullspace_offload_block_mib * 2**20),
             )
         return ZeroMasterProjector(constrained, device)
 
@@ -212,4 +219,5 @@ class ZeroBackend(ShardedBackend):
 
     def summary(self) -> str:
         """Where DeepSpeed's projections run and what they exchange, once built."""
-        return "".join(f" {part.summary()}." for part in (self._master, self._zero3_gradients) if part is not None)
+        built = (part for part in (self._master, self._zero3_gradients) if part is not None)
+        return "".join(f" {part.summary()}." for part in built) + self.chosen_storage_summary()

@@ -201,17 +201,42 @@ class ZeroMasterProjector:
         )
 
 
+def exchanged_numel(fragment: MasterFragment) -> int:
+    """The values of `fragment`'s rows that partitions cut, which travel in its exchange."""
+    return len(fragment.exchanged_rows) * fragment.row_length
+
+
+def exchange_runs(fragments: list[MasterFragment], block_bytes: int | None) -> list[slice]:
+    """`fragments` cut, in order, into runs whose exchanged rows fit in `block_bytes` of fp32 (a fragment
+    larger than that alone; None: one run). The same on every rank: the cut rows are known to all."""
+    if block_bytes is None:
+        return [slice(0, len(fragments))]
+    runs, start, held = [], 0, 0
+    for index, fragment in enumerate(fragments):
+        size = exchanged_numel(fragment) * 4
+        if held and held + size > block_bytes:
+            runs.append(slice(start, index))
+            start, held = index, 0
+        held += size
+    runs.append(slice(start, len(fragments)))
+    return runs
+
+
 class RowExchangeZeroProjector:
     """ZeRO with `nullspace_offload` or complement bases (`nullspace_basis_storage: smaller`): each
     weight is projected block by block (`SharedBasis`), so no rank ever holds a whole offloaded basis
     on the accelerator, and a complement needs whole rows of the change rather than coefficients.
 
     Coefficients cannot be exchanged per block without one collective per block, so the rows that
-    partition boundaries cut travel instead: each rank writes its pieces of those rows into one fp32
+    partition boundaries cut travel instead: each rank writes its pieces of those rows into an fp32
     buffer (at most one row per boundary per weight; every row of the small weights ZeRO-3 keeps
-    whole), one all-reduce completes them, and then every rank projects its own fragment with no
+    whole), an all-reduce completes them, and then every rank projects its own fragments with no
     further communication, a cut row through its completed copy. Every rank holding a piece of a
     cut row computes the same coefficients from the same values, so the pieces stay consistent.
+    The cut rows are exchanged in runs of weights whose rows fit in `exchange_block_bytes` (a larger
+    weight's alone), each run just before its weights are projected, so a rank holds at most two runs' rows
+    rather than every weight's: under ZeRO-3 each weight is cut world − 1 times, and those rows
+    grow with the world (a 30B mixture of experts' are 7 GiB on 64 ranks) where the runs do not.
     """
 
     def __init__(
@@ -221,10 +246,12 @@ class RowExchangeZeroProjector:
         stage12_boundaries: dict[str, list[int]] | None = None,
         shard_bases: bool = False,
         gather_block_bytes: int | None = None,
+        exchange_block_bytes: int | None = None,
     ):
         """With `shard_bases` (ZeRO-3), each rank keeps its rows of every basis and the projections gather one
         basis whole (beyond `gather_block_bytes`, one column block) just before the weights that read it, the
-        fragments taken grouped by basis, in the same order on every rank (`split_bases`)."""
+        fragments taken grouped by basis, in the same order on every rank (`split_bases`). The cut rows are
+        exchanged in runs of at most `exchange_block_bytes` (None: all at once)."""
         self.communication_device = communication_device
         self.shard_bases = shard_bases
         boundaries = stage12_boundaries or {}
@@ -244,11 +271,8 @@ class RowExchangeZeroProjector:
                 "optimizer of ZeRO-1 with fp32 gradient accumulation). Use ZeRO-3 or FSDP2 with them, turn those "
                 "DeepSpeed options off, or turn them off."
             )
-        self.offsets, total = [], 0
-        for fragment in self.fragments:
-            self.offsets.append(total)
-            total += len(fragment.exchanged_rows) * fragment.row_length
-        self.exchanged_numel = total
+        self.exchange_runs = exchange_runs(self.fragments, exchange_block_bytes)
+        self.exchanged_numel = sum(exchanged_numel(fragment) for fragment in self.fragments)
         self.whole_numel = sum(fragment.rows * fragment.row_length for fragment in self.fragments)
 
     def full_anchors(self) -> dict[str, torch.Tensor]:
@@ -275,7 +299,8 @@ class RowExchangeZeroProjector:
             )
         return (
             f"ZeRO projection all-reduces {self.exchanged_numel} of {self.whole_numel} weight values per step "
-            f"(the rows partitions split); bases from {where}, {complements} of {len(self.fragments)} as "
+            f"(the rows partitions split, in {len(self.exchange_runs)} runs); bases from {where}, {complements} of "
+            f"{len(self.fragments)} as "
             f"complements; {anchor_rows_kept(self.fragments)}"
         )
 
@@ -285,32 +310,43 @@ class RowExchangeZeroProjector:
         it is larger than a block. Without split bases, simply the fragments."""
         return with_bases_gathered(self.fragments)
 
-    def _completed_rows(self, values_and_checks: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    def _completed_rows(
+        self, values_and_checks: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    ) -> Iterator[torch.Tensor]:
         """Every fragment's exchanged rows of the first of each pair, in the fragments' order, made
-        whole by one all-reduce (last value: the ranks where a pair's second holds NaN or inf, so that
-        all ranks raise together)."""
-        buffer = torch.zeros(self.exchanged_numel + 1, dtype=torch.float32, device=self.communication_device)
-        rows, sums = [], []
-        for fragment, offset, (values, check) in zip(self.fragments, self.offsets, values_and_checks, strict=True):
-            block = buffer[offset : offset + len(fragment.exchanged_rows) * fragment.row_length]
-            block = block.view(-1, fragment.row_length)
-            for piece in fragment.pieces:
-                slot = fragment.exchanged_slot(piece)
-                if slot is not None:
-                    piece_values = values[piece.offset : piece.offset + piece.numel].view(piece.rows, -1)
-                    block[slot : slot + piece.rows, piece.column_start : piece.column_end] = piece_values.to(
-                        block.device
-                    )
-            sums.append(check.sum().to(self.communication_device))
-            rows.append(block)
-        all_reduce_or_raise_together(buffer, self.fragments, sums)
-        return rows
+        whole by one all-reduce per exchange run, run when its first fragment's rows are asked for, so
+        the pairs of a run are read just before its fragments are projected (last value of each buffer:
+        the ranks where a pair's second holds NaN or inf, so that all ranks raise together)."""
+        pairs = iter(values_and_checks)
+        for run in self.exchange_runs:
+            fragments = self.fragments[run]
+            numel = sum(exchanged_numel(fragment) for fragment in fragments)
+            buffer = torch.zeros(numel + 1, dtype=torch.float32, device=self.communication_device)
+            rows, sums, offset = [], [], 0
+            for fragment in fragments:
+                values, check = next(pairs)  # read no further than this run
+                block = buffer[offset : offset + exchanged_numel(fragment)].view(-1, fragment.row_length)
+                offset += exchanged_numel(fragment)
+                for piece in fragment.pieces:
+                    slot = fragment.exchanged_slot(piece)
+                    if slot is not None:
+                        piece_values = values[piece.offset : piece.offset + piece.numel].view(piece.rows, -1)
+                        block[slot : slot + piece.rows, piece.column_start : piece.column_end] = piece_values.to(
+                            block.device
+                        )
+                sums.append(check.sum().to(self.communication_device))
+                rows.append(block)
+            all_reduce_or_raise_together(buffer, fragments, sums)
+            del buffer  # the rows' views keep it until the run's fragments are projected
+            yield from rows
+            rows = []
 
     @torch.no_grad()
     def project_gradients(self, access: GradientAccess) -> torch.Tensor:
         """`G ← G − (G U) Uᵀ` (a complement: `G ← G N Nᵀ`) on this rank's fp32 gradient fragments,
-        block by block, the cut rows exchanged whole first (each fragment read through `access` once
-        for that, once to project it); returns the squared norm removed, summed over the ranks."""
+        block by block, each run of cut rows exchanged whole just before its weights (each fragment read
+        through `access` once for that, once to project it); returns the squared norm removed, summed over
+        the ranks."""
         gradients = (access.read(fragment) for fragment in self.fragments)
         rows = self._completed_rows((gradient, gradient) for gradient in gradients)
         return projected_in_place(
