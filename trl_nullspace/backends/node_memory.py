@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from trl_nullspace.projection.basis import host_copy
+from trl_nullspace.projection.placements import host_copy
 
 SHARED_MEMORY = "/dev/shm"
 FIX = "set nullspace_offload_share_node: false to keep one copy per process"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from trl_nullspace.projection.basis import host_copy
+from trl_nullspace.projection.placements import host_copy
 
 
 class Anchor:

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from trl_nullspace.projection.anchors import Anchor
-from trl_nullspace.projection.basis import SharedBasis, host_copy
+from trl_nullspace.projection.basis import SharedBasis
+from trl_nullspace.projection.placements import host_copy
 
 
 @dataclass

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from trl_nullspace.estimation.subspace import CapabilitySubspace
-from trl_nullspace.projection.basis import SharedBases, ShareHost
+from trl_nullspace.projection.basis import SharedBases
 from trl_nullspace.projection.constrained import ConstrainedParameter, ProjectionStats, total_norm
 from trl_nullspace.projection.kinds.registry import kinds_for, owned_by_a_kind, registered_kinds
+from trl_nullspace.projection.placements import ShareHost
 
 
 class SubspaceProjector:

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from trl_nullspace.backends.zero.gather import is_partitioned
-from trl_nullspace.projection.basis import host_copy
 from trl_nullspace.projection.constrained import ConstrainedParameter
+from trl_nullspace.projection.placements import host_copy
 
 
 @dataclass(frozen=True)
