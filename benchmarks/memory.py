@@ -30,8 +30,9 @@ does not change storage), counted from the shapes, not measured on an accelerato
   of a larger one) whole in flight, and every basis received twice per step, against FSDP2's own
   traffic; with `nullspace_step_snapshot` no anchors or weights as last projected between steps, and
   a copy of each rank's rows during the step; with `nullspace_complement_dtype: bfloat16` complements
-  in 2 bytes (6 in flight); at `--world` and at 64 ranks. Under ZeRO-3 the same split and snapshots (not
-  bf16), beside the rows partitions cut and one weight's gradient copy. And the scale issue's FLOP criterion.
+  in 2 bytes (6 in flight); at `--world` and at 64 ranks. Under ZeRO-3 the same split, snapshots and bf16,
+  beside the rows partitions cut (exchanged in runs) and one weight's gradient copy; whole-weight ownership,
+  the alternative not built. And the scale issue's FLOP criterion.
 Training memory per rank: bf16 weights 2 + fp32 master 4 + Adam's moments 8 bytes per parameter,
 replicated under DDP, the 12 optimizer bytes partitioned under ZeRO-1/2, all 14 under ZeRO-3/FSDP2
 (the scale issue's target: the constraint at most 10% of it under ZeRO-3 on 8 ranks).
@@ -220,6 +221,7 @@ def per_rank_bytes(
         "ZeRO-3, smaller + split bases": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "ZeRO-3, split bases + step snapshots": parameters * TRAINING_BYTES_PER_PARAMETER / world,
         "ZeRO-3, smaller + split bases + step snapshots": parameters * TRAINING_BYTES_PER_PARAMETER / world,
+        "ZeRO-3, bf16 smaller + split bases + step snapshots": parameters * TRAINING_BYTES_PER_PARAMETER / world,
     }
     constraint = {
         "DDP": bases + anchors + largest_residual,
@@ -274,6 +276,10 @@ def per_rank_bytes(
         + exchanged_at_once,
         "ZeRO-3, smaller + split bases + step snapshots": smaller_bases / world
         + largest_stored
+        + max(smaller_transient, largest_step_change, largest_local_gradient)
+        + exchanged_at_once,
+        "ZeRO-3, bf16 smaller + split bases + step snapshots": smaller_bases_bf16 / world
+        + largest_stored_bf16
         + max(smaller_transient, largest_step_change, largest_local_gradient)
         + exchanged_at_once,
     }
@@ -418,13 +424,16 @@ def report(
         "|---|---|---|",
         *[f"| {kind} | {value['mean']:.2f} | {value['max']:.2f} |" for kind, value in fractions.items()],
         "",
-        "Accelerator memory of the constraint per rank, GiB (share of the rank's training memory):",
+        "Accelerator memory of the constraint per rank, GiB (share of the rank's training memory), with whole "
+        "bases and anchors unless the column says otherwise (the default on one process, DDP and ZeRO-1/2; under "
+        "FSDP2 and ZeRO-3 the default is the lean storage, split bases with `smaller` and step snapshots, in the "
+        "tables below):",
         "",
     ]
     backends = [  # the split bases have a table of their own, at two world sizes
         column.removesuffix(": GiB")
         for column in next(iter(table.values()))
-        if column.endswith(": GiB") and "split bases" not in column
+        if column.endswith(": GiB") and "split bases" not in column and "owned weights" not in column
     ]
     head = ["shape", "parameters (B)", "bases GiB", "anchors GiB", *backends]
     lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -491,11 +500,13 @@ def report(
         "complement) and one whole, or one block, in flight, beside its anchor rows (or weights as last projected), "
         "the rows partitions cut and one weight's fp32 gradient partition; with `nullspace_step_snapshot`, what it "
         "holds between steps (no anchors or weights as last projected; the snapshot during the step is as under "
-        "FSDP2); received per step as under FSDP2. bf16 complements are not built under DeepSpeed:",
+        "FSDP2); received per step as under FSDP2; with `nullspace_complement_dtype: bfloat16`, the complements "
+        "in 2 bytes (6 in flight):",
         "",
         "| shape | ranks | split bases: resident GiB | smaller + split bases: resident GiB | split bases + step "
-        "snapshots: between steps GiB | smaller + split bases + step snapshots: between steps GiB |",
-        "|---|---|---|---|---|---|",
+        "snapshots: between steps GiB | smaller + split bases + step snapshots: between steps GiB | bf16 smaller + "
+        "split bases + step snapshots: between steps GiB |",
+        "|---|---|---|---|---|---|---|",
         *[
             f"| {name} | {ranks} | "
             + " | ".join(
@@ -505,6 +516,7 @@ def report(
                     "ZeRO-3, smaller + split bases",
                     "ZeRO-3, split bases + step snapshots",
                     "ZeRO-3, smaller + split bases + step snapshots",
+                    "ZeRO-3, bf16 smaller + split bases + step snapshots",
                 )
             )
             + " |"
@@ -604,6 +616,16 @@ def report(
     return "\n".join(lines) + "\n"
 
 
+def require_cache(path: str) -> None:
+    """Refuse, with how to write it, a missing subspace cache of SmolLM2 at the default settings."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"No subspace cache at {path}: write it with `trl-nullspace prepare smollm2 --output-dir "
+            "data/smollm2` and `python recipes/sft.py --config recipes/configs/smollm2-135m_sft.yaml` "
+            "(or `trl-nullspace estimate`), or pass --cache."
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default=CACHE, help="a subspace cache of SmolLM2 at the default settings")
@@ -611,12 +633,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-mib", type=float, default=64, help="nullspace_offload_block_mib")
     parser.add_argument("--output-dir", default="docs/results")
     options = parser.parse_args(argv)
-    if not os.path.exists(options.cache):
-        raise FileNotFoundError(
-            f"No subspace cache at {options.cache}: write it with `trl-nullspace prepare smollm2 --output-dir "
-            "data/smollm2` and `python recipes/sft.py --config recipes/configs/smollm2-135m_sft.yaml` "
-            "(or `trl-nullspace estimate`), or pass --cache."
-        )
+    require_cache(options.cache)
     fractions = rank_fractions(options.cache)
     block_bytes = int(options.block_mib * 2**20)
     table = {shape.name: per_rank_bytes(shape, fractions, options.world, block_bytes) for shape in SHAPES}

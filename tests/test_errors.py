@@ -251,7 +251,8 @@ def test_sharded_backends_refuse_options_they_cannot_honour(
         ),
         (
             {"nullspace_basis_storage": "smaller", "nullspace_complement_dtype": "bfloat16"},
-            "nullspace_complement_dtype='bfloat16' on one process, DDP and FSDP2",
+            r"nullspace_complement_dtype='bfloat16' on one process, DDP, FSDP2 and DeepSpeed ZeRO-3 only \(this run: "
+            "DeepSpeed",
             [
                 (
                     {"nullspace_complement_dtype": "bfloat16", "nullspace_basis_storage": "basis"},
@@ -273,22 +274,17 @@ def test_sharded_backends_refuse_options_they_cannot_honour(
 def test_fsdp2_storage_options_are_refused_where_they_are_not_built(
     model, tokenizer, safety_dataset, reference_dataset, tmp_path, option, deepspeed_refusal, conflicts
 ):
-    """The storage options built for FSDP2 (split bases, step snapshots, bf16 complements) are refused by name
-    under DeepSpeed ZeRO-2, which would keep the bases whole, keep anchors or store fp32 while the run's settings
-    say otherwise; FSDP2 accepts them, and ZeRO-3 all but bf16 complements; and settings they cannot combine with
-    are refused as the config is made."""
+    """The storage options built for FSDP2 and ZeRO-3 (split bases, step snapshots, bf16 complements) are refused
+    by name under DeepSpeed ZeRO-2, which would keep the bases whole, keep anchors or store fp32 while the run's
+    settings say otherwise; FSDP2 and ZeRO-3 accept them; and settings they cannot combine with are refused as the
+    config is made."""
     trainer = make_sft_trainer(model, tokenizer, safety_dataset, tmp_path, reference_dataset, nullspace_energy=0.9)
     for key, value in option.items():
         setattr(trainer.args, key, value)
     with pytest.raises(NotImplementedError, match=deepspeed_refusal):
         backend_for(trainer.args, accelerator_launched_with("deepspeed"), trainer.model, "T")
     backend_for(trainer.args, accelerator_launched_with("fsdp2"), trainer.model, "T")  # accepted
-    zero3 = accelerator_launched_with("deepspeed", zero_stage=3)
-    if "nullspace_complement_dtype" in option:
-        with pytest.raises(NotImplementedError, match="nullspace_complement_dtype='bfloat16' on one process"):
-            backend_for(trainer.args, zero3, trainer.model, "T")
-    else:
-        backend_for(trainer.args, zero3, trainer.model, "T")  # accepted
+    backend_for(trainer.args, accelerator_launched_with("deepspeed", zero_stage=3), trainer.model, "T")  # accepted
     for settings, message in conflicts:
         with pytest.raises(ValueError, match=message):
             NullSpaceSFTConfig(output_dir=str(tmp_path), **settings)

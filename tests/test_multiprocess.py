@@ -418,6 +418,27 @@ def _assert_changes_are_orthogonal_to_the_bases(assets, output_dir) -> None:
     assert moved > 1e-2
 
 
+def _assert_changes_stay_out_of_what_bf16_complements_leave_out(assets, output_dir) -> None:
+    """With complements stored in bf16 the constraint follows the rounded span: each weight's change lies in
+    the bf16 complement `N`'s span (orthogonal to `orthonormal_complement(N)`, what it leaves out, as the trainer
+    computes `N` from the cached basis), and a basis kept as `U` is exact as ever."""
+    from trl_nullspace import load_subspace
+    from trl_nullspace.projection.basis import orthonormal_complement
+
+    subspace, _ = load_subspace(str(output_dir / "subspace.safetensors"))
+    base = dict(AutoModelForCausalLM.from_pretrained(str(assets / "model")).named_parameters())
+    trained = load_file(str(output_dir / "model.safetensors"))
+    for target in subspace.targets:
+        basis = subspace.basis_for(target)
+        change = (trained[f"{target}.weight"] - base[f"{target}.weight"].detach()).double()
+        dimension, rank = basis.shape
+        if dimension - rank < rank:  # kept as its bf16 complement
+            stored = orthonormal_complement(basis).to(torch.bfloat16)
+            assert (change @ orthonormal_complement(stored.double()).double()).abs().max() < 1e-6, target
+        else:
+            assert (change @ basis.double()).abs().max() < 1e-4, target
+
+
 def _assert_checkpoint_anchors_are_the_base_models(assets, checkpoint) -> None:
     """Each ZeRO-3 rank keeps only its rows' anchors; the checkpoint must hold them whole: `W₀ U`."""
     from trl_nullspace import load_subspace
@@ -433,7 +454,16 @@ def _assert_checkpoint_anchors_are_the_base_models(assets, checkpoint) -> None:
 
 @pytest.mark.parametrize(
     "method",
-    ["activation", "gradient", "offload", "smaller", "split smaller", "split smaller snapshots", "gradient target"],
+    [
+        "activation",
+        "gradient",
+        "offload",
+        "smaller",
+        "split smaller",
+        "split smaller snapshots",
+        "split bf16 snapshots",
+        "gradient target",
+    ],
 )
 def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_between_ranks(tmp_path, method):
     """ZeRO-3 with every weight partitioned (persistence threshold 0, unlike the shipped config on
@@ -451,7 +481,8 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     or 1 KiB at a time where larger, while the weights that read it are projected, each rank keeps about half
     their bytes and the run matches the single process' all the same; and with step snapshots too (each rank
     copies its master fragments at the start of DeepSpeed's step and the projection keeps only the step's change
-    outside the subspace), no anchor row is kept, and the run matches the single process' with snapshots."""
+    outside the subspace), no anchor row is kept, and the run matches the single process' with snapshots. With the
+    complements stored in bf16 as well, every change stays out of exactly what the stored complements leave out."""
     assets = tmp_path / "assets"
     write_toy_assets(str(assets))
     tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
@@ -480,6 +511,8 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
 
     overrides = {"nullspace_method": "gradient" if method == "gradient" else "activation"}
     overrides |= STORAGE_SETTINGS.get(method.removeprefix("split ").removesuffix(" snapshots"), {})
+    if "bf16" in method:
+        overrides |= STORAGE_SETTINGS["smaller"] | {"nullspace_complement_dtype": "bfloat16"}
     # Each case names its storage: ZeRO-3's unset options would choose split bases and snapshots.
     overrides |= {"nullspace_shard_bases": False, "nullspace_step_snapshot": method.endswith("snapshots")}
     overrides.setdefault("nullspace_basis_storage", "basis")
@@ -508,10 +541,13 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     ]
     if method == "gradient target":
         return
-    if "smaller" in method:
+    if "smaller" in method or "bf16" in method:
         complements, weights = map(int, re.search(r"(\d+) of (\d+) as complements", output).groups())
         assert 0 < complements < weights, (complements, weights)
+    if "smaller" in method:
         _assert_changes_are_orthogonal_to_the_bases(assets, tmp_path / "zero3")
+    if "bf16" in method:
+        _assert_changes_stay_out_of_what_bf16_complements_leave_out(assets, tmp_path / "zero3")
     if method.startswith("split"):
         kept, whole = map(float, re.search(r"by rows \(([\d.]+) of ([\d.]+) MiB kept here", output).groups())
         assert 0.4 * whole < kept < 0.6 * whole, (kept, whole)

@@ -92,7 +92,7 @@ class NullSpaceArguments:
             "span: every projection leaves each step's change inside it, and that span is about 2^-9 from the "
             "fp32 estimate's, which costs a measured 2e-7 of the reference energy at the median layer input (at "
             "least 757 times less than the estimate's own sampling noise). Bases kept as U stay fp32. One "
-            "process, DDP and FSDP2; not with nullspace_offload.",
+            "process, DDP, FSDP2 and DeepSpeed ZeRO-3; not with nullspace_offload.",
             "choices": list(COMPLEMENT_DTYPES),
         },
     )

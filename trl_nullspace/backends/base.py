@@ -87,7 +87,8 @@ class ConstraintBackend(ABC):
         if self.args.nullspace_complement_dtype != "float32" and not self.low_precision_complements:
             raise NotImplementedError(
                 f"{trainer_name} supports nullspace_complement_dtype='{self.args.nullspace_complement_dtype}' on one "
-                f"process, DDP and FSDP2 only (this run: {self.name}). Keep the complements in float32."
+                f"process, DDP, FSDP2 and DeepSpeed ZeRO-3 only (this run: {self.name}). Keep the complements in "
+                "float32."
             )
         if self.args.nullspace_step_snapshot and not self.takes_step_snapshots:
             raise NotImplementedError(

@@ -63,6 +63,13 @@ class ZeroBackend(ShardedBackend):
         )
 
     @property
+    def low_precision_complements(self) -> bool:
+        """ZeRO-3, whose row-exchange projector reads every complement in fp32 and applies it to each step's change
+        and to the gradient only (never to accumulated weights). ZeRO-1/2's in-step projection is untested with
+        them."""
+        return self.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+    @property
     def lean_storage_built(self) -> bool:
         """ZeRO-3 with its projections in DeepSpeed's step, where the step snapshots are taken."""
         stage = self.accelerator.state.deepspeed_plugin.zero_stage
