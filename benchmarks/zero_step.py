@@ -118,6 +118,11 @@ def _run(mode: str, directory: str, stage: int, steps: int, port: int) -> dict:
         "logging_steps": steps,
         "disable_tqdm": True,
         "nullspace_deepspeed_projection": PLACEMENT[mode],
+        # Both ways with the same storage, the anchored whole bases (ZeRO-3's unset options would choose the lean
+        # storage for the in-step way only: `storage_choice`): this compares where the projections run.
+        "nullspace_basis_storage": "basis",
+        "nullspace_shard_bases": False,
+        "nullspace_step_snapshot": False,
     }
     config = os.path.join(directory, f"{mode.replace(' ', '-')}.yaml")
     with open(config, "w") as handle:
