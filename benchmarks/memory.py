@@ -411,11 +411,13 @@ def report(
     zero_shares: dict,
     split: dict,
     step_shares: dict,
+    spectra: str = "SmolLM2-135M-Instruct",
+    command: str = "make bench-memory",
 ) -> str:
     lines = [
-        "# What the constraint keeps per rank (`make bench-memory`)",
+        f"# What the constraint keeps per rank (`{command}`)",
         "",
-        f"Rank fractions `k / d` measured on SmolLM2-135M-Instruct with the default settings (`{cache}`), "
+        f"Rank fractions `k / d` measured on {spectra} with the default settings (`{cache}`), "
         "applied to each shape's layer inputs (an assumption for other models; experts take the dense MLP's "
         f"fractions). fp32 bases and anchors; {world} ranks; offload blocks of {block_mib:g} MiB. Bytes are what "
         "the code allocates, counted from the shapes (the formula below), not measured on an accelerator.",
@@ -632,6 +634,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world", type=int, default=8)
     parser.add_argument("--block-mib", type=float, default=64, help="nullspace_offload_block_mib")
     parser.add_argument("--output-dir", default="docs/results")
+    parser.add_argument("--stem", default="memory", help="the results' file name, without .md/.json")
+    parser.add_argument("--spectra", default="SmolLM2-135M-Instruct", help="the model the cache was estimated on")
+    parser.add_argument("--command", default="make bench-memory", help="what made the results, for their title")
     options = parser.parse_args(argv)
     require_cache(options.cache)
     fractions = rank_fractions(options.cache)
@@ -676,12 +681,15 @@ def main(argv: list[str] | None = None) -> None:
         zero_shares,
         split,
         step_shares,
+        options.spectra,
+        options.command,
     )
     os.makedirs(options.output_dir, exist_ok=True)
-    with open(os.path.join(options.output_dir, "memory.json"), "w") as handle:
+    with open(os.path.join(options.output_dir, f"{options.stem}.json"), "w") as handle:
         json.dump(
             {
                 "cache": options.cache,
+                "spectra": options.spectra,
                 "world": options.world,
                 "block_mib": options.block_mib,
                 "fractions": fractions,
@@ -708,7 +716,7 @@ def main(argv: list[str] | None = None) -> None:
             handle,
             indent=1,
         )
-    with open(os.path.join(options.output_dir, "memory.md"), "w") as handle:
+    with open(os.path.join(options.output_dir, f"{options.stem}.md"), "w") as handle:
         handle.write(text)
     print(text)
 

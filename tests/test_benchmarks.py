@@ -1,12 +1,14 @@
 """The benchmarks' own measurements: checked on cases whose answer is known."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from benchmarks.frontier import target_verdicts
+from benchmarks.gemma_spectra import plain_text_reference
 from benchmarks.memory import Shape, per_rank_bytes, sharded_step_flops_share
 from benchmarks.snapshot_drift import STORAGES, leak_over_steps
 from benchmarks.speed import OwnWorkTimer
@@ -245,3 +247,11 @@ def test_snapshot_drift_measures_the_leak_of_each_storage_through_the_projection
         run = leak_over_steps(weight, basis, settings, steps=40, marks=[1, 40])
         assert set(run["leak"]) == {1, 40} and run["moved"] > 1e-3, storage
         assert max(run["leak"].values()) < 1e-5, (storage, run)
+
+
+def test_gemma_spectra_read_the_reference_conversations_as_plain_text(tmp_path):
+    """Gemma-3-270M is a base model without a chat template: each reference conversation becomes its turns
+    joined by blank lines, every turn kept."""
+    conversation = [{"role": "user", "content": "Why is the sky blue?"}, {"role": "assistant", "content": "Light."}]
+    (tmp_path / "train.jsonl").write_text(json.dumps({"messages": conversation}) + "\n")
+    assert plain_text_reference(str(tmp_path))["text"] == ["Why is the sky blue?\n\nLight."]

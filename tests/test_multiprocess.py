@@ -257,9 +257,10 @@ def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
     at the start of DeepSpeed's step (DeepSpeed then clips the projected gradient), and the masters
     after it; the shipped config also partitions the module's weights at load (zero3_init_flag), so
     estimation gathers them. Under ZeRO-3 the storage options are left unset, so the run uses what they
-    choose there (`storage_choice`): bases split over the ranks and each step's change projected from a
-    snapshot taken at the start of DeepSpeed's step, with no anchors; it must match the single process,
-    which keeps anchors and whole bases, all the same."""
+    choose there (`storage_choice`): complements where smaller in bf16 (none here: every input keeps under
+    half its directions), bases split over the ranks and each step's change projected from a snapshot taken
+    at the start of DeepSpeed's step, with no anchors; it must match the single process, which keeps anchors
+    and whole bases, all the same."""
     accelerate_config = _cpu_accelerate_config(tmp_path, shipped, port)
     if offload_optimizer:
         launch = yaml.safe_load(open(accelerate_config))
@@ -276,8 +277,8 @@ def test_deepspeed_zero_matches_single_process_and_preserves_reference_outputs(
         started = "ZeRO-3 gradient projection once per step and step snapshots of each rank's masters at the start"
         assert started in output, output[-3000:]
         chosen = (
-            "Storage chosen for DeepSpeed (options left unset): complements where smaller, bases split over the "
-            "ranks, each step's change projected from a snapshot (no anchors)."
+            "Storage chosen for DeepSpeed (options left unset): complements where smaller, complements in bf16, "
+            "bases split over the ranks, each step's change projected from a snapshot (no anchors)."
         )
         assert chosen in output and "kept here" in output, output[-3000:]
         assert re.search(r"this rank keeps 0 of \d+ anchor rows", output), output[-3000:]
@@ -513,9 +514,10 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     overrides |= STORAGE_SETTINGS.get(method.removeprefix("split ").removesuffix(" snapshots"), {})
     if "bf16" in method:
         overrides |= STORAGE_SETTINGS["smaller"] | {"nullspace_complement_dtype": "bfloat16"}
-    # Each case names its storage: ZeRO-3's unset options would choose split bases and snapshots.
+    # Each case names its storage: ZeRO-3's unset options would choose split bf16 complements and snapshots.
     overrides |= {"nullspace_shard_bases": False, "nullspace_step_snapshot": method.endswith("snapshots")}
     overrides.setdefault("nullspace_basis_storage", "basis")
+    overrides.setdefault("nullspace_complement_dtype", "float32")
     if method == "gradient target":
         overrides["nullspace_projection_target"] = "gradient"
     if method == "gradient":

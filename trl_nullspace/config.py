@@ -21,7 +21,7 @@ METHODS = ("activation", "gradient")
 PROJECTION_TARGETS = ("update", "gradient", "both")
 PROJECTION_DTYPES = ("float32", "bfloat16")
 BASIS_STORAGES = ("auto", "basis", "smaller")
-COMPLEMENT_DTYPES = ("float32", "bfloat16")
+COMPLEMENT_DTYPES = ("auto", "float32", "bfloat16")
 DEEPSPEED_PROJECTIONS = ("in_step", "around_step")
 DEFAULT_ENERGY = 0.99
 # `nullspace_scale_learning_rate` (trl_nullspace.training.learning_rate):
@@ -84,15 +84,16 @@ class NullSpaceArguments:
         },
     )
     nullspace_complement_dtype: str = field(
-        default="float32",
+        default="auto",
         metadata={
-            "help": "With nullspace_basis_storage='smaller' (or 'auto', which this then makes 'smaller' on every "
-            "backend): what the complements are stored in. 'bfloat16' halves "
-            "their memory (and, with nullspace_shard_bases, what the gathers move). Exact relative to the stored "
-            "span: every projection leaves each step's change inside it, and that span is about 2^-9 from the "
-            "fp32 estimate's, which costs a measured 2e-7 of the reference energy at the median layer input (at "
-            "least 757 times less than the estimate's own sampling noise). Bases kept as U stay fp32. One "
-            "process, DDP, FSDP2 and DeepSpeed ZeRO-3; not with nullspace_offload.",
+            "help": "With nullspace_basis_storage='smaller' (or 'auto', which 'bfloat16' then makes 'smaller' on "
+            "every backend): what the complements are stored in. 'bfloat16' halves their memory (and, with "
+            "nullspace_shard_bases, what the gathers move). Exact relative to the stored span: every projection "
+            "leaves each step's change inside it, and that span is about 2^-9 from the fp32 estimate's, which "
+            "costs a measured 2e-7 of the reference energy at the median layer input (at least 757 times less "
+            "than the estimate's own sampling noise). Bases kept as U stay fp32. 'auto' (default): 'bfloat16' "
+            "with the lean storage under FSDP2 and DeepSpeed ZeRO-3 (`backends.storage_choice`), 'float32' "
+            "elsewhere. One process, DDP, FSDP2 and DeepSpeed ZeRO-3; not with nullspace_offload.",
             "choices": list(COMPLEMENT_DTYPES),
         },
     )
@@ -398,7 +399,7 @@ class NullSpaceArguments:
                 f"nullspace_complement_dtype must be one of {COMPLEMENT_DTYPES}, "
                 f"got {self.nullspace_complement_dtype!r}."
             )
-        if self.nullspace_complement_dtype != "float32" and (
+        if self.nullspace_complement_dtype == "bfloat16" and (
             self.nullspace_basis_storage == "basis" or self.nullspace_offload
         ):
             raise ValueError(
