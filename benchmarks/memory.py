@@ -46,6 +46,7 @@ import argparse
 import json
 import os
 import statistics
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from trl_nullspace.config import NullSpaceArguments
@@ -302,7 +303,7 @@ def per_rank_bytes(
     row["split bases: received GiB per step"] = 2 * bases * (world - 1) / world / 2**30
     row["smaller + split bases: received GiB per step"] = 2 * smaller_bases * (world - 1) / world / 2**30
     row["bf16 smaller + split bases: received GiB per step"] = 2 * smaller_bases_bf16 * (world - 1) / world / 2**30
-    row["FSDP2's own: received GiB per step"] = fsdp_own_traffic(parameters, world) / 2**30
+    row[FSDP_OWN] = fsdp_own_traffic(parameters, world) / 2**30
     # The alternative the scale issue names, not built: each weight owned whole by one rank (byte-balanced), as
     # distributed Muon implementations do. Per projection a rank receives the other ranks' rows of the weights it
     # owns (fp32 gradient or change) and, once projected, its rows of everyone else's: twice 4·C/world ·
@@ -399,6 +400,21 @@ def estimation_passes(shape: Shape, budget_bytes: int) -> dict[str, float]:
 FLOP_COLUMNS = [(False, 8192), (False, 32768), (True, 8192), (True, 32768)]
 
 
+FSDP_OWN = "FSDP2's own: received GiB per step"
+
+
+def _cell(row: dict, column: str, share: str = ".1%") -> str:
+    """A table cell: `column`'s GiB and its share of the rank's training memory."""
+    return f"{row[f'{column}: GiB']:.2f} ({row[f'{column}: share']:{share}})"
+
+
+def _by_world(split: dict) -> Iterator[tuple[str, int, dict]]:
+    """The split tables' rows: each shape at each world size, in that order."""
+    for name in next(iter(split.values())):
+        for ranks, rows in split.items():
+            yield name, ranks, rows[name]
+
+
 def report(
     fractions: dict,
     table: dict,
@@ -477,25 +493,22 @@ def report(
         "per step (of FSDP2's own) | bf16 smaller: received GiB per step (of FSDP2's own) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *[
-            f"| {name} | {ranks} | {row['FSDP2, split bases: GiB']:.2f} ({row['FSDP2, split bases: share']:.0%}) | "
-            f"{row['FSDP2, smaller + split bases: GiB']:.2f} ({row['FSDP2, smaller + split bases: share']:.0%}) | "
-            f"{row[f'{snap}: GiB']:.2f} ({row[f'{snap}: share']:.1%}) | "
-            f"{row[f'{small_snap}: GiB']:.2f} ({row[f'{small_snap}: share']:.1%}) | "
-            f"{row[f'{bf16_snap}: GiB']:.2f} ({row[f'{bf16_snap}: share']:.1%}) | "
+            f"| {name} | {ranks} | {_cell(row, 'FSDP2, split bases', '.0%')} | "
+            f"{_cell(row, 'FSDP2, smaller + split bases', '.0%')} | "
+            f"{_cell(row, 'FSDP2, split bases + step snapshots')} | "
+            f"{_cell(row, 'FSDP2, smaller + split bases + step snapshots')} | "
+            f"{_cell(row, 'FSDP2, bf16 smaller + split bases + step snapshots')} | "
             f"{row['step snapshot: GiB during the step']:.2f} ({row['step snapshot: share during the step']:.0%}) | "
-            f"{row['split bases: received GiB per step']:.1f} "
-            f"({row['split bases: received GiB per step'] / row[own]:.1%}) | "
-            f"{row['smaller + split bases: received GiB per step']:.1f} "
-            f"({row['smaller + split bases: received GiB per step'] / row[own]:.1%}) | "
-            f"{row['bf16 smaller + split bases: received GiB per step']:.1f} "
-            f"({row['bf16 smaller + split bases: received GiB per step'] / row[own]:.1%}) |"
-            for name in next(iter(split.values()))
-            for ranks, rows in split.items()
-            for row in [rows[name]]
-            for own in ["FSDP2's own: received GiB per step"]
-            for snap in ["FSDP2, split bases + step snapshots"]
-            for small_snap in ["FSDP2, smaller + split bases + step snapshots"]
-            for bf16_snap in ["FSDP2, bf16 smaller + split bases + step snapshots"]
+            + " | ".join(
+                f"{row[received]:.1f} ({row[received] / row[FSDP_OWN]:.1%})"
+                for received in (
+                    "split bases: received GiB per step",
+                    "smaller + split bases: received GiB per step",
+                    "bf16 smaller + split bases: received GiB per step",
+                )
+            )
+            + " |"
+            for name, ranks, row in _by_world(split)
         ],
         "",
         "The same split under DeepSpeed ZeRO-3 (`nullspace_shard_bases`), per rank: its rows of every basis (or "
@@ -512,7 +525,7 @@ def report(
         *[
             f"| {name} | {ranks} | "
             + " | ".join(
-                f"{rows[name][f'{column}: GiB']:.2f} ({rows[name][f'{column}: share']:.1%})"
+                _cell(row, column)
                 for column in (
                     "ZeRO-3, split bases",
                     "ZeRO-3, smaller + split bases",
@@ -522,8 +535,7 @@ def report(
                 )
             )
             + " |"
-            for name in next(iter(split.values()))
-            for ranks, rows in split.items()
+            for name, ranks, row in _by_world(split)
         ],
         "",
         "Whole-weight ownership, the alternative to split bases (not built; as distributed Muon implementations "
@@ -536,15 +548,11 @@ def report(
         "split bases, smaller: received GiB per step | owned weights: received GiB per step |",
         "|---|---|---|---|---|---|",
         *[
-            f"| {name} | {ranks} | {row[f'{split_column}: GiB']:.2f} ({row[f'{split_column}: share']:.1%}) | "
-            f"{row[f'{owned}: GiB']:.2f} ({row[f'{owned}: share']:.1%}) | "
+            f"| {name} | {ranks} | {_cell(row, 'FSDP2, smaller + split bases + step snapshots')} | "
+            f"{_cell(row, 'owned weights, smaller + step snapshots')} | "
             f"{row['smaller + split bases: received GiB per step']:.1f} | "
             f"{row['owned weights: received GiB per step']:.1f} |"
-            for name in next(iter(split.values()))
-            for ranks, rows in split.items()
-            for row in [rows[name]]
-            for split_column in ["FSDP2, smaller + split bases + step snapshots"]
-            for owned in ["owned weights, smaller + step snapshots"]
+            for name, ranks, row in _by_world(split)
         ],
         "",
         "The projection's FLOPs per optimizer step on one device, default `both` target, as a share of the "
