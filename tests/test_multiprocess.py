@@ -460,9 +460,8 @@ def _assert_checkpoint_anchors_are_the_base_models(assets, checkpoint) -> None:
         "gradient",
         "offload",
         "smaller",
-        "split smaller",
         "split smaller snapshots",
-        "split bf16 snapshots",
+        "split bf16",
         "gradient target",
     ],
 )
@@ -480,10 +479,11 @@ def test_deepspeed_zero3_partitioned_weights_exchange_only_the_rows_split_betwee
     start of DeepSpeed's step, its split rows exchanged, and the run matches the single process'. With the
     bases (and complements) split over the ranks by rows as well (`nullspace_shard_bases`), each gathered whole,
     or 1 KiB at a time where larger, while the weights that read it are projected, each rank keeps about half
-    their bytes and the run matches the single process' all the same; and with step snapshots too (each rank
-    copies its master fragments at the start of DeepSpeed's step and the projection keeps only the step's change
-    outside the subspace), no anchor row is kept, and the run matches the single process' with snapshots. With the
-    complements stored in bf16 as well, every change stays out of exactly what the stored complements leave out."""
+    their bytes. With step snapshots (each rank copies its master fragments at the start of DeepSpeed's step and
+    the projection keeps only the step's change outside the subspace) no anchor row is kept, and the run matches
+    the single process' with snapshots. Without snapshots and with the complements stored in bf16, the run
+    matches the single process' with bf16 complements, and every change stays out of exactly what the stored
+    complements leave out. (Split bf16 complements with snapshots, ZeRO-3's default, are the resume test's.)"""
     assets = tmp_path / "assets"
     write_toy_assets(str(assets))
     tokenizer = AutoTokenizer.from_pretrained(str(assets / "model"))
@@ -736,8 +736,9 @@ def test_deepspeed_resume_restores_the_checkpoint_subspace(assets, tmp_path, shi
     subspace; the checkpoint's subspace and anchors win, so the resumed run ends where the
     uninterrupted one did (it would not with the fresh subspace). Under ZeRO-2 as shipped, and under
     the shipped ZeRO-3 (its small weights kept whole on every rank) with complements where smaller
-    split over the ranks and step snapshots: a checkpoint with no anchors, whose reloaded subspace
-    is split again with the same bytes on both ranks (checksummed), resumes exactly as well."""
+    split over the ranks and step snapshots, the complements in bf16 as ZeRO-3's unset dtype chooses
+    (its default storage): a checkpoint with no anchors, whose reloaded subspace is split again with
+    the same bytes on both ranks (checksummed), resumes exactly as well."""
     accelerate_config = _cpu_accelerate_config(tmp_path, shipped, port)
     recipe = os.path.join(ROOT, "recipes", "sft.py")
     full = _config(assets, tmp_path, "full", 4, True)
@@ -753,7 +754,8 @@ def test_deepspeed_resume_restores_the_checkpoint_subspace(assets, tmp_path, shi
     # Another rank rule of the same kind: a larger threshold, or a lower energy.
     resumed |= {"nullspace_energy": 0.9} if storage else {"nullspace_eigenvalue_threshold": 1.0e-2}
     (tmp_path / "resumed.yaml").write_text(yaml.safe_dump(resumed))
-    _train(recipe, str(tmp_path / "resumed.yaml"), accelerate_config)
+    output = _train(recipe, str(tmp_path / "resumed.yaml"), accelerate_config)
+    assert ("complements in bf16" in output) == bool(storage), output[-3000:]
     difference = _max_difference(
         load_file(str(tmp_path / "full" / "model.safetensors")),
         load_file(str(tmp_path / "resumed" / "model.safetensors")),
