@@ -66,14 +66,11 @@ class ConstraintBackend(ABC):
     shards_bases = False
     takes_step_snapshots = False
     low_precision_complements = False
-    # What the storage options left unset became here (`storage_choice`), for the start summary.
+    # Whether the unset storage options choose the lean storage here (`storage_choice`): where it is built and
+    # tested, and the anchored whole bases' memory is what keeps large models out. What they became here, for
+    # the start summary.
+    lean_storage_built = False
     chosen_storage: tuple[str, ...] = ()
-
-    @property
-    def lean_storage_built(self) -> bool:
-        """Whether the unset storage options choose the lean storage here (`storage_choice`): where it is
-        built and tested, and the anchored whole bases' memory is what keeps large models out."""
-        return False
 
     def check_supported(self, model: nn.Module, trainer_name: str) -> None:
         """Refuse, with the cause and the fix, what this backend cannot constrain (at set-up); backends

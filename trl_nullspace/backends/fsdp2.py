@@ -145,6 +145,7 @@ class FSDP2Backend(ShardedBackend):
     """FSDP2's row shards: the gradient projected locally before the step, the masters after it."""
 
     name = "FSDP"
+    lean_storage_built = True
     shards_bases = True
     takes_step_snapshots = True
     low_precision_complements = True
@@ -156,10 +157,6 @@ class FSDP2Backend(ShardedBackend):
     @property
     def shards(self) -> RowShardProjector | None:
         return self._shards
-
-    @property
-    def lean_storage_built(self) -> bool:
-        return True
 
     def check_supported(self, model: nn.Module, trainer_name: str) -> None:
         super().check_supported(model, trainer_name)
@@ -196,9 +193,5 @@ class FSDP2Backend(ShardedBackend):
         return self._shards.enforce_anchors() if self.projects_updates else None
 
     def summary(self) -> str:
-        if not self.args.nullspace_shard_bases:
-            return self.chosen_storage_summary()
-        return (
-            " Bases split over the ranks by rows, each gathered whole while the weights that read it are projected."
-            + self.chosen_storage_summary()
-        )
+        split = " Bases split over the ranks by rows, each gathered whole while the weights that read it are projected"
+        return (f"{split}." if self.args.nullspace_shard_bases else "") + self.chosen_storage_summary()

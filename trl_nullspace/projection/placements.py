@@ -73,32 +73,31 @@ class OnDevice(Placement):
     that reads it. A low-precision matrix read in fp32 gives a transient copy, never kept."""
 
     def __init__(self, matrix: torch.Tensor):
-        self.stored_dtype = matrix.dtype
+        self.stored = matrix  # the matrix as stored: its exact bytes
         self.columns = [slice(0, matrix.shape[1])]
-        self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {(matrix.device, matrix.dtype): matrix}
-
-    @property
-    def stored(self) -> torch.Tensor:
-        """The matrix as stored (its exact bytes)."""
-        return self._copies[next(key for key in self._copies if key[1] == self.stored_dtype)]
+        # The stored matrix on other devices or in other dtypes, each made once (never a low-precision one in fp32).
+        self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     @property
     def resident_bytes(self) -> int:
-        return sum(tensor.numel() * tensor.element_size() for tensor in self._copies.values())
+        held = [self.stored, *self._copies.values()]
+        return sum(tensor.numel() * tensor.element_size() for tensor in held)
 
     def whole(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = (torch.device(device), dtype)
+        if key == (self.stored.device, self.stored.dtype):
+            return self.stored
         if key not in self._copies:
             copy = self.stored.to(device=device, dtype=dtype)
-            if self.stored_dtype != torch.float32 and dtype != self.stored_dtype:
+            if self.stored.dtype != torch.float32 and dtype != self.stored.dtype:
                 return copy  # read in fp32 when used, never kept so
             self._copies[key] = copy
         return self._copies[key]
 
     def move(self, device: torch.device) -> None:
-        dtypes = {dtype for _, dtype in self._copies}
-        stored = self.stored
-        self._copies = {(torch.device(device), dtype): stored.to(device=device, dtype=dtype) for dtype in dtypes}
+        self.stored = self.stored.to(device)
+        dtypes = {dtype for _, dtype in self._copies} - {self.stored.dtype}
+        self._copies = {(torch.device(device), dtype): self.stored.to(dtype) for dtype in dtypes}
 
 
 class InHostMemory(Placement):

@@ -44,6 +44,7 @@ from trl_nullspace.backends.split_bases import distinct_bases, grouped_by_basis,
 from trl_nullspace.backends.zero.fragments import MasterFragment
 from trl_nullspace.projection.anchors import gather_anchors
 from trl_nullspace.projection.constrained import ConstrainedParameter, diverged_step_error
+from trl_nullspace.projection.placements import FP32_BYTES
 
 
 def all_reduce_or_raise_together(
@@ -213,7 +214,7 @@ def exchange_runs(fragments: list[MasterFragment], block_bytes: int | None) -> l
         return [slice(0, len(fragments))]
     runs, start, held = [], 0, 0
     for index, fragment in enumerate(fragments):
-        size = exchanged_numel(fragment) * 4
+        size = exchanged_numel(fragment) * FP32_BYTES
         if held and held + size > block_bytes:
             runs.append(slice(start, index))
             start, held = index, 0
@@ -300,8 +301,7 @@ class RowExchangeZeroProjector:
         return (
             f"ZeRO projection all-reduces {self.exchanged_numel} of {self.whole_numel} weight values per step "
             f"(the rows partitions split, in {len(self.exchange_runs)} runs); bases from {where}, {complements} of "
-            f"{len(self.fragments)} as "
-            f"complements; {anchor_rows_kept(self.fragments)}"
+            f"{len(self.fragments)} as complements; {anchor_rows_kept(self.fragments)}"
         )
 
     def _in_projection_order(self) -> Iterator[MasterFragment]:
@@ -320,13 +320,14 @@ class RowExchangeZeroProjector:
         pairs = iter(values_and_checks)
         for run in self.exchange_runs:
             fragments = self.fragments[run]
-            numel = sum(exchanged_numel(fragment) for fragment in fragments)
-            buffer = torch.zeros(numel + 1, dtype=torch.float32, device=self.communication_device)
+            sizes = [exchanged_numel(fragment) for fragment in fragments]
+            # The previous run's buffer lives on in the views the caller still holds: two runs at most.
+            buffer = torch.zeros(sum(sizes) + 1, dtype=torch.float32, device=self.communication_device)
             rows, sums, offset = [], [], 0
-            for fragment in fragments:
+            for fragment, size in zip(fragments, sizes, strict=True):
                 values, check = next(pairs)  # read no further than this run
-                block = buffer[offset : offset + exchanged_numel(fragment)].view(-1, fragment.row_length)
-                offset += exchanged_numel(fragment)
+                block = buffer[offset : offset + size].view(-1, fragment.row_length)
+                offset += size
                 for piece in fragment.pieces:
                     slot = fragment.exchanged_slot(piece)
                     if slot is not None:
@@ -337,9 +338,7 @@ class RowExchangeZeroProjector:
                 sums.append(check.sum().to(self.communication_device))
                 rows.append(block)
             all_reduce_or_raise_together(buffer, fragments, sums)
-            del buffer  # the rows' views keep it until the run's fragments are projected
             yield from rows
-            rows = []
 
     @torch.no_grad()
     def project_gradients(self, access: GradientAccess) -> torch.Tensor:
